@@ -1,0 +1,127 @@
+//! Ring-buffer events. Each starts with [`EventHeader`]; `kind` says which struct follows.
+
+/// Bumped whenever the layout of any event changes; userspace refuses other versions.
+pub const WIRE_VERSION: u16 = 1;
+
+/// Which event follows the header. Numbers are fixed and never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Fork = 1,
+    Exec = 2,
+    Exit = 3,
+}
+
+impl TryFrom<u32> for EventKind {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Fork),
+            2 => Ok(Self::Exec),
+            3 => Ok(Self::Exit),
+            other => Err(other),
+        }
+    }
+}
+
+/// The common head of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    pub version: u16,
+    pub _pad0: u16,
+    /// Size in bytes of the whole event, header included.
+    pub size: u32,
+    /// The kernel-side session key the process belongs to (never 0 in an emitted event).
+    pub session: u32,
+    /// `bpf_ktime_get_boot_ns`: nanoseconds since boot, suspend included.
+    pub ts_ns: u64,
+    /// Thread id of the task that triggered the event.
+    pub pid: u32,
+    /// Process id (thread-group id).
+    pub tgid: u32,
+    /// Real uid and gid.
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
+
+/// A length-carrying fixed buffer. `len` may be less than `N`; `len == N` means it may have been
+/// cut short.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Bytes<const N: usize> {
+    pub len: u32,
+    pub buf: [u8; N],
+}
+
+impl<const N: usize> Bytes<N> {
+    /// The valid part, bounds-checked: a corrupt `len` gives at most the whole buffer.
+    pub fn as_slice(&self) -> &[u8] {
+        let len = (self.len as usize).min(N);
+        &self.buf[..len]
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len as usize >= N
+    }
+}
+
+/// A new process (not a thread) created by a session process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    /// pid of the new process; the header's tgid is its parent.
+    pub child_tgid: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<ForkEvent>() == 56);
+
+pub const FILENAME_CAP: usize = 256;
+pub const ARGV_CAP: usize = 1024;
+
+/// A successful exec by a session process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// Thread-group id of the real parent at exec time (0 when the offset was not resolved).
+    pub ppid: u32,
+    /// Effective uid and gid after the exec (`u32::MAX` when the offset was not resolved).
+    pub euid: u32,
+    pub egid: u32,
+    /// The thread id that called exec (differs from pid when a non-leader thread execs).
+    pub old_pid: u32,
+    /// The path given to exec, as the kernel resolved it.
+    pub filename: Bytes<FILENAME_CAP>,
+    /// argv of the new image, NUL-separated, read from its `mm->arg_start..arg_end`.
+    pub argv: Bytes<ARGV_CAP>,
+}
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 48 + 16 + 4 + FILENAME_CAP + 4 + ARGV_CAP);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() % 8 == 0);
+
+/// The last thread of a session process exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+    /// `task->exit_code` in wait-status form (`code << 8 | signal`); 0 when unresolved.
+    pub exit_code: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<ExitEvent>() == 56);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted by size
+    // above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::ForkEvent {}
+    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::ExitEvent {}
+}

@@ -1,0 +1,158 @@
+//! Process lifecycle: fork (task_newtask), exec (sched_process_exec), exit (sched_process_exit).
+//!
+//! Session membership is inherited in the kernel at fork, before the child runs its first
+//! instruction, and dropped when the last thread of a process exits, so a reused pid never
+//! inherits a dead process's session. Every hook returns 0: none of them changes what the kernel
+//! does.
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf},
+    macros::tracepoint,
+    programs::TracePointContext,
+    EbpfContext,
+};
+use monitor_common::{
+    EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, FILENAME_CAP,
+};
+
+use crate::{
+    kernel,
+    maps::{count, EVENTS, PROC_SESSIONS},
+    session,
+};
+
+/// `CLONE_THREAD` from include/uapi/linux/sched.h: a new thread, not a new process.
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[tracepoint(category = "task", name = "task_newtask")]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let _ = try_task_newtask(&ctx);
+    0
+}
+
+fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
+    let (_, parent_tgid) = session::current_ids();
+    let Some(key) = session::of_current(parent_tgid) else {
+        return Ok(());
+    };
+    // SAFETY: offsets come from this kernel's tracefs format of task_newtask.
+    let flags: u64 = unsafe { ctx.read_at(kernel::newtask_clone_flags_off()) }.map_err(|e| e as i64)?;
+    if flags & CLONE_THREAD != 0 {
+        // Threads are attributed through their thread-group id; nothing to record.
+        return Ok(());
+    }
+    let child: i32 = unsafe { ctx.read_at(kernel::newtask_pid_off()) }.map_err(|e| e as i64)?;
+    let child = child as u32;
+    // The child is not running yet: recording it now makes its first instruction attributed.
+    if PROC_SESSIONS.insert(child, key, 0).is_err() {
+        count(Stat::InheritFailed);
+    }
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        count(Stat::RingbufFull);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<ForkEvent>() bytes.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::Fork, core::mem::size_of::<ForkEvent>(), key);
+        (*event).child_tgid = child;
+        (*event)._pad0 = 0;
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exec(&ctx);
+    0
+}
+
+fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
+    let (_, tgid) = session::current_ids();
+    let Some(key) = session::of_current(tgid) else {
+        return Ok(());
+    };
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count(Stat::RingbufFull);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<ExecEvent>() bytes; only this program
+    // writes it until submit. Bytes past each buffer's `len` are left as they were: userspace
+    // reads only up to `len`.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::Exec, core::mem::size_of::<ExecEvent>(), key);
+        (*event).ppid = kernel::parent_tgid().unwrap_or(0);
+        let (euid, egid) = kernel::effective_ids().unwrap_or((u32::MAX, u32::MAX));
+        (*event).euid = euid;
+        (*event).egid = egid;
+        (*event).old_pid = ctx.read_at::<i32>(kernel::exec_old_pid_off()).unwrap_or(0) as u32;
+
+        // filename is a __data_loc: low 16 bits offset into the record, high 16 bits length.
+        (*event).filename.len = 0;
+        if let Ok(loc) = ctx.read_at::<u32>(kernel::exec_filename_off()) {
+            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+            match bpf_probe_read_kernel_str_bytes(src, &mut (*event).filename.buf) {
+                Ok(name) => (*event).filename.len = name.len() as u32,
+                Err(_) => count(Stat::ReadFailed),
+            }
+        }
+
+        (*event).argv.len = 0;
+        if let Some((start, end)) = kernel::arg_area() {
+            let mut len = end.saturating_sub(start) as usize;
+            if len > ARGV_CAP {
+                len = ARGV_CAP;
+            }
+            let buf = &mut (*event).argv.buf;
+            if len > 0 && bpf_probe_read_user_buf(start as *const u8, &mut buf[..len]).is_ok() {
+                (*event).argv.len = len as u32;
+            } else if len > 0 {
+                count(Stat::ReadFailed);
+            }
+        } else {
+            count(Stat::ReadFailed);
+        }
+    }
+    let _ = FILENAME_CAP;
+    entry.submit(0);
+    Ok(())
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exit(&ctx);
+    0
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let (tid, tgid) = session::current_ids();
+    // The process ends when its last thread does. Kernels without `group_dead` in the
+    // tracepoint fall back to the leader's exit.
+    let process_ends = match kernel::exit_group_dead_off() {
+        Some(off) => unsafe { ctx.read_at::<u8>(off) }.map_err(|e| e as i64)? != 0,
+        None => tid == tgid,
+    };
+    if !process_ends {
+        return Ok(());
+    }
+    let Some(key) = session::of_current(tgid) else {
+        return Ok(());
+    };
+    // Dropped before anything else can fail: a later process reusing this pid must start clean.
+    let _ = PROC_SESSIONS.remove(tgid);
+    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
+        count(Stat::RingbufFull);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<ExitEvent>() bytes.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::Exit, core::mem::size_of::<ExitEvent>(), key);
+        (*event).exit_code = kernel::exit_code().unwrap_or(0);
+        (*event)._pad0 = 0;
+    }
+    entry.submit(0);
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! Reads of kernel structures at offsets resolved by the loader from the running kernel's BTF.
+//!
+//! Rust eBPF built here carries no CO-RE relocations, so no struct offset is compiled in: the
+//! loader fills these globals, and an offset left at 0 means "not resolved" and the field is
+//! reported as unknown instead of read from a wrong place.
+
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use monitor_common::EventHeader;
+
+macro_rules! offset_global {
+    ($name:ident) => {
+        #[unsafe(no_mangle)]
+        static $name: u32 = 0;
+    };
+}
+
+offset_global!(TASK_REAL_PARENT_OFF);
+offset_global!(TASK_TGID_OFF);
+offset_global!(TASK_CRED_OFF);
+offset_global!(TASK_MM_OFF);
+offset_global!(TASK_EXIT_CODE_OFF);
+offset_global!(CRED_EUID_OFF);
+offset_global!(CRED_EGID_OFF);
+offset_global!(MM_ARG_START_OFF);
+offset_global!(MM_ARG_END_OFF);
+offset_global!(NEWTASK_PID_OFF);
+offset_global!(NEWTASK_CLONE_FLAGS_OFF);
+offset_global!(EXEC_FILENAME_OFF);
+offset_global!(EXEC_OLD_PID_OFF);
+
+/// `u32::MAX` when the running kernel's sched_process_exit has no `group_dead` field.
+#[unsafe(no_mangle)]
+static EXIT_GROUP_DEAD_OFF: u32 = u32::MAX;
+
+/// Reads a global the loader may have rewritten. `read_volatile` keeps the compiler from folding
+/// the compile-time initialiser into the code.
+#[inline(always)]
+pub fn global(value: &'static u32) -> u32 {
+    // SAFETY: a reference to a static is always valid to read.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+pub fn newtask_pid_off() -> usize {
+    global(&NEWTASK_PID_OFF) as usize
+}
+pub fn newtask_clone_flags_off() -> usize {
+    global(&NEWTASK_CLONE_FLAGS_OFF) as usize
+}
+pub fn exec_filename_off() -> usize {
+    global(&EXEC_FILENAME_OFF) as usize
+}
+pub fn exec_old_pid_off() -> usize {
+    global(&EXEC_OLD_PID_OFF) as usize
+}
+pub fn exit_group_dead_off() -> Option<usize> {
+    match global(&EXIT_GROUP_DEAD_OFF) {
+        u32::MAX => None,
+        off => Some(off as usize),
+    }
+}
+
+/// Reads a `T` at `base + offset`, or `None` when the offset is unresolved or the read fails.
+#[inline(always)]
+fn read_at<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any address and reports faults as errors.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+fn current_task() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_task() }
+}
+
+/// Thread-group id of the current task's real parent.
+pub fn parent_tgid() -> Option<u32> {
+    let parent: u64 = read_at(current_task(), global(&TASK_REAL_PARENT_OFF))?;
+    read_at(parent, global(&TASK_TGID_OFF))
+}
+
+/// Effective uid and gid of the current task.
+pub fn effective_ids() -> Option<(u32, u32)> {
+    let cred: u64 = read_at(current_task(), global(&TASK_CRED_OFF))?;
+    Some((read_at(cred, global(&CRED_EUID_OFF))?, read_at(cred, global(&CRED_EGID_OFF))?))
+}
+
+/// `[arg_start, arg_end)` of the current task's memory map: where argv lives in user memory.
+pub fn arg_area() -> Option<(u64, u64)> {
+    let mm: u64 = read_at(current_task(), global(&TASK_MM_OFF))?;
+    Some((read_at(mm, global(&MM_ARG_START_OFF))?, read_at(mm, global(&MM_ARG_END_OFF))?))
+}
+
+/// `task->exit_code` of the current task.
+pub fn exit_code() -> Option<u32> {
+    read_at(current_task(), global(&TASK_EXIT_CODE_OFF))
+}
+
+/// Fills the common header for the current task.
+#[inline(always)]
+pub fn fill_header(header: &mut EventHeader, kind: monitor_common::EventKind, size: usize, session: u32) {
+    use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns};
+    let (tid, tgid) = crate::session::current_ids();
+    let uid_gid = bpf_get_current_uid_gid();
+    *header = EventHeader {
+        kind: kind as u32,
+        version: monitor_common::WIRE_VERSION,
+        _pad0: 0,
+        size: size as u32,
+        session,
+        // SAFETY: helpers without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        pid: tid,
+        tgid,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+}

@@ -1,0 +1,169 @@
+//! The core task: owns the engine, applies control-plane commands and kernel events in one
+//! order, fires deadline ticks, and hands alerts to the sinks. Nothing else touches the engine,
+//! so it needs no lock.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::now_ns;
+use crate::{
+    alert::Alert,
+    engine::{Engine, SessionState, SessionSummary},
+    event::{EndReason, Event, Nanos, Process, SessionKey},
+    sessions::Session,
+};
+
+/// How long after a deadline the tick fires, so events already in the ring buffer (an exit just
+/// before the deadline) are applied first.
+const DEADLINE_SLACK: Duration = Duration::from_millis(100);
+/// Housekeeping tick (forgetting finished sessions) when nothing else happens.
+const HOUSEKEEPING: Duration = Duration::from_secs(60);
+
+enum Command {
+    Start { session: Box<Session>, reply: oneshot::Sender<Result<SessionKey, String>> },
+    Seen(Vec<Process>),
+    End { id: String, reply: oneshot::Sender<Result<SessionSummary, String>> },
+    List { reply: oneshot::Sender<Vec<SessionSummary>> },
+    Show { id: String, reply: oneshot::Sender<Result<SessionSummary, String>> },
+}
+
+/// The control plane's handle on the core task.
+#[derive(Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+const GONE: &str = "the agent is shutting down";
+
+impl CoreHandle {
+    pub async fn start(&self, session: Session) -> Result<SessionKey, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Start { session: Box::new(session), reply }).await?;
+        rx.await.map_err(|_| GONE.to_string())?
+    }
+
+    pub async fn seen(&self, processes: Vec<Process>) {
+        let _ = self.send(Command::Seen(processes)).await;
+    }
+
+    pub async fn end(&self, id: String) -> Result<SessionSummary, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::End { id, reply }).await?;
+        rx.await.map_err(|_| GONE.to_string())?
+    }
+
+    pub async fn list(&self) -> Result<Vec<SessionSummary>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::List { reply }).await?;
+        rx.await.map_err(|_| GONE.to_string())
+    }
+
+    pub async fn show(&self, id: String) -> Result<SessionSummary, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Show { id, reply }).await?;
+        rx.await.map_err(|_| GONE.to_string())?
+    }
+
+    async fn send(&self, command: Command) -> Result<(), String> {
+        self.tx.send(command).await.map_err(|_| GONE.to_string())
+    }
+}
+
+pub struct Core {
+    engine: Engine,
+    next_key: SessionKey,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Receiver<Event>,
+    alerts: mpsc::Sender<Alert>,
+    stamp: super::Stamp,
+}
+
+impl Core {
+    pub fn new(
+        engine: Engine,
+        events: mpsc::Receiver<Event>,
+        alerts: mpsc::Sender<Alert>,
+        stamp: super::Stamp,
+    ) -> (Self, CoreHandle) {
+        let (tx, commands) = mpsc::channel(64);
+        (Self { engine, next_key: 1, commands, events, alerts, stamp }, CoreHandle { tx })
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let wake = self.engine.next_deadline().map(until).unwrap_or(HOUSEKEEPING);
+            tokio::select! {
+                event = self.events.recv() => match event {
+                    Some(event) => self.apply(event).await,
+                    None => break,
+                },
+                Some(command) = self.commands.recv() => self.command(command).await,
+                _ = tokio::time::sleep(wake) => self.apply(Event::Tick { ts: now_ns() }).await,
+            }
+        }
+    }
+
+    async fn apply(&mut self, event: Event) {
+        for alert in self.engine.handle(&event) {
+            let alert = self.stamp.stamp(alert);
+            if self.alerts.send(alert).await.is_err() {
+                tracing::error!("the alert sinks are gone; alert dropped");
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Start { session, reply } => {
+                if self.engine.key_of(session.id.as_str()).is_some() {
+                    let _ = reply.send(Err(format!("session {} already exists", session.id)));
+                    return;
+                }
+                let key = self.next_key;
+                self.next_key += 1;
+                self.apply(Event::SessionStarted { ts: now_ns(), key, session }).await;
+                let _ = reply.send(Ok(key));
+            }
+            Command::Seen(processes) => {
+                for p in processes {
+                    self.apply(Event::ProcessSeen(p)).await;
+                }
+            }
+            Command::End { id, reply } => {
+                let now = now_ns();
+                let result = match self.engine.session(&id, now) {
+                    None => Err(self.unknown(&id, now)),
+                    Some(s) if s.state == SessionState::Ended => {
+                        Err(format!("session {id} already ended at {}", s.ended.unwrap_or_default()))
+                    }
+                    Some(s) => {
+                        self.apply(Event::SessionEnded { ts: now, key: s.key, reason: EndReason::Requested }).await;
+                        self.engine.session(&id, now).ok_or_else(|| self.unknown(&id, now))
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Command::List { reply } => {
+                let _ = reply.send(self.engine.sessions(now_ns()));
+            }
+            Command::Show { id, reply } => {
+                let now = now_ns();
+                let _ = reply.send(self.engine.session(&id, now).ok_or_else(|| self.unknown(&id, now)));
+            }
+        }
+    }
+
+    fn unknown(&self, id: &str, now: Nanos) -> String {
+        let known: Vec<String> = self.engine.sessions(now).into_iter().map(|s| s.session.id.to_string()).collect();
+        if known.is_empty() {
+            format!("no session {id}: the agent has no sessions")
+        } else {
+            format!("no session {id}; known: {}", known.join(", "))
+        }
+    }
+}
+
+fn until(deadline: Nanos) -> Duration {
+    Duration::from_nanos(deadline.saturating_sub(now_ns())) + DEADLINE_SLACK
+}

@@ -1,0 +1,134 @@
+//! `monitor agent`: loads the probes, serves the control socket, and runs the pipeline
+//! kernel → decode → engine → sinks.
+
+mod core;
+mod reader;
+mod stats;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, Mutex};
+
+pub use self::core::CoreHandle;
+use crate::{
+    alert::Alert,
+    decode::Clock,
+    engine::{Engine, EngineConfig},
+    probes,
+    sessions::{fingerprint::FingerprintKey, server},
+    sinks::{self, OutputSpec},
+};
+
+/// Validated settings of `monitor agent`.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub outputs: Vec<OutputSpec>,
+    pub control: PathBuf,
+    pub key_file: PathBuf,
+    pub default_ttl: Duration,
+    pub default_grace: Duration,
+}
+
+pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
+    let key = FingerprintKey::load_or_create(&settings.key_file)
+        .with_context(|| format!("fingerprint key {}", settings.key_file.display()))?;
+    let sinks = sinks::open(&settings.outputs)?;
+    let (loaded, probes::Handles { maps, events: ring, stats: stats_map }) = probes::load()?;
+
+    let (event_tx, event_rx) = mpsc::channel(8192);
+    let (alert_tx, alert_rx) = mpsc::channel(4096);
+    // The reader starts before any probe is attached, so no early event waits unread.
+    let mut reader = tokio::spawn(reader::run(ring, clock(), event_tx.clone()));
+    let probes = loaded.attach()?;
+    report(&probes.report);
+
+    let (core, handle) = core::Core::new(Engine::new(EngineConfig::default()), event_rx, alert_tx, Stamp::new());
+    let core = tokio::spawn(core.run());
+    let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
+    let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
+
+    let listener = server::listen(&settings.control).await?;
+    let plane = server::ControlPlane {
+        core: handle,
+        maps: Arc::new(Mutex::new(maps)),
+        key: Arc::new(key),
+        default_ttl: settings.default_ttl,
+        default_grace: settings.default_grace,
+    };
+    let control = tokio::spawn(server::serve(listener, plane));
+    tracing::info!(control = %settings.control.display(), "agent ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        r = &mut reader => r.context("ring buffer reader")?.context("ring buffer reader"),
+    };
+    tracing::info!("agent stopping");
+    control.abort();
+    stats_task.abort();
+    reader.abort();
+    let _ = std::fs::remove_file(&settings.control);
+    drop(probes);
+    // The core ends when its event channel closes; the sinks when the core drops its sender.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = core.await;
+        let _ = sink_task.await;
+    })
+    .await;
+    outcome
+}
+
+fn report(report: &probes::LoadReport) {
+    for p in &report.probes {
+        if p.attached {
+            tracing::info!(probe = p.probe, attach = %p.attach, "attached");
+        } else {
+            tracing::warn!(probe = p.probe, attach = %p.attach, error = p.error.as_deref().unwrap_or(""), "degraded");
+        }
+    }
+    if !report.missing_offsets.is_empty() {
+        tracing::warn!(missing = ?report.missing_offsets, "kernel BTF lacks members: those fields are reported as unknown");
+    }
+}
+
+/// Wall-clock nanoseconds since the epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn clock() -> Clock {
+    let read = |id| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the valid timespec.
+        unsafe { libc::clock_gettime(id, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    Clock { boot_to_wall: read(libc::CLOCK_REALTIME) - read(libc::CLOCK_BOOTTIME) }
+}
+
+/// Gives each alert its id (a ULID: unique and sortable) and the host name.
+pub struct Stamp {
+    ids: ulid::Generator,
+    host: String,
+}
+
+impl Stamp {
+    pub fn new() -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        Self { ids: ulid::Generator::new(), host }
+    }
+
+    pub fn stamp(&mut self, mut alert: Alert) -> Alert {
+        alert.id = self.ids.generate().map(|u| u.to_string()).unwrap_or_else(|_| ulid::Ulid::new().to_string());
+        alert.host = self.host.clone();
+        alert
+    }
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,207 @@
+//! Command-line parsing (clap) and the dispatch of each command. Parsing is kept apart from
+//! what the commands do: each command turns its arguments into validated settings first.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    agent::{self, AgentSettings},
+    engine::SessionSummary,
+    sessions::{
+        client,
+        fingerprint::DEFAULT_KEY_FILE,
+        protocol::{BindRequest, Request},
+        SessionFile, SessionId, DEFAULT_CONTROL_SOCKET,
+    },
+    sinks::OutputSpec,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "monitor", version, about = "Ties process activity to delegation sessions and catches what outlives or exceeds them")]
+pub struct Cli {
+    /// Log filter for messages on stderr (alerts never go there): error, warn, info, debug.
+    #[arg(long, global = true, env = "MONITOR_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load the probes, serve the control socket, emit alerts.
+    Agent(AgentArgs),
+    /// Declare, end and inspect delegation sessions.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Run COMMAND as a session's task: bound before its first instruction, ended when it exits.
+    /// The exit code passes through.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Where alerts go: `stdout` (JSON lines) or `jsonl:PATH`. Repeatable.
+    #[arg(long = "output", value_name = "SPEC", default_value = "stdout")]
+    pub outputs: Vec<OutputSpec>,
+    #[command(flatten)]
+    pub control: ControlArg,
+    /// The per-deployment key for token fingerprints; generated (root-only) when absent.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_KEY_FILE)]
+    pub key_file: PathBuf,
+    /// ttl of sessions whose file gives none.
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration, default_value = "1h")]
+    pub default_ttl: Duration,
+    /// grace of sessions whose file gives none.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub default_grace: Duration,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ControlArg {
+    /// The agent's control socket.
+    #[arg(long = "control", value_name = "PATH", env = "MONITOR_CONTROL", default_value = DEFAULT_CONTROL_SOCKET)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Declare a session from a session file.
+    Start {
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Overrides the file's id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Bind a running process and its descendants.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Bind every process of a cgroup v2 (absolute, or relative to the cgroup2 mount).
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<String>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Say that a session's task is done.
+    End {
+        id: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// List the agent's sessions.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Show one session, its scope and its live processes (JSON).
+    Show {
+        id: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Overrides the file's id.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub control: ControlArg,
+    /// The task and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Agent(args) => {
+            let settings = AgentSettings {
+                outputs: args.outputs,
+                control: args.control.path,
+                key_file: args.key_file,
+                default_ttl: args.default_ttl,
+                default_grace: args.default_grace,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(agent::run(settings))?;
+            Ok(0)
+        }
+        Command::Session(command) => session(command),
+        Command::Run(args) => crate::run::run(args),
+    }
+}
+
+fn session(command: SessionCommand) -> anyhow::Result<i32> {
+    match command {
+        SessionCommand::Start { file, id, pid, cgroup, control } => {
+            let request = start_request(&file, id, BindRequest { pid, cgroup })?;
+            let data = client::call(&control.path, &request)?;
+            println!("{}", data["id"].as_str().unwrap_or_default());
+        }
+        SessionCommand::End { id, control } => {
+            let data = client::call(&control.path, &Request::End { id })?;
+            let s: SessionSummary = serde_json::from_value(data).context("agent response")?;
+            println!("{} ended at {}", s.session.id, s.ended.unwrap_or_default());
+        }
+        SessionCommand::List { json, control } => {
+            let data = client::call(&control.path, &Request::List)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                let list: Vec<SessionSummary> = serde_json::from_value(data).context("agent response")?;
+                print_table(&list);
+            }
+        }
+        SessionCommand::Show { id, control } => {
+            let data = client::call(&control.path, &Request::Show { id })?;
+            println!("{}", serde_json::to_string_pretty(&data)?);
+        }
+    }
+    Ok(0)
+}
+
+/// Reads and validates a session file and collects its env tokens from this process's
+/// environment. Errors name the file, line and field.
+pub fn start_request(file: &std::path::Path, id: Option<String>, bind: BindRequest) -> anyhow::Result<Request> {
+    let parsed = SessionFile::read(file)?;
+    let id = id.map(SessionId::try_from).transpose().map_err(|e| anyhow::anyhow!("--id: {e}"))?;
+    let env_tokens = parsed
+        .tokens
+        .iter()
+        .filter_map(|t| match t {
+            crate::sessions::TokenSpec::Env(name) => Some(std::env::var(name).ok().map(crate::sessions::fingerprint::Secret::new)),
+            crate::sessions::TokenSpec::File(_) => None,
+        })
+        .collect();
+    Ok(Request::Start { origin: file.display().to_string(), file: parsed, id, bind, env_tokens })
+}
+
+fn print_table(list: &[SessionSummary]) {
+    println!("{:<28} {:<8} {:<24} {:<20} {:>5}  TASK", "ID", "STATE", "PRINCIPAL", "ACTOR", "PROCS");
+    for s in list {
+        println!(
+            "{:<28} {:<8} {:<24} {:<20} {:>5}  {}",
+            s.session.id,
+            s.state.as_str(),
+            s.session.principal,
+            s.session.actor,
+            s.live_processes.len(),
+            s.session.task
+        );
+    }
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be longer than 0s".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}

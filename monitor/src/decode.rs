@@ -1,0 +1,214 @@
+//! Wire events (monitor-common) to domain events. Pure: no host access, no clock.
+
+use monitor_common::{EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, WIRE_VERSION};
+
+use crate::event::{Creds, Event, Exec, Exit, Fork, Nanos};
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("wire version {0}, this agent reads {WIRE_VERSION}")]
+    Version(u16),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind:?} record of {got} bytes, expected {want}")]
+    Size { kind: EventKind, got: usize, want: usize },
+    #[error("event without a session")]
+    NoSession,
+}
+
+/// Converts kernel boot-clock nanoseconds to wall-clock nanoseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// `realtime - boottime`, measured once at start.
+    pub boot_to_wall: i128,
+}
+
+impl Clock {
+    pub fn wall(&self, boot_ns: u64) -> Nanos {
+        (boot_ns as i128 + self.boot_to_wall).max(0) as Nanos
+    }
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(record).ok_or(DecodeError::Short(record.len()))?;
+    if header.version != WIRE_VERSION {
+        return Err(DecodeError::Version(header.version));
+    }
+    if header.session == 0 {
+        return Err(DecodeError::NoSession);
+    }
+    let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
+    let ts = clock.wall(header.ts_ns);
+    let creds = |euid: Option<u32>, egid: Option<u32>| Creds { uid: header.uid, gid: header.gid, euid, egid };
+    Ok(match kind {
+        EventKind::Fork => {
+            let e: ForkEvent = read_sized(record, kind)?;
+            Event::Fork(Fork {
+                ts,
+                session: header.session,
+                parent: header.tgid,
+                child: e.child_tgid,
+                creds: creds(None, None),
+                cgroup: header.cgroup_id,
+            })
+        }
+        EventKind::Exec => {
+            let e: ExecEvent = read_sized(record, kind)?;
+            let known = |v: u32| (v != u32::MAX).then_some(v);
+            let (argv, argv_truncated) = split_argv(e.argv.as_slice(), e.argv.is_full());
+            Event::Exec(Exec {
+                ts,
+                session: header.session,
+                pid: header.tgid,
+                ppid: e.ppid,
+                exe: lossy(e.filename.as_slice()),
+                exe_real: None,
+                argv,
+                argv_truncated,
+                creds: creds(known(e.euid), known(e.egid)),
+                cgroup: header.cgroup_id,
+            })
+        }
+        EventKind::Exit => {
+            let e: ExitEvent = read_sized(record, kind)?;
+            Event::Exit(Exit { ts, session: header.session, pid: header.tgid, exit_code: e.exit_code })
+        }
+    })
+}
+
+fn read<T: Copy>(record: &[u8]) -> Option<T> {
+    if record.len() < core::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked above, T is a plain-old-data wire type (every bit pattern is
+    // valid), and read_unaligned makes no alignment assumption about the ring-buffer record.
+    Some(unsafe { core::ptr::read_unaligned(record.as_ptr().cast::<T>()) })
+}
+
+fn read_sized<T: Copy>(record: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+    let want = core::mem::size_of::<T>();
+    read(record).ok_or(DecodeError::Size { kind, got: record.len(), want })
+}
+
+/// A C string buffer up to its first NUL, as UTF-8 (invalid bytes replaced).
+fn lossy(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Splits a NUL-separated argv area. The area ends with a NUL unless it was cut short.
+fn split_argv(area: &[u8], full: bool) -> (Vec<String>, bool) {
+    let area = area.strip_suffix(&[0]).unwrap_or(area);
+    if area.is_empty() {
+        return (Vec::new(), full);
+    }
+    let argv = area.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    (argv, full)
+}
+
+#[cfg(test)]
+mod tests {
+    use monitor_common::{Bytes, ARGV_CAP, FILENAME_CAP};
+
+    use super::*;
+
+    const CLOCK: Clock = Clock { boot_to_wall: 1_000 };
+
+    fn header(kind: EventKind, size: usize) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            version: WIRE_VERSION,
+            _pad0: 0,
+            size: size as u32,
+            session: 7,
+            ts_ns: 5,
+            pid: 101,
+            tgid: 100,
+            uid: 1000,
+            gid: 1001,
+            cgroup_id: 42,
+        }
+    }
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: test-only view of a repr(C) wire struct without implicit padding.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec() }
+    }
+
+    fn buf<const N: usize>(content: &[u8]) -> Bytes<N> {
+        let mut b = Bytes { len: content.len() as u32, buf: [0xAA; N] };
+        b.buf[..content.len()].copy_from_slice(content);
+        b
+    }
+
+    #[test]
+    fn decodes_fork() {
+        let e = ForkEvent { header: header(EventKind::Fork, 56), child_tgid: 200, _pad0: 0 };
+        let Event::Fork(f) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!((f.parent, f.child, f.session, f.ts, f.cgroup), (100, 200, 7, 1_005, 42));
+        assert_eq!(f.creds.uid, 1000);
+    }
+
+    #[test]
+    fn decodes_exec_with_argv_and_creds() {
+        let e = ExecEvent {
+            header: header(EventKind::Exec, size_of::<ExecEvent>()),
+            ppid: 99,
+            euid: 0,
+            egid: u32::MAX,
+            old_pid: 100,
+            filename: buf::<FILENAME_CAP>(b"/usr/bin/curl\0"),
+            argv: buf::<ARGV_CAP>(b"curl\0-s\0http://x\0"),
+        };
+        let Event::Exec(x) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!(x.exe, "/usr/bin/curl");
+        assert_eq!(x.argv, ["curl", "-s", "http://x"]);
+        assert!(!x.argv_truncated);
+        assert_eq!((x.pid, x.ppid), (100, 99));
+        assert_eq!(x.creds, Creds { uid: 1000, gid: 1001, euid: Some(0), egid: None });
+    }
+
+    #[test]
+    fn exec_with_full_argv_is_marked_truncated_and_bad_len_is_bounded() {
+        let mut e = ExecEvent {
+            header: header(EventKind::Exec, size_of::<ExecEvent>()),
+            ppid: 1,
+            euid: 1,
+            egid: 1,
+            old_pid: 1,
+            filename: buf::<FILENAME_CAP>(b"/bin/x"),
+            argv: buf::<ARGV_CAP>(&[b'a'; ARGV_CAP]),
+        };
+        e.filename.len = u32::MAX; // corrupt: must not read past the buffer
+        let Event::Exec(x) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert!(x.argv_truncated);
+        assert_eq!(x.argv[0].len(), ARGV_CAP);
+        assert!(x.exe.starts_with("/bin/x"));
+    }
+
+    #[test]
+    fn decodes_exit() {
+        let e = ExitEvent { header: header(EventKind::Exit, 56), exit_code: 3 << 8, _pad0: 0 };
+        let Event::Exit(x) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!((x.pid, x.exit_code, x.session), (100, 768, 7));
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        assert_eq!(decode(&[0; 10], CLOCK), Err(DecodeError::Short(10)));
+        let mut h = header(EventKind::Exit, 56);
+        h.version = 99;
+        assert_eq!(decode(&bytes_of(&h), CLOCK), Err(DecodeError::Version(99)));
+        let mut h = header(EventKind::Exit, 56);
+        h.kind = 77;
+        assert_eq!(decode(&bytes_of(&h), CLOCK), Err(DecodeError::UnknownKind(77)));
+        let h = header(EventKind::Exec, 56);
+        assert!(matches!(decode(&bytes_of(&h), CLOCK), Err(DecodeError::Size { kind: EventKind::Exec, .. })));
+        let mut h = header(EventKind::Exit, 56);
+        h.session = 0;
+        assert_eq!(decode(&bytes_of(&h), CLOCK), Err(DecodeError::NoSession));
+    }
+}

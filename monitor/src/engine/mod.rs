@@ -1,0 +1,384 @@
+//! The detection engine: a pure, deterministic function of the event stream. It never reads the
+//! host or the clock; time comes from the events. Live and replay run this same code, so a
+//! recorded trace replays to the same alerts.
+
+mod procs;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    alert::{rfc3339, Action, Alert, SessionRef, Severity},
+    event::{EndReason, Event, Exec, Exit, Fork, Nanos, Process, SessionKey},
+    rules::Rule,
+    sessions::Session,
+};
+use procs::{Proc, ProcTable, Serial};
+
+/// How long an ended session with nothing left alive stays listed.
+const FORGET_AFTER_NS: Nanos = 3600 * 1_000_000_000;
+
+/// Per-rule settings that come from the agent's policy.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    pub severity: BTreeMap<Rule, Severity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    Active,
+    Ended,
+    Expired,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Active => "active",
+            SessionState::Ended => "ended",
+            SessionState::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Tracked {
+    session: Session,
+    started: Nanos,
+    ended: Option<(Nanos, EndReason)>,
+    /// Set once process_outlived_task has been evaluated after end + grace.
+    outlived_checked: bool,
+}
+
+impl Tracked {
+    fn expires_at(&self) -> Nanos {
+        self.started.saturating_add(self.session.ttl_ns)
+    }
+
+    fn grace_deadline(&self) -> Option<Nanos> {
+        self.ended.map(|(at, _)| at.saturating_add(self.session.grace_ns))
+    }
+
+    fn state_at(&self, ts: Nanos) -> SessionState {
+        if self.ended.is_some() {
+            SessionState::Ended
+        } else if ts >= self.expires_at() {
+            SessionState::Expired
+        } else {
+            SessionState::Active
+        }
+    }
+}
+
+/// A session as `monitor session list/show` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub key: SessionKey,
+    pub session: Session,
+    pub state: SessionState,
+    pub started: String,
+    pub ended: Option<String>,
+    pub end_reason: Option<EndReason>,
+    pub live_processes: Vec<LiveProcess>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveProcess {
+    pub pid: u32,
+    pub ppid: u32,
+    pub exe: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Engine {
+    config: EngineConfig,
+    sessions: BTreeMap<SessionKey, Tracked>,
+    procs: ProcTable,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Self {
+        Self { config, ..Default::default() }
+    }
+
+    /// Feeds one event; returns the alerts it raises, in a deterministic order.
+    pub fn handle(&mut self, event: &Event) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        // Deadlines that passed before this event are settled first, so the outcome does not
+        // depend on whether a tick happened to arrive in between.
+        self.settle_deadlines(event.ts(), &mut alerts);
+        match event {
+            Event::SessionStarted { ts, key, session } => {
+                self.sessions.insert(
+                    *key,
+                    Tracked { session: (**session).clone(), started: *ts, ended: None, outlived_checked: false },
+                );
+            }
+            Event::SessionEnded { ts, key, reason } => self.end_session(*key, *ts, *reason),
+            Event::ProcessSeen(p) => self.process_seen(p),
+            Event::Fork(f) => self.fork(f),
+            Event::Exec(e) => self.exec(e, &mut alerts),
+            Event::Exit(e) => self.exit(e),
+            Event::Tick { ts } => self.forget_finished(*ts),
+            Event::Lost { ts, source, count } => alerts.push(self.blind(*ts, source, *count)),
+        }
+        alerts
+    }
+
+    /// The earliest time at which a deadline rule could fire without another event.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        self.sessions
+            .values()
+            .filter(|t| !t.outlived_checked)
+            .filter_map(|t| t.grace_deadline())
+            .min()
+    }
+
+    pub fn sessions(&self, now: Nanos) -> Vec<SessionSummary> {
+        self.sessions.iter().map(|(key, t)| self.summary(*key, t, now)).collect()
+    }
+
+    pub fn session(&self, id: &str, now: Nanos) -> Option<SessionSummary> {
+        self.sessions
+            .iter()
+            .find(|(_, t)| t.session.id.as_str() == id)
+            .map(|(key, t)| self.summary(*key, t, now))
+    }
+
+    pub fn key_of(&self, id: &str) -> Option<SessionKey> {
+        self.sessions.iter().find(|(_, t)| t.session.id.as_str() == id).map(|(k, _)| *k)
+    }
+
+    fn summary(&self, key: SessionKey, t: &Tracked, now: Nanos) -> SessionSummary {
+        SessionSummary {
+            key,
+            session: t.session.clone(),
+            state: t.state_at(now),
+            started: rfc3339(t.started),
+            ended: t.ended.map(|(at, _)| rfc3339(at)),
+            end_reason: t.ended.map(|(_, r)| r),
+            live_processes: self
+                .procs
+                .live_in(key)
+                .into_iter()
+                .filter_map(|s| self.procs.get(s))
+                .map(|p| LiveProcess { pid: p.pid, ppid: p.ppid, exe: p.exe.clone() })
+                .collect(),
+        }
+    }
+
+    fn end_session(&mut self, key: SessionKey, ts: Nanos, reason: EndReason) {
+        if let Some(t) = self.sessions.get_mut(&key) {
+            t.ended.get_or_insert((ts, reason));
+        }
+    }
+
+    fn settle_deadlines(&mut self, now: Nanos, alerts: &mut Vec<Alert>) {
+        let due: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, t)| !t.outlived_checked && t.grace_deadline().is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let deadline = self.sessions[&key].grace_deadline().unwrap_or(now);
+            for serial in self.procs.live_in(key) {
+                let pid = self.procs.get(serial).map(|p| p.pid).unwrap_or(0);
+                let summary = format!("process {pid} is still running after the task ended and its grace period ran out");
+                alerts.push(self.alert(Rule::ProcessOutlivedTask, key, Some(serial), deadline, summary));
+            }
+            if let Some(t) = self.sessions.get_mut(&key) {
+                t.outlived_checked = true;
+            }
+        }
+    }
+
+    /// Drops sessions that ended long ago and have nothing left alive, so a long-running agent
+    /// does not grow without bound.
+    fn forget_finished(&mut self, now: Nanos) {
+        let done: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(key, t)| {
+                t.outlived_checked
+                    && t.ended.is_some_and(|(at, _)| now.saturating_sub(at) > FORGET_AFTER_NS)
+                    && self.procs.live_in(**key).is_empty()
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in done {
+            self.sessions.remove(&key);
+            self.procs.forget(key);
+        }
+    }
+
+    fn process_seen(&mut self, p: &Process) {
+        let parent = self.procs.live(p.ppid).filter(|s| self.procs.get(*s).is_some_and(|q| q.session == p.session));
+        self.procs.insert(Proc {
+            session: p.session,
+            pid: p.pid,
+            ppid: p.ppid,
+            parent,
+            exe: p.exe.clone(),
+            argv: p.argv.clone(),
+            creds: p.creds,
+            cgroup: p.cgroup,
+            started: p.ts,
+            exited: None,
+        });
+    }
+
+    fn fork(&mut self, f: &Fork) {
+        let parent = self.procs.live(f.parent);
+        // A fork without exec runs the parent's image with the parent's credentials.
+        let (exe, argv, creds) = match parent.and_then(|s| self.procs.get(s)) {
+            Some(p) => (p.exe.clone(), p.argv.clone(), p.creds),
+            None => (String::new(), Vec::new(), f.creds),
+        };
+        self.procs.insert(Proc {
+            session: f.session,
+            pid: f.child,
+            ppid: f.parent,
+            parent,
+            exe,
+            argv,
+            creds,
+            cgroup: f.cgroup,
+            started: f.ts,
+            exited: None,
+        });
+    }
+
+    fn exec(&mut self, e: &Exec, alerts: &mut Vec<Alert>) {
+        let serial = match self.procs.live(e.pid) {
+            Some(s) => s,
+            None => {
+                let parent = self.procs.live(e.ppid);
+                self.procs.insert(Proc {
+                    session: e.session,
+                    pid: e.pid,
+                    ppid: e.ppid,
+                    parent,
+                    exe: String::new(),
+                    argv: Vec::new(),
+                    creds: e.creds,
+                    cgroup: e.cgroup,
+                    started: e.ts,
+                    exited: None,
+                })
+            }
+        };
+        let before = self.procs.get(serial).map(|p| p.creds).unwrap_or(e.creds);
+        if let Some(p) = self.procs.get_mut(serial) {
+            p.exe = e.exe.clone();
+            p.argv = e.argv.clone();
+            p.creds = e.creds;
+            p.ppid = e.ppid;
+            p.cgroup = e.cgroup;
+        }
+        let Some(tracked) = self.sessions.get(&e.session) else { return };
+
+        // Root gained through exec: effective uid 0 while the real uid is not (a setuid
+        // binary), or effective uid 0 where it was not before.
+        let gained_root = e.creds.euid == Some(0)
+            && (e.creds.uid != 0 || before.euid.is_some_and(|u| u != 0));
+        if gained_root {
+            let summary = format!(
+                "{} gained root through exec (uid {}, euid {} -> 0)",
+                e.exe,
+                e.creds.uid,
+                before.euid.map_or("?".to_string(), |u| u.to_string())
+            );
+            alerts.push(self.alert(Rule::PrivilegeEscalation, e.session, Some(serial), e.ts, summary));
+        }
+        if !tracked.session.scope.allows_exec(&e.exe, e.exe_real.as_deref()) {
+            let summary = format!("{} is not among the executables the session may run", e.exe);
+            alerts.push(self.alert(Rule::ExecOutOfScope, e.session, Some(serial), e.ts, summary));
+        }
+        self.after_end_or_expiry(e.session, serial, e.ts, &format!("exec of {}", e.exe), alerts);
+    }
+
+    /// The time rules any action of a session process is subject to.
+    fn after_end_or_expiry(
+        &self,
+        key: SessionKey,
+        serial: Serial,
+        ts: Nanos,
+        what: &str,
+        alerts: &mut Vec<Alert>,
+    ) {
+        let Some(t) = self.sessions.get(&key) else { return };
+        if let Some(deadline) = t.grace_deadline() {
+            if ts > deadline {
+                let summary = format!("{what} after the task ended (grace period over)");
+                alerts.push(self.alert(Rule::ActivityAfterTaskEnd, key, Some(serial), ts, summary));
+            }
+        } else if ts >= t.expires_at() {
+            let summary = format!("{what} after the session's authority expired (ttl)");
+            alerts.push(self.alert(Rule::AuthorityExpired, key, Some(serial), ts, summary));
+        }
+    }
+
+    fn exit(&mut self, e: &Exit) {
+        let Some(serial) = self.procs.exit(e.pid, e.ts) else { return };
+        let Some(t) = self.sessions.get(&e.session) else { return };
+        let is_root = t.session.binding.root_pid == Some(e.pid)
+            && self.procs.get(serial).is_some_and(|p| p.parent.is_none());
+        if is_root {
+            self.end_session(e.session, e.ts, EndReason::RootExited);
+        }
+    }
+
+    fn blind(&self, ts: Nanos, source: &str, count: u64) -> Alert {
+        let summary = format!("the agent lost {count} event(s) ({source}): it was blind for them");
+        Alert {
+            id: String::new(),
+            time: rfc3339(ts),
+            host: String::new(),
+            rule: Rule::MonitorBlind,
+            severity: self.severity(Rule::MonitorBlind),
+            summary,
+            session: SessionRef::default(),
+            process: None,
+            action: Action::Observed,
+            mitre: Vec::new(),
+            owasp_nhi: Vec::new(),
+            ts,
+        }
+    }
+
+    fn severity(&self, rule: Rule) -> Severity {
+        self.config.severity.get(&rule).copied().unwrap_or(rule.default_severity())
+    }
+
+    fn alert(&self, rule: Rule, key: SessionKey, serial: Option<Serial>, ts: Nanos, summary: String) -> Alert {
+        let session = self.sessions.get(&key).map(|t| SessionRef {
+            id: t.session.id.to_string(),
+            principal: t.session.principal.clone(),
+            actor: t.session.actor.clone(),
+            task: t.session.task.clone(),
+            sponsor: t.session.sponsor.clone(),
+            state: t.state_at(ts).as_str().to_string(),
+            started: rfc3339(t.started),
+            ended: t.ended.map(|(at, _)| rfc3339(at)),
+        });
+        Alert {
+            id: String::new(),
+            time: rfc3339(ts),
+            host: String::new(),
+            rule,
+            severity: self.severity(rule),
+            summary,
+            session: session.unwrap_or_default(),
+            process: serial.and_then(|s| self.procs.describe(s)),
+            action: Action::Observed,
+            mitre: rule.mitre().iter().map(|s| s.to_string()).collect(),
+            owasp_nhi: rule.owasp_nhi().iter().map(|s| s.to_string()).collect(),
+            ts,
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The engine on synthetic event sequences: every rule, positive and negative.
+
+use super::*;
+use crate::{
+    event::{Creds, Exec, Exit, Fork},
+    sessions::{Binding, Scope, Session, SessionId},
+};
+
+const S: Nanos = 1_000_000_000;
+const KEY: SessionKey = 1;
+const ROOT: u32 = 100;
+
+fn session(exec: Option<&[&str]>) -> Session {
+    Session {
+        id: SessionId::try_from("t-1".to_string()).unwrap(),
+        principal: "alice@example.com".into(),
+        actor: "svc:bot".into(),
+        task: "refund".into(),
+        sponsor: "payments".into(),
+        ttl_ns: 600 * S,
+        grace_ns: 2 * S,
+        scope: Scope { exec: exec.map(|e| e.iter().map(|s| s.to_string()).collect()), ..Default::default() },
+        tokens: vec![],
+        enforce: false,
+        binding: Binding { root_pid: Some(ROOT), cgroup: None },
+    }
+}
+
+fn creds(uid: u32, euid: u32) -> Creds {
+    Creds { uid, gid: uid, euid: Some(euid), egid: Some(euid) }
+}
+
+fn start(ts: Nanos, s: Session) -> Event {
+    Event::SessionStarted { ts, key: KEY, session: Box::new(s) }
+}
+
+fn exec(ts: Nanos, pid: u32, ppid: u32, exe: &str, c: Creds) -> Event {
+    Event::Exec(Exec {
+        ts,
+        session: KEY,
+        pid,
+        ppid,
+        exe: exe.into(),
+        exe_real: None,
+        argv: vec![exe.into()],
+        argv_truncated: false,
+        creds: c,
+        cgroup: 1,
+    })
+}
+
+fn fork(ts: Nanos, parent: u32, child: u32) -> Event {
+    Event::Fork(Fork { ts, session: KEY, parent, child, creds: creds(1000, 1000), cgroup: 1 })
+}
+
+fn exit(ts: Nanos, pid: u32) -> Event {
+    Event::Exit(Exit { ts, session: KEY, pid, exit_code: 0 })
+}
+
+fn run(events: &[Event]) -> Vec<Alert> {
+    let mut engine = Engine::default();
+    events.iter().flat_map(|e| engine.handle(e)).collect()
+}
+
+fn rules(alerts: &[Alert]) -> Vec<Rule> {
+    alerts.iter().map(|a| a.rule).collect()
+}
+
+/// A root that forks a child which execs; both exit within the task.
+fn clean_task() -> Vec<Event> {
+    vec![
+        start(0, session(None)),
+        exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000)),
+        fork(2 * S, ROOT, 101),
+        exec(3 * S, 101, ROOT, "/usr/bin/curl", creds(1000, 1000)),
+        exit(4 * S, 101),
+        exit(5 * S, ROOT),
+        Event::Tick { ts: 60 * S },
+    ]
+}
+
+#[test]
+fn clean_task_raises_nothing_and_root_exit_ends_session() {
+    let mut engine = Engine::default();
+    let alerts: Vec<_> = clean_task().iter().flat_map(|e| engine.handle(e)).collect();
+    assert!(alerts.is_empty(), "{alerts:?}");
+    let s = engine.session("t-1", 60 * S).unwrap();
+    assert_eq!(s.state, SessionState::Ended);
+    assert_eq!(s.end_reason, Some(EndReason::RootExited));
+    assert_eq!(s.ended.as_deref(), Some(rfc3339(5 * S).as_str()));
+}
+
+#[test]
+fn process_outlived_task_fires_once_per_survivor_at_the_deadline() {
+    let mut events = clean_task();
+    events.truncate(4); // child 101 never exits
+    events.push(fork(4 * S, 101, 102)); // daemonized grandchild
+    events.push(exit(5 * S, ROOT));
+    let mut engine = Engine::default();
+    let mut alerts = Vec::new();
+    for e in &events {
+        alerts.extend(engine.handle(e));
+    }
+    assert_eq!(engine.next_deadline(), Some(7 * S));
+    alerts.extend(engine.handle(&Event::Tick { ts: 6 * S }));
+    assert!(alerts.is_empty(), "inside grace: {alerts:?}");
+    alerts.extend(engine.handle(&Event::Tick { ts: 7 * S }));
+    alerts.extend(engine.handle(&Event::Tick { ts: 9 * S }));
+    assert_eq!(rules(&alerts), [Rule::ProcessOutlivedTask, Rule::ProcessOutlivedTask]);
+    let pids: Vec<_> = alerts.iter().map(|a| a.process.as_ref().unwrap().pid).collect();
+    assert_eq!(pids, [101, 102]);
+    let chain: Vec<_> = alerts[1].process.as_ref().unwrap().chain.iter().map(|a| a.pid).collect();
+    assert_eq!(chain, [101, ROOT], "chain up to the session root");
+    assert_eq!(alerts[0].session.state, "ended");
+    assert_eq!(alerts[0].time, rfc3339(7 * S));
+    assert_eq!(engine.next_deadline(), None);
+}
+
+#[test]
+fn survivor_that_exits_within_grace_is_not_reported() {
+    let mut events = clean_task();
+    events.truncate(4);
+    events.push(exit(5 * S, ROOT));
+    events.push(exit(6 * S, 101));
+    events.push(Event::Tick { ts: 10 * S });
+    assert!(run(&events).is_empty());
+}
+
+#[test]
+fn exec_after_end_and_grace_is_activity_after_task_end() {
+    let mut events = clean_task();
+    events.truncate(4);
+    events.push(Event::SessionEnded { ts: 5 * S, key: KEY, reason: EndReason::Requested });
+    events.push(exec(6 * S, 101, ROOT, "/usr/bin/true", creds(1000, 1000))); // within grace
+    events.push(exec(8 * S, 101, ROOT, "/usr/bin/curl", creds(1000, 1000)));
+    let alerts = run(&events);
+    // The deadline at 7s is settled before the exec at 8s: the root and 101 were still alive.
+    assert_eq!(rules(&alerts), [Rule::ProcessOutlivedTask, Rule::ProcessOutlivedTask, Rule::ActivityAfterTaskEnd]);
+    assert_eq!(alerts[2].process.as_ref().unwrap().exe, "/usr/bin/curl");
+    assert_eq!(alerts[2].process.as_ref().unwrap().pid, 101);
+}
+
+#[test]
+fn exec_after_ttl_is_authority_expired() {
+    let mut s = session(None);
+    s.ttl_ns = 10 * S;
+    let events = [
+        start(0, s),
+        exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000)),
+        exec(9 * S, ROOT, 1, "/bin/ls", creds(1000, 1000)),
+        exec(11 * S, ROOT, 1, "/bin/cat", creds(1000, 1000)),
+    ];
+    let alerts = run(&events);
+    assert_eq!(rules(&alerts), [Rule::AuthorityExpired]);
+    assert_eq!(alerts[0].session.state, "expired");
+}
+
+#[test]
+fn exec_outside_the_exec_scope() {
+    let events = [
+        start(0, session(Some(&["/bin/sh", "/usr/bin/curl"]))),
+        exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000)),
+        fork(2 * S, ROOT, 101),
+        exec(3 * S, 101, ROOT, "/usr/bin/curl", creds(1000, 1000)),
+        fork(4 * S, ROOT, 102),
+        exec(5 * S, 102, ROOT, "/usr/bin/ssh", creds(1000, 1000)),
+    ];
+    let alerts = run(&events);
+    assert_eq!(rules(&alerts), [Rule::ExecOutOfScope]);
+    assert_eq!(alerts[0].process.as_ref().unwrap().pid, 102);
+    assert_eq!(alerts[0].owasp_nhi, ["NHI5"]);
+}
+
+#[test]
+fn setuid_exec_is_privilege_escalation_and_root_sessions_are_not() {
+    let events = [
+        start(0, session(None)),
+        exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000)),
+        fork(2 * S, ROOT, 101),
+        exec(3 * S, 101, ROOT, "/usr/bin/sudo", creds(1000, 0)),
+    ];
+    let alerts = run(&events);
+    assert_eq!(rules(&alerts), [Rule::PrivilegeEscalation]);
+    assert_eq!(alerts[0].severity, Severity::Critical);
+    assert_eq!(alerts[0].mitre, ["T1548"]);
+
+    // A task that runs as root from the start gains nothing.
+    let events = [start(0, session(None)), exec(S, ROOT, 1, "/bin/sh", creds(0, 0)), fork(2 * S, ROOT, 101), exec(3 * S, 101, ROOT, "/bin/ls", creds(0, 0))];
+    assert!(run(&events).is_empty());
+}
+
+#[test]
+fn a_reused_pid_does_not_join_the_old_lineage() {
+    let events = [
+        start(0, session(None)),
+        exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000)),
+        fork(2 * S, ROOT, 101),
+        exit(3 * S, 101),
+        // pid 101 comes back as a child of 101's sibling 102
+        fork(4 * S, ROOT, 102),
+        fork(5 * S, 102, 101),
+        exit(6 * S, ROOT),
+        Event::Tick { ts: 20 * S },
+    ];
+    let alerts = run(&events);
+    assert_eq!(rules(&alerts), [Rule::ProcessOutlivedTask, Rule::ProcessOutlivedTask]);
+    let reused = alerts.iter().find(|a| a.process.as_ref().unwrap().pid == 101).unwrap();
+    let chain: Vec<_> = reused.process.as_ref().unwrap().chain.iter().map(|a| a.pid).collect();
+    assert_eq!(chain, [102, ROOT]);
+}
+
+#[test]
+fn lost_events_raise_monitor_blind() {
+    let alerts = run(&[Event::Lost { ts: S, source: "ring buffer full".into(), count: 3 }]);
+    assert_eq!(rules(&alerts), [Rule::MonitorBlind]);
+    assert!(alerts[0].summary.contains('3'));
+}
+
+#[test]
+fn same_stream_same_alerts() {
+    let mut events = clean_task();
+    events.truncate(4);
+    events.push(exit(5 * S, ROOT));
+    events.push(Event::Tick { ts: 30 * S });
+    assert_eq!(run(&events), run(&events));
+    assert_eq!(run(&events).len(), 1);
+}
+
+#[test]
+fn finished_sessions_are_forgotten_after_an_hour() {
+    let mut engine = Engine::default();
+    for e in clean_task() {
+        engine.handle(&e);
+    }
+    engine.handle(&Event::Tick { ts: 3000 * S });
+    assert!(engine.session("t-1", 3000 * S).is_some());
+    engine.handle(&Event::Tick { ts: 5 * S + FORGET_AFTER_NS + S });
+    assert!(engine.session("t-1", 0).is_none());
+}

@@ -1,0 +1,110 @@
+//! The domain events the engine consumes: decoded kernel events, session lifecycle from the
+//! control plane, and clock ticks. Live and replay feed the engine the same stream, so anything
+//! the engine needs to decide must be in these events (never read from the host by the engine).
+
+use serde::{Deserialize, Serialize};
+
+use crate::sessions::Session;
+
+/// Nanoseconds since the Unix epoch.
+pub type Nanos = u64;
+
+/// The agent's per-boot key for a session in kernel maps and events (never 0).
+pub type SessionKey = u32;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    SessionStarted { ts: Nanos, key: SessionKey, session: Box<Session> },
+    SessionEnded { ts: Nanos, key: SessionKey, reason: EndReason },
+    /// A process that already existed when its session was bound (pid or cgroup binding).
+    ProcessSeen(Process),
+    Fork(Fork),
+    Exec(Exec),
+    Exit(Exit),
+    /// Time passed; lets deadline rules fire without other activity.
+    Tick { ts: Nanos },
+    /// The agent lost events (ring buffer full, a failed probe): it is blind for `count` of them.
+    Lost { ts: Nanos, source: String, count: u64 },
+}
+
+impl Event {
+    pub fn ts(&self) -> Nanos {
+        match self {
+            Event::SessionStarted { ts, .. }
+            | Event::SessionEnded { ts, .. }
+            | Event::Tick { ts }
+            | Event::Lost { ts, .. } => *ts,
+            Event::ProcessSeen(p) => p.ts,
+            Event::Fork(f) => f.ts,
+            Event::Exec(e) => e.ts,
+            Event::Exit(e) => e.ts,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// `monitor session end` or `monitor run` said the task is done.
+    Requested,
+    /// The session's root process exited.
+    RootExited,
+}
+
+/// Credentials of a process. `euid`/`egid` are `None` where the kernel offsets were unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub euid: Option<u32>,
+    pub egid: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Process {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub pid: u32,
+    pub ppid: u32,
+    pub exe: String,
+    pub argv: Vec<String>,
+    pub creds: Creds,
+    pub cgroup: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fork {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub parent: u32,
+    pub child: u32,
+    pub creds: Creds,
+    pub cgroup: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exec {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub pid: u32,
+    pub ppid: u32,
+    /// The path given to exec.
+    pub exe: String,
+    /// The same path with symlinks resolved, when it differs (filled by enrichment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe_real: Option<String>,
+    pub argv: Vec<String>,
+    pub argv_truncated: bool,
+    pub creds: Creds,
+    pub cgroup: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exit {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub pid: u32,
+    /// Wait-status form: `code << 8 | signal`.
+    pub exit_code: u32,
+}

@@ -1,0 +1,18 @@
+//! monitor: ties process activity to delegation sessions (see DESIGN.md and README.md).
+//!
+//! The pipeline, one module a stage: [`probes`] load the eBPF programs, [`decode`] turns wire
+//! events into [`event`]s, [`engine`] applies the rules, [`sinks`] write [`alert`]s; [`sessions`]
+//! is the control plane that declares sessions; [`agent`] wires it together; [`cli`] and [`run`]
+//! are the commands.
+
+pub mod agent;
+pub mod alert;
+pub mod cli;
+pub mod decode;
+pub mod engine;
+pub mod event;
+pub mod probes;
+pub mod rules;
+pub mod run;
+pub mod sessions;
+pub mod sinks;

@@ -1,0 +1,16 @@
+//! Delegation sessions: the session file, the resolved session, the control plane that
+//! registers them, and their binding to processes and cgroups in the kernel.
+
+pub mod bind;
+pub mod client;
+pub mod fingerprint;
+pub mod protocol;
+mod scope;
+pub mod server;
+mod spec;
+
+pub use scope::{Destination, Host};
+pub use spec::*;
+
+/// Where the agent listens and the CLI connects by default.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/monitor/control.sock";

@@ -1,0 +1,222 @@
+//! The agent's side of the control plane: a root-only Unix socket. Each connection carries one
+//! request; a malformed request gets an error response and closes that connection only.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Mutex,
+};
+
+use super::{
+    bind,
+    fingerprint::FingerprintKey,
+    protocol::{BindRequest, Request, Response, MAX_REQUEST_BYTES},
+    Binding, CgroupBinding, Scope, Session, SessionFile, SessionId, TokenRef, TokenSpec,
+};
+use crate::{agent::CoreHandle, probes::KernelMaps};
+
+/// What a connection handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    pub core: CoreHandle,
+    pub maps: Arc<Mutex<KernelMaps>>,
+    pub key: Arc<FingerprintKey>,
+    pub default_ttl: Duration,
+    pub default_grace: Duration,
+}
+
+/// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
+/// (another agent) refused.
+pub async fn listen(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!("another agent is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, plane: ControlPlane) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let plane = plane.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, plane).await {
+                tracing::debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+async fn connection(stream: UnixStream, plane: ControlPlane) -> std::io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let (read, mut write) = stream.into_split();
+    let response = if uid != 0 {
+        Response::Error { message: format!("permission denied: the control socket accepts root only (caller uid {uid})") }
+    } else {
+        let mut line = Vec::new();
+        let n = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line).await?;
+        if n > MAX_REQUEST_BYTES {
+            Response::Error { message: format!("request larger than {MAX_REQUEST_BYTES} bytes") }
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => handle(request, &plane).await,
+                Err(e) => Response::Error { message: format!("malformed request: {e}") },
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+async fn handle(request: Request, plane: &ControlPlane) -> Response {
+    let result = match request {
+        Request::Start { origin, file, id, bind, env_tokens } => start(plane, &origin, file, id, bind, env_tokens).await,
+        Request::End { id } => plane.core.end(id).await.map(|s| json!(s)),
+        Request::List => plane.core.list().await.map(|s| json!(s)),
+        Request::Show { id } => plane.core.show(id).await.map(|s| json!(s)),
+    };
+    match result {
+        Ok(data) => Response::Ok { data },
+        Err(message) => Response::Error { message },
+    }
+}
+
+async fn start(
+    plane: &ControlPlane,
+    origin: &str,
+    file: SessionFile,
+    id: Option<SessionId>,
+    bind: BindRequest,
+    env_tokens: Vec<Option<super::fingerprint::Secret>>,
+) -> Result<serde_json::Value, String> {
+    let session = resolve(plane, origin, file, id, &bind, env_tokens)?;
+    let id = session.id.to_string();
+    let cgroup = session.binding.cgroup.clone();
+    let key = plane.core.start(session).await?;
+
+    // Snapshot first, bind second: a process's own events then always follow its snapshot.
+    let now = crate::agent::now_ns();
+    let mut maps = plane.maps.lock().await;
+    if let Some(pid) = bind.pid {
+        let mut bound: Vec<u32> = Vec::new();
+        // Twice: children forked between the first walk and the binding are caught by the second.
+        for _ in 0..2 {
+            let pids = bind::descendants(pid).map_err(|e| e.to_string())?;
+            let new: Vec<u32> = pids.into_iter().filter(|p| !bound.contains(p)).collect();
+            let seen = new.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect();
+            plane.core.seen(seen).await;
+            maps.bind_pids(&new, key).map_err(|e| e.to_string())?;
+            bound.extend(new);
+        }
+    }
+    if let Some(CgroupBinding { path, id: cgroup_id }) = cgroup {
+        let members = bind::cgroup_members(Path::new(&path));
+        plane.core.seen(members.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect()).await;
+        maps.bind_cgroup(cgroup_id, key).map_err(|e| e.to_string())?;
+    }
+    tracing::info!(session = %id, key, "session started");
+    Ok(json!({ "id": id, "key": key }))
+}
+
+/// Turns a session file into a [`Session`]: id, default time bounds, fingerprints, binding.
+fn resolve(
+    plane: &ControlPlane,
+    origin: &str,
+    file: SessionFile,
+    id: Option<SessionId>,
+    bind: &BindRequest,
+    env_tokens: Vec<Option<super::fingerprint::Secret>>,
+) -> Result<Session, String> {
+    let id = match id.or(file.id) {
+        Some(id) => id,
+        None => SessionId::try_from(format!("s-{}", ulid::Ulid::new().to_string().to_lowercase()))?,
+    };
+    if let Some(pid) = bind.pid {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(format!("{origin}: process {pid} does not exist"));
+        }
+    }
+    let cgroup = match &bind.cgroup {
+        Some(path) => {
+            let (dir, cgroup_id) = bind::resolve_cgroup(path).map_err(|e| e.to_string())?;
+            Some(CgroupBinding { path: dir.display().to_string(), id: cgroup_id })
+        }
+        None => None,
+    };
+    let mut env_values = env_tokens.into_iter();
+    let tokens = file
+        .tokens
+        .iter()
+        .map(|t| match t {
+            TokenSpec::Env(name) => TokenRef {
+                source: format!("env:{name}"),
+                fingerprint: env_values.next().flatten().map(|v| plane.key.fingerprint(v.expose())),
+            },
+            TokenSpec::File(path) => TokenRef {
+                source: format!("file:{path}"),
+                fingerprint: std::fs::read(path).ok().map(|raw| plane.key.fingerprint(trim_newline(&raw))),
+            },
+        })
+        .collect();
+    Ok(Session {
+        id,
+        principal: file.principal,
+        actor: file.actor,
+        task: file.task,
+        sponsor: file.sponsor,
+        ttl_ns: file.ttl.unwrap_or(plane.default_ttl).as_nanos() as u64,
+        grace_ns: file.grace.unwrap_or(plane.default_grace).as_nanos() as u64,
+        scope: Scope {
+            connect: file.scope.connect,
+            credentials: file.scope.credentials,
+            exec: file.scope.exec.map(with_real_paths),
+        },
+        tokens,
+        enforce: file.enforce,
+        binding: Binding { root_pid: bind.pid, cgroup },
+    })
+}
+
+fn trim_newline(raw: &[u8]) -> &[u8] {
+    raw.strip_suffix(b"\n").map(|r| r.strip_suffix(b"\r").unwrap_or(r)).unwrap_or(raw)
+}
+
+/// Each allowed executable also under its symlink-resolved path (`/bin/sh` is `/usr/bin/dash`
+/// on Debian), so the scope matches however the program was invoked.
+fn with_real_paths(exec: Vec<String>) -> Vec<String> {
+    let mut all = exec.clone();
+    for path in exec {
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            let real = real.display().to_string();
+            if !all.contains(&real) {
+                all.push(real);
+            }
+        }
+    }
+    all
+}
+

@@ -1,0 +1,414 @@
+//! The session file (YAML, see DESIGN.md) and the resolved [`Session`] the agent works with.
+
+use std::{path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::scope::Destination;
+
+/// Default time bounds when a session file gives none.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// A session file as written. Unknown fields are errors: a typo in a scope must not silently
+/// widen or narrow it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionFile {
+    #[serde(default)]
+    pub id: Option<SessionId>,
+    pub principal: String,
+    pub actor: String,
+    pub task: String,
+    #[serde(default)]
+    pub sponsor: String,
+    #[serde(default, with = "opt_duration")]
+    pub ttl: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub grace: Option<Duration>,
+    #[serde(default)]
+    pub scope: ScopeFile,
+    #[serde(default)]
+    pub tokens: Vec<TokenSpec>,
+    #[serde(default)]
+    pub enforce: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeFile {
+    #[serde(default)]
+    pub connect: Vec<Destination>,
+    #[serde(default)]
+    pub credentials: Vec<String>,
+    /// Absent means any executable.
+    #[serde(default)]
+    pub exec: Option<Vec<String>>,
+}
+
+/// Where a granted token comes from: exactly one of `env` or `file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TokenSpecFile", into = "TokenSpecFile")]
+pub enum TokenSpec {
+    /// The value of this variable in the environment of the CLI that starts the session.
+    Env(String),
+    File(String),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenSpecFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+}
+
+impl TryFrom<TokenSpecFile> for TokenSpec {
+    type Error = String;
+    fn try_from(t: TokenSpecFile) -> Result<Self, String> {
+        match (t.env, t.file) {
+            (Some(env), None) if !env.is_empty() => Ok(TokenSpec::Env(env)),
+            (None, Some(file)) if file.starts_with('/') => Ok(TokenSpec::File(file)),
+            (None, Some(file)) => Err(format!("token file `{file}` must be an absolute path")),
+            _ => Err("a token needs exactly one of `env: NAME` or `file: /PATH`".into()),
+        }
+    }
+}
+
+impl From<TokenSpec> for TokenSpecFile {
+    fn from(t: TokenSpec) -> Self {
+        match t {
+            TokenSpec::Env(env) => Self { env: Some(env), file: None },
+            TokenSpec::File(file) => Self { env: None, file: Some(file) },
+        }
+    }
+}
+
+/// A session id: 1 to 128 of `A-Z a-z 0-9 . _ : -`, so it is safe in file names and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SessionId(String);
+
+impl SessionId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SessionId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(format!("session id `{s}`: use 1 to 128 of A-Z a-z 0-9 . _ : -"))
+        }
+    }
+}
+
+impl From<SessionId> for String {
+    fn from(id: SessionId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration like 10m or 2s: {e}")))
+    }
+}
+
+/// A session file that could not be used, with where.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionFileError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: String, line: usize, column: usize, message: String },
+    #[error("{path}: {message}")]
+    Semantic { path: String, message: String },
+}
+
+impl SessionFile {
+    pub fn read(path: &Path) -> Result<Self, SessionFileError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| SessionFileError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates. `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, SessionFileError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let file: SessionFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let located = locate(text, e.path());
+            let inner = e.into_inner();
+            let (line, column) = match (located, inner.location()) {
+                (Some(at), Some(l)) if at.0 == l.line() => (l.line(), l.column()),
+                (Some(at), _) => at,
+                (None, Some(l)) => (l.line(), l.column()),
+                (None, None) => (0, 0),
+            };
+            let message = strip_location(&inner.to_string());
+            // serde_norway may start its message with its own form of the path ("tokens: ...").
+            let message = match message.split_once(": ") {
+                Some((prefix, rest)) if !prefix.contains(' ') && field.starts_with(prefix) => rest.to_string(),
+                _ => message,
+            };
+            let message = if field.is_empty() || field == "." { message } else { format!("field `{field}`: {message}") };
+            SessionFileError::Invalid { path: origin.to_string(), line, column, message }
+        })?;
+        file.validate().map_err(|message| SessionFileError::Semantic { path: origin.to_string(), message })?;
+        Ok(file)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (field, value) in [("principal", &self.principal), ("actor", &self.actor), ("task", &self.task)] {
+            if value.trim().is_empty() {
+                return Err(format!("field `{field}` is empty"));
+            }
+        }
+        if self.ttl == Some(Duration::ZERO) {
+            return Err("field `ttl` must be longer than 0s".into());
+        }
+        for (i, c) in self.scope.credentials.iter().enumerate() {
+            if !c.starts_with('/') {
+                return Err(format!("field `scope.credentials[{i}]`: `{c}` must be an absolute path"));
+            }
+        }
+        for (i, e) in self.scope.exec.iter().flatten().enumerate() {
+            if !e.starts_with('/') {
+                return Err(format!("field `scope.exec[{i}]`: `{e}` must be an absolute path"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The line and column where a field path (`scope.connect[1]`) is written. serde_norway gives
+/// no position for errors raised while converting a value (a bad duration or destination), so
+/// the path serde_path_to_error recorded is looked up in the text: keys by their `key:` at a
+/// deeper indentation than their parent, block sequence items by their `- `, flow sequences
+/// (`[a, b]`) by the line they are written on.
+fn locate(text: &str, path: &serde_path_to_error::Path) -> Option<(usize, usize)> {
+    use serde_path_to_error::Segment;
+    let lines: Vec<&str> = text.lines().collect();
+    let indent_of = |l: &str| l.len() - l.trim_start().len();
+    let is_content = |l: &str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
+    let mut at: Option<usize> = None;
+    for segment in path.iter() {
+        let start = at.map_or(0, |i| i + 1);
+        let parent_indent = at.map(|i| indent_of(lines[i]));
+        match segment {
+            Segment::Map { key } => {
+                if at.is_some_and(|i| lines[i].contains('{')) {
+                    continue; // a flow mapping on the parent's line
+                }
+                let block = format!("{key}:");
+                let hit = lines.iter().enumerate().skip(start).take_while(|(i, l)| {
+                    *i == start || !is_content(l) || parent_indent.is_none_or(|p| indent_of(l) > p)
+                });
+                let hit = hit.filter(|(_, l)| is_content(l)).find(|(_, l)| {
+                    let t = l.trim_start().trim_start_matches("- ");
+                    t.starts_with(&block) || t.starts_with(&format!("\"{key}\":"))
+                });
+                at = Some(hit?.0);
+            }
+            Segment::Seq { index } => {
+                let Some(parent) = at else { return None };
+                if lines[parent].contains('[') {
+                    continue; // a flow sequence on the key's line
+                }
+                let p = indent_of(lines[parent]);
+                let items = lines
+                    .iter()
+                    .enumerate()
+                    .skip(parent + 1)
+                    .filter(|(_, l)| is_content(l))
+                    .take_while(|(_, l)| indent_of(l) > p || (indent_of(l) == p && l.trim_start().starts_with('-')))
+                    .filter(|(_, l)| l.trim_start().starts_with('-') && indent_of(l) <= p + 2)
+                    .nth(*index);
+                at = Some(items?.0);
+            }
+            _ => {}
+        }
+    }
+    at.map(|i| (i + 1, indent_of(lines[i]) + 1))
+}
+
+/// serde_norway appends " at line L column C"; the location is reported separately.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// A session as the agent holds it: the file resolved (id, defaults, token fingerprints,
+/// binding). This is what the engine and the traces see; it never holds a raw token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: SessionId,
+    pub principal: String,
+    pub actor: String,
+    pub task: String,
+    pub sponsor: String,
+    pub ttl_ns: u64,
+    pub grace_ns: u64,
+    pub scope: Scope,
+    pub tokens: Vec<TokenRef>,
+    pub enforce: bool,
+    pub binding: Binding,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Scope {
+    pub connect: Vec<Destination>,
+    pub credentials: Vec<String>,
+    /// The allowed executables, each also under its symlink-resolved path. `None`: any.
+    pub exec: Option<Vec<String>>,
+}
+
+impl Scope {
+    pub fn allows_exec(&self, exe: &str, exe_real: Option<&str>) -> bool {
+        let Some(allowed) = &self.exec else { return true };
+        let matches = |path: &str| {
+            allowed.iter().any(|a| a == path || (a.ends_with('/') && path.starts_with(a.as_str())))
+        };
+        matches(exe) || exe_real.is_some_and(matches)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRef {
+    pub source: String,
+    /// Keyed fingerprint (HMAC-SHA-256 under the deployment key); `None` if the value was not
+    /// available when the session started.
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Binding {
+    /// A root process: it and all its descendants belong to the session.
+    pub root_pid: Option<u32>,
+    /// A cgroup v2: every process in it belongs to the session.
+    pub cgroup: Option<CgroupBinding>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupBinding {
+    pub path: String,
+    pub id: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id: refund-4711
+principal: alice@example.com
+actor: svc:support-bot
+task: refund ticket 4711
+sponsor: payments-team
+ttl: 10m
+grace: 2s
+scope:
+  connect: ["127.0.0.2:8443", "10.20.0.0/24:80", "api.internal.example:443", "*.payments.example:443"]
+  credentials: ["/run/secrets/support-bot/token"]
+  exec: ["/usr/bin/curl", "/bin/sh"]
+tokens:
+  - env: SUPPORT_BOT_TOKEN
+  - file: /run/secrets/support-bot/token
+enforce: false
+"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let f = SessionFile::parse(GOOD, "s.yaml").unwrap();
+        assert_eq!(f.id.as_ref().unwrap().as_str(), "refund-4711");
+        assert_eq!(f.ttl, Some(Duration::from_secs(600)));
+        assert_eq!(f.grace, Some(Duration::from_secs(2)));
+        assert_eq!(f.scope.connect.len(), 4);
+        assert_eq!(f.tokens, [TokenSpec::Env("SUPPORT_BOT_TOKEN".into()), TokenSpec::File("/run/secrets/support-bot/token".into())]);
+        assert_eq!(f.scope.exec.as_deref().unwrap(), ["/usr/bin/curl", "/bin/sh"]);
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let f = SessionFile::parse("principal: a\nactor: b\ntask: c\n", "s.yaml").unwrap();
+        assert!(f.id.is_none() && f.ttl.is_none() && f.scope.exec.is_none() && !f.enforce);
+    }
+
+    fn err(text: &str) -> String {
+        SessionFile::parse(text, "s.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = err("principal: a\nactor: b\ntask: c\nttl: soon\n");
+        assert!(e.starts_with("s.yaml:4:"), "{e}");
+        assert!(e.contains("`ttl`") && e.contains("soon"), "{e}");
+
+        let e = err("principal: a\nactor: b\ntask: c\nscope:\n  connect: [\"127.0.0.2:8443\", \"nowhere\"]\n");
+        assert!(e.starts_with("s.yaml:5:"), "{e}");
+        assert!(e.contains("scope.connect[1]") && e.contains("nowhere"), "{e}");
+
+        let e = err("principal: a\nactor: b\ntask: c\nscope:\n  conect: []\n");
+        assert!(e.starts_with("s.yaml:5:") && e.contains("conect"), "{e}");
+
+        let e = err("principal: a\nactor: b\n");
+        assert!(e.contains("task"), "{e}");
+
+        let e = err("principal: a\nactor: b\ntask: c\ntokens:\n  - {env: A, file: /b}\n");
+        assert!(e.starts_with("s.yaml:5:3:") && e.contains("tokens[0]"), "{e}");
+        assert!(!e.contains("tokens: a token"), "{e}");
+
+        let e = err("principal: a\nactor: b\ntask: c\nscope:\n  connect:\n    - 127.0.0.2:80\n    - 'x y:80'\n");
+        assert!(e.starts_with("s.yaml:7:5:") && e.contains("scope.connect[1]"), "{e}");
+
+        let e = err("id: 'bad id'\nprincipal: a\nactor: b\ntask: c\n");
+        assert!(e.starts_with("s.yaml:1:") && e.contains("`id`"), "{e}");
+
+        let e = err("principal: a\nactor: b\ntask: c\nscope: {exec: [curl]}\n");
+        assert!(e.contains("scope.exec[0]"), "{e}");
+    }
+
+    #[test]
+    fn exec_scope_matches_path_real_path_and_directories() {
+        let scope = Scope { exec: Some(vec!["/usr/bin/curl".into(), "/opt/tools/".into()]), ..Default::default() };
+        assert!(scope.allows_exec("/usr/bin/curl", None));
+        assert!(scope.allows_exec("/bin/curl", Some("/usr/bin/curl")));
+        assert!(scope.allows_exec("/opt/tools/x", None));
+        assert!(!scope.allows_exec("/usr/bin/wget", None));
+        assert!(Scope::default().allows_exec("/anything", None));
+    }
+}
