@@ -4,17 +4,13 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use monitor_common::{
-    CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, EVENTS_BYTES, PROC_SESSIONS_CAPACITY, STAT_COUNT, Stat,
-};
+use monitor_common::{Stat, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, EVENTS_BYTES, PROC_SESSIONS_CAPACITY, STAT_COUNT};
 
 #[map]
-pub static PROC_SESSIONS: HashMap<u32, u32> =
-    HashMap::with_max_entries(PROC_SESSIONS_CAPACITY, 0);
+pub static PROC_SESSIONS: HashMap<u32, u32> = HashMap::with_max_entries(PROC_SESSIONS_CAPACITY, 0);
 
 #[map]
-pub static CGROUP_SESSIONS: HashMap<u64, u32> =
-    HashMap::with_max_entries(CGROUP_SESSIONS_CAPACITY, 0);
+pub static CGROUP_SESSIONS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_SESSIONS_CAPACITY, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -19,7 +19,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "monitor", version, about = "Ties process activity to delegation sessions and catches what outlives or exceeds them")]
+#[command(
+    name = "monitor",
+    version,
+    about = "Ties process activity to delegation sessions and catches what outlives or exceeds them"
+)]
 pub struct Cli {
     /// Log filter for messages on stderr (alerts never go there): error, warn, info, debug.
     #[arg(long, global = true, env = "MONITOR_LOG", default_value = "info")]
@@ -56,6 +60,9 @@ pub struct AgentArgs {
     /// grace of sessions whose file gives none.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
     pub default_grace: Duration,
+    /// Also write every session event as JSON lines to PATH (debugging).
+    #[arg(long, value_name = "PATH")]
+    pub event_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -128,6 +135,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 key_file: args.key_file,
                 default_ttl: args.default_ttl,
                 default_grace: args.default_grace,
+                event_log: args.event_log,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;
@@ -176,7 +184,9 @@ pub fn start_request(file: &std::path::Path, id: Option<String>, bind: BindReque
         .tokens
         .iter()
         .filter_map(|t| match t {
-            crate::sessions::TokenSpec::Env(name) => Some(std::env::var(name).ok().map(crate::sessions::fingerprint::Secret::new)),
+            crate::sessions::TokenSpec::Env(name) => {
+                Some(std::env::var(name).ok().map(crate::sessions::fingerprint::Secret::new))
+            }
             crate::sessions::TokenSpec::File(_) => None,
         })
         .collect();

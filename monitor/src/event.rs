@@ -15,17 +15,31 @@ pub type SessionKey = u32;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    SessionStarted { ts: Nanos, key: SessionKey, session: Box<Session> },
-    SessionEnded { ts: Nanos, key: SessionKey, reason: EndReason },
+    SessionStarted {
+        ts: Nanos,
+        key: SessionKey,
+        session: Box<Session>,
+    },
+    SessionEnded {
+        ts: Nanos,
+        key: SessionKey,
+        reason: EndReason,
+    },
     /// A process that already existed when its session was bound (pid or cgroup binding).
     ProcessSeen(Process),
     Fork(Fork),
     Exec(Exec),
     Exit(Exit),
     /// Time passed; lets deadline rules fire without other activity.
-    Tick { ts: Nanos },
+    Tick {
+        ts: Nanos,
+    },
     /// The agent lost events (ring buffer full, a failed probe): it is blind for `count` of them.
-    Lost { ts: Nanos, source: String, count: u64 },
+    Lost {
+        ts: Nanos,
+        source: String,
+        count: u64,
+    },
 }
 
 impl Event {

@@ -5,7 +5,8 @@ fn main() {
     let cli = Cli::parse();
     // Logs go to stderr: stdout carries alerts (agent) or command output.
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     match dispatch(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -12,7 +12,10 @@ use anyhow::Context as _;
 
 use crate::{
     cli::{start_request, RunArgs},
-    sessions::{client, protocol::{BindRequest, Request}},
+    sessions::{
+        client,
+        protocol::{BindRequest, Request},
+    },
 };
 
 /// Exit code when monitor itself fails before the task runs (as env(1) and timeout(1) do).

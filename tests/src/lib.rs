@@ -1,1 +1,269 @@
-//! see tests/
+//! Harness for the real-kernel tests: starts a real `monitor agent` (root, real probes) with its
+//! own control socket, alert file and event log, and waits for expected output with deadlines.
+//! A test that cannot get root fails: these tests never skip.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long any expected event or alert may take to show up.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+
+/// The monitor binary: `MONITOR_BIN` (set by `cargo xtask test`), else the release build.
+pub fn monitor_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MONITOR_BIN") {
+        return bin.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = root.join("target/release/monitor");
+    assert!(bin.exists(), "{} is missing: run `cargo xtask test`, which builds it", bin.display());
+    bin
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests load eBPF programs into the kernel and must run as root (cargo xtask test as root)"
+    );
+}
+
+/// A scratch directory under target/, removed on drop. Not under /tmp: no nosuid surprises,
+/// and its artifacts stay with the build.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("target/test-scratch");
+        let dir = root.join(format!("{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    pub fn script(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.write(name, text);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A running agent, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Agent {
+    child: Child,
+    pub dir: Scratch,
+    pub control: PathBuf,
+    pub alerts: PathBuf,
+    pub events: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        require_root();
+        let dir = Scratch::new(name);
+        let control = dir.path("control.sock");
+        let alerts = dir.path("alerts.jsonl");
+        let events = dir.path("events.jsonl");
+        let log = dir.path("agent.log");
+        let child = Command::new(monitor_bin())
+            .arg("agent")
+            .arg("--control")
+            .arg(&control)
+            .arg("--key-file")
+            .arg(dir.path("fingerprint.key"))
+            .arg("--output")
+            .arg(format!("jsonl:{}", alerts.display()))
+            .arg("--event-log")
+            .arg(&events)
+            .args(["--log", "debug,aya=info,aya_obj=info"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting monitor agent");
+        let mut agent = Self { child, dir, control, alerts, events, log };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if fs::read_to_string(&self.log).unwrap_or_default().contains("agent ready") {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "agent exited with {status} before it was ready:\n{}",
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "agent not ready after {DEADLINE:?}:\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// `monitor ARGS...` against this agent's socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(monitor_bin());
+        cmd.args(args).env("MONITOR_CONTROL", &self.control).env("MONITOR_LOG", "warn");
+        cmd.output().expect("running monitor")
+    }
+
+    /// `monitor run --file FILE -- COMMAND...`.
+    pub fn run(&self, file: &Path, command: &[&str]) -> Output {
+        let mut args = vec!["run", "--file", file.to_str().unwrap(), "--"];
+        args.extend_from_slice(command);
+        self.cli(&args)
+    }
+
+    pub fn alerts(&self) -> Vec<Value> {
+        read_jsonl(&self.alerts)
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        read_jsonl(&self.events)
+    }
+
+    /// Waits until `pick` finds what it looks for in the alerts, or fails at the deadline.
+    pub fn wait_alert(&self, what: &str, pick: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, || self.alerts().into_iter().find(|a| pick(a)), || self.diagnostics())
+    }
+
+    /// Waits until `pick` finds what it looks for in the event log.
+    pub fn wait_event(&self, what: &str, pick: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, || self.events().into_iter().find(|e| pick(e)), || self.diagnostics())
+    }
+
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- alerts\n{}\n--- events\n{}\n--- agent log (tail)\n{}",
+            fs::read_to_string(&self.alerts).unwrap_or_default(),
+            fs::read_to_string(&self.events).unwrap_or_default(),
+            tail(&fs::read_to_string(&self.log).unwrap_or_default(), 40),
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>, diagnostics: impl Fn() -> String) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(start.elapsed() < DEADLINE, "waited {DEADLINE:?} for {what}\n{}", diagnostics());
+        std::thread::sleep(POLL);
+    }
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad JSON line {l:?}: {e}", path.display())))
+        .collect()
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Reads whitespace-separated `name=pid` pairs a test script wrote.
+pub fn read_pids(path: &Path) -> std::collections::HashMap<String, u32> {
+    wait_for(
+        &format!("pids in {}", path.display()),
+        || {
+            let text = fs::read_to_string(path).ok()?;
+            text.contains("done").then_some(text)
+        },
+        String::new,
+    )
+    .split_whitespace()
+    .filter_map(|kv| kv.split_once('='))
+    .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+    .collect()
+}
+
+/// A session file with the given extra YAML lines.
+pub fn session_file(dir: &Scratch, id: &str, extra: &str) -> PathBuf {
+    let mut text =
+        format!("id: {id}\nprincipal: alice@example.com\nactor: svc:test-bot\ntask: test {id}\nsponsor: qa-team\n");
+    text.push_str(extra);
+    dir.write(&format!("{id}.yaml"), &text)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Kills a process by pid if it is still alive (test cleanup).
+pub fn kill(pid: u32) {
+    // SAFETY: sending a signal to a pid.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+pub fn append(path: &Path, text: &str) {
+    let mut f = fs::OpenOptions::new().append(true).create(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}

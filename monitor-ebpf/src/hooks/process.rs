@@ -11,9 +11,7 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use monitor_common::{
-    EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, FILENAME_CAP,
-};
+use monitor_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, FILENAME_CAP};
 
 use crate::{
     kernel,

@@ -77,6 +77,7 @@ pub struct Core {
     events: mpsc::Receiver<Event>,
     alerts: mpsc::Sender<Alert>,
     stamp: super::Stamp,
+    event_log: Option<crate::sinks::EventLog>,
 }
 
 impl Core {
@@ -85,9 +86,10 @@ impl Core {
         events: mpsc::Receiver<Event>,
         alerts: mpsc::Sender<Alert>,
         stamp: super::Stamp,
+        event_log: Option<crate::sinks::EventLog>,
     ) -> (Self, CoreHandle) {
         let (tx, commands) = mpsc::channel(64);
-        (Self { engine, next_key: 1, commands, events, alerts, stamp }, CoreHandle { tx })
+        (Self { engine, next_key: 1, commands, events, alerts, stamp, event_log }, CoreHandle { tx })
     }
 
     pub async fn run(mut self) {
@@ -105,6 +107,9 @@ impl Core {
     }
 
     async fn apply(&mut self, event: Event) {
+        if let Some(log) = &mut self.event_log {
+            log.write(&event);
+        }
         for alert in self.engine.handle(&event) {
             let alert = self.stamp.stamp(alert);
             if self.alerts.send(alert).await.is_err() {

@@ -28,6 +28,8 @@ pub struct AgentSettings {
     pub key_file: PathBuf,
     pub default_ttl: Duration,
     pub default_grace: Duration,
+    /// Every session event as a JSON line, for debugging and tests.
+    pub event_log: Option<PathBuf>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -43,7 +45,12 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let probes = loaded.attach()?;
     report(&probes.report);
 
-    let (core, handle) = core::Core::new(Engine::new(EngineConfig::default()), event_rx, alert_tx, Stamp::new());
+    let event_log = match &settings.event_log {
+        Some(path) => Some(sinks::EventLog::create(path)?),
+        None => None,
+    };
+    let (core, handle) =
+        core::Core::new(Engine::new(EngineConfig::default()), event_rx, alert_tx, Stamp::new(), event_log);
     let core = tokio::spawn(core.run());
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
     let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
@@ -116,7 +123,8 @@ pub struct Stamp {
 
 impl Stamp {
     pub fn new() -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let host =
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         Self { ids: ulid::Generator::new(), host }
     }
 

@@ -12,8 +12,8 @@ use crate::{
 
 pub async fn run(ring: RingBuf<MapData>, clock: Clock, out: mpsc::Sender<Event>) -> anyhow::Result<()> {
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while it is registered.
-    let mut fd = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("ring buffer fd: {}", e.into_parts().1))?;
+    let mut fd =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("ring buffer fd: {}", e.into_parts().1))?;
     let mut batch = Vec::new();
     loop {
         let mut guard = fd.readable_mut().await?;

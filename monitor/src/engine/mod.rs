@@ -131,11 +131,7 @@ impl Engine {
 
     /// The earliest time at which a deadline rule could fire without another event.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        self.sessions
-            .values()
-            .filter(|t| !t.outlived_checked)
-            .filter_map(|t| t.grace_deadline())
-            .min()
+        self.sessions.values().filter(|t| !t.outlived_checked).filter_map(|t| t.grace_deadline()).min()
     }
 
     pub fn sessions(&self, now: Nanos) -> Vec<SessionSummary> {
@@ -143,10 +139,7 @@ impl Engine {
     }
 
     pub fn session(&self, id: &str, now: Nanos) -> Option<SessionSummary> {
-        self.sessions
-            .iter()
-            .find(|(_, t)| t.session.id.as_str() == id)
-            .map(|(key, t)| self.summary(*key, t, now))
+        self.sessions.iter().find(|(_, t)| t.session.id.as_str() == id).map(|(key, t)| self.summary(*key, t, now))
     }
 
     pub fn key_of(&self, id: &str) -> Option<SessionKey> {
@@ -188,7 +181,8 @@ impl Engine {
             let deadline = self.sessions[&key].grace_deadline().unwrap_or(now);
             for serial in self.procs.live_in(key) {
                 let pid = self.procs.get(serial).map(|p| p.pid).unwrap_or(0);
-                let summary = format!("process {pid} is still running after the task ended and its grace period ran out");
+                let summary =
+                    format!("process {pid} is still running after the task ended and its grace period ran out");
                 alerts.push(self.alert(Rule::ProcessOutlivedTask, key, Some(serial), deadline, summary));
             }
             if let Some(t) = self.sessions.get_mut(&key) {
@@ -284,8 +278,7 @@ impl Engine {
 
         // Root gained through exec: effective uid 0 while the real uid is not (a setuid
         // binary), or effective uid 0 where it was not before.
-        let gained_root = e.creds.euid == Some(0)
-            && (e.creds.uid != 0 || before.euid.is_some_and(|u| u != 0));
+        let gained_root = e.creds.euid == Some(0) && (e.creds.uid != 0 || before.euid.is_some_and(|u| u != 0));
         if gained_root {
             let summary = format!(
                 "{} gained root through exec (uid {}, euid {} -> 0)",
@@ -303,14 +296,7 @@ impl Engine {
     }
 
     /// The time rules any action of a session process is subject to.
-    fn after_end_or_expiry(
-        &self,
-        key: SessionKey,
-        serial: Serial,
-        ts: Nanos,
-        what: &str,
-        alerts: &mut Vec<Alert>,
-    ) {
+    fn after_end_or_expiry(&self, key: SessionKey, serial: Serial, ts: Nanos, what: &str, alerts: &mut Vec<Alert>) {
         let Some(t) = self.sessions.get(&key) else { return };
         if let Some(deadline) = t.grace_deadline() {
             if ts > deadline {
@@ -326,8 +312,8 @@ impl Engine {
     fn exit(&mut self, e: &Exit) {
         let Some(serial) = self.procs.exit(e.pid, e.ts) else { return };
         let Some(t) = self.sessions.get(&e.session) else { return };
-        let is_root = t.session.binding.root_pid == Some(e.pid)
-            && self.procs.get(serial).is_some_and(|p| p.parent.is_none());
+        let is_root =
+            t.session.binding.root_pid == Some(e.pid) && self.procs.get(serial).is_some_and(|p| p.parent.is_none());
         if is_root {
             self.end_session(e.session, e.ts, EndReason::RootExited);
         }

@@ -70,12 +70,8 @@ impl ProcTable {
 
     /// Live processes of a session, by pid.
     pub fn live_in(&self, session: SessionKey) -> Vec<Serial> {
-        let mut v: Vec<_> = self
-            .live
-            .values()
-            .copied()
-            .filter(|s| self.procs.get(s).is_some_and(|p| p.session == session))
-            .collect();
+        let mut v: Vec<_> =
+            self.live.values().copied().filter(|s| self.procs.get(s).is_some_and(|p| p.session == session)).collect();
         v.sort_by_key(|s| self.procs[s].pid);
         v
     }

@@ -185,7 +185,12 @@ fn setuid_exec_is_privilege_escalation_and_root_sessions_are_not() {
     assert_eq!(alerts[0].mitre, ["T1548"]);
 
     // A task that runs as root from the start gains nothing.
-    let events = [start(0, session(None)), exec(S, ROOT, 1, "/bin/sh", creds(0, 0)), fork(2 * S, ROOT, 101), exec(3 * S, 101, ROOT, "/bin/ls", creds(0, 0))];
+    let events = [
+        start(0, session(None)),
+        exec(S, ROOT, 1, "/bin/sh", creds(0, 0)),
+        fork(2 * S, ROOT, 101),
+        exec(3 * S, 101, ROOT, "/bin/ls", creds(0, 0)),
+    ];
     assert!(run(&events).is_empty());
 }
 

@@ -35,8 +35,7 @@ pub struct Format {
 impl Format {
     pub fn read(category: &str, name: &str) -> Result<Self, ProbeError> {
         let path = Path::new(TRACEFS).join("events").join(category).join(name).join("format");
-        let text = fs::read_to_string(&path)
-            .map_err(|e| ProbeError::Tracefs(format!("{}: {e}", path.display())))?;
+        let text = fs::read_to_string(&path).map_err(|e| ProbeError::Tracefs(format!("{}: {e}", path.display())))?;
         Ok(Self::parse(&text))
     }
 

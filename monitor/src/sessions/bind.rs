@@ -41,7 +41,8 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 /// number, which is what `bpf_get_current_cgroup_id` returns).
 pub fn resolve_cgroup(path: &str) -> Result<(PathBuf, u64), BindError> {
     let root = cgroup2_mount().ok_or(BindError::NoCgroup2)?;
-    let dir = if Path::new(path).starts_with(&root) { PathBuf::from(path) } else { root.join(path.trim_start_matches('/')) };
+    let dir =
+        if Path::new(path).starts_with(&root) { PathBuf::from(path) } else { root.join(path.trim_start_matches('/')) };
     let meta = fs::metadata(&dir).map_err(|e| BindError::Cgroup(dir.display().to_string(), e))?;
     Ok((dir, meta.ino()))
 }

@@ -57,7 +57,11 @@ impl FingerprintKey {
         match fs::read(path) {
             Ok(bytes) => {
                 let key: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
-                    std::io::Error::other(format!("{}: expected {KEY_LEN} bytes, found {}", path.display(), bytes.len()))
+                    std::io::Error::other(format!(
+                        "{}: expected {KEY_LEN} bytes, found {}",
+                        path.display(),
+                        bytes.len()
+                    ))
                 })?;
                 Ok(Self(key))
             }

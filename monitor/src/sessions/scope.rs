@@ -16,7 +16,10 @@ pub struct Destination {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Host {
-    Net { addr: IpAddr, prefix: u8 },
+    Net {
+        addr: IpAddr,
+        prefix: u8,
+    },
     Name(String),
     /// `*.example.com`: any name ending in `.example.com`.
     Suffix(String),
@@ -116,14 +119,21 @@ mod tests {
         let d: Destination = "[::1]:*".parse().unwrap();
         assert_eq!(d.host, Host::Net { addr: "::1".parse().unwrap(), prefix: 128 });
         assert!(d.allows_port(1));
-        assert_eq!("API.internal.example:443".parse::<Destination>().unwrap().host, Host::Name("api.internal.example".into()));
-        assert_eq!("*.payments.example:443".parse::<Destination>().unwrap().host, Host::Suffix("payments.example".into()));
+        assert_eq!(
+            "API.internal.example:443".parse::<Destination>().unwrap().host,
+            Host::Name("api.internal.example".into())
+        );
+        assert_eq!(
+            "*.payments.example:443".parse::<Destination>().unwrap().host,
+            Host::Suffix("payments.example".into())
+        );
         assert_eq!("[fd00::/64]:443".parse::<Destination>().unwrap().to_string(), "[fd00::/64]:443");
     }
 
     #[test]
     fn rejects_bad_entries() {
-        for bad in ["127.0.0.2", ":80", "1.2.3.4:0", "1.2.3.4:70000", "1.2.3.0/33:80", "bad name:80", "x:9-3", "*.:80"] {
+        for bad in ["127.0.0.2", ":80", "1.2.3.4:0", "1.2.3.4:70000", "1.2.3.0/33:80", "bad name:80", "x:9-3", "*.:80"]
+        {
             assert!(bad.parse::<Destination>().is_err(), "{bad} should be rejected");
         }
     }

@@ -1,12 +1,7 @@
 //! The agent's side of the control plane: a root-only Unix socket. Each connection carries one
 //! request; a malformed request gets an error response and closes that connection only.
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use serde_json::json;
 use tokio::{
@@ -74,7 +69,9 @@ async fn connection(stream: UnixStream, plane: ControlPlane) -> std::io::Result<
     let uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
     let response = if uid != 0 {
-        Response::Error { message: format!("permission denied: the control socket accepts root only (caller uid {uid})") }
+        Response::Error {
+            message: format!("permission denied: the control socket accepts root only (caller uid {uid})"),
+        }
     } else {
         let mut line = Vec::new();
         let n = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line).await?;
@@ -94,7 +91,9 @@ async fn connection(stream: UnixStream, plane: ControlPlane) -> std::io::Result<
 
 async fn handle(request: Request, plane: &ControlPlane) -> Response {
     let result = match request {
-        Request::Start { origin, file, id, bind, env_tokens } => start(plane, &origin, file, id, bind, env_tokens).await,
+        Request::Start { origin, file, id, bind, env_tokens } => {
+            start(plane, &origin, file, id, bind, env_tokens).await
+        }
         Request::End { id } => plane.core.end(id).await.map(|s| json!(s)),
         Request::List => plane.core.list().await.map(|s| json!(s)),
         Request::Show { id } => plane.core.show(id).await.map(|s| json!(s)),
@@ -219,4 +218,3 @@ fn with_real_paths(exec: Vec<String>) -> Vec<String> {
     }
     all
 }
-

@@ -118,7 +118,7 @@ impl From<SessionId> for String {
 
 impl std::fmt::Display for SessionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -183,7 +183,8 @@ impl SessionFile {
                 Some((prefix, rest)) if !prefix.contains(' ') && field.starts_with(prefix) => rest.to_string(),
                 _ => message,
             };
-            let message = if field.is_empty() || field == "." { message } else { format!("field `{field}`: {message}") };
+            let message =
+                if field.is_empty() || field == "." { message } else { format!("field `{field}`: {message}") };
             SessionFileError::Invalid { path: origin.to_string(), line, column, message }
         })?;
         file.validate().map_err(|message| SessionFileError::Semantic { path: origin.to_string(), message })?;
@@ -300,9 +301,8 @@ pub struct Scope {
 impl Scope {
     pub fn allows_exec(&self, exe: &str, exe_real: Option<&str>) -> bool {
         let Some(allowed) = &self.exec else { return true };
-        let matches = |path: &str| {
-            allowed.iter().any(|a| a == path || (a.ends_with('/') && path.starts_with(a.as_str())))
-        };
+        let matches =
+            |path: &str| allowed.iter().any(|a| a == path || (a.ends_with('/') && path.starts_with(a.as_str())));
         matches(exe) || exe_real.is_some_and(matches)
     }
 }
@@ -358,7 +358,10 @@ enforce: false
         assert_eq!(f.ttl, Some(Duration::from_secs(600)));
         assert_eq!(f.grace, Some(Duration::from_secs(2)));
         assert_eq!(f.scope.connect.len(), 4);
-        assert_eq!(f.tokens, [TokenSpec::Env("SUPPORT_BOT_TOKEN".into()), TokenSpec::File("/run/secrets/support-bot/token".into())]);
+        assert_eq!(
+            f.tokens,
+            [TokenSpec::Env("SUPPORT_BOT_TOKEN".into()), TokenSpec::File("/run/secrets/support-bot/token".into())]
+        );
         assert_eq!(f.scope.exec.as_deref().unwrap(), ["/usr/bin/curl", "/bin/sh"]);
     }
 

@@ -84,6 +84,36 @@ pub async fn run(mut sinks: Vec<Sink>, mut alerts: mpsc::Receiver<Alert>) {
     }
 }
 
+/// Every event the engine sees, as JSON lines (ticks left out): what the agent attributed, for
+/// debugging and for tests that must show that nothing was attributed.
+pub struct EventLog {
+    out: BufWriter<std::fs::File>,
+}
+
+impl EventLog {
+    pub fn create(path: &std::path::Path) -> anyhow::Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("event log {}: {e}", path.display()))?;
+        Ok(Self { out: BufWriter::new(file) })
+    }
+
+    pub fn write(&mut self, event: &crate::event::Event) {
+        if matches!(event, crate::event::Event::Tick { .. }) {
+            return;
+        }
+        let written = serde_json::to_writer(&mut self.out, event)
+            .map_err(std::io::Error::from)
+            .and_then(|_| self.out.write_all(b"\n"))
+            .and_then(|_| self.out.flush());
+        if let Err(e) = written {
+            tracing::warn!("event log: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,123 @@
+//! `cargo xtask setup`: the eBPF build chain of ../shared/TOOLCHAIN.md, installed only where
+//! missing. Each step checks first, so a second run does nothing.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _};
+
+/// Debian packages: Rust 1.96 with a precompiled `core` for bpfel, and the LLVM bpf-linker links.
+const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The rustup toolchain name monitor's build.rs uses (MONITOR_BPF_TOOLCHAIN overrides it).
+const TOOLCHAIN: &str = "debian-bpf";
+
+pub fn run() -> anyhow::Result<()> {
+    preflight()?;
+    apt_packages()?;
+    bpf_linker()?;
+    toolchain_link()?;
+    Ok(())
+}
+
+fn preflight() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("setup installs Debian packages and the tests load eBPF programs: run as root");
+    }
+    if which("apt-get").is_none() {
+        bail!("apt-get not found: this setup targets Debian 12 (see ../shared/TOOLCHAIN.md)");
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("/sys/kernel/btf/vmlinux is missing: the kernel must be built with CONFIG_DEBUG_INFO_BTF=y");
+    }
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    sh(Command::new("apt-get").args(["update", "-q"]))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let installed = Command::new(cargo_bin().join("bpf-linker"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+    // The default feature links LLVM 23; Debian 12 has 22.
+    sh(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+}
+
+fn toolchain_link() -> anyhow::Result<()> {
+    let works = Command::new("rustup")
+        .args(["run", TOOLCHAIN, "rustc", "-V"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("1.96"));
+    if works {
+        return Ok(());
+    }
+    eprintln!("setup: linking Debian's Rust as rustup toolchain `{TOOLCHAIN}`");
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    let dir = PathBuf::from(home).join(".local/share/debian-bpf-toolchain");
+    std::fs::create_dir_all(dir.join("bin"))?;
+    for tool in ["rustc", "cargo", "rustdoc"] {
+        let link = dir.join("bin").join(tool);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("/usr/bin/{tool}"), &link)?;
+    }
+    let lib = dir.join("lib");
+    let _ = std::fs::remove_file(&lib);
+    std::os::unix::fs::symlink("/usr/lib", &lib)?;
+    sh(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN]).arg(&dir))
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn cargo_bin() -> PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"));
+    home.join("bin")
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(program)).find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
