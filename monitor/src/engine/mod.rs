@@ -98,6 +98,8 @@ pub struct Engine {
     config: EngineConfig,
     sessions: BTreeMap<SessionKey, Tracked>,
     procs: ProcTable,
+    /// The earliest unsettled grace deadline: lets every event skip the scan of all sessions.
+    next_due: Option<Nanos>,
 }
 
 impl Engine {
@@ -131,6 +133,10 @@ impl Engine {
 
     /// The earliest time at which a deadline rule could fire without another event.
     pub fn next_deadline(&self) -> Option<Nanos> {
+        self.next_due
+    }
+
+    fn scan_next_deadline(&self) -> Option<Nanos> {
         self.sessions.values().filter(|t| !t.outlived_checked).filter_map(|t| t.grace_deadline()).min()
     }
 
@@ -168,9 +174,13 @@ impl Engine {
         if let Some(t) = self.sessions.get_mut(&key) {
             t.ended.get_or_insert((ts, reason));
         }
+        self.next_due = self.scan_next_deadline();
     }
 
     fn settle_deadlines(&mut self, now: Nanos, alerts: &mut Vec<Alert>) {
+        if self.next_due.is_none_or(|due| due > now) {
+            return;
+        }
         let due: Vec<SessionKey> = self
             .sessions
             .iter()
@@ -189,6 +199,7 @@ impl Engine {
                 t.outlived_checked = true;
             }
         }
+        self.next_due = self.scan_next_deadline();
     }
 
     /// Drops sessions that ended long ago and have nothing left alive, so a long-running agent
