@@ -94,7 +94,51 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         args.push(f);
     }
-    cargo(&args)
+    let (output, success) = cargo_capture(&args)?;
+    let (passed, failed) = count_tests(&output);
+    // One closing line over every test binary: cargo prints a `test result` per binary, and the
+    // last is often a crate without tests.
+    println!("{passed} passed, {failed} failed");
+    if !success || failed > 0 || passed == 0 {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// Sums the `test result: ok. N passed; M failed; ...` lines.
+fn count_tests(output: &str) -> (u64, u64) {
+    let (mut passed, mut failed) = (0, 0);
+    for line in output.lines().filter_map(|l| l.strip_prefix("test result: ")) {
+        for part in line.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            match words.as_slice() {
+                [.., n, "passed"] => passed += n.parse::<u64>().unwrap_or(0),
+                [.., n, "failed"] => failed += n.parse::<u64>().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    (passed, failed)
+}
+
+/// Runs cargo, echoing its stdout as it comes; returns that stdout and whether cargo succeeded.
+fn cargo_capture(args: &[&str]) -> anyhow::Result<(String, bool)> {
+    use std::io::{BufRead as _, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .env("MONITOR_BIN", workspace_root().join("target/release/monitor"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo}"))?;
+    let mut all = String::new();
+    for line in BufReader::new(child.stdout.take().context("cargo stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        all.push_str(&line);
+        all.push('\n');
+    }
+    Ok((all, child.wait()?.success()))
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
