@@ -10,6 +10,8 @@ pub enum EventKind {
     Fork = 1,
     Exec = 2,
     Exit = 3,
+    Connect = 4,
+    ConnectResult = 5,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -20,6 +22,8 @@ impl TryFrom<u32> for EventKind {
             1 => Ok(Self::Fork),
             2 => Ok(Self::Exec),
             3 => Ok(Self::Exit),
+            4 => Ok(Self::Connect),
+            5 => Ok(Self::ConnectResult),
             other => Err(other),
         }
     }
@@ -116,6 +120,50 @@ pub struct ExitEvent {
 }
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 56);
 
+/// Which hook saw an outbound destination.
+pub const HOOK_CONNECT: u8 = 0;
+pub const HOOK_SENDMSG: u8 = 1;
+
+/// What the connect hook decided. Only enforcing sessions are ever blocked.
+pub const VERDICT_ALLOWED: u8 = 0;
+pub const VERDICT_BLOCKED_SCOPE: u8 = 1;
+pub const VERDICT_BLOCKED_ENDED: u8 = 2;
+pub const VERDICT_BLOCKED_EXPIRED: u8 = 3;
+
+/// An outbound connect (TCP, connected UDP) or unconnected UDP send by a session process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// SOCK_STREAM (1), SOCK_DGRAM (2), ...
+    pub sock_type: u16,
+    pub protocol: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`HOOK_CONNECT`] or [`HOOK_SENDMSG`].
+    pub hook: u8,
+    /// One of the `VERDICT_*` values.
+    pub verdict: u8,
+    /// The socket's fd in the caller (from sys_enter_connect), -1 when unknown.
+    pub fd: i32,
+    /// Destination address; IPv4 as an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 48 + 8 + 8 + 16);
+
+/// The return value of a session process's connect(2).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectResultEvent {
+    pub header: EventHeader,
+    pub fd: i32,
+    /// 0, or a negative errno (-EINPROGRESS for a non-blocking connect under way).
+    pub ret: i32,
+}
+const _: () = assert!(core::mem::size_of::<ConnectResultEvent>() == 56);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted by size
@@ -124,4 +172,6 @@ mod pod {
     unsafe impl aya::Pod for super::ForkEvent {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::ConnectEvent {}
+    unsafe impl aya::Pod for super::ConnectResultEvent {}
 }

@@ -10,6 +10,11 @@ pub const MAP_STATS: &str = "STATS";
 /// session costs one lookup when no cgroup is bound.
 pub const MAP_CONFIG: &str = "CONFIG";
 
+/// `session key -> SessionPolicy`: what the connect hooks enforce for a session.
+pub const MAP_SESSION_POLICY: &str = "SESSION_POLICY";
+/// LPM trie `(session, address prefix) -> PortRanges`: a session's allowed networks.
+pub const MAP_SCOPE_NETS: &str = "SCOPE_NETS";
+
 pub const PROC_SESSIONS_CAPACITY: u32 = 65_536;
 pub const CGROUP_SESSIONS_CAPACITY: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 4 * 1024 * 1024;
@@ -26,6 +31,72 @@ pub enum Stat {
     ReadFailed = 2,
 }
 pub const STAT_COUNT: u32 = 3;
+
+pub const SESSION_POLICY_CAPACITY: u32 = 4_096;
+pub const SCOPE_NETS_CAPACITY: u32 = 65_536;
+
+/// The session enforces its scope: out-of-scope connects are refused.
+pub const POLICY_ENFORCE: u32 = 1;
+/// The session's task ended: an enforcing session refuses every connect.
+pub const POLICY_ENDED: u32 = 2;
+/// Connect destinations are restricted (the session file has a `scope.connect` list).
+pub const POLICY_CONNECT_SCOPED: u32 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionPolicy {
+    pub flags: u32,
+    pub _pad0: u32,
+    /// Boot-clock ns after which the session's authority expired (ttl).
+    pub expires_at: u64,
+}
+const _: () = assert!(core::mem::size_of::<SessionPolicy>() == 16);
+
+/// Data of an LPM key of `SCOPE_NETS`: the session (always matched in full: the prefix length
+/// counts its 32 bits) then the address, IPv4 as IPv4-mapped IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScopeNet {
+    pub session: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ScopeNet>() == 20);
+
+pub const PORT_RANGES: usize = 8;
+
+/// Allowed ports: `count` ranges, each `low << 16 | high`. A prefix's value also holds the
+/// ports of every shorter prefix containing it, since an LPM lookup returns only the longest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PortRanges {
+    pub count: u32,
+    pub ranges: [u32; PORT_RANGES],
+}
+const _: () = assert!(core::mem::size_of::<PortRanges>() == 36);
+
+impl PortRanges {
+    pub fn allows(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < PORT_RANGES {
+            if (i as u32) < self.count {
+                let r = self.ranges[i];
+                if port >= (r >> 16) as u16 && port <= r as u16 {
+                    return true;
+                }
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), Copy, no implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for super::SessionPolicy {}
+    unsafe impl aya::Pod for super::ScopeNet {}
+    unsafe impl aya::Pod for super::PortRanges {}
+}
 
 /// Index of each value in the `CONFIG` array.
 pub const CONFIG_CGROUP_BINDINGS: u32 = 0;
@@ -49,4 +120,6 @@ pub mod globals {
     pub const EXEC_FILENAME: &str = "EXEC_FILENAME_OFF";
     pub const EXEC_OLD_PID: &str = "EXEC_OLD_PID_OFF";
     pub const EXIT_GROUP_DEAD: &str = "EXIT_GROUP_DEAD_OFF";
+    pub const CONNECT_FD: &str = "CONNECT_FD_OFF";
+    pub const CONNECT_RET: &str = "CONNECT_RET_OFF";
 }

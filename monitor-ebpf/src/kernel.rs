@@ -27,6 +27,8 @@ offset_global!(NEWTASK_PID_OFF);
 offset_global!(NEWTASK_CLONE_FLAGS_OFF);
 offset_global!(EXEC_FILENAME_OFF);
 offset_global!(EXEC_OLD_PID_OFF);
+offset_global!(CONNECT_FD_OFF);
+offset_global!(CONNECT_RET_OFF);
 
 /// `u32::MAX` when the running kernel's sched_process_exit has no `group_dead` field.
 #[unsafe(no_mangle)]
@@ -51,6 +53,12 @@ pub fn exec_filename_off() -> usize {
 }
 pub fn exec_old_pid_off() -> usize {
     global(&EXEC_OLD_PID_OFF) as usize
+}
+pub fn connect_fd_off() -> usize {
+    global(&CONNECT_FD_OFF) as usize
+}
+pub fn connect_ret_off() -> usize {
+    global(&CONNECT_RET_OFF) as usize
 }
 pub fn exit_group_dead_off() -> Option<usize> {
     match global(&EXIT_GROUP_DEAD_OFF) {

@@ -2,9 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use monitor_common::{Stat, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, EVENTS_BYTES, PROC_SESSIONS_CAPACITY, STAT_COUNT};
+use monitor_common::{
+    PortRanges, ScopeNet, SessionPolicy, Stat, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, EVENTS_BYTES,
+    PROC_SESSIONS_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
+};
 
 #[map]
 pub static PROC_SESSIONS: HashMap<u32, u32> = HashMap::with_max_entries(PROC_SESSIONS_CAPACITY, 0);
@@ -17,6 +20,23 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map]
+pub static SESSION_POLICY: HashMap<u32, SessionPolicy> = HashMap::with_max_entries(SESSION_POLICY_CAPACITY, 0);
+
+#[map]
+pub static SCOPE_NETS: LpmTrie<ScopeNet, PortRanges> = LpmTrie::with_max_entries(SCOPE_NETS_CAPACITY, 0);
+
+/// `tid -> [fd, seen]` between sys_enter_connect and sys_exit_connect of a session process;
+/// `seen` is set when a sock_addr hook ran for it. LRU: a connect that never returns through
+/// sys_exit (io_uring) cannot leak entries.
+#[map]
+pub static CONNECT_FDS: LruHashMap<u32, [i32; 2]> = LruHashMap::with_max_entries(4_096, 0);
+
+/// Last time an unconnected UDP flow `(tgid, port, addr)` was reported, so a chatty UDP client
+/// emits one event per flow per interval instead of one per datagram.
+#[map]
+pub static UDP_FLOWS: LruHashMap<[u8; 24], u64> = LruHashMap::with_max_entries(8_192, 0);
 
 #[map]
 pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);

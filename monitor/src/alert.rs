@@ -17,6 +17,8 @@ pub struct Alert {
     pub session: SessionRef,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRef>,
     pub action: Action,
     pub mitre: Vec<String>,
     pub owasp_nhi: Vec<String>,
@@ -68,6 +70,15 @@ pub struct ProcessRef {
     pub cgroup: u64,
     /// Ancestors, nearest first, up to the session root.
     pub chain: Vec<Ancestor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkRef {
+    pub dst_ip: String,
+    pub dst_port: u16,
+    pub protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -63,6 +63,10 @@ pub struct AgentArgs {
     /// Also write every session event as JSON lines to PATH (debugging).
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
+    /// The cgroup v2 directory whose processes the connect hooks watch and enforce (default:
+    /// the root of the cgroup2 hierarchy, i.e. every process).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub hook_cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -136,6 +140,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 default_ttl: args.default_ttl,
                 default_grace: args.default_grace,
                 event_log: args.event_log,
+                hook_cgroup: args.hook_cgroup,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;

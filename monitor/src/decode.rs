@@ -1,8 +1,13 @@
 //! Wire events (monitor-common) to domain events. Pure: no host access, no clock.
 
-use monitor_common::{EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, WIRE_VERSION};
+use std::net::{IpAddr, Ipv6Addr};
 
-use crate::event::{Creds, Event, Exec, Exit, Fork, Nanos};
+use monitor_common::{
+    ConnectEvent, ConnectResultEvent, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, HOOK_CONNECT,
+    VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
+};
+
+use crate::event::{Connect, ConnectResult, Creds, Event, Exec, Exit, Fork, Nanos, Transport, Verdict};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -28,6 +33,11 @@ pub struct Clock {
 impl Clock {
     pub fn wall(&self, boot_ns: u64) -> Nanos {
         (boot_ns as i128 + self.boot_to_wall).max(0) as Nanos
+    }
+
+    /// The inverse of [`Clock::wall`]: a wall-clock time as boot-clock ns, for the kernel.
+    pub fn boot(&self, wall: Nanos) -> u64 {
+        (wall as i128 - self.boot_to_wall).clamp(0, u64::MAX as i128) as u64
     }
 }
 
@@ -75,6 +85,44 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
         EventKind::Exit => {
             let e: ExitEvent = read_sized(record, kind)?;
             Event::Exit(Exit { ts, session: header.session, pid: header.tgid, exit_code: e.exit_code })
+        }
+        EventKind::Connect => {
+            let e: ConnectEvent = read_sized(record, kind)?;
+            let addr = Ipv6Addr::from(e.addr);
+            Event::Connect(Connect {
+                ts,
+                session: header.session,
+                pid: header.tgid,
+                tid: header.pid,
+                creds: creds(None, None),
+                cgroup: header.cgroup_id,
+                transport: match (e.sock_type, e.protocol) {
+                    (1, _) | (_, 6) => Transport::Tcp,
+                    (2, _) | (_, 17) => Transport::Udp,
+                    _ => Transport::Other,
+                },
+                addr: addr.to_ipv4_mapped().map_or(IpAddr::V6(addr), IpAddr::V4),
+                port: e.port,
+                connect: e.hook == HOOK_CONNECT,
+                verdict: match e.verdict {
+                    VERDICT_BLOCKED_SCOPE => Verdict::BlockedScope,
+                    VERDICT_BLOCKED_ENDED => Verdict::BlockedEnded,
+                    VERDICT_BLOCKED_EXPIRED => Verdict::BlockedExpired,
+                    _ => Verdict::Allowed,
+                },
+                fd: (e.fd >= 0).then_some(e.fd),
+            })
+        }
+        EventKind::ConnectResult => {
+            let e: ConnectResultEvent = read_sized(record, kind)?;
+            Event::ConnectResult(ConnectResult {
+                ts,
+                session: header.session,
+                pid: header.tgid,
+                tid: header.pid,
+                fd: e.fd,
+                ret: e.ret,
+            })
         }
     })
 }
@@ -194,6 +242,53 @@ mod tests {
         let e = ExitEvent { header: header(EventKind::Exit, 56), exit_code: 3 << 8, _pad0: 0 };
         let Event::Exit(x) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
         assert_eq!((x.pid, x.exit_code, x.session), (100, 768, 7));
+    }
+
+    #[test]
+    fn decodes_connect_v4_v6_and_verdicts() {
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[127, 0, 0, 2]);
+        let e = ConnectEvent {
+            header: header(EventKind::Connect, size_of::<ConnectEvent>()),
+            family: 2,
+            sock_type: 1,
+            protocol: 6,
+            port: 8443,
+            hook: HOOK_CONNECT,
+            verdict: VERDICT_BLOCKED_SCOPE,
+            fd: 5,
+            addr: mapped,
+        };
+        let Event::Connect(c) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!(c.addr, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (c.port, c.transport, c.connect, c.verdict, c.fd),
+            (8443, Transport::Tcp, true, Verdict::BlockedScope, Some(5))
+        );
+        assert_eq!((c.pid, c.tid), (100, 101));
+
+        let e = ConnectEvent {
+            family: 10,
+            sock_type: 2,
+            protocol: 17,
+            hook: monitor_common::HOOK_SENDMSG,
+            verdict: 0,
+            fd: -1,
+            addr: Ipv6Addr::LOCALHOST.octets(),
+            ..e
+        };
+        let Event::Connect(c) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!(c.addr, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!((c.transport, c.connect, c.verdict, c.fd), (Transport::Udp, false, Verdict::Allowed, None));
+    }
+
+    #[test]
+    fn decodes_connect_result() {
+        let e = ConnectResultEvent { header: header(EventKind::ConnectResult, 56), fd: 4, ret: -111 };
+        let Event::ConnectResult(r) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!((r.fd, r.ret, r.pid), (4, -111, 100));
     }
 
     #[test]

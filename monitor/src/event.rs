@@ -30,6 +30,8 @@ pub enum Event {
     Fork(Fork),
     Exec(Exec),
     Exit(Exit),
+    Connect(Connect),
+    ConnectResult(ConnectResult),
     /// Time passed; lets deadline rules fire without other activity.
     Tick {
         ts: Nanos,
@@ -53,6 +55,8 @@ impl Event {
             Event::Fork(f) => f.ts,
             Event::Exec(e) => e.ts,
             Event::Exit(e) => e.ts,
+            Event::Connect(c) => c.ts,
+            Event::ConnectResult(r) => r.ts,
         }
     }
 }
@@ -121,4 +125,67 @@ pub struct Exit {
     pub pid: u32,
     /// Wait-status form: `code << 8 | signal`.
     pub exit_code: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    Tcp,
+    Udp,
+    Other,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+            Transport::Other => "other",
+        }
+    }
+}
+
+/// What the kernel's connect hook did with a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allowed,
+    /// Refused: outside an enforcing session's scope.
+    BlockedScope,
+    /// Refused: the enforcing session's task ended.
+    BlockedEnded,
+    /// Refused: the enforcing session's ttl passed.
+    BlockedExpired,
+}
+
+/// An outbound connect (TCP, connected UDP) or unconnected UDP send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Connect {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub pid: u32,
+    pub tid: u32,
+    pub creds: Creds,
+    pub cgroup: u64,
+    pub transport: Transport,
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+    /// `false` for an unconnected UDP send (sendto/sendmsg).
+    pub connect: bool,
+    pub verdict: Verdict,
+    /// The socket fd, when the connect came through connect(2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+}
+
+/// The return value of connect(2) in a session process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectResult {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub pid: u32,
+    pub tid: u32,
+    pub fd: i32,
+    /// 0 or a negative errno.
+    pub ret: i32,
 }

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::now_ns;
 use crate::{
     alert::Alert,
-    engine::{Engine, SessionState, SessionSummary},
+    engine::{Effect, Engine, SessionState, SessionSummary},
     event::{EndReason, Event, Nanos, Process, SessionKey},
     sessions::Session,
 };
@@ -78,6 +78,7 @@ pub struct Core {
     alerts: mpsc::Sender<Alert>,
     stamp: super::Stamp,
     event_log: Option<crate::sinks::EventLog>,
+    effects: mpsc::Sender<Effect>,
 }
 
 impl Core {
@@ -87,9 +88,10 @@ impl Core {
         alerts: mpsc::Sender<Alert>,
         stamp: super::Stamp,
         event_log: Option<crate::sinks::EventLog>,
+        effects: mpsc::Sender<Effect>,
     ) -> (Self, CoreHandle) {
         let (tx, commands) = mpsc::channel(64);
-        (Self { engine, next_key: 1, commands, events, alerts, stamp, event_log }, CoreHandle { tx })
+        (Self { engine, next_key: 1, commands, events, alerts, stamp, event_log, effects }, CoreHandle { tx })
     }
 
     pub async fn run(mut self) {
@@ -110,7 +112,14 @@ impl Core {
         if let Some(log) = &mut self.event_log {
             log.write(&event);
         }
-        for alert in self.engine.handle(&event) {
+        let alerts = self.engine.handle(&event);
+        // Effects first: a kill or a refusal should not wait for the alert to be written.
+        for effect in self.engine.drain_effects() {
+            if self.effects.send(effect).await.is_err() {
+                tracing::error!("the enforcer is gone; effect dropped");
+            }
+        }
+        for alert in alerts {
             let alert = self.stamp.stamp(alert);
             if self.alerts.send(alert).await.is_err() {
                 tracing::error!("the alert sinks are gone; alert dropped");

@@ -2,6 +2,7 @@
 //! kernel → decode → engine → sinks.
 
 mod core;
+mod enforcer;
 mod reader;
 mod stats;
 
@@ -30,6 +31,8 @@ pub struct AgentSettings {
     pub default_grace: Duration,
     /// Every session event as a JSON line, for debugging and tests.
     pub event_log: Option<PathBuf>,
+    /// The cgroup v2 directory the connect hooks attach to (default: the hierarchy's root).
+    pub hook_cgroup: Option<PathBuf>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -42,26 +45,30 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (alert_tx, alert_rx) = mpsc::channel(4096);
     // The reader starts before any probe is attached, so no early event waits unread.
     let mut reader = tokio::spawn(reader::run(ring, clock(), event_tx.clone()));
-    let probes = loaded.attach()?;
+    let probes = loaded.attach(settings.hook_cgroup.as_deref())?;
     report(&probes.report);
 
     let event_log = match &settings.event_log {
         Some(path) => Some(sinks::EventLog::create(path)?),
         None => None,
     };
+    let maps = Arc::new(Mutex::new(maps));
+    let (effect_tx, effect_rx) = mpsc::channel(1024);
     let (core, handle) =
-        core::Core::new(Engine::new(EngineConfig::default()), event_rx, alert_tx, Stamp::new(), event_log);
+        core::Core::new(Engine::new(EngineConfig::default()), event_rx, alert_tx, Stamp::new(), event_log, effect_tx);
     let core = tokio::spawn(core.run());
+    let enforcer = tokio::spawn(enforcer::run(maps.clone(), effect_rx));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
     let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
 
     let listener = server::listen(&settings.control).await?;
     let plane = server::ControlPlane {
         core: handle,
-        maps: Arc::new(Mutex::new(maps)),
+        maps,
         key: Arc::new(key),
         default_ttl: settings.default_ttl,
         default_grace: settings.default_grace,
+        clock: clock(),
     };
     let control = tokio::spawn(server::serve(listener, plane));
     tracing::info!(control = %settings.control.display(), "agent ready");
@@ -76,6 +83,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     control.abort();
     stats_task.abort();
     reader.abort();
+    enforcer.abort();
     let _ = std::fs::remove_file(&settings.control);
     drop(probes);
     // The core ends when its event channel closes; the sinks when the core drops its sender.

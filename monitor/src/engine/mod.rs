@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    alert::{rfc3339, Action, Alert, SessionRef, Severity},
-    event::{EndReason, Event, Exec, Exit, Fork, Nanos, Process, SessionKey},
+    alert::{rfc3339, Action, Alert, NetworkRef, SessionRef, Severity},
+    event::{Connect, EndReason, Event, Exec, Exit, Fork, Nanos, Process, SessionKey, Verdict},
     rules::Rule,
     sessions::Session,
 };
@@ -93,6 +93,18 @@ pub struct LiveProcess {
     pub exe: String,
 }
 
+/// What the agent must do in the kernel or to processes because of what the engine decided.
+/// Replay ignores them; the engine itself never acts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The session's task ended: an enforcing session's connect hooks must refuse everything.
+    SessionEnded(SessionKey),
+    /// An enforcing session's process outlived the task: kill it.
+    Kill { session: SessionKey, pid: u32 },
+    /// The session is forgotten: drop its kernel state.
+    Forget(SessionKey),
+}
+
 #[derive(Debug, Default)]
 pub struct Engine {
     config: EngineConfig,
@@ -100,6 +112,7 @@ pub struct Engine {
     procs: ProcTable,
     /// The earliest unsettled grace deadline: lets every event skip the scan of all sessions.
     next_due: Option<Nanos>,
+    effects: Vec<Effect>,
 }
 
 impl Engine {
@@ -125,10 +138,18 @@ impl Engine {
             Event::Fork(f) => self.fork(f),
             Event::Exec(e) => self.exec(e, &mut alerts),
             Event::Exit(e) => self.exit(e),
+            Event::Connect(c) => self.connect(c, &mut alerts),
+            // Recorded for the trace; no rule depends on a connect's outcome yet.
+            Event::ConnectResult(_) => {}
             Event::Tick { ts } => self.forget_finished(*ts),
             Event::Lost { ts, source, count } => alerts.push(self.blind(*ts, source, *count)),
         }
         alerts
+    }
+
+    /// Takes what the agent must enforce because of the events handled so far.
+    pub fn drain_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
     }
 
     /// The earliest time at which a deadline rule could fire without another event.
@@ -172,7 +193,10 @@ impl Engine {
 
     fn end_session(&mut self, key: SessionKey, ts: Nanos, reason: EndReason) {
         if let Some(t) = self.sessions.get_mut(&key) {
-            t.ended.get_or_insert((ts, reason));
+            if t.ended.is_none() {
+                t.ended = Some((ts, reason));
+                self.effects.push(Effect::SessionEnded(key));
+            }
         }
         self.next_due = self.scan_next_deadline();
     }
@@ -218,6 +242,7 @@ impl Engine {
         for key in done {
             self.sessions.remove(&key);
             self.procs.forget(key);
+            self.effects.push(Effect::Forget(key));
         }
     }
 
@@ -303,21 +328,73 @@ impl Engine {
             let summary = format!("{} is not among the executables the session may run", e.exe);
             alerts.push(self.alert(Rule::ExecOutOfScope, e.session, Some(serial), e.ts, summary));
         }
-        self.after_end_or_expiry(e.session, serial, e.ts, &format!("exec of {}", e.exe), alerts);
+        if let Some(rule) = self.time_violation(e.session, e.ts) {
+            let summary = Self::time_summary(rule, &format!("exec of {}", e.exe));
+            alerts.push(self.alert(rule, e.session, Some(serial), e.ts, summary));
+        }
     }
 
-    /// The time rules any action of a session process is subject to.
-    fn after_end_or_expiry(&self, key: SessionKey, serial: Serial, ts: Nanos, what: &str, alerts: &mut Vec<Alert>) {
-        let Some(t) = self.sessions.get(&key) else { return };
-        if let Some(deadline) = t.grace_deadline() {
-            if ts > deadline {
-                let summary = format!("{what} after the task ended (grace period over)");
-                alerts.push(self.alert(Rule::ActivityAfterTaskEnd, key, Some(serial), ts, summary));
-            }
-        } else if ts >= t.expires_at() {
-            let summary = format!("{what} after the session's authority expired (ttl)");
-            alerts.push(self.alert(Rule::AuthorityExpired, key, Some(serial), ts, summary));
+    /// The time rule an action at `ts` breaks, if any: after the task's end and grace, or after
+    /// the ttl of a task that never said it ended.
+    fn time_violation(&self, key: SessionKey, ts: Nanos) -> Option<Rule> {
+        let t = self.sessions.get(&key)?;
+        match t.grace_deadline() {
+            Some(deadline) => (ts > deadline).then_some(Rule::ActivityAfterTaskEnd),
+            None => (ts >= t.expires_at()).then_some(Rule::AuthorityExpired),
         }
+    }
+
+    fn time_summary(rule: Rule, what: &str) -> String {
+        match rule {
+            Rule::ActivityAfterTaskEnd => format!("{what} after the task ended (grace period over)"),
+            _ => format!("{what} after the session's authority expired (ttl)"),
+        }
+    }
+
+    fn connect(&mut self, c: &Connect, alerts: &mut Vec<Alert>) {
+        let serial = self.procs.live(c.pid).unwrap_or_else(|| {
+            self.procs.insert(Proc {
+                session: c.session,
+                pid: c.pid,
+                ppid: 0,
+                parent: None,
+                exe: String::new(),
+                argv: Vec::new(),
+                creds: c.creds,
+                cgroup: c.cgroup,
+                started: c.ts,
+                exited: None,
+            })
+        });
+        let Some(t) = self.sessions.get(&c.session) else { return };
+        let verb = if c.connect { "connect" } else { "send" };
+        let what = format!("{} {verb} to {}", c.transport.as_str(), socket_addr(c));
+        let names: Vec<String> = Vec::new();
+        let rule = match c.verdict {
+            Verdict::BlockedScope => Some(Rule::OutOfScopeConnect),
+            Verdict::BlockedEnded => Some(Rule::ActivityAfterTaskEnd),
+            Verdict::BlockedExpired => Some(Rule::AuthorityExpired),
+            Verdict::Allowed => self.time_violation(c.session, c.ts).or_else(|| {
+                (!t.session.scope.allows_connect(c.addr, c.port, &names)).then_some(Rule::OutOfScopeConnect)
+            }),
+        };
+        let Some(rule) = rule else { return };
+        let summary = match rule {
+            Rule::OutOfScopeConnect => format!("{what}, outside the session's connect scope"),
+            Rule::ActivityAfterTaskEnd if c.verdict != Verdict::Allowed => format!("{what} after the task ended"),
+            _ => Self::time_summary(rule, &what),
+        };
+        let mut alert = self.alert(rule, c.session, Some(serial), c.ts, summary);
+        alert.network = Some(NetworkRef {
+            dst_ip: c.addr.to_string(),
+            dst_port: c.port,
+            protocol: c.transport.as_str().to_string(),
+            dst_name: names.first().cloned(),
+        });
+        if c.verdict != Verdict::Allowed {
+            alert.action = Action::Blocked;
+        }
+        alerts.push(alert);
     }
 
     fn exit(&mut self, e: &Exit) {
@@ -341,6 +418,7 @@ impl Engine {
             summary,
             session: SessionRef::default(),
             process: None,
+            network: None,
             action: Action::Observed,
             mitre: Vec::new(),
             owasp_nhi: Vec::new(),
@@ -372,10 +450,15 @@ impl Engine {
             summary,
             session: session.unwrap_or_default(),
             process: serial.and_then(|s| self.procs.describe(s)),
+            network: None,
             action: Action::Observed,
             mitre: rule.mitre().iter().map(|s| s.to_string()).collect(),
             owasp_nhi: rule.owasp_nhi().iter().map(|s| s.to_string()).collect(),
             ts,
         }
     }
+}
+
+fn socket_addr(c: &Connect) -> String {
+    std::net::SocketAddr::new(c.addr, c.port).to_string()
 }

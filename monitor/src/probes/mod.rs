@@ -7,11 +7,14 @@ pub mod tracefs;
 use std::path::Path;
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{cgroup_sock_addr::CgroupSockAddr, CgroupAttachMode, TracePoint},
     Ebpf, EbpfLoader,
 };
-use monitor_common::{globals, MAP_CGROUP_SESSIONS, MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS, MAP_STATS};
+use monitor_common::{
+    globals, PortRanges, ScopeNet, SessionPolicy, MAP_CGROUP_SESSIONS, MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS,
+    MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS,
+};
 use serde::Serialize;
 
 pub use btf::KernelOffsets;
@@ -37,6 +40,8 @@ pub enum ProbeError {
     },
     #[error("the eBPF object has no {0}: it was built from other sources than this agent")]
     Missing(&'static str),
+    #[error("no cgroup v2 hierarchy to attach the connect hooks to")]
+    NoCgroup2,
     #[error("map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
 }
@@ -44,7 +49,23 @@ pub enum ProbeError {
 /// Where a probe attaches.
 #[derive(Debug, Clone, Copy)]
 pub enum AttachPoint {
-    TracePoint { category: &'static str, name: &'static str },
+    TracePoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    /// A cgroup sock_addr hook (connect4, connect6, sendmsg4, sendmsg6) on the agent's cgroup.
+    CgroupSockAddr {
+        hook: &'static str,
+    },
+}
+
+impl std::fmt::Display for AttachPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttachPoint::TracePoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
+            AttachPoint::CgroupSockAddr { hook } => write!(f, "cgroup/{hook}"),
+        }
+    }
 }
 
 /// One row of the probe table.
@@ -79,6 +100,42 @@ pub const PROBES: &[ProbeSpec] = &[
         required: true,
         provides: "exit events and session cleanup",
     },
+    ProbeSpec {
+        program: "connect4",
+        attach: AttachPoint::CgroupSockAddr { hook: "connect4" },
+        required: false,
+        provides: "IPv4 connects and their enforcement",
+    },
+    ProbeSpec {
+        program: "connect6",
+        attach: AttachPoint::CgroupSockAddr { hook: "connect6" },
+        required: false,
+        provides: "IPv6 connects and their enforcement",
+    },
+    ProbeSpec {
+        program: "sendmsg4",
+        attach: AttachPoint::CgroupSockAddr { hook: "sendmsg4" },
+        required: false,
+        provides: "unconnected IPv4 UDP sends and their enforcement",
+    },
+    ProbeSpec {
+        program: "sendmsg6",
+        attach: AttachPoint::CgroupSockAddr { hook: "sendmsg6" },
+        required: false,
+        provides: "unconnected IPv6 UDP sends and their enforcement",
+    },
+    ProbeSpec {
+        program: "sys_enter_connect",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_enter_connect" },
+        required: false,
+        provides: "the socket fd of connects",
+    },
+    ProbeSpec {
+        program: "sys_exit_connect",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_connect" },
+        required: false,
+        provides: "the outcome of connects",
+    },
 ];
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +166,8 @@ pub struct KernelMaps {
     pub proc_sessions: HashMap<MapData, u32, u32>,
     pub cgroup_sessions: HashMap<MapData, u64, u32>,
     pub config: Array<MapData, u64>,
+    pub session_policy: HashMap<MapData, u32, SessionPolicy>,
+    pub scope_nets: LpmTrie<MapData, ScopeNet, PortRanges>,
 }
 
 /// Everything userspace takes from the loaded object.
@@ -158,6 +217,9 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
     let exec_filename = exec.require("sched_process_exec", "filename")?;
     let exec_old_pid = exec.require("sched_process_exec", "old_pid")?;
     let exit_group_dead = exit.offset("group_dead").unwrap_or(u32::MAX);
+    // The connect tracepoints only add the fd and the outcome: a kernel without them degrades.
+    let connect_fd = Format::read("syscalls", "sys_enter_connect").ok().and_then(|f| f.offset("fd")).unwrap_or(0);
+    let connect_ret = Format::read("syscalls", "sys_exit_connect").ok().and_then(|f| f.offset("ret")).unwrap_or(0);
     let o = |v: Option<u32>| v.unwrap_or(0);
     let values = [
         (globals::TASK_REAL_PARENT, o(offsets.task_real_parent)),
@@ -174,6 +236,8 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         (globals::EXEC_FILENAME, exec_filename),
         (globals::EXEC_OLD_PID, exec_old_pid),
         (globals::EXIT_GROUP_DEAD, exit_group_dead),
+        (globals::CONNECT_FD, connect_fd),
+        (globals::CONNECT_RET, connect_ret),
     ];
     let mut loader = EbpfLoader::new();
     for (name, value) in &values {
@@ -184,6 +248,8 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         proc_sessions: take(&mut ebpf, MAP_PROC_SESSIONS)?,
         cgroup_sessions: take(&mut ebpf, MAP_CGROUP_SESSIONS)?,
         config: take(&mut ebpf, MAP_CONFIG)?,
+        session_policy: take(&mut ebpf, MAP_SESSION_POLICY)?,
+        scope_nets: take(&mut ebpf, MAP_SCOPE_NETS)?,
     };
     let handles = Handles { maps, events: take(&mut ebpf, MAP_EVENTS)?, stats: take(&mut ebpf, MAP_STATS)? };
     let mut missing_offsets = offsets.missing();
@@ -202,21 +268,30 @@ where
 }
 
 impl Loaded {
-    /// Attaches every probe of [`PROBES`]. A required probe that fails is an error; an optional
-    /// one is reported as degraded.
-    pub fn attach(mut self) -> Result<Probes, ProbeError> {
+    /// Attaches every probe of [`PROBES`]; the cgroup hooks to `cgroup` (a cgroup v2 directory,
+    /// by default the root of the hierarchy). A required probe that fails is an error; an
+    /// optional one is reported as degraded.
+    pub fn attach(mut self, cgroup: Option<&Path>) -> Result<Probes, ProbeError> {
         let mut report = LoadReport { missing_offsets: self.missing_offsets.clone(), ..Default::default() };
+        let cgroup = cgroup.map(Path::to_path_buf).or_else(crate::sessions::bind::cgroup2_mount);
+        let cgroup = match cgroup.as_deref().map(std::fs::File::open) {
+            Some(Ok(dir)) => Some(dir),
+            Some(Err(e)) => {
+                tracing::warn!("cgroup for the connect hooks: {e}");
+                None
+            }
+            None => None,
+        };
         for spec in PROBES {
-            let result = attach_one(&mut self.ebpf, spec);
-            let AttachPoint::TracePoint { category, name } = spec.attach;
-            let attach = format!("tracepoint/{category}/{name}");
+            let result = attach_one(&mut self.ebpf, spec, cgroup.as_ref());
+            let attach = spec.attach.to_string();
             match result {
                 Ok(()) => report.probes.push(ProbeStatus { probe: spec.program, attach, attached: true, error: None }),
                 Err(e) if !spec.required => report.probes.push(ProbeStatus {
                     probe: spec.program,
                     attach,
                     attached: false,
-                    error: Some(format!("{e} (lost: {})", spec.provides)),
+                    error: Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
                 }),
                 Err(e) => return Err(e),
             }
@@ -225,7 +300,7 @@ impl Loaded {
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), ProbeError> {
+fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>) -> Result<(), ProbeError> {
     let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
     let err = |source| ProbeError::Program { probe: spec.program, source };
     match spec.attach {
@@ -233,6 +308,15 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), ProbeError> {
             let tp: &mut TracePoint = program.try_into().map_err(err)?;
             tp.load().map_err(err)?;
             tp.attach(category, name).map_err(err)?;
+        }
+        AttachPoint::CgroupSockAddr { .. } => {
+            let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
+            let hook: &mut CgroupSockAddr = program.try_into().map_err(err)?;
+            hook.load().map_err(err)?;
+            // Attached as a BPF link (kernel >= 5.7), which always coexists with other programs on
+            // the same cgroup (another agent, a CNI): a connect goes through only if every one of
+            // them allows it. `link_create` refuses attach flags, hence the default mode.
+            hook.attach(cgroup, CgroupAttachMode::default()).map_err(err)?;
         }
     }
     Ok(())
@@ -246,4 +330,16 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         tracing::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels that account BPF memory to cgroups");
     }
+}
+
+/// An error with its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

@@ -4,12 +4,13 @@
 pub mod bind;
 pub mod client;
 pub mod fingerprint;
+pub mod kernel_policy;
 pub mod protocol;
 mod scope;
 pub mod server;
 mod spec;
 
-pub use scope::{Destination, Host};
+pub use scope::{mapped, mapped_prefix, Destination, Host};
 pub use spec::*;
 
 /// Where the agent listens and the CLI connects by default.

@@ -29,6 +29,47 @@ impl Destination {
     pub fn allows_port(&self, port: u16) -> bool {
         (self.ports.0..=self.ports.1).contains(&port)
     }
+
+    /// Whether `addr:port` is this destination, given the names `addr` was resolved from.
+    pub fn matches(&self, addr: IpAddr, port: u16, names: &[String]) -> bool {
+        if !self.allows_port(port) {
+            return false;
+        }
+        match &self.host {
+            Host::Net { addr: net, prefix } => in_prefix(addr, *net, *prefix),
+            Host::Name(name) => names.iter().any(|n| n.eq_ignore_ascii_case(name)),
+            Host::Suffix(suffix) => names.iter().any(|n| {
+                let n = n.to_ascii_lowercase();
+                n.len() > suffix.len() + 1
+                    && n.ends_with(suffix.as_str())
+                    && n.as_bytes()[n.len() - suffix.len() - 1] == b'.'
+            }),
+        }
+    }
+}
+
+/// An address as the kernel compares it: IPv6, IPv4 as IPv4-mapped (::ffff:a.b.c.d).
+pub fn mapped(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// A prefix length in the mapped address space.
+pub fn mapped_prefix(addr: IpAddr, prefix: u8) -> u32 {
+    if addr.is_ipv4() {
+        96 + prefix as u32
+    } else {
+        prefix as u32
+    }
+}
+
+fn in_prefix(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    let bits = mapped_prefix(net, prefix);
+    let (a, n) = (u128::from_be_bytes(mapped(addr)), u128::from_be_bytes(mapped(net)));
+    let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    a & mask == n & mask
 }
 
 impl FromStr for Destination {
@@ -128,6 +169,26 @@ mod tests {
             Host::Suffix("payments.example".into())
         );
         assert_eq!("[fd00::/64]:443".parse::<Destination>().unwrap().to_string(), "[fd00::/64]:443");
+    }
+
+    #[test]
+    fn matches_addresses_prefixes_names_and_suffixes() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let d: Destination = "127.0.0.2:8443".parse().unwrap();
+        assert!(d.matches(ip("127.0.0.2"), 8443, &[]));
+        assert!(!d.matches(ip("127.0.0.3"), 8443, &[]));
+        assert!(!d.matches(ip("127.0.0.2"), 80, &[]));
+        let d: Destination = "10.20.0.0/24:80".parse().unwrap();
+        assert!(d.matches(ip("10.20.0.77"), 80, &[]) && !d.matches(ip("10.20.1.1"), 80, &[]));
+        let d: Destination = "[::1]:*".parse().unwrap();
+        assert!(d.matches(ip("::1"), 5, &[]) && !d.matches(ip("127.0.0.1"), 5, &[]));
+        let d: Destination = "api.internal.example:443".parse().unwrap();
+        assert!(d.matches(ip("127.0.0.9"), 443, &["API.internal.example".into()]));
+        assert!(!d.matches(ip("127.0.0.9"), 443, &["evil.example".into()]));
+        let d: Destination = "*.payments.example:443".parse().unwrap();
+        assert!(d.matches(ip("127.0.0.9"), 443, &["eu.payments.example".into()]));
+        assert!(!d.matches(ip("127.0.0.9"), 443, &["payments.example".into()]));
+        assert!(!d.matches(ip("127.0.0.9"), 443, &["evilpayments.example".into()]));
     }
 
     #[test]

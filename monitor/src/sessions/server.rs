@@ -26,6 +26,7 @@ pub struct ControlPlane {
     pub key: Arc<FingerprintKey>,
     pub default_ttl: Duration,
     pub default_grace: Duration,
+    pub clock: crate::decode::Clock,
 }
 
 /// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
@@ -115,11 +116,18 @@ async fn start(
     let session = resolve(plane, origin, file, id, &bind, env_tokens)?;
     let id = session.id.to_string();
     let cgroup = session.binding.cgroup.clone();
-    let key = plane.core.start(session).await?;
+    let key = plane.core.start(session.clone()).await?;
 
-    // Snapshot first, bind second: a process's own events then always follow its snapshot.
+    // The policy goes in before any process is bound, so the first connect is already enforced.
     let now = crate::agent::now_ns();
+    let expires_at = plane.clock.boot(now.saturating_add(session.ttl_ns));
     let mut maps = plane.maps.lock().await;
+    if let Err(e) = maps.install_policy(key, &session, expires_at) {
+        drop(maps);
+        let _ = plane.core.end(id.clone()).await;
+        return Err(e);
+    }
+    // Snapshot first, bind second: a process's own events then always follow its snapshot.
     if let Some(pid) = bind.pid {
         let mut bound: Vec<u32> = Vec::new();
         // Twice: children forked between the first walk and the binding are caught by the second.

@@ -37,8 +37,9 @@ pub struct SessionFile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeFile {
+    /// Absent means any destination; a list (even empty) restricts connects to it.
     #[serde(default)]
-    pub connect: Vec<Destination>,
+    pub connect: Option<Vec<Destination>>,
     #[serde(default)]
     pub credentials: Vec<String>,
     /// Absent means any executable.
@@ -292,13 +293,18 @@ pub struct Session {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Scope {
-    pub connect: Vec<Destination>,
+    /// `None`: any destination.
+    pub connect: Option<Vec<Destination>>,
     pub credentials: Vec<String>,
     /// The allowed executables, each also under its symlink-resolved path. `None`: any.
     pub exec: Option<Vec<String>>,
 }
 
 impl Scope {
+    pub fn allows_connect(&self, addr: std::net::IpAddr, port: u16, names: &[String]) -> bool {
+        self.connect.as_ref().is_none_or(|list| list.iter().any(|d| d.matches(addr, port, names)))
+    }
+
     pub fn allows_exec(&self, exe: &str, exe_real: Option<&str>) -> bool {
         let Some(allowed) = &self.exec else { return true };
         let matches =
@@ -357,7 +363,7 @@ enforce: false
         assert_eq!(f.id.as_ref().unwrap().as_str(), "refund-4711");
         assert_eq!(f.ttl, Some(Duration::from_secs(600)));
         assert_eq!(f.grace, Some(Duration::from_secs(2)));
-        assert_eq!(f.scope.connect.len(), 4);
+        assert_eq!(f.scope.connect.as_ref().unwrap().len(), 4);
         assert_eq!(
             f.tokens,
             [TokenSpec::Env("SUPPORT_BOT_TOKEN".into()), TokenSpec::File("/run/secrets/support-bot/token".into())]
