@@ -267,3 +267,73 @@ pub fn append(path: &Path, text: &str) {
     let mut f = fs::OpenOptions::new().append(true).create(true).open(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
+
+/// A cgroup v2 directory made for one test; its processes are killed and it is removed on drop.
+pub struct TestCgroup(pub PathBuf);
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let mounts = fs::read_to_string("/proc/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
+            })
+            .expect("a cgroup2 mount");
+        let dir = Path::new(&root).join(format!("monitor-test-{name}-{}", std::process::id()));
+        let _ = fs::create_dir(&dir);
+        Self(dir)
+    }
+
+    pub fn procs(&self) -> PathBuf {
+        self.0.join("cgroup.procs")
+    }
+
+    /// A shell prefix that moves the shell into this cgroup before it execs what follows.
+    pub fn enter(&self) -> String {
+        format!("echo $$ > {} && exec", self.procs().display())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for pid in fs::read_to_string(self.procs()).unwrap_or_default().lines() {
+            if let Ok(pid) = pid.trim().parse() {
+                kill(pid);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::remove_dir(&self.0).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A TCP listener on `addr` (port chosen by the kernel) that accepts and drops connections.
+pub fn tcp_listener(addr: &str) -> u16 {
+    let listener = std::net::TcpListener::bind((addr, 0)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    port
+}
+
+/// A UDP socket on `addr` that receives and ignores datagrams.
+pub fn udp_listener(addr: &str) -> u16 {
+    let socket = std::net::UdpSocket::bind((addr, 0)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let port = socket.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while socket.recv(&mut buf).is_ok() {}
+    });
+    port
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}

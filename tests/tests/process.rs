@@ -1,7 +1,7 @@
 //! Process attribution on the real kernel: the real agent, real probes, real processes.
 //! Root is required; without it these tests fail (they never skip).
 
-use std::{fs, process::Command, time::Duration};
+use std::{fs, process::Command};
 
 use monitor_tests::*;
 use serde_json::Value;
@@ -207,39 +207,6 @@ fn a_reused_pid_is_not_attributed_to_the_old_session() {
     let leaked: Vec<Value> =
         agent.events().into_iter().filter(|e| e["argv"].to_string().contains("\"reuse-marker\"")).collect();
     assert!(leaked.is_empty(), "the reused pid was attributed: {leaked:?}");
-}
-
-/// A cgroup v2 directory made for one test, removed on drop.
-struct TestCgroup(std::path::PathBuf);
-
-impl TestCgroup {
-    fn new(name: &str) -> Self {
-        let mounts = fs::read_to_string("/proc/mounts").unwrap();
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
-            })
-            .expect("a cgroup2 mount");
-        let dir = std::path::Path::new(&root).join(format!("monitor-test-{name}-{}", std::process::id()));
-        let _ = fs::create_dir(&dir);
-        Self(dir)
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for pid in fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
-            if let Ok(pid) = pid.trim().parse() {
-                kill(pid);
-            }
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while fs::remove_dir(&self.0).is_err() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 #[test]

@@ -213,11 +213,17 @@ impl Engine {
             .collect();
         for key in due {
             let deadline = self.sessions[&key].grace_deadline().unwrap_or(now);
+            let enforce = self.sessions[&key].session.enforce;
             for serial in self.procs.live_in(key) {
                 let pid = self.procs.get(serial).map(|p| p.pid).unwrap_or(0);
                 let summary =
                     format!("process {pid} is still running after the task ended and its grace period ran out");
-                alerts.push(self.alert(Rule::ProcessOutlivedTask, key, Some(serial), deadline, summary));
+                let mut alert = self.alert(Rule::ProcessOutlivedTask, key, Some(serial), deadline, summary);
+                if enforce {
+                    alert.action = Action::Killed;
+                    self.effects.push(Effect::Kill { session: key, pid });
+                }
+                alerts.push(alert);
             }
             if let Some(t) = self.sessions.get_mut(&key) {
                 t.outlived_checked = true;

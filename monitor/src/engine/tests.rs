@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::{
-    event::{Creds, Exec, Exit, Fork},
+    event::{Connect, Creds, Exec, Exit, Fork},
     sessions::{Binding, Scope, Session, SessionId},
 };
 
@@ -241,4 +241,101 @@ fn finished_sessions_are_forgotten_after_an_hour() {
     assert!(engine.session("t-1", 3000 * S).is_some());
     engine.handle(&Event::Tick { ts: 5 * S + FORGET_AFTER_NS + S });
     assert!(engine.session("t-1", 0).is_none());
+}
+
+fn connect(ts: Nanos, pid: u32, addr: &str, port: u16, verdict: Verdict) -> Event {
+    Event::Connect(Connect {
+        ts,
+        session: KEY,
+        pid,
+        tid: pid,
+        creds: creds(1000, 1000),
+        cgroup: 1,
+        transport: crate::event::Transport::Tcp,
+        addr: addr.parse().unwrap(),
+        port,
+        connect: true,
+        verdict,
+        fd: Some(3),
+    })
+}
+
+fn scoped(connect: &[&str], enforce: bool) -> Session {
+    let mut s = session(None);
+    s.scope.connect = Some(connect.iter().map(|c| c.parse().unwrap()).collect());
+    s.enforce = enforce;
+    s
+}
+
+#[test]
+fn connect_outside_the_scope_is_out_of_scope_connect_with_network_fields() {
+    let events = [
+        start(0, scoped(&["127.0.0.2:8443", "[::1]:9000-9100"], false)),
+        exec(S, ROOT, 1, "/usr/bin/curl", creds(1000, 1000)),
+        connect(2 * S, ROOT, "127.0.0.2", 8443, Verdict::Allowed),
+        connect(3 * S, ROOT, "::1", 9050, Verdict::Allowed),
+        connect(4 * S, ROOT, "127.0.0.3", 8443, Verdict::Allowed),
+        connect(5 * S, ROOT, "127.0.0.2", 22, Verdict::Allowed),
+    ];
+    let alerts = run(&events);
+    assert_eq!(rules(&alerts), [Rule::OutOfScopeConnect, Rule::OutOfScopeConnect]);
+    let net = alerts[0].network.as_ref().unwrap();
+    assert_eq!((net.dst_ip.as_str(), net.dst_port, net.protocol.as_str()), ("127.0.0.3", 8443, "tcp"));
+    assert_eq!(alerts[0].action, Action::Observed);
+    assert_eq!(alerts[0].mitre, ["T1021", "T1550.001"]);
+    assert_eq!(alerts[1].network.as_ref().unwrap().dst_port, 22);
+    assert_eq!(alerts[0].process.as_ref().unwrap().exe, "/usr/bin/curl");
+}
+
+#[test]
+fn a_session_without_a_connect_scope_may_connect_anywhere() {
+    let events = [start(0, session(None)), connect(S, ROOT, "127.0.0.9", 1, Verdict::Allowed)];
+    assert!(run(&events).is_empty());
+}
+
+#[test]
+fn kernel_refusals_are_blocked_alerts_of_the_matching_rule() {
+    let events = [
+        start(0, scoped(&["127.0.0.2:80"], true)),
+        connect(S, ROOT, "127.0.0.3", 80, Verdict::BlockedScope),
+        Event::SessionEnded { ts: 2 * S, key: KEY, reason: EndReason::Requested },
+        connect(3 * S, ROOT, "127.0.0.2", 80, Verdict::BlockedEnded),
+    ];
+    let alerts = run(&events);
+    assert_eq!(rules(&alerts), [Rule::OutOfScopeConnect, Rule::ActivityAfterTaskEnd]);
+    assert!(alerts.iter().all(|a| a.action == Action::Blocked));
+}
+
+#[test]
+fn connects_after_the_end_or_the_ttl_break_the_time_rules() {
+    let mut s = scoped(&["127.0.0.2:80"], false);
+    s.ttl_ns = 10 * S;
+    let events = [
+        start(0, s),
+        connect(11 * S, ROOT, "127.0.0.2", 80, Verdict::Allowed),
+        Event::SessionEnded { ts: 12 * S, key: KEY, reason: EndReason::Requested },
+        connect(13 * S, ROOT, "127.0.0.2", 80, Verdict::Allowed), // within grace
+        connect(15 * S, ROOT, "127.0.0.2", 80, Verdict::Allowed),
+    ];
+    let alerts = run(&events);
+    assert_eq!(
+        rules(&alerts),
+        [Rule::AuthorityExpired, Rule::ProcessOutlivedTask, Rule::ActivityAfterTaskEnd],
+        "{alerts:#?}"
+    );
+}
+
+#[test]
+fn an_enforcing_session_kills_what_outlives_its_task() {
+    let mut engine = Engine::default();
+    let mut s = session(None);
+    s.enforce = true;
+    for e in [start(0, s), exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000)), fork(2 * S, ROOT, 101), exit(3 * S, ROOT)] {
+        engine.handle(&e);
+    }
+    assert_eq!(engine.drain_effects(), [Effect::SessionEnded(KEY)]);
+    let alerts = engine.handle(&Event::Tick { ts: 10 * S });
+    assert_eq!(rules(&alerts), [Rule::ProcessOutlivedTask]);
+    assert_eq!(alerts[0].action, Action::Killed);
+    assert_eq!(engine.drain_effects(), [Effect::Kill { session: KEY, pid: 101 }]);
 }

@@ -1,0 +1,200 @@
+//! Network scope on the real kernel: the agent's connect hooks attach under a cgroup made by
+//! the test, and the workloads run inside it, so a bug in the deny path cannot cut this
+//! machine's other connections. Traffic goes to 127.0.0.0/8 and ::1 only.
+
+use std::{fs, process::Command};
+
+use monitor_tests::*;
+use serde_json::Value;
+
+/// `client.py OUT LABEL tcp|udp|udp-connected HOST PORT`: one connect or send, and its outcome
+/// appended to OUT as `LABEL=ok` or `LABEL=EPERM` (or another errno name).
+const CLIENT: &str = r#"
+import errno, socket, sys
+out, label, proto, host, port = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(family, kind)
+try:
+    if proto == "udp":
+        s.sendto(b"x", (host, port))
+    else:
+        s.connect((host, port))
+        if proto == "udp-connected":
+            s.send(b"x")
+    result = "ok"
+except OSError as e:
+    result = errno.errorcode.get(e.errno, str(e.errno))
+with open(out, "a") as f:
+    f.write("%s=%s\n" % (label, result))
+"#;
+
+struct Net {
+    agent: Agent,
+    cg: TestCgroup,
+    client: String,
+}
+
+impl Net {
+    fn start(name: &str) -> Self {
+        let cg = TestCgroup::new(name);
+        let agent = Agent::start_with(name, &["--cgroup", cg.0.to_str().unwrap()]);
+        let client = agent.dir.write("client.py", CLIENT).display().to_string();
+        Self { agent, cg, client }
+    }
+
+    /// `monitor run` of a shell script, started inside the test cgroup.
+    fn run(&self, session: &std::path::Path, script: &str) -> std::process::Output {
+        let line = format!(
+            "{} {} run --file {} -- /bin/sh -c '{}'",
+            self.cg.enter(),
+            monitor_bin().display(),
+            session.display(),
+            script.replace('\'', "'\\''")
+        );
+        Command::new("/bin/sh")
+            .args(["-c", &line])
+            .env("MONITOR_CONTROL", &self.agent.control)
+            .env("MONITOR_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    fn connect(&self, out: &std::path::Path, label: &str, proto: &str, host: &str, port: u16) -> String {
+        format!("python3 {} {} {label} {proto} {host} {port}", self.client, out.display())
+    }
+}
+
+fn outcomes(path: &std::path::Path) -> std::collections::HashMap<String, String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn out_of_scope(agent: &Agent) -> Vec<Value> {
+    agent.alerts().into_iter().filter(|a| a["rule"] == "out_of_scope_connect").collect()
+}
+
+#[test]
+fn connects_in_and_out_of_scope_over_tcp_udp_and_ipv6() {
+    let net = Net::start("netscope");
+    let (tcp_in, tcp_out) = (tcp_listener("127.0.0.2"), tcp_listener("127.0.0.3"));
+    let (udp_in, udp_out) = (udp_listener("127.0.0.2"), udp_listener("127.0.0.3"));
+    let (v6_in, v6_out) = (tcp_listener("::1"), tcp_listener("::1"));
+    let scope =
+        format!("grace: 1s\nscope:\n  connect: [\"127.0.0.2:{tcp_in}\", \"127.0.0.2:{udp_in}\", \"[::1]:{v6_in}\"]\n");
+    let session = session_file(&net.agent.dir, "net-1", &scope);
+    let out = net.agent.dir.path("outcomes");
+    let script = [
+        net.connect(&out, "tcp_in", "tcp", "127.0.0.2", tcp_in),
+        net.connect(&out, "udp_in", "udp-connected", "127.0.0.2", udp_in),
+        net.connect(&out, "v6_in", "tcp", "::1", v6_in),
+        net.connect(&out, "tcp_out", "tcp", "127.0.0.3", tcp_out),
+        net.connect(&out, "udp_out", "udp", "127.0.0.3", udp_out),
+        net.connect(&out, "v6_out", "tcp", "::1", v6_out),
+    ]
+    .join("; ");
+    let o = net.run(&session, &script);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results = outcomes(&out);
+    assert!(results.values().all(|r| r == "ok"), "an observing session changes nothing: {results:?}");
+    assert_eq!(results.len(), 6);
+
+    for (port, proto) in [(tcp_out, "tcp"), (udp_out, "udp"), (v6_out, "tcp")] {
+        let alert = net.agent.wait_alert(&format!("out_of_scope_connect to port {port}"), |a| {
+            a["rule"] == "out_of_scope_connect" && a["network"]["dst_port"] == port
+        });
+        assert_eq!(alert["network"]["protocol"], proto);
+        assert_eq!(alert["action"], "observed");
+        assert_eq!(alert["session"]["id"], "net-1");
+        assert!(alert["process"]["exe"].as_str().unwrap().contains("python3"));
+    }
+    // In-scope destinations: connect events, no alert.
+    let events = net.agent.events();
+    for port in [tcp_in, udp_in, v6_in] {
+        assert!(events.iter().any(|e| e["type"] == "connect" && e["port"] == port), "no connect event to {port}");
+    }
+    let alerts = out_of_scope(&net.agent);
+    assert_eq!(alerts.len(), 3, "{alerts:#?}");
+    let v6 = alerts.iter().find(|a| a["network"]["dst_port"] == v6_out).unwrap();
+    assert_eq!(v6["network"]["dst_ip"], "::1");
+}
+
+#[test]
+fn a_lateral_hop_through_a_child_is_attributed_with_its_chain() {
+    let net = Net::start("lateral");
+    let allowed = tcp_listener("127.0.0.2");
+    let lateral = tcp_listener("127.0.0.4");
+    let session = session_file(&net.agent.dir, "hop-1", &format!("scope:\n  connect: [\"127.0.0.2:{allowed}\"]\n"));
+    let out = net.agent.dir.path("outcomes");
+    let hop = net.connect(&out, "hop", "tcp", "127.0.0.4", lateral);
+    let o = net.run(&session, &format!("/bin/sh -c \"{hop}\""));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alert = net.agent.wait_alert("out_of_scope_connect of the hop", |a| a["rule"] == "out_of_scope_connect");
+    assert_eq!(alert["network"]["dst_ip"], "127.0.0.4");
+    let chain: Vec<&str> =
+        alert["process"]["chain"].as_array().unwrap().iter().map(|a| a["exe"].as_str().unwrap()).collect();
+    assert_eq!(chain.len(), 2, "python3 <- sh <- sh (root): {chain:?}");
+    assert!(chain.iter().all(|e| e.ends_with("sh") || e.ends_with("dash")), "{chain:?}");
+}
+
+#[test]
+fn an_enforcing_session_is_refused_out_of_scope_and_after_its_end_and_an_observing_one_is_not() {
+    let net = Net::start("enforce");
+    let allowed = tcp_listener("127.0.0.2");
+    let denied = tcp_listener("127.0.0.3");
+    let scope = format!("grace: 3s\nscope:\n  connect: [\"127.0.0.2:{allowed}\"]\n");
+    let enforcing = session_file(&net.agent.dir, "enforce-1", &format!("enforce: true\n{scope}"));
+    let observing = session_file(&net.agent.dir, "observe-1", &scope);
+    let (out_e, out_o) = (net.agent.dir.path("enforcing"), net.agent.dir.path("observing"));
+    let pids = net.agent.dir.path("pids");
+
+    // The observing session runs alongside: nothing is refused there.
+    let observe = [
+        net.connect(&out_o, "in", "tcp", "127.0.0.2", allowed),
+        net.connect(&out_o, "out", "tcp", "127.0.0.3", denied),
+    ]
+    .join("; ");
+    // In the enforcing one, a background process outlives the task and connects after its end.
+    let late = net.connect(&out_e, "late", "tcp", "127.0.0.2", allowed);
+    let enforce = format!(
+        "{}; {}; ( sleep 1; {late}; exec sleep 60 ) & echo \"bg=$! done\" > {}",
+        net.connect(&out_e, "in", "tcp", "127.0.0.2", allowed),
+        net.connect(&out_e, "out", "tcp", "127.0.0.3", denied),
+        pids.display()
+    );
+    let o = net.run(&observing, &observe);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = net.run(&enforcing, &enforce);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bg = read_pids(&pids)["bg"];
+
+    let observed = outcomes(&out_o);
+    assert_eq!(observed.get("in").map(String::as_str), Some("ok"));
+    assert_eq!(observed.get("out").map(String::as_str), Some("ok"), "the observing session is never refused");
+
+    let blocked = net.agent.wait_alert("the blocked connect after the end", |a| {
+        a["rule"] == "activity_after_task_end" && a["action"] == "blocked"
+    });
+    assert_eq!(blocked["network"]["dst_ip"], "127.0.0.2", "refused although in scope: the task ended");
+    let enforced = outcomes(&out_e);
+    assert_eq!(enforced.get("in").map(String::as_str), Some("ok"));
+    assert_eq!(enforced.get("out").map(String::as_str), Some("EPERM"));
+    assert_eq!(enforced.get("late").map(String::as_str), Some("EPERM"));
+
+    let killed = net.agent.wait_alert("the kill of the background process", |a| {
+        a["rule"] == "process_outlived_task" && a["action"] == "killed"
+    });
+    assert_eq!(killed["process"]["pid"], bg);
+    wait_for("the background process to die", || (!alive(bg)).then_some(()), || net.agent.diagnostics());
+
+    let refused = out_of_scope(&net.agent);
+    let by_session = |id: &str| refused.iter().filter(|a| a["session"]["id"] == id).cloned().collect::<Vec<_>>();
+    assert_eq!(by_session("enforce-1").len(), 1);
+    assert_eq!(by_session("enforce-1")[0]["action"], "blocked");
+    assert_eq!(by_session("observe-1").len(), 1);
+    assert_eq!(by_session("observe-1")[0]["action"], "observed");
+}
