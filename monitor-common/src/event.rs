@@ -12,6 +12,7 @@ pub enum EventKind {
     Exit = 3,
     Connect = 4,
     ConnectResult = 5,
+    Resolve = 6,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -24,6 +25,7 @@ impl TryFrom<u32> for EventKind {
             3 => Ok(Self::Exit),
             4 => Ok(Self::Connect),
             5 => Ok(Self::ConnectResult),
+            6 => Ok(Self::Resolve),
             other => Err(other),
         }
     }
@@ -164,6 +166,22 @@ pub struct ConnectResultEvent {
 }
 const _: () = assert!(core::mem::size_of::<ConnectResultEvent>() == 56);
 
+pub const NAME_CAP: usize = 128;
+pub const RESOLVE_ADDRS: usize = 8;
+
+/// A successful getaddrinfo(3) in a session process: the name and up to 8 distinct addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ResolveEvent {
+    pub header: EventHeader,
+    /// How many of `addrs` are valid.
+    pub count: u32,
+    pub name: Bytes<NAME_CAP>,
+    /// IPv4 as IPv4-mapped IPv6.
+    pub addrs: [[u8; 16]; RESOLVE_ADDRS],
+}
+const _: () = assert!(core::mem::size_of::<ResolveEvent>() == 48 + 4 + 4 + NAME_CAP + 16 * RESOLVE_ADDRS);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted by size
@@ -174,4 +192,5 @@ mod pod {
     unsafe impl aya::Pod for super::ExitEvent {}
     unsafe impl aya::Pod for super::ConnectEvent {}
     unsafe impl aya::Pod for super::ConnectResultEvent {}
+    unsafe impl aya::Pod for super::ResolveEvent {}
 }

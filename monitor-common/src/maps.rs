@@ -15,6 +15,11 @@ pub const MAP_SESSION_POLICY: &str = "SESSION_POLICY";
 /// LPM trie `(session, address prefix) -> PortRanges`: a session's allowed networks.
 pub const MAP_SCOPE_NETS: &str = "SCOPE_NETS";
 
+/// `NameKey -> PortRanges`: the DNS names (exact or suffix) an enforcing session may connect to.
+pub const MAP_SCOPE_NAMES: &str = "SCOPE_NAMES";
+/// `ResolvedKey -> Resolved`: addresses a session resolved from an allowed name, with expiry.
+pub const MAP_RESOLVED: &str = "RESOLVED";
+
 pub const PROC_SESSIONS_CAPACITY: u32 = 65_536;
 pub const CGROUP_SESSIONS_CAPACITY: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 4 * 1024 * 1024;
@@ -90,9 +95,72 @@ impl PortRanges {
     }
 }
 
+pub const SCOPE_NAMES_CAPACITY: u32 = 16_384;
+pub const RESOLVED_CAPACITY: u32 = 16_384;
+/// How long an address resolved from an allowed name stays allowed (getaddrinfo does not give
+/// the DNS TTL).
+pub const RESOLVED_TTL_NS: u64 = 600 * 1_000_000_000;
+
+pub const NAME_EXACT: u32 = 1;
+pub const NAME_SUFFIX: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NameKey {
+    pub session: u32,
+    /// [`NAME_EXACT`] or [`NAME_SUFFIX`].
+    pub kind: u32,
+    /// [`name_hash`] of the name, or of the suffix without its leading `*.`.
+    pub hash: u64,
+}
+const _: () = assert!(core::mem::size_of::<NameKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResolvedKey {
+    pub session: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ResolvedKey>() == 20);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Resolved {
+    pub ports: PortRanges,
+    pub _pad0: u32,
+    /// Boot-clock ns after which the address is no longer allowed.
+    pub expires_at: u64,
+}
+const _: () = assert!(core::mem::size_of::<Resolved>() == 48);
+
+/// One step of the name hash: FNV-1a 64 over the name's bytes, **last byte first**, ASCII
+/// lowercased. Hashing backwards gives the hash of every suffix on the way, so the kernel checks
+/// `*.suffix` scopes in one pass over the name.
+#[inline(always)]
+pub const fn name_hash_step(hash: u64, byte: u8) -> u64 {
+    let b = if byte >= b'A' && byte <= b'Z' { byte | 0x20 } else { byte };
+    (hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+pub const NAME_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The hash of a whole name (what userspace stores; the kernel reaches it byte by byte).
+pub fn name_hash(name: &[u8]) -> u64 {
+    let mut hash = NAME_HASH_SEED;
+    let mut i = name.len();
+    while i > 0 {
+        i -= 1;
+        hash = name_hash_step(hash, name[i]);
+    }
+    hash
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), Copy, no implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for super::NameKey {}
+    unsafe impl aya::Pod for super::ResolvedKey {}
+    unsafe impl aya::Pod for super::Resolved {}
     unsafe impl aya::Pod for super::SessionPolicy {}
     unsafe impl aya::Pod for super::ScopeNet {}
     unsafe impl aya::Pod for super::PortRanges {}

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    PortRanges, ScopeNet, SessionPolicy, Stat, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, EVENTS_BYTES,
-    PROC_SESSIONS_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
+    NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN,
+    EVENTS_BYTES, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY,
+    SESSION_POLICY_CAPACITY, STAT_COUNT,
 };
 
 #[map]
@@ -37,6 +38,16 @@ pub static CONNECT_FDS: LruHashMap<u32, [i32; 2]> = LruHashMap::with_max_entries
 /// emits one event per flow per interval instead of one per datagram.
 #[map]
 pub static UDP_FLOWS: LruHashMap<[u8; 24], u64> = LruHashMap::with_max_entries(8_192, 0);
+
+#[map]
+pub static SCOPE_NAMES: HashMap<NameKey, PortRanges> = HashMap::with_max_entries(SCOPE_NAMES_CAPACITY, 0);
+
+#[map]
+pub static RESOLVED: LruHashMap<ResolvedKey, Resolved> = LruHashMap::with_max_entries(RESOLVED_CAPACITY, 0);
+
+/// `tid -> [node, res]`: getaddrinfo's arguments, from its entry to its return.
+#[map]
+pub static GAI_ARGS: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(4_096, 0);
 
 #[map]
 pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);

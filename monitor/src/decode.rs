@@ -3,11 +3,11 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, HOOK_CONNECT,
-    VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
+    ConnectEvent, ConnectResultEvent, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ResolveEvent,
+    HOOK_CONNECT, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
 
-use crate::event::{Connect, ConnectResult, Creds, Event, Exec, Exit, Fork, Nanos, Transport, Verdict};
+use crate::event::{Connect, ConnectResult, Creds, Event, Exec, Exit, Fork, Nanos, Resolve, Transport, Verdict};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -88,7 +88,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
         }
         EventKind::Connect => {
             let e: ConnectEvent = read_sized(record, kind)?;
-            let addr = Ipv6Addr::from(e.addr);
+            let addr = unmap(e.addr);
             Event::Connect(Connect {
                 ts,
                 session: header.session,
@@ -101,7 +101,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
                     (2, _) | (_, 17) => Transport::Udp,
                     _ => Transport::Other,
                 },
-                addr: addr.to_ipv4_mapped().map_or(IpAddr::V6(addr), IpAddr::V4),
+                addr,
                 port: e.port,
                 connect: e.hook == HOOK_CONNECT,
                 verdict: match e.verdict {
@@ -111,6 +111,17 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
                     _ => Verdict::Allowed,
                 },
                 fd: (e.fd >= 0).then_some(e.fd),
+            })
+        }
+        EventKind::Resolve => {
+            let e: ResolveEvent = read_sized(record, kind)?;
+            let count = (e.count as usize).min(RESOLVE_ADDRS);
+            Event::Resolve(Resolve {
+                ts,
+                session: header.session,
+                pid: header.tgid,
+                name: lossy(e.name.as_slice()),
+                addrs: e.addrs[..count].iter().map(|a| unmap(*a)).collect(),
             })
         }
         EventKind::ConnectResult => {
@@ -125,6 +136,12 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
             })
         }
     })
+}
+
+/// An address as the kernel reports it (IPv4 as IPv4-mapped IPv6) to its natural form.
+fn unmap(addr: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
 fn read<T: Copy>(record: &[u8]) -> Option<T> {
@@ -282,6 +299,25 @@ mod tests {
         let Event::Connect(c) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
         assert_eq!(c.addr, "::1".parse::<IpAddr>().unwrap());
         assert_eq!((c.transport, c.connect, c.verdict, c.fd), (Transport::Udp, false, Verdict::Allowed, None));
+    }
+
+    #[test]
+    fn decodes_resolve_with_a_bounded_count() {
+        let mut addrs = [[0u8; 16]; RESOLVE_ADDRS];
+        addrs[0] = std::net::Ipv4Addr::new(127, 0, 0, 5).to_ipv6_mapped().octets();
+        addrs[1] = Ipv6Addr::LOCALHOST.octets();
+        let mut e = ResolveEvent {
+            header: header(EventKind::Resolve, size_of::<ResolveEvent>()),
+            count: 2,
+            name: buf(b"api.allowed.test\0"),
+            addrs,
+        };
+        let Event::Resolve(r) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!(r.name, "api.allowed.test");
+        assert_eq!(r.addrs, ["127.0.0.5".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
+        e.count = 1000;
+        let Event::Resolve(r) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!(r.addrs.len(), RESOLVE_ADDRS);
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub enum Event {
     Exit(Exit),
     Connect(Connect),
     ConnectResult(ConnectResult),
+    Resolve(Resolve),
     /// Time passed; lets deadline rules fire without other activity.
     Tick {
         ts: Nanos,
@@ -57,6 +58,7 @@ impl Event {
             Event::Exit(e) => e.ts,
             Event::Connect(c) => c.ts,
             Event::ConnectResult(r) => r.ts,
+            Event::Resolve(r) => r.ts,
         }
     }
 }
@@ -188,4 +190,14 @@ pub struct ConnectResult {
     pub fd: i32,
     /// 0 or a negative errno.
     pub ret: i32,
+}
+
+/// A name a session process resolved (getaddrinfo), and the addresses it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolve {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub pid: u32,
+    pub name: String,
+    pub addrs: Vec<std::net::IpAddr>,
 }

@@ -1,2 +1,3 @@
+pub mod dns;
 pub mod net;
 pub mod process;

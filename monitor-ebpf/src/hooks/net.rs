@@ -15,14 +15,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, EventKind, ScopeNet, SessionPolicy, Stat, HOOK_CONNECT, HOOK_SENDMSG,
-    POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED,
+    ConnectEvent, ConnectResultEvent, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, HOOK_CONNECT,
+    HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED,
     VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
 };
 
 use crate::{
     kernel,
-    maps::{count, CONNECT_FDS, EVENTS, SCOPE_NETS, SESSION_POLICY, UDP_FLOWS},
+    maps::{count, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, UDP_FLOWS},
     session,
 };
 
@@ -139,8 +139,13 @@ fn verdict(key: u32, addr: &[u8; 16], port: u16) -> u8 {
         return VERDICT_ALLOWED;
     }
     let lookup = Key::new(32 + 128, ScopeNet { session: key.to_ne_bytes(), addr: *addr });
-    match SCOPE_NETS.get(&lookup) {
-        Some(ports) if ports.allows(port) => VERDICT_ALLOWED,
+    if SCOPE_NETS.get(&lookup).is_some_and(|ports| ports.allows(port)) {
+        return VERDICT_ALLOWED;
+    }
+    // An address the session resolved from an allowed name (see hooks/dns.rs).
+    match RESOLVED.get_ptr(&ResolvedKey { session: key, addr: *addr }) {
+        // SAFETY: valid map value pointer for this program run.
+        Some(r) if unsafe { (*r).ports.allows(port) && (*r).expires_at > bpf_ktime_get_boot_ns() } => VERDICT_ALLOWED,
         _ => VERDICT_BLOCKED_SCOPE,
     }
 }

@@ -6,7 +6,12 @@ mod procs;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use monitor_common::RESOLVED_TTL_NS;
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +57,8 @@ struct Tracked {
     ended: Option<(Nanos, EndReason)>,
     /// Set once process_outlived_task has been evaluated after end + grace.
     outlived_checked: bool,
+    /// The name each address was last resolved from by a process of the session, and when.
+    names: HashMap<IpAddr, (String, Nanos)>,
 }
 
 impl Tracked {
@@ -130,7 +137,13 @@ impl Engine {
             Event::SessionStarted { ts, key, session } => {
                 self.sessions.insert(
                     *key,
-                    Tracked { session: (**session).clone(), started: *ts, ended: None, outlived_checked: false },
+                    Tracked {
+                        session: (**session).clone(),
+                        started: *ts,
+                        ended: None,
+                        outlived_checked: false,
+                        names: HashMap::new(),
+                    },
                 );
             }
             Event::SessionEnded { ts, key, reason } => self.end_session(*key, *ts, *reason),
@@ -141,6 +154,13 @@ impl Engine {
             Event::Connect(c) => self.connect(c, &mut alerts),
             // Recorded for the trace; no rule depends on a connect's outcome yet.
             Event::ConnectResult(_) => {}
+            Event::Resolve(r) => {
+                if let Some(t) = self.sessions.get_mut(&r.session) {
+                    for addr in &r.addrs {
+                        t.names.insert(*addr, (r.name.clone(), r.ts));
+                    }
+                }
+            }
             Event::Tick { ts } => self.forget_finished(*ts),
             Event::Lost { ts, source, count } => alerts.push(self.blind(*ts, source, *count)),
         }
@@ -375,7 +395,15 @@ impl Engine {
         let Some(t) = self.sessions.get(&c.session) else { return };
         let verb = if c.connect { "connect" } else { "send" };
         let what = format!("{} {verb} to {}", c.transport.as_str(), socket_addr(c));
-        let names: Vec<String> = Vec::new();
+        // The name this address was resolved from, while that resolution is fresh; the kernel
+        // allows resolved addresses for as long (RESOLVED_TTL_NS).
+        let names: Vec<String> = t
+            .names
+            .get(&c.addr)
+            .filter(|(_, at)| c.ts.saturating_sub(*at) < RESOLVED_TTL_NS)
+            .map(|(name, _)| name.clone())
+            .into_iter()
+            .collect();
         let rule = match c.verdict {
             Verdict::BlockedScope => Some(Rule::OutOfScopeConnect),
             Verdict::BlockedEnded => Some(Rule::ActivityAfterTaskEnd),

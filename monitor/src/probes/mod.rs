@@ -8,12 +8,12 @@ use std::path::Path;
 
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{cgroup_sock_addr::CgroupSockAddr, CgroupAttachMode, TracePoint},
+    programs::{cgroup_sock_addr::CgroupSockAddr, uprobe::UProbeScope, CgroupAttachMode, TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 use monitor_common::{
-    globals, PortRanges, ScopeNet, SessionPolicy, MAP_CGROUP_SESSIONS, MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS,
-    MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS,
+    globals, NameKey, PortRanges, ScopeNet, SessionPolicy, MAP_CGROUP_SESSIONS, MAP_CONFIG, MAP_EVENTS,
+    MAP_PROC_SESSIONS, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS,
 };
 use serde::Serialize;
 
@@ -40,6 +40,8 @@ pub enum ProbeError {
     },
     #[error("the eBPF object has no {0}: it was built from other sources than this agent")]
     Missing(&'static str),
+    #[error("no C library found in this agent's own memory map to attach uprobes to")]
+    NoLibc,
     #[error("no cgroup v2 hierarchy to attach the connect hooks to")]
     NoCgroup2,
     #[error("map {0}: {1}")]
@@ -57,6 +59,11 @@ pub enum AttachPoint {
     CgroupSockAddr {
         hook: &'static str,
     },
+    /// A uprobe (or uretprobe) on a function of the C library every dynamically linked process
+    /// maps, attached to the library file so it covers all of them.
+    Libc {
+        symbol: &'static str,
+    },
 }
 
 impl std::fmt::Display for AttachPoint {
@@ -64,6 +71,7 @@ impl std::fmt::Display for AttachPoint {
         match self {
             AttachPoint::TracePoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
             AttachPoint::CgroupSockAddr { hook } => write!(f, "cgroup/{hook}"),
+            AttachPoint::Libc { symbol } => write!(f, "uprobe/libc:{symbol}"),
         }
     }
 }
@@ -125,6 +133,18 @@ pub const PROBES: &[ProbeSpec] = &[
         provides: "unconnected IPv6 UDP sends and their enforcement",
     },
     ProbeSpec {
+        program: "getaddrinfo_enter",
+        attach: AttachPoint::Libc { symbol: "getaddrinfo" },
+        required: false,
+        provides: "names resolved through libc (name scopes, dst_name)",
+    },
+    ProbeSpec {
+        program: "getaddrinfo_exit",
+        attach: AttachPoint::Libc { symbol: "getaddrinfo" },
+        required: false,
+        provides: "names resolved through libc (name scopes, dst_name)",
+    },
+    ProbeSpec {
         program: "sys_enter_connect",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_enter_connect" },
         required: false,
@@ -168,6 +188,7 @@ pub struct KernelMaps {
     pub config: Array<MapData, u64>,
     pub session_policy: HashMap<MapData, u32, SessionPolicy>,
     pub scope_nets: LpmTrie<MapData, ScopeNet, PortRanges>,
+    pub scope_names: HashMap<MapData, NameKey, PortRanges>,
 }
 
 /// Everything userspace takes from the loaded object.
@@ -250,6 +271,7 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         config: take(&mut ebpf, MAP_CONFIG)?,
         session_policy: take(&mut ebpf, MAP_SESSION_POLICY)?,
         scope_nets: take(&mut ebpf, MAP_SCOPE_NETS)?,
+        scope_names: take(&mut ebpf, MAP_SCOPE_NAMES)?,
     };
     let handles = Handles { maps, events: take(&mut ebpf, MAP_EVENTS)?, stats: take(&mut ebpf, MAP_STATS)? };
     let mut missing_offsets = offsets.missing();
@@ -318,6 +340,12 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>)
             // them allows it. `link_create` refuses attach flags, hence the default mode.
             hook.attach(cgroup, CgroupAttachMode::default()).map_err(err)?;
         }
+        AttachPoint::Libc { symbol } => {
+            let libc = libc_path().ok_or(ProbeError::NoLibc)?;
+            let probe: &mut UProbe = program.try_into().map_err(err)?;
+            probe.load().map_err(err)?;
+            probe.attach(symbol, &libc, UProbeScope::AllProcesses).map_err(err)?;
+        }
     }
     Ok(())
 }
@@ -342,4 +370,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// The C library this agent itself runs with (from /proc/self/maps): the one the host's
+/// dynamically linked programs use too.
+fn libc_path() -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find_map(|path| {
+        let name = Path::new(path).file_name()?.to_str()?;
+        (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| std::path::PathBuf::from(path))
+    })
 }

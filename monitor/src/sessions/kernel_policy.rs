@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use aya::maps::lpm_trie::Key;
+use monitor_common::{name_hash, NameKey, NAME_EXACT, NAME_SUFFIX};
 use monitor_common::{
     PortRanges, ScopeNet, SessionPolicy, CONFIG_CGROUP_BINDINGS, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE,
     PORT_RANGES,
@@ -42,20 +43,44 @@ pub fn scope_nets(session: &Session) -> Result<Vec<(u32, [u8; 16], PortRanges)>,
             .flat_map(|(_, p)| p.iter().copied())
             .collect();
         ports.sort();
-        let ports = merge(ports);
-        if ports.len() > PORT_RANGES {
-            return Err(format!(
-                "session {}: more than {PORT_RANGES} separate port ranges apply to one network; merge them",
-                session.id
-            ));
-        }
-        let mut ranges = PortRanges { count: ports.len() as u32, ranges: [0; PORT_RANGES] };
-        for (i, (lo, hi)) in ports.iter().enumerate() {
-            ranges.ranges[i] = (*lo as u32) << 16 | *hi as u32;
-        }
-        entries.push((32 + bits, *net, ranges));
+        entries.push((32 + bits, *net, port_ranges(session, merge(ports))?));
     }
     Ok(entries)
+}
+
+/// The name entries of a session's scope: `name` exactly, or `*.suffix` (any name ending in
+/// `.suffix`), keyed by the hash the kernel computes on getaddrinfo's name.
+pub fn scope_names(key: SessionKey, session: &Session) -> Result<Vec<(NameKey, PortRanges)>, String> {
+    let mut by_name: BTreeMap<(u32, u64), Vec<(u16, u16)>> = BTreeMap::new();
+    for d in session.scope.connect.iter().flatten() {
+        let (kind, name) = match &d.host {
+            Host::Name(name) => (NAME_EXACT, name),
+            Host::Suffix(suffix) => (NAME_SUFFIX, suffix),
+            Host::Net { .. } => continue,
+        };
+        by_name.entry((kind, name_hash(name.as_bytes()))).or_default().push(d.ports);
+    }
+    by_name
+        .into_iter()
+        .map(|((kind, hash), mut ports)| {
+            ports.sort();
+            Ok((NameKey { session: key, kind, hash }, port_ranges(session, merge(ports))?))
+        })
+        .collect()
+}
+
+fn port_ranges(session: &Session, ports: Vec<(u16, u16)>) -> Result<PortRanges, String> {
+    if ports.len() > PORT_RANGES {
+        return Err(format!(
+            "session {}: more than {PORT_RANGES} separate port ranges apply to one destination; merge them",
+            session.id
+        ));
+    }
+    let mut ranges = PortRanges { count: ports.len() as u32, ranges: [0; PORT_RANGES] };
+    for (i, (lo, hi)) in ports.iter().enumerate() {
+        ranges.ranges[i] = (*lo as u32) << 16 | *hi as u32;
+    }
+    Ok(ranges)
 }
 
 fn masked(addr: IpAddr, bits: u32) -> [u8; 16] {
@@ -82,7 +107,11 @@ impl KernelMaps {
     /// Installs a session's policy and scope before any of its processes is bound.
     pub fn install_policy(&mut self, key: SessionKey, session: &Session, expires_at: u64) -> Result<(), String> {
         let entries = scope_nets(session)?;
+        let names = scope_names(key, session)?;
         let err = |what: &str, e: aya::maps::MapError| format!("kernel map {what}: {e}");
+        for (name, ports) in names {
+            self.scope_names.insert(name, ports, 0).map_err(|e| err("SCOPE_NAMES", e))?;
+        }
         for (prefix_len, addr, ports) in entries {
             let k = Key::new(prefix_len, ScopeNet { session: key.to_ne_bytes(), addr });
             self.scope_nets.insert(&k, ports, 0).map_err(|e| err("SCOPE_NETS", e))?;
@@ -108,6 +137,11 @@ impl KernelMaps {
         for k in nets {
             let _ = self.scope_nets.remove(&k);
         }
+        let names: Vec<NameKey> = self.scope_names.keys().filter_map(Result::ok).filter(|k| k.session == key).collect();
+        for k in names {
+            let _ = self.scope_names.remove(&k);
+        }
+
         let cgroups: Vec<u64> = self
             .cgroup_sessions
             .iter()
@@ -163,6 +197,32 @@ mod tests {
         assert!(v6.allows(8050) && !v6.allows(443));
         let ten = find(32 + 104, "10.0.0.0");
         assert!(ten.allows(22) && !ten.allows(443));
+    }
+
+    #[test]
+    fn name_entries_hash_like_the_kernel() {
+        let s = session(&["api.allowed.test:443", "API.allowed.test:80", "*.payments.test:8443", "127.0.0.1:1"]);
+        let names = scope_names(7, &s).unwrap();
+        assert_eq!(names.len(), 2);
+        let exact = names.iter().find(|(k, _)| k.kind == NAME_EXACT).unwrap();
+        assert_eq!(exact.0.hash, name_hash(b"api.allowed.test"));
+        assert_eq!(exact.0.session, 7);
+        assert!(exact.1.allows(80) && exact.1.allows(443) && !exact.1.allows(81));
+        let suffix = names.iter().find(|(k, _)| k.kind == NAME_SUFFIX).unwrap();
+        assert_eq!(suffix.0.hash, name_hash(b"payments.test"));
+        // The kernel hashes the looked-up name backwards, byte by byte, lowercased: the hash of
+        // `eu.payments.test` passes through the hash of its suffix `payments.test`.
+        let looked_up = b"EU.Payments.test";
+        let mut h = monitor_common::NAME_HASH_SEED;
+        let mut suffix_hashes = Vec::new();
+        for i in (0..looked_up.len()).rev() {
+            h = monitor_common::name_hash_step(h, looked_up[i]);
+            if i > 0 && looked_up[i - 1] == b'.' {
+                suffix_hashes.push(h);
+            }
+        }
+        assert!(suffix_hashes.contains(&suffix.0.hash));
+        assert_eq!(h, name_hash(b"eu.payments.test"));
     }
 
     #[test]

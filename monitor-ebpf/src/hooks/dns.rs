@@ -1,0 +1,174 @@
+//! Names: uprobes on libc's getaddrinfo(3) tell which names a session process resolved to which
+//! addresses. The event lets userspace put `dst_name` on connects and match name scopes; for an
+//! enforcing session the kernel also allows, right here, the addresses of names its scope grants,
+//! so the connect that follows the lookup is not refused for lack of a userspace round trip.
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use monitor_common::{
+    name_hash_step, EventKind, NameKey, PortRanges, ResolveEvent, Resolved, ResolvedKey, SessionPolicy, Stat, NAME_CAP,
+    NAME_EXACT, NAME_HASH_SEED, NAME_SUFFIX, POLICY_ENFORCE, RESOLVED_TTL_NS, RESOLVE_ADDRS,
+};
+
+use crate::{
+    kernel,
+    maps::{count, EVENTS, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
+    session,
+};
+
+/// glibc's `struct addrinfo` on LP64 (x86_64, aarch64): the user-space ABI, not a kernel layout.
+const AI_FAMILY: u64 = 4;
+const AI_ADDR: u64 = 24;
+const AI_NEXT: u64 = 40;
+/// `struct sockaddr_in.sin_addr` and `struct sockaddr_in6.sin6_addr`.
+const SIN_ADDR: u64 = 4;
+const SIN6_ADDR: u64 = 8;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// getaddrinfo returns one entry per socket type for each address: walk this many at most.
+const MAX_ENTRIES: usize = 24;
+
+#[uprobe]
+pub fn getaddrinfo_enter(ctx: ProbeContext) -> u32 {
+    let (tid, tgid) = session::current_ids();
+    if session::of_current(tgid).is_none() {
+        return 0;
+    }
+    if let (Some(node), Some(res)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(3)) {
+        let _ = GAI_ARGS.insert(tid, [node, res], 0);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn getaddrinfo_exit(ctx: RetProbeContext) -> u32 {
+    let (tid, tgid) = session::current_ids();
+    let Some(args) = GAI_ARGS.get_ptr(tid) else {
+        return 0;
+    };
+    // SAFETY: valid map value pointer for this program run.
+    let [node, res] = unsafe { *args };
+    let _ = GAI_ARGS.remove(tid);
+    let rc: i32 = ctx.ret();
+    if rc != 0 || node == 0 || res == 0 {
+        return 0;
+    }
+    let Some(key) = session::of_current(tgid) else {
+        return 0;
+    };
+    let Some(mut entry) = EVENTS.reserve::<ResolveEvent>(0) else {
+        count(Stat::RingbufFull);
+        return 0;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<ResolveEvent>() bytes; the name and
+    // the first `count` addresses are written, userspace reads nothing past them.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::Resolve, core::mem::size_of::<ResolveEvent>(), key);
+        (*event).name.len = match bpf_probe_read_user_str_bytes(node as *const u8, &mut (*event).name.buf) {
+            Ok(name) => name.len() as u32,
+            Err(_) => 0,
+        };
+        (*event).count = read_addresses(res, &mut (*event).addrs);
+        if let Some(ports) = granted_ports(key, &(*event).name.buf, (*event).name.len as usize) {
+            allow_addresses(key, &ports, &(*event).addrs, (*event).count);
+        }
+    }
+    entry.submit(0);
+    0
+}
+
+/// Walks the `struct addrinfo` list at `*res`; returns how many distinct addresses it stored.
+fn read_addresses(res: u64, out: &mut [[u8; 16]; RESOLVE_ADDRS]) -> u32 {
+    // SAFETY: bpf_probe_read_user reports faults as errors.
+    let Ok(mut ai) = (unsafe { bpf_probe_read_user(res as *const u64) }) else {
+        return 0;
+    };
+    let mut n = 0usize;
+    for _ in 0..MAX_ENTRIES {
+        if ai == 0 || n >= RESOLVE_ADDRS {
+            break;
+        }
+        let addr = unsafe { read_entry(ai) };
+        if let Some(addr) = addr {
+            // Entries come grouped by address (one per socket type): skip repeats of the last.
+            if n == 0 || out[(n - 1) & (RESOLVE_ADDRS - 1)] != addr {
+                out[n & (RESOLVE_ADDRS - 1)] = addr;
+                n += 1;
+            }
+        }
+        // SAFETY: as above.
+        ai = match unsafe { bpf_probe_read_user((ai + AI_NEXT) as *const u64) } {
+            Ok(next) => next,
+            Err(_) => break,
+        };
+    }
+    n as u32
+}
+
+/// One entry's address, IPv4 as IPv4-mapped IPv6.
+unsafe fn read_entry(ai: u64) -> Option<[u8; 16]> {
+    unsafe {
+        let family: u32 = bpf_probe_read_user((ai + AI_FAMILY) as *const u32).ok()?;
+        let sockaddr: u64 = bpf_probe_read_user((ai + AI_ADDR) as *const u64).ok()?;
+        let mut addr = [0u8; 16];
+        if family == AF_INET {
+            let v4: [u8; 4] = bpf_probe_read_user((sockaddr + SIN_ADDR) as *const [u8; 4]).ok()?;
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12..16].copy_from_slice(&v4);
+        } else if family == AF_INET6 {
+            addr = bpf_probe_read_user((sockaddr + SIN6_ADDR) as *const [u8; 16]).ok()?;
+        } else {
+            return None;
+        }
+        Some(addr)
+    }
+}
+
+/// The ports an enforcing session's scope grants to `name`, exactly or through a `*.suffix`.
+fn granted_ports(key: u32, name: &[u8; NAME_CAP], len: usize) -> Option<PortRanges> {
+    // SAFETY: valid map value pointer for this program run.
+    let policy: SessionPolicy = unsafe { *SESSION_POLICY.get_ptr(key)? };
+    if policy.flags & POLICY_ENFORCE == 0 {
+        return None;
+    }
+    // `len` excludes the NUL (bpf_probe_read_user_str_bytes drops it).
+    let mut hash = NAME_HASH_SEED;
+    let mut granted: Option<PortRanges> = None;
+    for step in 0..NAME_CAP {
+        if step >= len {
+            break;
+        }
+        let i = (len - 1 - step) & (NAME_CAP - 1);
+        hash = name_hash_step(hash, name[i]);
+        // name[i..] is a whole label sequence when i starts the name or follows a dot.
+        let kind = if i == 0 {
+            NAME_EXACT
+        } else if name[(i - 1) & (NAME_CAP - 1)] == b'.' {
+            NAME_SUFFIX
+        } else {
+            continue;
+        };
+        if let Some(ports) = SCOPE_NAMES.get_ptr(&NameKey { session: key, kind, hash }) {
+            // SAFETY: valid map value pointer for this program run.
+            granted = Some(unsafe { *ports });
+        }
+    }
+    granted
+}
+
+fn allow_addresses(key: u32, ports: &PortRanges, addrs: &[[u8; 16]; RESOLVE_ADDRS], count: u32) {
+    // SAFETY: helper without preconditions.
+    let expires_at = unsafe { bpf_ktime_get_boot_ns() } + RESOLVED_TTL_NS;
+    let value = Resolved { ports: *ports, _pad0: 0, expires_at };
+    for i in 0..RESOLVE_ADDRS {
+        if i as u32 >= count {
+            break;
+        }
+        let _ = RESOLVED.insert(&ResolvedKey { session: key, addr: addrs[i] }, &value, 0);
+    }
+}
