@@ -198,3 +198,71 @@ fn an_enforcing_session_is_refused_out_of_scope_and_after_its_end_and_an_observi
     assert_eq!(by_session("observe-1").len(), 1);
     assert_eq!(by_session("observe-1")[0]["action"], "observed");
 }
+
+/// Names added to /etc/hosts for one test, so getaddrinfo resolves them locally; the file is
+/// restored on drop (panics included).
+struct HostsEntries {
+    original: String,
+}
+
+impl HostsEntries {
+    fn add(entries: &[(&str, &str)]) -> Self {
+        let original = fs::read_to_string("/etc/hosts").unwrap();
+        let mut text = original.clone();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        for (addr, name) in entries {
+            text.push_str(&format!("{addr} {name} # monitor test\n"));
+        }
+        fs::write("/etc/hosts", text).unwrap();
+        Self { original }
+    }
+}
+
+impl Drop for HostsEntries {
+    fn drop(&mut self) {
+        let _ = fs::write("/etc/hosts", &self.original);
+    }
+}
+
+#[test]
+fn name_scopes_allow_what_their_names_resolve_to_and_nothing_else() {
+    let net = Net::start("names");
+    let port = tcp_listener("127.0.0.5");
+    let (denied, suffixed) = (tcp_listener("127.0.0.6"), tcp_listener("127.0.0.7"));
+    let _hosts = HostsEntries::add(&[
+        ("127.0.0.5", "api.allowed.test"),
+        ("127.0.0.6", "evil.denied.test"),
+        ("127.0.0.7", "eu.payments.test"),
+    ]);
+    let scope = format!("scope:\n  connect: [\"api.allowed.test:{port}\", \"*.payments.test:{suffixed}\"]\n");
+    for (id, enforce) in [("names-observe", false), ("names-enforce", true)] {
+        let session = session_file(&net.agent.dir, id, &format!("enforce: {enforce}\n{scope}"));
+        let out = net.agent.dir.path(id);
+        let script = [
+            net.connect(&out, "allowed", "tcp", "api.allowed.test", port),
+            net.connect(&out, "denied", "tcp", "evil.denied.test", denied),
+            net.connect(&out, "suffix", "tcp", "eu.payments.test", suffixed),
+        ]
+        .join("; ");
+        let o = net.run(&session, &script);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let results = outcomes(&out);
+        assert_eq!(results.get("allowed").map(String::as_str), Some("ok"), "{id}: {results:?}");
+        assert_eq!(results.get("suffix").map(String::as_str), Some("ok"), "{id}: {results:?}");
+        let denied_outcome = if enforce { "EPERM" } else { "ok" };
+        assert_eq!(results.get("denied").map(String::as_str), Some(denied_outcome), "{id}: {results:?}");
+
+        let alert = net.agent.wait_alert(&format!("{id}: the denied name"), |a| {
+            a["rule"] == "out_of_scope_connect" && a["session"]["id"] == id
+        });
+        assert_eq!(alert["network"]["dst_name"], "evil.denied.test");
+        assert_eq!(alert["network"]["dst_ip"], "127.0.0.6");
+        assert_eq!(alert["action"], if enforce { "blocked" } else { "observed" });
+    }
+    // Exactly the one denied name per session, and resolutions were seen.
+    assert_eq!(out_of_scope(&net.agent).len(), 2, "{}", net.agent.diagnostics());
+    let resolved: Vec<Value> = net.agent.events().into_iter().filter(|e| e["type"] == "resolve").collect();
+    assert!(resolved.iter().any(|e| e["name"] == "eu.payments.test" && e["addrs"][0] == "127.0.0.7"));
+}
