@@ -9,11 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     agent::{self, AgentSettings},
     engine::SessionSummary,
+    policy::Policy,
     sessions::{
         client,
         fingerprint::DEFAULT_KEY_FILE,
         protocol::{BindRequest, Request},
-        SessionFile, SessionId, DEFAULT_CONTROL_SOCKET,
+        SessionFile, SessionId, DEFAULT_CONTROL_SOCKET, DEFAULT_GRACE, DEFAULT_TTL,
     },
     sinks::OutputSpec,
 };
@@ -42,6 +43,15 @@ pub enum Command {
     /// Run COMMAND as a session's task: bound before its first instruction, ended when it exits.
     /// The exit code passes through.
     Run(RunArgs),
+    /// Check agent policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file: errors name the file, line and field.
+    Check { file: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -54,12 +64,15 @@ pub struct AgentArgs {
     /// The per-deployment key for token fingerprints; generated (root-only) when absent.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_KEY_FILE)]
     pub key_file: PathBuf,
-    /// ttl of sessions whose file gives none.
-    #[arg(long, value_name = "DURATION", value_parser = positive_duration, default_value = "1h")]
-    pub default_ttl: Duration,
-    /// grace of sessions whose file gives none.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
-    pub default_grace: Duration,
+    /// The agent policy: default time bounds, severities, actor scopes, never-alert destinations.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// ttl of sessions whose file gives none (overrides the policy; built-in 1h).
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub default_ttl: Option<Duration>,
+    /// grace of sessions whose file gives none (overrides the policy; built-in 5s).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub default_grace: Option<Duration>,
     /// Also write every session event as JSON lines to PATH (debugging).
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
@@ -133,12 +146,18 @@ pub struct RunArgs {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Agent(args) => {
+            // The whole policy is read and checked before the agent does anything with it.
+            let policy = match &args.policy {
+                Some(path) => Policy::read(path)?,
+                None => Policy::default(),
+            };
             let settings = AgentSettings {
                 outputs: args.outputs,
                 control: args.control.path,
                 key_file: args.key_file,
-                default_ttl: args.default_ttl,
-                default_grace: args.default_grace,
+                default_ttl: args.default_ttl.or(policy.defaults.ttl).unwrap_or(DEFAULT_TTL),
+                default_grace: args.default_grace.or(policy.defaults.grace).unwrap_or(DEFAULT_GRACE),
+                policy,
                 event_log: args.event_log,
                 hook_cgroup: args.hook_cgroup,
             };
@@ -148,6 +167,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Session(command) => session(command),
         Command::Run(args) => crate::run::run(args),
+        Command::Policy(PolicyCommand::Check { file }) => {
+            let policy = Policy::read(&file)?;
+            println!("{}: ok: {}", file.display(), policy.summary());
+            Ok(0)
+        }
     }
 }
 

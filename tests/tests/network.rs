@@ -266,3 +266,63 @@ fn name_scopes_allow_what_their_names_resolve_to_and_nothing_else() {
     let resolved: Vec<Value> = net.agent.events().into_iter().filter(|e| e["type"] == "resolve").collect();
     assert!(resolved.iter().any(|e| e["name"] == "eu.payments.test" && e["addrs"][0] == "127.0.0.7"));
 }
+
+#[test]
+fn the_policy_gives_actor_scopes_severities_and_never_alert_destinations() {
+    let (allowed, resolver, other) = (tcp_listener("127.0.0.2"), tcp_listener("127.0.0.8"), tcp_listener("127.0.0.3"));
+    let dir = Scratch::new("policy-files");
+    let policy = dir.write(
+        "policy.yaml",
+        &format!(
+            "defaults:\n  grace: 2s\nseverity:\n  out_of_scope_connect: critical\nactors:\n  \"svc:test-bot\":\n    connect: [\"127.0.0.2:{allowed}\"]\nnever_alert:\n  connect: [\"127.0.0.8:{resolver}\"]\n"
+        ),
+    );
+    let o = Command::new(monitor_bin()).args(["policy", "check"]).arg(&policy).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("ok: 1 actor scope(s), 1 severity override(s), 1 never-alert destination(s)"),
+        "{}",
+        stdout(&o)
+    );
+
+    let bad = dir.write("bad.yaml", "severity:\n  out_of_scope_connect: loud\n");
+    let o = Command::new(monitor_bin()).args(["policy", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bad.yaml:2:") && stderr(&o).contains("loud"), "{}", stderr(&o));
+    // An agent given a bad policy does not start.
+    let o = Command::new(monitor_bin())
+        .args(["agent", "--control"])
+        .arg(dir.path("never.sock"))
+        .arg("--policy")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bad.yaml:2:"), "{}", stderr(&o));
+
+    let cg = TestCgroup::new("policy");
+    let agent =
+        Agent::start_with("policy", &["--cgroup", cg.0.to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
+    let net = Net { client: agent.dir.write("client.py", CLIENT).display().to_string(), agent, cg };
+    // No scope in the file: the actor's scope from the policy applies, and it is enforced.
+    let session = session_file(&net.agent.dir, "policy-1", "enforce: true\n");
+    let out = net.agent.dir.path("outcomes");
+    let script = [
+        net.connect(&out, "allowed", "tcp", "127.0.0.2", allowed),
+        net.connect(&out, "resolver", "tcp", "127.0.0.8", resolver),
+        net.connect(&out, "other", "tcp", "127.0.0.3", other),
+    ]
+    .join("; ");
+    let o = net.run(&session, &script);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results = outcomes(&out);
+    assert_eq!(results.get("allowed").map(String::as_str), Some("ok"), "{results:?}");
+    assert_eq!(results.get("resolver").map(String::as_str), Some("ok"), "{results:?}");
+    assert_eq!(results.get("other").map(String::as_str), Some("EPERM"), "{results:?}");
+    let alert = net.agent.wait_alert("out_of_scope_connect", |a| a["rule"] == "out_of_scope_connect");
+    assert_eq!(alert["severity"], "critical");
+    assert_eq!(alert["network"]["dst_ip"], "127.0.0.3");
+    let shown: Value = serde_json::from_slice(&net.agent.cli(&["session", "show", "policy-1"]).stdout).unwrap();
+    assert_eq!(shown["session"]["grace_ns"], 2_000_000_000u64, "the policy's default grace");
+    assert_eq!(out_of_scope(&net.agent).len(), 1, "{}", net.agent.diagnostics());
+}

@@ -33,6 +33,7 @@ pub struct AgentSettings {
     pub event_log: Option<PathBuf>,
     /// The cgroup v2 directory the connect hooks attach to (default: the hierarchy's root).
     pub hook_cgroup: Option<PathBuf>,
+    pub policy: crate::policy::Policy,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -54,8 +55,14 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     };
     let maps = Arc::new(Mutex::new(maps));
     let (effect_tx, effect_rx) = mpsc::channel(1024);
-    let (core, handle) =
-        core::Core::new(Engine::new(EngineConfig::default()), event_rx, alert_tx, Stamp::new(), event_log, effect_tx);
+    let (core, handle) = core::Core::new(
+        Engine::new(EngineConfig::from_policy(&settings.policy)),
+        event_rx,
+        alert_tx,
+        Stamp::new(),
+        event_log,
+        effect_tx,
+    );
     let core = tokio::spawn(core.run());
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), effect_rx));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
@@ -69,6 +76,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         default_ttl: settings.default_ttl,
         default_grace: settings.default_grace,
         clock: clock(),
+        policy: Arc::new(settings.policy.clone()),
     };
     let control = tokio::spawn(server::serve(listener, plane));
     tracing::info!(control = %settings.control.display(), "agent ready");

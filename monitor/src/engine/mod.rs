@@ -30,6 +30,14 @@ const FORGET_AFTER_NS: Nanos = 3600 * 1_000_000_000;
 #[derive(Debug, Clone, Default)]
 pub struct EngineConfig {
     pub severity: BTreeMap<Rule, Severity>,
+    /// Destinations that never raise out_of_scope_connect (the policy's `never_alert`).
+    pub never_alert: Vec<crate::sessions::Destination>,
+}
+
+impl EngineConfig {
+    pub fn from_policy(policy: &crate::policy::Policy) -> Self {
+        Self { severity: policy.severity.clone(), never_alert: policy.never_alert.connect.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,7 +417,9 @@ impl Engine {
             Verdict::BlockedEnded => Some(Rule::ActivityAfterTaskEnd),
             Verdict::BlockedExpired => Some(Rule::AuthorityExpired),
             Verdict::Allowed => self.time_violation(c.session, c.ts).or_else(|| {
-                (!t.session.scope.allows_connect(c.addr, c.port, &names)).then_some(Rule::OutOfScopeConnect)
+                let allowed = t.session.scope.allows_connect(c.addr, c.port, &names)
+                    || self.config.never_alert.iter().any(|d| d.matches(c.addr, c.port, &names));
+                (!allowed).then_some(Rule::OutOfScopeConnect)
             }),
         };
         let Some(rule) = rule else { return };

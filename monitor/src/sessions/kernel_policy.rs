@@ -105,9 +105,22 @@ fn merge(sorted: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
 
 impl KernelMaps {
     /// Installs a session's policy and scope before any of its processes is bound.
-    pub fn install_policy(&mut self, key: SessionKey, session: &Session, expires_at: u64) -> Result<(), String> {
+    /// `always` are destinations every session may reach (the policy's `never_alert`).
+    pub fn install_policy(
+        &mut self,
+        key: SessionKey,
+        session: &Session,
+        expires_at: u64,
+        always: &[super::Destination],
+    ) -> Result<(), String> {
+        let mut effective = session.clone();
+        if let Some(connect) = &mut effective.scope.connect {
+            connect.extend(always.iter().cloned());
+        }
+        let session = &effective;
         let entries = scope_nets(session)?;
         let names = scope_names(key, session)?;
+
         let err = |what: &str, e: aya::maps::MapError| format!("kernel map {what}: {e}");
         for (name, ports) in names {
             self.scope_names.insert(name, ports, 0).map_err(|e| err("SCOPE_NAMES", e))?;

@@ -27,6 +27,7 @@ pub struct ControlPlane {
     pub default_ttl: Duration,
     pub default_grace: Duration,
     pub clock: crate::decode::Clock,
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 /// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
@@ -122,7 +123,7 @@ async fn start(
     let now = crate::agent::now_ns();
     let expires_at = plane.clock.boot(now.saturating_add(session.ttl_ns));
     let mut maps = plane.maps.lock().await;
-    if let Err(e) = maps.install_policy(key, &session, expires_at) {
+    if let Err(e) = maps.install_policy(key, &session, expires_at, &plane.policy.never_alert.connect) {
         drop(maps);
         let _ = plane.core.end(id.clone()).await;
         return Err(e);
@@ -174,6 +175,8 @@ fn resolve(
         }
         None => None,
     };
+    // Scope parts the file leaves out come from the policy's defaults for this actor.
+    let actor = plane.policy.actors.get(&file.actor).cloned().unwrap_or_default();
     let mut env_values = env_tokens.into_iter();
     let tokens = file
         .tokens
@@ -198,10 +201,11 @@ fn resolve(
         ttl_ns: file.ttl.unwrap_or(plane.default_ttl).as_nanos() as u64,
         grace_ns: file.grace.unwrap_or(plane.default_grace).as_nanos() as u64,
         scope: Scope {
-            connect: file.scope.connect,
-            credentials: file.scope.credentials,
-            exec: file.scope.exec.map(with_real_paths),
+            connect: file.scope.connect.or(actor.connect),
+            credentials: if file.scope.credentials.is_empty() { actor.credentials } else { file.scope.credentials },
+            exec: file.scope.exec.or(actor.exec).map(with_real_paths),
         },
+
         tokens,
         enforce: file.enforce,
         binding: Binding { root_pid: bind.pid, cgroup },

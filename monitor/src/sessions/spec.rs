@@ -123,7 +123,7 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-mod opt_duration {
+pub(crate) mod opt_duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -144,19 +144,7 @@ mod opt_duration {
 }
 
 /// A session file that could not be used, with where.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionFileError {
-    #[error("{path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}:{column}: {message}")]
-    Invalid { path: String, line: usize, column: usize, message: String },
-    #[error("{path}: {message}")]
-    Semantic { path: String, message: String },
-}
+pub type SessionFileError = crate::yaml::YamlError;
 
 impl SessionFile {
     pub fn read(path: &Path) -> Result<Self, SessionFileError> {
@@ -167,27 +155,7 @@ impl SessionFile {
 
     /// Parses and validates. `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, SessionFileError> {
-        let de = serde_norway::Deserializer::from_str(text);
-        let file: SessionFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let located = locate(text, e.path());
-            let inner = e.into_inner();
-            let (line, column) = match (located, inner.location()) {
-                (Some(at), Some(l)) if at.0 == l.line() => (l.line(), l.column()),
-                (Some(at), _) => at,
-                (None, Some(l)) => (l.line(), l.column()),
-                (None, None) => (0, 0),
-            };
-            let message = strip_location(&inner.to_string());
-            // serde_norway may start its message with its own form of the path ("tokens: ...").
-            let message = match message.split_once(": ") {
-                Some((prefix, rest)) if !prefix.contains(' ') && field.starts_with(prefix) => rest.to_string(),
-                _ => message,
-            };
-            let message =
-                if field.is_empty() || field == "." { message } else { format!("field `{field}`: {message}") };
-            SessionFileError::Invalid { path: origin.to_string(), line, column, message }
-        })?;
+        let file: SessionFile = crate::yaml::parse(text, origin)?;
         file.validate().map_err(|message| SessionFileError::Semantic { path: origin.to_string(), message })?;
         Ok(file)
     }
@@ -212,65 +180,6 @@ impl SessionFile {
             }
         }
         Ok(())
-    }
-}
-
-/// The line and column where a field path (`scope.connect[1]`) is written. serde_norway gives
-/// no position for errors raised while converting a value (a bad duration or destination), so
-/// the path serde_path_to_error recorded is looked up in the text: keys by their `key:` at a
-/// deeper indentation than their parent, block sequence items by their `- `, flow sequences
-/// (`[a, b]`) by the line they are written on.
-fn locate(text: &str, path: &serde_path_to_error::Path) -> Option<(usize, usize)> {
-    use serde_path_to_error::Segment;
-    let lines: Vec<&str> = text.lines().collect();
-    let indent_of = |l: &str| l.len() - l.trim_start().len();
-    let is_content = |l: &str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
-    let mut at: Option<usize> = None;
-    for segment in path.iter() {
-        let start = at.map_or(0, |i| i + 1);
-        let parent_indent = at.map(|i| indent_of(lines[i]));
-        match segment {
-            Segment::Map { key } => {
-                if at.is_some_and(|i| lines[i].contains('{')) {
-                    continue; // a flow mapping on the parent's line
-                }
-                let block = format!("{key}:");
-                let hit = lines.iter().enumerate().skip(start).take_while(|(i, l)| {
-                    *i == start || !is_content(l) || parent_indent.is_none_or(|p| indent_of(l) > p)
-                });
-                let hit = hit.filter(|(_, l)| is_content(l)).find(|(_, l)| {
-                    let t = l.trim_start().trim_start_matches("- ");
-                    t.starts_with(&block) || t.starts_with(&format!("\"{key}\":"))
-                });
-                at = Some(hit?.0);
-            }
-            Segment::Seq { index } => {
-                let Some(parent) = at else { return None };
-                if lines[parent].contains('[') {
-                    continue; // a flow sequence on the key's line
-                }
-                let p = indent_of(lines[parent]);
-                let items = lines
-                    .iter()
-                    .enumerate()
-                    .skip(parent + 1)
-                    .filter(|(_, l)| is_content(l))
-                    .take_while(|(_, l)| indent_of(l) > p || (indent_of(l) == p && l.trim_start().starts_with('-')))
-                    .filter(|(_, l)| l.trim_start().starts_with('-') && indent_of(l) <= p + 2)
-                    .nth(*index);
-                at = Some(items?.0);
-            }
-            _ => {}
-        }
-    }
-    at.map(|i| (i + 1, indent_of(lines[i]) + 1))
-}
-
-/// serde_norway appends " at line L column C"; the location is reported separately.
-fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message.to_string(),
     }
 }
 
@@ -402,7 +311,7 @@ enforce: false
         assert!(!e.contains("tokens: a token"), "{e}");
 
         let e = err("principal: a\nactor: b\ntask: c\nscope:\n  connect:\n    - 127.0.0.2:80\n    - 'x y:80'\n");
-        assert!(e.starts_with("s.yaml:7:5:") && e.contains("scope.connect[1]"), "{e}");
+        assert!(e.starts_with("s.yaml:7:") && e.contains("scope.connect[1]"), "{e}");
 
         let e = err("id: 'bad id'\nprincipal: a\nactor: b\ntask: c\n");
         assert!(e.starts_with("s.yaml:1:") && e.contains("`id`"), "{e}");

@@ -1,0 +1,135 @@
+//! The agent policy (`--policy FILE`, checked by `monitor policy check FILE`): default time
+//! bounds, severity per rule, default scopes per actor, destinations that never alert. It is
+//! read and validated whole before anything uses it: a bad policy never half-applies.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+use crate::{
+    alert::Severity,
+    rules::Rule,
+    sessions::{Destination, ScopeFile},
+    yaml::YamlError,
+};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// Severity overrides, by rule id.
+    #[serde(default)]
+    pub severity: BTreeMap<Rule, Severity>,
+    /// Scope parts for sessions of an actor whose session file leaves them out.
+    #[serde(default)]
+    pub actors: BTreeMap<String, ScopeFile>,
+    #[serde(default)]
+    pub never_alert: NeverAlert,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    #[serde(default, with = "crate::sessions::opt_duration")]
+    pub ttl: Option<Duration>,
+    #[serde(default, with = "crate::sessions::opt_duration")]
+    pub grace: Option<Duration>,
+}
+
+/// Destinations that are always allowed and never alert (the local resolver, say). Enforcing
+/// sessions may connect to them too.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeverAlert {
+    #[serde(default)]
+    pub connect: Vec<Destination>,
+}
+
+impl Policy {
+    pub fn read(path: &Path) -> Result<Self, YamlError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| YamlError::Read { path: origin.clone(), source })?;
+        Self::parse(&text, &origin)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, YamlError> {
+        let policy: Policy = crate::yaml::parse(text, origin)?;
+        policy.validate().map_err(|message| YamlError::Semantic { path: origin.to_string(), message })?;
+        Ok(policy)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.defaults.ttl == Some(Duration::ZERO) {
+            return Err("field `defaults.ttl` must be longer than 0s".into());
+        }
+        for (actor, scope) in &self.actors {
+            for (field, paths) in
+                [("credentials", scope.credentials.as_slice()), ("exec", scope.exec.as_deref().unwrap_or(&[]))]
+            {
+                if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {
+                    return Err(format!("field `actors.{actor}.{field}`: `{bad}` must be an absolute path"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A one-line description, for `monitor policy check`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} actor scope(s), {} severity override(s), {} never-alert destination(s), default ttl {}, grace {}",
+            self.actors.len(),
+            self.severity.len(),
+            self.never_alert.connect.len(),
+            self.defaults.ttl.map_or("(built-in)".into(), |d| humantime::format_duration(d).to_string()),
+            self.defaults.grace.map_or("(built-in)".into(), |d| humantime::format_duration(d).to_string()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+defaults:
+  ttl: 30m
+  grace: 3s
+severity:
+  out_of_scope_connect: critical
+  exec_out_of_scope: low
+actors:
+  "svc:support-bot":
+    connect: ["127.0.0.2:8443"]
+    exec: ["/usr/bin/curl"]
+never_alert:
+  connect: ["127.0.0.53:53", "[::1]:53"]
+"#;
+
+    #[test]
+    fn parses_every_section() {
+        let p = Policy::parse(GOOD, "policy.yaml").unwrap();
+        assert_eq!(p.defaults.ttl, Some(Duration::from_secs(1800)));
+        assert_eq!(p.severity[&Rule::OutOfScopeConnect], Severity::Critical);
+        assert_eq!(p.actors["svc:support-bot"].connect.as_ref().unwrap().len(), 1);
+        assert_eq!(p.never_alert.connect.len(), 2);
+        assert!(p.summary().contains("1 actor scope(s), 2 severity override(s), 2 never-alert"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = Policy::parse("severity:\n  out_of_scope_connekt: high\n", "p.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:2:") && e.contains("out_of_scope_connekt"), "{e}");
+        let e = Policy::parse("severity:\n  out_of_scope_connect: loud\n", "p.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:2:") && e.contains("loud"), "{e}");
+        let e = Policy::parse("never_alert:\n  connect: [\"127.0.0.53\"]\n", "p.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:2:") && e.contains("never_alert.connect[0]"), "{e}");
+        let e = Policy::parse("defaults:\n  ttl: 0s\n", "p.yaml").unwrap_err().to_string();
+        assert!(e.contains("defaults.ttl"), "{e}");
+        let e = Policy::parse("actors:\n  bot:\n    exec: [curl]\n", "p.yaml").unwrap_err().to_string();
+        assert!(e.contains("actors.bot.exec"), "{e}");
+        let e = Policy::parse("extra: 1\n", "p.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:1:") && e.contains("extra"), "{e}");
+    }
+}
