@@ -86,6 +86,7 @@ pub struct Agent {
     pub alerts: PathBuf,
     pub events: PathBuf,
     pub log: PathBuf,
+    _cgroup: Option<TestCgroup>,
 }
 
 impl Agent {
@@ -93,9 +94,13 @@ impl Agent {
         Self::start_with(name, &[])
     }
 
+    /// Starts an agent. Its connect hooks attach under a cgroup of the test's own (made here
+    /// unless `extra` names one with `--cgroup`), so a bug in the deny path cannot cut this
+    /// machine's other connections.
     pub fn start_with(name: &str, extra: &[&str]) -> Self {
         require_root();
         let dir = Scratch::new(name);
+        let own_cgroup = (!extra.contains(&"--cgroup")).then(|| TestCgroup::new(&format!("agent-{name}")));
         let control = dir.path("control.sock");
         let alerts = dir.path("alerts.jsonl");
         let events = dir.path("events.jsonl");
@@ -111,12 +116,13 @@ impl Agent {
             .arg("--event-log")
             .arg(&events)
             .args(["--log", "debug,aya=info,aya_obj=info"])
+            .args(own_cgroup.iter().flat_map(|cg| [std::ffi::OsStr::new("--cgroup"), cg.0.as_os_str()]))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting monitor agent");
-        let mut agent = Self { child, dir, control, alerts, events, log };
+        let mut agent = Self { child, dir, control, alerts, events, log, _cgroup: own_cgroup };
         agent.wait_ready();
         agent
     }

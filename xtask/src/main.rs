@@ -42,6 +42,10 @@ enum Task {
         /// Fork+exec iterations per run.
         #[arg(long, default_value_t = 2000)]
         execs: u32,
+        /// TCP connects per run.
+        #[arg(long, default_value_t = 20000)]
+        connects: u32,
+
         /// Paired runs (without / with the agent) per benchmark.
         #[arg(long, default_value_t = 7)]
         rounds: u32,
@@ -51,6 +55,9 @@ enum Task {
     },
     /// What CI runs: the test command.
     Ci,
+    /// (Used by bench) connect to ADDR N times, closing each connection at once; prints seconds.
+    #[command(hide = true)]
+    ConnectLoop { addr: std::net::SocketAddr, count: u32 },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,11 +76,12 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Ci => test(None),
-        Task::Bench { execs, rounds, out } => {
+        Task::Bench { execs, connects, rounds, out } => {
             setup::run()?;
             build()?;
-            bench::run(&root, execs, rounds, &out)
+            bench::run(&root, bench::Sizes { execs, connects, rounds }, &out)
         }
+        Task::ConnectLoop { addr, count } => bench::connect_loop(addr, count),
     }
 }
 
