@@ -52,6 +52,22 @@ pub static GAI_ARGS: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(4_
 #[map]
 pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
 
+/// Unread bytes in the ring buffer past which a submit wakes the reader. Below it the reader is
+/// not woken per event: it drains on its own short timer (agent/reader.rs), which spares a
+/// wakeup and a context switch per event on busy hosts.
+const WAKEUP_BYTES: u64 = 256 * 1024;
+
+/// The flags for `submit`: no wakeup unless enough data is waiting.
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Counts a failure the hook could not report otherwise. Per-CPU, so no atomics are needed.
 #[inline(always)]
 pub fn count(stat: Stat) {

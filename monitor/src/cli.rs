@@ -183,7 +183,7 @@ fn session(command: SessionCommand) -> anyhow::Result<i32> {
             println!("{}", data["id"].as_str().unwrap_or_default());
         }
         SessionCommand::End { id, control } => {
-            let data = client::call(&control.path, &Request::End { id })?;
+            let data = client::call(&control.path, &Request::End { id, reason: crate::event::EndReason::Requested })?;
             let s: SessionSummary = serde_json::from_value(data).context("agent response")?;
             println!("{} ended at {}", s.session.id, s.ended.unwrap_or_default());
         }

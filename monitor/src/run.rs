@@ -87,7 +87,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let status = wait(child);
     // The agent usually has ended the session already (it saw the root exit); either way it is over.
-    match client::call(&args.control.path, &Request::End { id: id.clone() }) {
+    match client::call(
+        &args.control.path,
+        &Request::End { id: id.clone(), reason: crate::event::EndReason::RootExited },
+    ) {
         Ok(_) => {}
         Err(client::ClientError::Refused(m)) if m.contains("already ended") => {}
         Err(e) => eprintln!("monitor run: ending session {id}: {e}"),

@@ -15,7 +15,7 @@ use monitor_common::{
 
 use crate::{
     kernel,
-    maps::{count, EVENTS, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
+    maps::{count, submit_flags, EVENTS, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
     session,
 };
 
@@ -77,7 +77,7 @@ pub fn getaddrinfo_exit(ctx: RetProbeContext) -> u32 {
             allow_addresses(key, &ports, &(*event).addrs, (*event).count);
         }
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     0
 }
 

@@ -22,7 +22,7 @@ use monitor_common::{
 
 use crate::{
     kernel,
-    maps::{count, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, UDP_FLOWS},
+    maps::{count, submit_flags, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, UDP_FLOWS},
     session,
 };
 
@@ -200,7 +200,7 @@ fn emit(key: u32, family: u16, sock_type: u16, protocol: u32, port: u16, hook: u
         (*event).fd = fd;
         (*event).addr = *addr;
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
@@ -249,6 +249,6 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         (*event).fd = fd;
         (*event).ret = ret as i32;
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     0
 }

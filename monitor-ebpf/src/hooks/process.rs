@@ -15,7 +15,7 @@ use monitor_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP,
 
 use crate::{
     kernel,
-    maps::{count, EVENTS, PROC_SESSIONS},
+    maps::{count, submit_flags, EVENTS, PROC_SESSIONS},
     session,
 };
 
@@ -56,7 +56,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
         (*event).child_tgid = child;
         (*event)._pad0 = 0;
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     Ok(())
 }
 
@@ -114,7 +114,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     let _ = FILENAME_CAP;
-    entry.submit(0);
+    entry.submit(submit_flags());
     Ok(())
 }
 
@@ -151,6 +151,6 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
         (*event).exit_code = kernel::exit_code().unwrap_or(0);
         (*event)._pad0 = 0;
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     Ok(())
 }

@@ -23,7 +23,7 @@ const HOUSEKEEPING: Duration = Duration::from_secs(60);
 enum Command {
     Start { session: Box<Session>, reply: oneshot::Sender<Result<SessionKey, String>> },
     Seen(Vec<Process>),
-    End { id: String, reply: oneshot::Sender<Result<SessionSummary, String>> },
+    End { id: String, reason: EndReason, reply: oneshot::Sender<Result<SessionSummary, String>> },
     List { reply: oneshot::Sender<Vec<SessionSummary>> },
     Show { id: String, reply: oneshot::Sender<Result<SessionSummary, String>> },
 }
@@ -47,9 +47,9 @@ impl CoreHandle {
         let _ = self.send(Command::Seen(processes)).await;
     }
 
-    pub async fn end(&self, id: String) -> Result<SessionSummary, String> {
+    pub async fn end(&self, id: String, reason: EndReason) -> Result<SessionSummary, String> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::End { id, reply }).await?;
+        self.send(Command::End { id, reason, reply }).await?;
         rx.await.map_err(|_| GONE.to_string())?
     }
 
@@ -144,7 +144,7 @@ impl Core {
                     self.apply(Event::ProcessSeen(p)).await;
                 }
             }
-            Command::End { id, reply } => {
+            Command::End { id, reason, reply } => {
                 let now = now_ns();
                 let result = match self.engine.session(&id, now) {
                     None => Err(self.unknown(&id, now)),
@@ -152,7 +152,8 @@ impl Core {
                         Err(format!("session {id} already ended at {}", s.ended.unwrap_or_default()))
                     }
                     Some(s) => {
-                        self.apply(Event::SessionEnded { ts: now, key: s.key, reason: EndReason::Requested }).await;
+                        self.apply(Event::SessionEnded { ts: now, key: s.key, reason }).await;
+
                         self.engine.session(&id, now).ok_or_else(|| self.unknown(&id, now))
                     }
                 };

@@ -10,21 +10,29 @@ use crate::{
     event::Event,
 };
 
+/// How long an event may wait in the ring buffer when the probes did not wake the reader.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 pub async fn run(ring: RingBuf<MapData>, clock: Clock, out: mpsc::Sender<Event>) -> anyhow::Result<()> {
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while it is registered.
     let mut fd =
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("ring buffer fd: {}", e.into_parts().1))?;
     let mut batch = Vec::new();
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+        // The probes wake this task only when a lot is waiting (see submit_flags in
+        // monitor-ebpf); otherwise it drains on a short timer.
+        tokio::select! {
+            guard = fd.readable_mut() => guard?.clear_ready(),
+            _ = tokio::time::sleep(DRAIN_INTERVAL) => {}
+        }
+        let ring = fd.get_mut();
         while let Some(record) = ring.next() {
             match decode(&record, clock) {
                 Ok(event) => batch.push(event),
                 Err(e) => tracing::warn!("dropping undecodable kernel record: {e}"),
             }
         }
-        guard.clear_ready();
+
         for mut event in batch.drain(..) {
             enrich(&mut event);
             if out.send(event).await.is_err() {

@@ -401,8 +401,7 @@ impl Engine {
             })
         });
         let Some(t) = self.sessions.get(&c.session) else { return };
-        let verb = if c.connect { "connect" } else { "send" };
-        let what = format!("{} {verb} to {}", c.transport.as_str(), socket_addr(c));
+
         // The name this address was resolved from, while that resolution is fresh; the kernel
         // allows resolved addresses for as long (RESOLVED_TTL_NS).
         let names: Vec<String> = t
@@ -423,6 +422,8 @@ impl Engine {
             }),
         };
         let Some(rule) = rule else { return };
+        let verb = if c.connect { "connect" } else { "send" };
+        let what = format!("{} {verb} to {}", c.transport.as_str(), socket_addr(c));
         let summary = match rule {
             Rule::OutOfScopeConnect => format!("{what}, outside the session's connect scope"),
             Rule::ActivityAfterTaskEnd if c.verdict != Verdict::Allowed => format!("{what} after the task ended"),

@@ -4,6 +4,11 @@
 use serde::{Deserialize, Serialize};
 
 use super::{fingerprint::Secret, SessionFile, SessionId};
+use crate::event::EndReason;
+
+fn requested() -> EndReason {
+    EndReason::Requested
+}
 
 /// Requests are bounded; a larger one is refused and its connection closed.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -24,7 +29,11 @@ pub enum Request {
     },
     End {
         id: String,
+        /// `root_exited` when `monitor run` reports that its task's process exited.
+        #[serde(default = "requested")]
+        reason: EndReason,
     },
+
     List,
     Show {
         id: String,

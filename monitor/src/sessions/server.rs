@@ -96,7 +96,8 @@ async fn handle(request: Request, plane: &ControlPlane) -> Response {
         Request::Start { origin, file, id, bind, env_tokens } => {
             start(plane, &origin, file, id, bind, env_tokens).await
         }
-        Request::End { id } => plane.core.end(id).await.map(|s| json!(s)),
+        Request::End { id, reason } => plane.core.end(id, reason).await.map(|s| json!(s)),
+
         Request::List => plane.core.list().await.map(|s| json!(s)),
         Request::Show { id } => plane.core.show(id).await.map(|s| json!(s)),
     };
@@ -125,7 +126,7 @@ async fn start(
     let mut maps = plane.maps.lock().await;
     if let Err(e) = maps.install_policy(key, &session, expires_at, &plane.policy.never_alert.connect) {
         drop(maps);
-        let _ = plane.core.end(id.clone()).await;
+        let _ = plane.core.end(id.clone(), crate::event::EndReason::Requested).await;
         return Err(e);
     }
     // Snapshot first, bind second: a process's own events then always follow its snapshot.
