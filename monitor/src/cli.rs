@@ -80,6 +80,10 @@ pub struct AgentArgs {
     /// the root of the cgroup2 hierarchy, i.e. every process).
     #[arg(long = "cgroup", value_name = "PATH")]
     pub hook_cgroup: Option<PathBuf>,
+    /// Do not attach this optional probe (repeatable), e.g. `sys_enter_connect`: the agent
+    /// reports what it loses.
+    #[arg(long = "disable-probe", value_name = "PROBE")]
+    pub disabled_probes: Vec<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -160,6 +164,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 policy,
                 event_log: args.event_log,
                 hook_cgroup: args.hook_cgroup,
+                disabled_probes: args.disabled_probes,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;

@@ -34,6 +34,8 @@ pub struct AgentSettings {
     /// The cgroup v2 directory the connect hooks attach to (default: the hierarchy's root).
     pub hook_cgroup: Option<PathBuf>,
     pub policy: crate::policy::Policy,
+    /// Optional probes not to attach.
+    pub disabled_probes: Vec<String>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -46,7 +48,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (alert_tx, alert_rx) = mpsc::channel(4096);
     // The reader starts before any probe is attached, so no early event waits unread.
     let mut reader = tokio::spawn(reader::run(ring, clock(), event_tx.clone()));
-    let probes = loaded.attach(settings.hook_cgroup.as_deref())?;
+    let probes = loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes)?;
     report(&probes.report);
 
     let event_log = match &settings.event_log {

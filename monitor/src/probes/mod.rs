@@ -40,6 +40,10 @@ pub enum ProbeError {
     },
     #[error("the eBPF object has no {0}: it was built from other sources than this agent")]
     Missing(&'static str),
+    #[error("probe {0} is required and cannot be disabled")]
+    Required(String),
+    #[error("there is no probe {name}; the probes are: {}", PROBES.iter().map(|p| p.program).collect::<Vec<_>>().join(", "))]
+    Unknown { name: String },
     #[error("no C library found in this agent's own memory map to attach uprobes to")]
     NoLibc,
     #[error("no cgroup v2 hierarchy to attach the connect hooks to")]
@@ -293,7 +297,15 @@ impl Loaded {
     /// Attaches every probe of [`PROBES`]; the cgroup hooks to `cgroup` (a cgroup v2 directory,
     /// by default the root of the hierarchy). A required probe that fails is an error; an
     /// optional one is reported as degraded.
-    pub fn attach(mut self, cgroup: Option<&Path>) -> Result<Probes, ProbeError> {
+    ///
+    /// Optional probes named in `disabled` are left out (and reported so); a required one cannot be.
+    pub fn attach(mut self, cgroup: Option<&Path>, disabled: &[String]) -> Result<Probes, ProbeError> {
+        if let Some(name) = disabled.iter().find(|d| PROBES.iter().any(|p| p.program == d.as_str() && p.required)) {
+            return Err(ProbeError::Required(name.clone()));
+        }
+        if let Some(name) = disabled.iter().find(|d| !PROBES.iter().any(|p| p.program == d.as_str())) {
+            return Err(ProbeError::Unknown { name: name.clone() });
+        }
         let mut report = LoadReport { missing_offsets: self.missing_offsets.clone(), ..Default::default() };
         let cgroup = cgroup.map(Path::to_path_buf).or_else(crate::sessions::bind::cgroup2_mount);
         let cgroup = match cgroup.as_deref().map(std::fs::File::open) {
@@ -305,8 +317,13 @@ impl Loaded {
             None => None,
         };
         for spec in PROBES {
-            let result = attach_one(&mut self.ebpf, spec, cgroup.as_ref());
             let attach = spec.attach.to_string();
+            if disabled.iter().any(|d| d == spec.program) {
+                let error = Some(format!("disabled by --disable-probe (lost: {})", spec.provides));
+                report.probes.push(ProbeStatus { probe: spec.program, attach, attached: false, error });
+                continue;
+            }
+            let result = attach_one(&mut self.ebpf, spec, cgroup.as_ref());
             match result {
                 Ok(()) => report.probes.push(ProbeStatus { probe: spec.program, attach, attached: true, error: None }),
                 Err(e) if !spec.required => report.probes.push(ProbeStatus {
