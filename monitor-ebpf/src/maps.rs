@@ -55,7 +55,7 @@ pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
 /// Unread bytes in the ring buffer past which a submit wakes the reader. Below it the reader is
 /// not woken per event: it drains on its own short timer (agent/reader.rs), which spares a
 /// wakeup and a context switch per event on busy hosts.
-const WAKEUP_BYTES: u64 = 256 * 1024;
+const WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// The flags for `submit`: no wakeup unless enough data is waiting.
 #[inline(always)]

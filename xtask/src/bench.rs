@@ -15,10 +15,12 @@ pub struct Sizes {
     pub execs: u32,
     pub connects: u32,
     pub rounds: u32,
+    /// Extra arguments for the agent under test (e.g. `--disable-probe X`).
+    pub agent_args: Vec<String>,
 }
 
 pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
-    let Sizes { execs, connects, rounds } = sizes;
+    let Sizes { execs, connects, rounds, agent_args } = sizes;
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
     let monitor = root.join("target/release/monitor");
@@ -31,10 +33,10 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         // Alternate the order so drift on the machine does not favour one side.
         let (a, b) = if round % 2 == 0 {
             let a = exec_loop(execs)?;
-            let b = with_agent(&monitor, &dir, || exec_loop(execs))?;
+            let b = with_agent(&monitor, &dir, &agent_args, || exec_loop(execs))?;
             (a, b)
         } else {
-            let b = with_agent(&monitor, &dir, || exec_loop(execs))?;
+            let b = with_agent(&monitor, &dir, &agent_args, || exec_loop(execs))?;
             let a = exec_loop(execs)?;
             (a, b)
         };
@@ -47,7 +49,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let exec_with = median(&with);
     let exec_ratio = median(&ratios);
 
-    let connect = connect_overhead(&monitor, &dir, connects, rounds)?;
+    let connect = connect_overhead(&monitor, &dir, &agent_args, connects, rounds)?;
 
     eprintln!("bench: engine throughput on synthetic events (one core)");
     let engine_events = 1_000_000u64;
@@ -160,8 +162,13 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// Runs `measure` while an agent is loaded with a session active for another process.
-fn with_agent(monitor: &Path, dir: &Path, measure: impl FnOnce() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
-    let agent = BenchAgent::start(monitor, dir)?;
+fn with_agent(
+    monitor: &Path,
+    dir: &Path,
+    agent_args: &[String],
+    measure: impl FnOnce() -> anyhow::Result<f64>,
+) -> anyhow::Result<f64> {
+    let agent = BenchAgent::start(monitor, dir, agent_args)?;
     let mut holder = Command::new("sleep").arg("600").spawn()?;
     let session = dir.join("bench-session.yaml");
     fs::write(&session, "principal: bench@example.com\nactor: svc:bench\ntask: benchmark\n")?;
@@ -188,7 +195,7 @@ struct BenchAgent {
 }
 
 impl BenchAgent {
-    fn start(monitor: &Path, dir: &Path) -> anyhow::Result<Self> {
+    fn start(monitor: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let control = dir.join("control.sock");
         let log = dir.join("agent.log");
         let child = Command::new(monitor)
@@ -199,6 +206,7 @@ impl BenchAgent {
             .arg(dir.join("fingerprint.key"))
             .arg("--output")
             .arg(format!("jsonl:{}", dir.join("alerts.jsonl").display()))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
             .spawn()?;
@@ -231,7 +239,13 @@ struct ConnectResults {
 
 /// Paired rounds of `count` TCP connects to a loopback listener: (a) no agent, (b) agent loaded,
 /// process outside every session, (c) agent loaded, process in a session, destination in scope.
-fn connect_overhead(monitor: &Path, dir: &Path, count: u32, rounds: u32) -> anyhow::Result<ConnectResults> {
+fn connect_overhead(
+    monitor: &Path,
+    dir: &Path,
+    agent_args: &[String],
+    count: u32,
+    rounds: u32,
+) -> anyhow::Result<ConnectResults> {
     eprintln!("bench: connect overhead, {rounds} paired rounds of {count} TCP connects to 127.0.0.9");
     let listener = std::net::TcpListener::bind("127.0.0.9:0")?;
     // std listens with a backlog of 128: a connect burst overflows it and SYN retransmits (1 s)
@@ -271,7 +285,7 @@ fn connect_overhead(monitor: &Path, dir: &Path, count: u32, rounds: u32) -> anyh
     let (mut none, mut outside, mut inside, mut r_out, mut r_in) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         let with = |client: &dyn Fn(Option<&Path>) -> anyhow::Result<f64>| -> anyhow::Result<(f64, f64)> {
-            let agent = BenchAgent::start(monitor, dir)?;
+            let agent = BenchAgent::start(monitor, dir, agent_args)?;
             let b = client(None)?;
             let c = client(Some(&agent.control))?;
             Ok((b, c))

@@ -49,6 +49,10 @@ enum Task {
         /// Paired runs (without / with the agent) per benchmark.
         #[arg(long, default_value_t = 7)]
         rounds: u32,
+        /// Extra arguments for the agent under test, whitespace-separated.
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
+        agent_args: String,
+
         /// Where the JSON report goes.
         #[arg(long, default_value = "target/bench/report.json")]
         out: PathBuf,
@@ -76,10 +80,11 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Ci => test(None),
-        Task::Bench { execs, connects, rounds, out } => {
+        Task::Bench { execs, connects, rounds, agent_args, out } => {
             setup::run()?;
             build()?;
-            bench::run(&root, bench::Sizes { execs, connects, rounds }, &out)
+            let agent_args = agent_args.split_whitespace().map(str::to_string).collect();
+            bench::run(&root, bench::Sizes { execs, connects, rounds, agent_args }, &out)
         }
         Task::ConnectLoop { addr, count } => bench::connect_loop(addr, count),
     }

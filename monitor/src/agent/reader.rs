@@ -11,7 +11,10 @@ use crate::{
 };
 
 /// How long an event may wait in the ring buffer when the probes did not wake the reader.
-const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+/// Shorter costs idle CPU on every host (measured: 10 ms added ~2% to an exec loop on 2
+/// cores); longer delays alerts. Enforcement does not wait for it: the kernel decides.
+
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(40);
 
 pub async fn run(ring: RingBuf<MapData>, clock: Clock, out: mpsc::Sender<Event>) -> anyhow::Result<()> {
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while it is registered.
