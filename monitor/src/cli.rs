@@ -84,6 +84,10 @@ pub struct AgentArgs {
     /// reports what it loses.
     #[arg(long = "disable-probe", value_name = "PROBE")]
     pub disabled_probes: Vec<String>,
+    /// Attach an opt-in probe (repeatable): `sys_enter_connect` and `sys_exit_connect` add the
+    /// socket fd and the outcome to connect events, at a cost to every syscall on the host.
+    #[arg(long = "enable-probe", value_name = "PROBE")]
+    pub enabled_probes: Vec<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -165,6 +169,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 event_log: args.event_log,
                 hook_cgroup: args.hook_cgroup,
                 disabled_probes: args.disabled_probes,
+                enabled_probes: args.enabled_probes,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;

@@ -37,8 +37,14 @@ struct Net {
 
 impl Net {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Self {
         let cg = TestCgroup::new(name);
-        let agent = Agent::start_with(name, &["--cgroup", cg.0.to_str().unwrap()]);
+        let mut args = vec!["--cgroup", cg.0.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let agent = Agent::start_with(name, &args);
         let client = agent.dir.write("client.py", CLIENT).display().to_string();
         Self { agent, cg, client }
     }
@@ -80,7 +86,9 @@ fn out_of_scope(agent: &Agent) -> Vec<Value> {
 
 #[test]
 fn connects_in_and_out_of_scope_over_tcp_udp_and_ipv6() {
-    let net = Net::start("netscope");
+    // With the opt-in syscall probes: connects also carry their fd, and their outcome follows.
+    let net =
+        Net::start_with("netscope", &["--enable-probe", "sys_enter_connect", "--enable-probe", "sys_exit_connect"]);
     let (tcp_in, tcp_out) = (tcp_listener("127.0.0.2"), tcp_listener("127.0.0.3"));
     let (udp_in, udp_out) = (udp_listener("127.0.0.2"), udp_listener("127.0.0.3"));
     let (v6_in, v6_out) = (tcp_listener("::1"), tcp_listener("::1"));
@@ -117,8 +125,16 @@ fn connects_in_and_out_of_scope_over_tcp_udp_and_ipv6() {
     for port in [tcp_in, udp_in, v6_in] {
         assert!(events.iter().any(|e| e["type"] == "connect" && e["port"] == port), "no connect event to {port}");
     }
+    let tcp = events.iter().find(|e| e["type"] == "connect" && e["port"] == tcp_in).unwrap();
+    let fd = tcp["fd"].as_i64().expect("the socket fd of a connect(2)");
+    let outcome = events
+        .iter()
+        .find(|e| e["type"] == "connect_result" && e["pid"] == tcp["pid"] && e["fd"] == fd)
+        .expect("the outcome of the connect");
+    assert_eq!(outcome["ret"], 0, "a blocking connect to a listener succeeds");
     let alerts = out_of_scope(&net.agent);
     assert_eq!(alerts.len(), 3, "{alerts:#?}");
+
     let v6 = alerts.iter().find(|a| a["network"]["dst_port"] == v6_out).unwrap();
     assert_eq!(v6["network"]["dst_ip"], "::1");
 }

@@ -36,6 +36,8 @@ pub struct AgentSettings {
     pub policy: crate::policy::Policy,
     /// Optional probes not to attach.
     pub disabled_probes: Vec<String>,
+    /// Opt-in probes to attach.
+    pub enabled_probes: Vec<String>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -48,7 +50,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (alert_tx, alert_rx) = mpsc::channel(4096);
     // The reader starts before any probe is attached, so no early event waits unread.
     let mut reader = tokio::spawn(reader::run(ring, clock(), event_tx.clone()));
-    let probes = loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes)?;
+    let probes = loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
     report(&probes.report);
 
     let event_log = match &settings.event_log {

@@ -90,6 +90,8 @@ pub struct ProbeSpec {
     pub required: bool,
     /// What the agent loses without it, for the report.
     pub provides: &'static str,
+    /// Off unless asked for (`--enable-probe`): a probe whose cost falls on the whole host.
+    pub opt_in: bool,
 }
 
 /// Every probe the agent knows about.
@@ -99,66 +101,79 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::TracePoint { category: "task", name: "task_newtask" },
         required: true,
         provides: "session inheritance at fork",
+        opt_in: false,
     },
     ProbeSpec {
         program: "sched_process_exec",
         attach: AttachPoint::TracePoint { category: "sched", name: "sched_process_exec" },
         required: true,
         provides: "exec events",
+        opt_in: false,
     },
     ProbeSpec {
         program: "sched_process_exit",
         attach: AttachPoint::TracePoint { category: "sched", name: "sched_process_exit" },
         required: true,
         provides: "exit events and session cleanup",
+        opt_in: false,
     },
     ProbeSpec {
         program: "connect4",
         attach: AttachPoint::CgroupSockAddr { hook: "connect4" },
         required: false,
         provides: "IPv4 connects and their enforcement",
+        opt_in: false,
     },
     ProbeSpec {
         program: "connect6",
         attach: AttachPoint::CgroupSockAddr { hook: "connect6" },
         required: false,
         provides: "IPv6 connects and their enforcement",
+        opt_in: false,
     },
     ProbeSpec {
         program: "sendmsg4",
         attach: AttachPoint::CgroupSockAddr { hook: "sendmsg4" },
         required: false,
         provides: "unconnected IPv4 UDP sends and their enforcement",
+        opt_in: false,
     },
     ProbeSpec {
         program: "sendmsg6",
         attach: AttachPoint::CgroupSockAddr { hook: "sendmsg6" },
         required: false,
         provides: "unconnected IPv6 UDP sends and their enforcement",
+        opt_in: false,
     },
     ProbeSpec {
         program: "getaddrinfo_enter",
         attach: AttachPoint::Libc { symbol: "getaddrinfo" },
         required: false,
         provides: "names resolved through libc (name scopes, dst_name)",
+        opt_in: false,
     },
     ProbeSpec {
         program: "getaddrinfo_exit",
         attach: AttachPoint::Libc { symbol: "getaddrinfo" },
         required: false,
         provides: "names resolved through libc (name scopes, dst_name)",
+        opt_in: false,
     },
     ProbeSpec {
         program: "sys_enter_connect",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_enter_connect" },
         required: false,
+        // Any syscall tracepoint turns on the syscall-tracing slow path for every syscall of
+        // every process: measured +5-10% on a connect loop outside sessions.
         provides: "the socket fd of connects",
+        opt_in: true,
     },
     ProbeSpec {
         program: "sys_exit_connect",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_connect" },
         required: false,
         provides: "the outcome of connects",
+        opt_in: true,
     },
 ];
 
@@ -298,12 +313,18 @@ impl Loaded {
     /// by default the root of the hierarchy). A required probe that fails is an error; an
     /// optional one is reported as degraded.
     ///
-    /// Optional probes named in `disabled` are left out (and reported so); a required one cannot be.
-    pub fn attach(mut self, cgroup: Option<&Path>, disabled: &[String]) -> Result<Probes, ProbeError> {
+    /// Optional probes named in `disabled` are left out (and reported so); a required one cannot
+    /// be. Opt-in probes are attached only when named in `enabled`.
+    pub fn attach(
+        mut self,
+        cgroup: Option<&Path>,
+        disabled: &[String],
+        enabled: &[String],
+    ) -> Result<Probes, ProbeError> {
         if let Some(name) = disabled.iter().find(|d| PROBES.iter().any(|p| p.program == d.as_str() && p.required)) {
             return Err(ProbeError::Required(name.clone()));
         }
-        if let Some(name) = disabled.iter().find(|d| !PROBES.iter().any(|p| p.program == d.as_str())) {
+        if let Some(name) = disabled.iter().chain(enabled).find(|d| !PROBES.iter().any(|p| p.program == d.as_str())) {
             return Err(ProbeError::Unknown { name: name.clone() });
         }
         let mut report = LoadReport { missing_offsets: self.missing_offsets.clone(), ..Default::default() };
@@ -318,8 +339,12 @@ impl Loaded {
         };
         for spec in PROBES {
             let attach = spec.attach.to_string();
-            if disabled.iter().any(|d| d == spec.program) {
-                let error = Some(format!("disabled by --disable-probe (lost: {})", spec.provides));
+            let off = disabled.iter().any(|d| d == spec.program)
+                || (spec.opt_in && !enabled.iter().any(|e| e == spec.program));
+            if off {
+                let why =
+                    if spec.opt_in { "opt-in, enable with --enable-probe" } else { "disabled by --disable-probe" };
+                let error = Some(format!("{why} (lost: {})", spec.provides));
                 report.probes.push(ProbeStatus { probe: spec.program, attach, attached: false, error });
                 continue;
             }
