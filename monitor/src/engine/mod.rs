@@ -317,25 +317,37 @@ impl Engine {
         });
     }
 
+    /// The live record of `pid`, or a new one for a session process the engine meets without a
+    /// fork (the root of `monitor run`, a process that joined a bound cgroup).
+    fn live_or_first_seen(
+        &mut self,
+        session: SessionKey,
+        pid: u32,
+        ppid: u32,
+        creds: crate::event::Creds,
+        cgroup: u64,
+        ts: Nanos,
+    ) -> Serial {
+        if let Some(serial) = self.procs.live(pid) {
+            return serial;
+        }
+        let parent = self.procs.live(ppid);
+        self.procs.insert(Proc {
+            session,
+            pid,
+            ppid,
+            parent,
+            exe: String::new(),
+            argv: Vec::new(),
+            creds,
+            cgroup,
+            started: ts,
+            exited: None,
+        })
+    }
+
     fn exec(&mut self, e: &Exec, alerts: &mut Vec<Alert>) {
-        let serial = match self.procs.live(e.pid) {
-            Some(s) => s,
-            None => {
-                let parent = self.procs.live(e.ppid);
-                self.procs.insert(Proc {
-                    session: e.session,
-                    pid: e.pid,
-                    ppid: e.ppid,
-                    parent,
-                    exe: String::new(),
-                    argv: Vec::new(),
-                    creds: e.creds,
-                    cgroup: e.cgroup,
-                    started: e.ts,
-                    exited: None,
-                })
-            }
-        };
+        let serial = self.live_or_first_seen(e.session, e.pid, e.ppid, e.creds, e.cgroup, e.ts);
         let before = self.procs.get(serial).map(|p| p.creds).unwrap_or(e.creds);
         if let Some(p) = self.procs.get_mut(serial) {
             p.exe = e.exe.clone();
@@ -386,20 +398,7 @@ impl Engine {
     }
 
     fn connect(&mut self, c: &Connect, alerts: &mut Vec<Alert>) {
-        let serial = self.procs.live(c.pid).unwrap_or_else(|| {
-            self.procs.insert(Proc {
-                session: c.session,
-                pid: c.pid,
-                ppid: 0,
-                parent: None,
-                exe: String::new(),
-                argv: Vec::new(),
-                creds: c.creds,
-                cgroup: c.cgroup,
-                started: c.ts,
-                exited: None,
-            })
-        });
+        let serial = self.live_or_first_seen(c.session, c.pid, 0, c.creds, c.cgroup, c.ts);
         let Some(t) = self.sessions.get(&c.session) else { return };
 
         // The name this address was resolved from, while that resolution is fresh; the kernel

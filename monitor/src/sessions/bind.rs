@@ -138,7 +138,12 @@ impl KernelMaps {
 
     pub fn bind_cgroup(&mut self, cgroup: u64, key: SessionKey) -> Result<(), BindError> {
         self.cgroup_sessions.insert(cgroup, key, 0).map_err(|e| BindError::Map("CGROUP_SESSIONS", e))?;
+        self.sync_cgroup_count().map_err(|e| BindError::Map("CONFIG", e))
+    }
+
+    /// Tells the probes how many cgroups are bound: with none, they skip the cgroup lookup.
+    pub fn sync_cgroup_count(&mut self) -> Result<(), aya::maps::MapError> {
         let count = self.cgroup_sessions.keys().filter(Result::is_ok).count() as u64;
-        self.config.set(CONFIG_CGROUP_BINDINGS, count, 0).map_err(|e| BindError::Map("CONFIG", e))
+        self.config.set(CONFIG_CGROUP_BINDINGS, count, 0)
     }
 }

@@ -6,8 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use aya::maps::lpm_trie::Key;
 use monitor_common::{name_hash, NameKey, NAME_EXACT, NAME_SUFFIX};
 use monitor_common::{
-    PortRanges, ScopeNet, SessionPolicy, CONFIG_CGROUP_BINDINGS, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE,
-    PORT_RANGES,
+    PortRanges, ScopeNet, SessionPolicy, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE, PORT_RANGES,
 };
 
 use super::{mapped, mapped_prefix, Host, Session};
@@ -166,8 +165,7 @@ impl KernelMaps {
             let _ = self.cgroup_sessions.remove(cgroup);
         }
         if !cgroups.is_empty() {
-            let count = self.cgroup_sessions.keys().filter(Result::is_ok).count() as u64;
-            let _ = self.config.set(CONFIG_CGROUP_BINDINGS, count, 0);
+            let _ = self.sync_cgroup_count();
         }
     }
 }

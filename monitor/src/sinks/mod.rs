@@ -38,6 +38,18 @@ impl FromStr for OutputSpec {
     }
 }
 
+/// Opens a JSON-lines file for appending, creating it and its directory as needed.
+fn open_append(path: &std::path::Path, what: &str) -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{what} {}: {e}", dir.display()))?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
+}
+
 pub struct Sink {
     spec: OutputSpec,
     out: Box<dyn Write + Send>,
@@ -49,17 +61,7 @@ pub fn open(specs: &[OutputSpec]) -> anyhow::Result<Vec<Sink>> {
         .map(|spec| {
             let out: Box<dyn Write + Send> = match spec {
                 OutputSpec::Stdout => Box::new(std::io::stdout()),
-                OutputSpec::Jsonl(path) => {
-                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    let file = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .map_err(|e| anyhow::anyhow!("output {}: {e}", path.display()))?;
-                    Box::new(BufWriter::new(file))
-                }
+                OutputSpec::Jsonl(path) => Box::new(BufWriter::new(open_append(path, "output")?)),
             };
             Ok(Sink { spec: spec.clone(), out })
         })
@@ -92,12 +94,7 @@ pub struct EventLog {
 
 impl EventLog {
     pub fn create(path: &std::path::Path) -> anyhow::Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| anyhow::anyhow!("event log {}: {e}", path.display()))?;
-        Ok(Self { out: BufWriter::new(file) })
+        Ok(Self { out: BufWriter::new(open_append(path, "event log")?) })
     }
 
     pub fn write(&mut self, event: &crate::event::Event) {
