@@ -1,7 +1,7 @@
 //! Ring-buffer events. Each starts with [`EventHeader`]; `kind` says which struct follows.
 
 /// Bumped whenever the layout of any event changes; userspace refuses other versions.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// Which event follows the header. Numbers are fixed and never reused.
 #[repr(u32)]
@@ -13,6 +13,10 @@ pub enum EventKind {
     Connect = 4,
     ConnectResult = 5,
     Resolve = 6,
+    FileOpen = 7,
+    EnvToken = 8,
+    Payload = 9,
+    CredChange = 10,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -26,6 +30,10 @@ impl TryFrom<u32> for EventKind {
             4 => Ok(Self::Connect),
             5 => Ok(Self::ConnectResult),
             6 => Ok(Self::Resolve),
+            7 => Ok(Self::FileOpen),
+            8 => Ok(Self::EnvToken),
+            9 => Ok(Self::Payload),
+            10 => Ok(Self::CredChange),
             other => Err(other),
         }
     }
@@ -41,7 +49,8 @@ pub struct EventHeader {
     pub _pad0: u16,
     /// Size in bytes of the whole event, header included.
     pub size: u32,
-    /// The kernel-side session key the process belongs to (never 0 in an emitted event).
+    /// The kernel-side session key the process belongs to; 0 for a process outside every session
+    /// (only credential events are emitted for those).
     pub session: u32,
     /// `bpf_ktime_get_boot_ns`: nanoseconds since boot, suspend included.
     pub ts_ns: u64,
@@ -103,12 +112,14 @@ pub struct ExecEvent {
     pub egid: u32,
     /// The thread id that called exec (differs from pid when a non-leader thread execs).
     pub old_pid: u32,
+    /// Effective capabilities after the exec (`u64::MAX` when the offset was not resolved).
+    pub cap_effective: u64,
     /// The path given to exec, as the kernel resolved it.
     pub filename: Bytes<FILENAME_CAP>,
     /// argv of the new image, NUL-separated, read from its `mm->arg_start..arg_end`.
     pub argv: Bytes<ARGV_CAP>,
 }
-const _: () = assert!(core::mem::size_of::<ExecEvent>() == 48 + 16 + 4 + FILENAME_CAP + 4 + ARGV_CAP);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 48 + 16 + 8 + 4 + FILENAME_CAP + 4 + ARGV_CAP);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() % 8 == 0);
 
 /// The last thread of a session process exited.
@@ -182,6 +193,107 @@ pub struct ResolveEvent {
 }
 const _: () = assert!(core::mem::size_of::<ResolveEvent>() == 48 + 4 + 4 + NAME_CAP + 16 * RESOLVE_ADDRS);
 
+pub const COMM_CAP: usize = 16;
+
+/// A process (any process) opened a watched credential file. The file is identified by the
+/// device and inode the open resolved to, so relative paths, symlinks and hard links all match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileOpenEvent {
+    pub header: EventHeader,
+    /// The new descriptor.
+    pub fd: i32,
+    /// `file->f_flags` (O_RDONLY, O_WRONLY, O_RDWR, ...); `u32::MAX` when unresolved.
+    pub flags: u32,
+    /// `sb->s_dev` in the kernel's encoding (major << 20 | minor).
+    pub dev: u32,
+    pub _pad0: u32,
+    pub ino: u64,
+    pub comm: [u8; COMM_CAP],
+}
+const _: () = assert!(core::mem::size_of::<FileOpenEvent>() == 48 + 24 + COMM_CAP);
+
+pub const ENV_NAME_CAP: usize = 60;
+
+/// A process exec'd with a watched token as the value of an environment variable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EnvTokenEvent {
+    pub header: EventHeader,
+    /// [`token_hash`] of the value (under the agent's seed): which token it is.
+    pub hash: u64,
+    pub comm: [u8; COMM_CAP],
+    /// The variable's name (never its value).
+    pub name: Bytes<ENV_NAME_CAP>,
+}
+const _: () = assert!(core::mem::size_of::<EnvTokenEvent>() == 48 + 8 + COMM_CAP + 4 + ENV_NAME_CAP);
+
+/// Where a payload was captured.
+pub const PAYLOAD_SSL_WRITE: u8 = 1;
+pub const PAYLOAD_SSL_WRITE_EX: u8 = 2;
+pub const PAYLOAD_TCP: u8 = 3;
+
+pub const PAYLOAD_CAP: usize = 4096;
+
+/// The first bytes of an outbound request that starts like HTTP/1.x: TLS plaintext given to
+/// OpenSSL, or a plaintext TCP segment. Userspace parses it and keeps only fingerprints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PayloadEvent {
+    pub header: EventHeader,
+    /// One of the `PAYLOAD_*` values.
+    pub source: u8,
+    pub _pad0: u8,
+    /// Destination port, host byte order (0 when unknown: TLS).
+    pub port: u16,
+    /// Length of the whole write or segment (`data` holds at most [`PAYLOAD_CAP`] bytes of it).
+    pub total_len: u32,
+    /// Destination address, IPv4-mapped for IPv4; all zero when unknown (TLS).
+    pub addr: [u8; 16],
+    pub comm: [u8; COMM_CAP],
+    pub _pad1: u32,
+    pub data: Bytes<PAYLOAD_CAP>,
+}
+const _: () = assert!(core::mem::size_of::<PayloadEvent>() == 48 + 8 + 16 + COMM_CAP + 4 + 4 + PAYLOAD_CAP);
+
+/// Which credential-changing call succeeded.
+pub const CRED_SETUID: u32 = 1;
+pub const CRED_SETREUID: u32 = 2;
+pub const CRED_SETRESUID: u32 = 3;
+pub const CRED_SETFSUID: u32 = 4;
+pub const CRED_CAPSET: u32 = 5;
+
+/// A session process changed its credentials (setuid family, capset) successfully.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CredChangeEvent {
+    pub header: EventHeader,
+    /// One of the `CRED_*` values.
+    pub call: u32,
+    /// Effective uid after the call (`u32::MAX` when unresolved).
+    pub euid: u32,
+    /// Effective capabilities after the call (`u64::MAX` when unresolved).
+    pub cap_effective: u64,
+}
+const _: () = assert!(core::mem::size_of::<CredChangeEvent>() == 48 + 16);
+
+/// The token hash: FNV-1a 64 over the value, started from a per-agent random seed so the kernel
+/// map holds nothing precomputable. A prefilter only: userspace fingerprints with HMAC.
+#[inline(always)]
+pub const fn token_hash_step(hash: u64, byte: u8) -> u64 {
+    (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+pub fn token_hash(seed: u64, value: &[u8]) -> u64 {
+    let mut hash = seed;
+    let mut i = 0;
+    while i < value.len() {
+        hash = token_hash_step(hash, value[i]);
+        i += 1;
+    }
+    hash
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted by size
@@ -193,4 +305,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnectEvent {}
     unsafe impl aya::Pod for super::ConnectResultEvent {}
     unsafe impl aya::Pod for super::ResolveEvent {}
+    unsafe impl aya::Pod for super::FileOpenEvent {}
+    unsafe impl aya::Pod for super::EnvTokenEvent {}
+    unsafe impl aya::Pod for super::PayloadEvent {}
+    unsafe impl aya::Pod for super::CredChangeEvent {}
 }

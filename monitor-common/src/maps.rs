@@ -20,7 +20,47 @@ pub const MAP_SCOPE_NAMES: &str = "SCOPE_NAMES";
 /// `ResolvedKey -> Resolved`: addresses a session resolved from an allowed name, with expiry.
 pub const MAP_RESOLVED: &str = "RESOLVED";
 
+/// `inode number -> WatchedDevs`: credential files watched for opens, by any process.
+pub const MAP_WATCHED_INODES: &str = "WATCHED_INODES";
+/// `token_hash -> 1`: values of the tokens granted to sessions, looked for in exec environments.
+pub const MAP_TOKEN_HASHES: &str = "TOKEN_HASHES";
+
 pub const PROC_SESSIONS_CAPACITY: u32 = 65_536;
+pub const WATCHED_INODES_CAPACITY: u32 = 16_384;
+pub const TOKEN_HASHES_CAPACITY: u32 = 4_096;
+/// How many devices one watched inode number can be on (an inode number is per filesystem).
+pub const WATCHED_DEVS: usize = 4;
+
+/// The devices (`s_dev`, kernel encoding) on which a watched inode number is a watched file;
+/// unused slots are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchedDevs {
+    pub devs: [u32; WATCHED_DEVS],
+}
+const _: () = assert!(core::mem::size_of::<WatchedDevs>() == 16);
+
+impl WatchedDevs {
+    pub fn contains(&self, dev: u32) -> bool {
+        dev != 0 && (self.devs[0] == dev || self.devs[1] == dev || self.devs[2] == dev || self.devs[3] == dev)
+    }
+}
+
+/// Who connected a TCP socket (keyed by socket cookie), for the plaintext payload hook, which
+/// runs where the current task is not always the socket's owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpOwner {
+    pub tgid: u32,
+    pub session: u32,
+    pub port: u16,
+    /// How many payload segments were looked at; the hook stops after a few that are not HTTP.
+    pub segments: u16,
+    pub _pad0: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<TcpOwner>() == 32);
+
 pub const CGROUP_SESSIONS_CAPACITY: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 4 * 1024 * 1024;
 
@@ -34,8 +74,10 @@ pub enum Stat {
     InheritFailed = 1,
     /// A kernel read failed (filename, argv, parent, credentials).
     ReadFailed = 2,
+    /// An exec environment was longer than the scanned part: a token past it was not looked for.
+    EnvTruncated = 3,
 }
-pub const STAT_COUNT: u32 = 3;
+pub const STAT_COUNT: u32 = 4;
 
 pub const SESSION_POLICY_CAPACITY: u32 = 4_096;
 pub const SCOPE_NETS_CAPACITY: u32 = 65_536;
@@ -164,11 +206,26 @@ mod pod {
     unsafe impl aya::Pod for super::SessionPolicy {}
     unsafe impl aya::Pod for super::ScopeNet {}
     unsafe impl aya::Pod for super::PortRanges {}
+    unsafe impl aya::Pod for super::WatchedDevs {}
+    unsafe impl aya::Pod for super::TcpOwner {}
 }
 
 /// Index of each value in the `CONFIG` array.
 pub const CONFIG_CGROUP_BINDINGS: u32 = 0;
-pub const CONFIG_LEN: u32 = 1;
+/// Number of entries in `TOKEN_HASHES`: 0 spares every exec the environment scan.
+pub const CONFIG_TOKEN_COUNT: u32 = 1;
+/// The seed of [`crate::token_hash`], random per agent start.
+pub const CONFIG_TOKEN_SEED: u32 = 2;
+/// Number of entries in `WATCHED_INODES`: 0 spares every open the inode lookup.
+pub const CONFIG_WATCH_COUNT: u32 = 3;
+/// Non-zero when the plaintext payload hook is attached: connects then record their socket's owner.
+pub const CONFIG_TCP_OWNERS: u32 = 4;
+pub const CONFIG_LEN: u32 = 5;
+
+/// How much of an exec's environment the kernel scans for tokens.
+pub const ENV_SCAN_CAP: usize = 8192;
+/// Environment values shorter than this are never looked up as tokens.
+pub const TOKEN_MIN_LEN: u32 = 8;
 
 /// Globals (read-only data) the loader fills from the running kernel's BTF and tracefs formats.
 /// Offsets that could not be resolved stay 0 (and `GROUP_DEAD_OFF` stays `u32::MAX`).
@@ -182,6 +239,20 @@ pub mod globals {
     pub const CRED_EGID: &str = "CRED_EGID_OFF";
     pub const MM_ARG_START: &str = "MM_ARG_START_OFF";
     pub const MM_ARG_END: &str = "MM_ARG_END_OFF";
+    pub const MM_ENV_START: &str = "MM_ENV_START_OFF";
+    pub const MM_ENV_END: &str = "MM_ENV_END_OFF";
+    pub const CRED_CAP_EFFECTIVE: &str = "CRED_CAP_EFFECTIVE_OFF";
+    pub const TASK_FILES: &str = "TASK_FILES_OFF";
+    pub const FILES_FDT: &str = "FILES_FDT_OFF";
+    pub const FDT_FD: &str = "FDT_FD_OFF";
+    pub const FDT_MAX_FDS: &str = "FDT_MAX_FDS_OFF";
+    pub const FILE_INODE: &str = "FILE_INODE_OFF";
+    pub const FILE_FLAGS: &str = "FILE_FLAGS_OFF";
+    pub const INODE_INO: &str = "INODE_INO_OFF";
+    pub const INODE_SB: &str = "INODE_SB_OFF";
+    pub const SB_DEV: &str = "SB_DEV_OFF";
+    /// `ret` of every `syscalls/sys_exit_*` tracepoint (they share one layout).
+    pub const SYS_EXIT_RET: &str = "SYS_EXIT_RET_OFF";
     /// Offsets of tracepoint payload fields, from /sys/kernel/tracing/events/*/*/format.
     pub const NEWTASK_PID: &str = "NEWTASK_PID_OFF";
     pub const NEWTASK_CLONE_FLAGS: &str = "NEWTASK_CLONE_FLAGS_OFF";

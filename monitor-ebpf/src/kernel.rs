@@ -23,6 +23,18 @@ offset_global!(CRED_EUID_OFF);
 offset_global!(CRED_EGID_OFF);
 offset_global!(MM_ARG_START_OFF);
 offset_global!(MM_ARG_END_OFF);
+offset_global!(MM_ENV_START_OFF);
+offset_global!(MM_ENV_END_OFF);
+offset_global!(CRED_CAP_EFFECTIVE_OFF);
+offset_global!(TASK_FILES_OFF);
+offset_global!(FILES_FDT_OFF);
+offset_global!(FDT_FD_OFF);
+offset_global!(FILE_INODE_OFF);
+offset_global!(FILE_FLAGS_OFF);
+offset_global!(INODE_INO_OFF);
+offset_global!(INODE_SB_OFF);
+offset_global!(SB_DEV_OFF);
+offset_global!(SYS_EXIT_RET_OFF);
 offset_global!(NEWTASK_PID_OFF);
 offset_global!(NEWTASK_CLONE_FLAGS_OFF);
 offset_global!(EXEC_FILENAME_OFF);
@@ -59,6 +71,9 @@ pub fn connect_fd_off() -> usize {
 }
 pub fn connect_ret_off() -> usize {
     global(&CONNECT_RET_OFF) as usize
+}
+pub fn sys_exit_ret_off() -> usize {
+    global(&SYS_EXIT_RET_OFF) as usize
 }
 pub fn exit_group_dead_off() -> Option<usize> {
     match global(&EXIT_GROUP_DEAD_OFF) {
@@ -98,6 +113,47 @@ pub fn effective_ids() -> Option<(u32, u32)> {
 pub fn arg_area() -> Option<(u64, u64)> {
     let mm: u64 = read_at(current_task(), global(&TASK_MM_OFF))?;
     Some((read_at(mm, global(&MM_ARG_START_OFF))?, read_at(mm, global(&MM_ARG_END_OFF))?))
+}
+
+/// `[env_start, env_end)` of the current task's memory map: where the environment lives.
+pub fn env_area() -> Option<(u64, u64)> {
+    let mm: u64 = read_at(current_task(), global(&TASK_MM_OFF))?;
+    Some((read_at(mm, global(&MM_ENV_START_OFF))?, read_at(mm, global(&MM_ENV_END_OFF))?))
+}
+
+/// Effective capabilities of the current task (`kernel_cap_t` is one u64 since Linux 6.3).
+pub fn cap_effective() -> Option<u64> {
+    let cred: u64 = read_at(current_task(), global(&TASK_CRED_OFF))?;
+    read_at(cred, global(&CRED_CAP_EFFECTIVE_OFF))
+}
+
+/// The inode number of the file behind the current task's descriptor `fd`:
+/// `task->files->fdt->fd[fd]->f_inode->i_ino`. Returns the file and inode pointers too, so the
+/// caller reads the device only for inodes it watches.
+#[inline(always)]
+pub fn fd_inode(fd: u32) -> Option<(u64, u64, u64)> {
+    let files: u64 = read_at(current_task(), global(&TASK_FILES_OFF))?;
+    let fdt: u64 = read_at(files, global(&FILES_FDT_OFF))?;
+    let fds: u64 = read_at(fdt, global(&FDT_FD_OFF))?;
+    if fds == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any address and reports faults as errors.
+    let file: u64 = unsafe { bpf_probe_read_kernel((fds + fd as u64 * 8) as *const u64).ok()? };
+    let inode: u64 = read_at(file, global(&FILE_INODE_OFF))?;
+    let ino: u64 = read_at(inode, global(&INODE_INO_OFF))?;
+    Some((file, inode, ino))
+}
+
+/// `inode->i_sb->s_dev`, in the kernel's encoding.
+pub fn inode_dev(inode: u64) -> Option<u32> {
+    let sb: u64 = read_at(inode, global(&INODE_SB_OFF))?;
+    read_at(sb, global(&SB_DEV_OFF))
+}
+
+/// `file->f_flags`.
+pub fn file_flags(file: u64) -> Option<u32> {
+    read_at(file, global(&FILE_FLAGS_OFF))
 }
 
 /// `task->exit_code` of the current task.

@@ -5,9 +5,10 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN,
-    EVENTS_BYTES, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY,
-    SESSION_POLICY_CAPACITY, STAT_COUNT,
+    NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, WatchedDevs,
+    CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, ENV_SCAN_CAP, EVENTS_BYTES, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY,
+    SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT, TOKEN_HASHES_CAPACITY,
+    WATCHED_INODES_CAPACITY,
 };
 
 #[map]
@@ -51,6 +52,31 @@ pub static GAI_ARGS: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(4_
 
 #[map]
 pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
+
+#[map]
+pub static WATCHED_INODES: HashMap<u64, WatchedDevs> = HashMap::with_max_entries(WATCHED_INODES_CAPACITY, 0);
+
+#[map]
+pub static TOKEN_HASHES: HashMap<u64, u32> = HashMap::with_max_entries(TOKEN_HASHES_CAPACITY, 0);
+
+/// `socket cookie -> TcpOwner`, written at connect, read by the plaintext payload hook. LRU: a
+/// socket's entry needs no cleanup when it closes.
+#[map]
+pub static TCP_OWNERS: LruHashMap<u64, TcpOwner> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Per-CPU room for an exec's environment while it is scanned for tokens (too big for the stack).
+#[map]
+pub static ENV_SCRATCH: PerCpuArray<[u8; ENV_SCAN_CAP]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The state of the environment scan in progress on this CPU (see hooks/cred.rs).
+#[map]
+pub static ENV_STATE: PerCpuArray<crate::hooks::cred::EnvScan> = PerCpuArray::with_max_entries(1, 0);
+
+/// A value of `CONFIG`, 0 when absent.
+#[inline(always)]
+pub fn config(index: u32) -> u64 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
 
 /// Unread bytes in the ring buffer past which a submit wakes the reader. Below it the reader is
 /// not woken per event: it drains on its own short timer (agent/reader.rs), which spares a

@@ -19,6 +19,8 @@ pub struct Alert {
     pub process: Option<ProcessRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialRef>,
     pub action: Action,
     pub mitre: Vec<String>,
     pub owasp_nhi: Vec<String>,
@@ -79,6 +81,32 @@ pub struct NetworkRef {
     pub protocol: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst_name: Option<String>,
+}
+
+/// The credential an alert is about. Never a raw value: a keyed fingerprint, the file's path,
+/// and the decoded claims of a JWT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CredentialRef {
+    /// `bearer`, `basic`, `aws_sigv4`, `api_key`, `authorization`, `env` or `file`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// The credential file, for `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<crate::credentials::JwtClaims>,
+    /// Where it was seen: `https`, `http`, `env` or `file`.
+    pub seen_in: String,
+    /// The request header or environment variable that carried it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<String>,
+    /// A non-secret identifier (the AWS access key id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The request, for `http`/`https`: method, host and path (without the query string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

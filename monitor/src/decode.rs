@@ -3,11 +3,30 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ResolveEvent,
-    HOOK_CONNECT, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
+    ConnectEvent, ConnectResultEvent, CredChangeEvent, EnvTokenEvent, EventHeader, EventKind, ExecEvent, ExitEvent,
+    FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, CRED_CAPSET, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID,
+    HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED,
+    VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
 
-use crate::event::{Connect, ConnectResult, Creds, Event, Exec, Exit, Fork, Nanos, Resolve, Transport, Verdict};
+use crate::event::{
+    Actor, Connect, ConnectResult, CredCall, CredChange, Creds, Event, Exec, Exit, Fork, Nanos, Resolve, SessionKey,
+    Transport, Verdict,
+};
+
+/// A decoded record: a domain event, or a credential observation the credentials stage must
+/// still resolve (which token a hash is, which file an inode is, what a request carries).
+#[derive(Debug, PartialEq)]
+pub enum Decoded<'a> {
+    Event(Event),
+    /// A watched inode was opened.
+    FileOpen { ts: Nanos, session: SessionKey, actor: Actor, dev: u32, ino: u64, fd: i32, write: bool },
+    /// A token's hash was the value of `name` in an exec's environment.
+    EnvToken { ts: Nanos, session: SessionKey, actor: Actor, hash: u64, name: String },
+    /// The first bytes of an outbound request. `data` is raw and may hold secrets: it is parsed
+    /// and fingerprinted, never stored.
+    Payload { ts: Nanos, session: SessionKey, actor: Actor, tls: bool, dst: Option<std::net::SocketAddr>, data: &'a [u8] },
+}
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -42,18 +61,99 @@ impl Clock {
 }
 
 /// Decodes one ring-buffer record.
-pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
+pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
     let header: EventHeader = read(record).ok_or(DecodeError::Short(record.len()))?;
     if header.version != WIRE_VERSION {
         return Err(DecodeError::Version(header.version));
     }
-    if header.session == 0 {
-        return Err(DecodeError::NoSession);
-    }
     let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
     let ts = clock.wall(header.ts_ns);
+    // Credential observations come from any process; everything else only from session ones.
+    let any_process = matches!(kind, EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload);
+    if header.session == 0 && !any_process {
+        return Err(DecodeError::NoSession);
+    }
+    let actor = |comm: &[u8]| Actor {
+        pid: header.tgid,
+        tid: header.pid,
+        comm: lossy(comm),
+        exe: String::new(),
+        uid: header.uid,
+        cgroup: header.cgroup_id,
+    };
+    let session = header.session;
+    match kind {
+        EventKind::FileOpen => {
+            let e: FileOpenEvent = read_sized(record, kind)?;
+            // O_ACCMODE: 1 is O_WRONLY, 2 is O_RDWR.
+            let write = e.flags != u32::MAX && e.flags & 3 != 0;
+            return Ok(Decoded::FileOpen {
+                ts,
+                session,
+                actor: actor(&e.comm),
+                dev: e.dev,
+                ino: e.ino,
+                fd: e.fd,
+                write,
+            });
+        }
+        EventKind::EnvToken => {
+            let e: EnvTokenEvent = read_sized(record, kind)?;
+            let name = lossy(e.name.as_slice());
+            return Ok(Decoded::EnvToken { ts, session, actor: actor(&e.comm), hash: e.hash, name });
+        }
+        EventKind::Payload => {
+            // Read in place: the data is sliced from the record, not copied around.
+            let want = core::mem::size_of::<PayloadEvent>();
+            if record.len() < want {
+                return Err(DecodeError::Size { kind, got: record.len(), want });
+            }
+            let source = record[core::mem::offset_of!(PayloadEvent, source)];
+            let port_at = core::mem::offset_of!(PayloadEvent, port);
+            let port = u16::from_ne_bytes([record[port_at], record[port_at + 1]]);
+            let addr_at = core::mem::offset_of!(PayloadEvent, addr);
+            let addr: [u8; 16] = record[addr_at..addr_at + 16].try_into().unwrap_or([0; 16]);
+            let comm_at = core::mem::offset_of!(PayloadEvent, comm);
+            let data_at = core::mem::offset_of!(PayloadEvent, data);
+            let len = u32::from_ne_bytes(record[data_at..data_at + 4].try_into().unwrap_or([0; 4])) as usize;
+            let data = &record[data_at + 4..data_at + 4 + len.min(PAYLOAD_CAP)];
+            let tls = source != PAYLOAD_TCP;
+            let dst = (!tls && port != 0).then(|| std::net::SocketAddr::new(unmap(addr), port));
+            return Ok(Decoded::Payload {
+                ts,
+                session,
+                actor: actor(&record[comm_at..comm_at + 16]),
+                tls,
+                dst,
+                data,
+            });
+        }
+        _ => {}
+    }
     let creds = |euid: Option<u32>, egid: Option<u32>| Creds { uid: header.uid, gid: header.gid, euid, egid };
-    Ok(match kind {
+    Ok(Decoded::Event(match kind {
+        // Returned above; listed so the match stays exhaustive without a panic path.
+        EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload => {
+            return Err(DecodeError::UnknownKind(header.kind))
+        }
+        EventKind::CredChange => {
+            let e: CredChangeEvent = read_sized(record, kind)?;
+            let call = match e.call {
+                CRED_SETUID => CredCall::Setuid,
+                CRED_SETREUID => CredCall::Setreuid,
+                CRED_SETRESUID => CredCall::Setresuid,
+                CRED_CAPSET => CredCall::Capset,
+                _ => CredCall::Setfsuid,
+            };
+            Event::CredChange(CredChange {
+                ts,
+                session,
+                pid: header.tgid,
+                call,
+                euid: (e.euid != u32::MAX).then_some(e.euid),
+                cap_effective: (e.cap_effective != u64::MAX).then_some(e.cap_effective),
+            })
+        }
         EventKind::Fork => {
             let e: ForkEvent = read_sized(record, kind)?;
             Event::Fork(Fork {
@@ -80,6 +180,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
                 argv_truncated,
                 creds: creds(known(e.euid), known(e.egid)),
                 cgroup: header.cgroup_id,
+                cap_effective: (e.cap_effective != u64::MAX).then_some(e.cap_effective),
             })
         }
         EventKind::Exit => {
@@ -135,7 +236,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Event, DecodeError> {
                 ret: e.ret,
             })
         }
-    })
+    }))
 }
 
 /// An address as the kernel reports it (IPv4 as IPv4-mapped IPv6) to its natural form.
@@ -178,6 +279,8 @@ fn split_argv(area: &[u8], full: bool) -> (Vec<String>, bool) {
 mod tests {
     use monitor_common::{Bytes, ARGV_CAP, FILENAME_CAP};
 
+    use crate::event::Event;
+
     use super::*;
 
     const CLOCK: Clock = Clock { boot_to_wall: 1_000 };
@@ -209,10 +312,60 @@ mod tests {
         b
     }
 
+    fn event(record: &[u8]) -> Event {
+        match decode(record, CLOCK).unwrap() {
+            Decoded::Event(e) => e,
+            other => panic!("not a plain event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_credential_observations_from_any_process() {
+        let mut h = header(EventKind::FileOpen, size_of::<FileOpenEvent>());
+        h.session = 0;
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"cat\0");
+        let e = FileOpenEvent { header: h, fd: 3, flags: 2, dev: 0x80_0001, _pad0: 0, ino: 77, comm };
+        let Decoded::FileOpen { session, actor, dev, ino, fd, write, .. } = decode(&bytes_of(&e), CLOCK).unwrap() else {
+            panic!()
+        };
+        assert_eq!((session, actor.pid, actor.comm.as_str(), dev, ino, fd, write), (0, 100, "cat", 0x80_0001, 77, 3, true));
+
+        let e = EnvTokenEvent {
+            header: header(EventKind::EnvToken, size_of::<EnvTokenEvent>()),
+            hash: 9,
+            comm,
+            name: buf(b"SUPPORT_BOT_TOKEN"),
+        };
+        let Decoded::EnvToken { hash, name, session, .. } = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!((hash, name.as_str(), session), (9, "SUPPORT_BOT_TOKEN", 7));
+
+        let mut e = PayloadEvent {
+            header: header(EventKind::Payload, size_of::<PayloadEvent>()),
+            source: PAYLOAD_TCP,
+            _pad0: 0,
+            port: 8080,
+            total_len: 100,
+            addr: std::net::Ipv4Addr::new(127, 0, 0, 3).to_ipv6_mapped().octets(),
+            comm,
+            _pad1: 0,
+            data: buf(b"GET / HTTP/1.1\r\n\r\n"),
+        };
+        let record = bytes_of(&e);
+        let Decoded::Payload { tls, dst, data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
+        assert!(!tls);
+        assert_eq!(dst, Some("127.0.0.3:8080".parse().unwrap()));
+        assert_eq!(data, b"GET / HTTP/1.1\r\n\r\n");
+        e.data.len = u32::MAX; // corrupt: bounded by the buffer
+        let record = bytes_of(&e);
+        let Decoded::Payload { data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
+        assert_eq!(data.len(), PAYLOAD_CAP);
+    }
+
     #[test]
     fn decodes_fork() {
         let e = ForkEvent { header: header(EventKind::Fork, 56), child_tgid: 200, _pad0: 0 };
-        let Event::Fork(f) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Fork(f) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!((f.parent, f.child, f.session, f.ts, f.cgroup), (100, 200, 7, 1_005, 42));
         assert_eq!(f.creds.uid, 1000);
     }
@@ -225,10 +378,11 @@ mod tests {
             euid: 0,
             egid: u32::MAX,
             old_pid: 100,
+            cap_effective: 0,
             filename: buf::<FILENAME_CAP>(b"/usr/bin/curl\0"),
             argv: buf::<ARGV_CAP>(b"curl\0-s\0http://x\0"),
         };
-        let Event::Exec(x) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Exec(x) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!(x.exe, "/usr/bin/curl");
         assert_eq!(x.argv, ["curl", "-s", "http://x"]);
         assert!(!x.argv_truncated);
@@ -244,11 +398,12 @@ mod tests {
             euid: 1,
             egid: 1,
             old_pid: 1,
+            cap_effective: u64::MAX,
             filename: buf::<FILENAME_CAP>(b"/bin/x"),
             argv: buf::<ARGV_CAP>(&[b'a'; ARGV_CAP]),
         };
         e.filename.len = u32::MAX; // corrupt: must not read past the buffer
-        let Event::Exec(x) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Exec(x) = event(&bytes_of(&e)) else { panic!() };
         assert!(x.argv_truncated);
         assert_eq!(x.argv[0].len(), ARGV_CAP);
         assert!(x.exe.starts_with("/bin/x"));
@@ -257,7 +412,7 @@ mod tests {
     #[test]
     fn decodes_exit() {
         let e = ExitEvent { header: header(EventKind::Exit, 56), exit_code: 3 << 8, _pad0: 0 };
-        let Event::Exit(x) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Exit(x) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!((x.pid, x.exit_code, x.session), (100, 768, 7));
     }
 
@@ -278,7 +433,7 @@ mod tests {
             fd: 5,
             addr: mapped,
         };
-        let Event::Connect(c) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Connect(c) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!(c.addr, "127.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(
             (c.port, c.transport, c.connect, c.verdict, c.fd),
@@ -296,7 +451,7 @@ mod tests {
             addr: Ipv6Addr::LOCALHOST.octets(),
             ..e
         };
-        let Event::Connect(c) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Connect(c) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!(c.addr, "::1".parse::<IpAddr>().unwrap());
         assert_eq!((c.transport, c.connect, c.verdict, c.fd), (Transport::Udp, false, Verdict::Allowed, None));
     }
@@ -312,18 +467,18 @@ mod tests {
             name: buf(b"api.allowed.test\0"),
             addrs,
         };
-        let Event::Resolve(r) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Resolve(r) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!(r.name, "api.allowed.test");
         assert_eq!(r.addrs, ["127.0.0.5".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
         e.count = 1000;
-        let Event::Resolve(r) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::Resolve(r) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!(r.addrs.len(), RESOLVE_ADDRS);
     }
 
     #[test]
     fn decodes_connect_result() {
         let e = ConnectResultEvent { header: header(EventKind::ConnectResult, 56), fd: 4, ret: -111 };
-        let Event::ConnectResult(r) = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        let Event::ConnectResult(r) = event(&bytes_of(&e)) else { panic!() };
         assert_eq!((r.fd, r.ret, r.pid), (4, -111, 100));
     }
 

@@ -33,6 +33,12 @@ pub enum Event {
     Connect(Connect),
     ConnectResult(ConnectResult),
     Resolve(Resolve),
+    /// A watched credential file was opened (by any process).
+    CredentialOpen(CredentialOpen),
+    /// A token was used: in an exec environment or in a request on the wire.
+    TokenUse(TokenUse),
+    /// A session process changed its credentials (setuid family, capset).
+    CredChange(CredChange),
     /// Time passed; lets deadline rules fire without other activity.
     Tick {
         ts: Nanos,
@@ -59,6 +65,9 @@ impl Event {
             Event::Connect(c) => c.ts,
             Event::ConnectResult(r) => r.ts,
             Event::Resolve(r) => r.ts,
+            Event::CredentialOpen(o) => o.ts,
+            Event::TokenUse(t) => t.ts,
+            Event::CredChange(c) => c.ts,
         }
     }
 }
@@ -118,6 +127,9 @@ pub struct Exec {
     pub argv_truncated: bool,
     pub creds: Creds,
     pub cgroup: u64,
+    /// Effective capabilities after the exec, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_effective: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,4 +212,105 @@ pub struct Resolve {
     pub pid: u32,
     pub name: String,
     pub addrs: Vec<std::net::IpAddr>,
+}
+
+/// The process behind a credential event. It may be outside every session, so the event carries
+/// what an alert needs to name it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Actor {
+    pub pid: u32,
+    pub tid: u32,
+    /// The kernel's task name (16 bytes).
+    pub comm: String,
+    /// The executable, read from /proc by enrichment (empty when the process was already gone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub exe: String,
+    pub uid: u32,
+    pub cgroup: u64,
+}
+
+/// An open of a watched credential file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CredentialOpen {
+    pub ts: Nanos,
+    /// 0 when the process is outside every session.
+    pub session: SessionKey,
+    pub actor: Actor,
+    /// The watched file, by the path the agent knows it under (the open may have used a
+    /// relative path, a symlink or a hard link to the same inode).
+    pub path: String,
+    pub fd: i32,
+    /// Opened for writing.
+    pub write: bool,
+}
+
+/// How a token was seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "via", rename_all = "snake_case")]
+pub enum TokenVia {
+    /// In the environment of an exec, as the value of `name`.
+    Env { name: String },
+    /// In an HTTP/1.x request, over TLS (OpenSSL) or in plaintext.
+    Http {
+        tls: bool,
+        method: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+        /// The path, without its query string.
+        path: String,
+        /// The destination, when the capture knows it (plaintext).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dst: Option<std::net::SocketAddr>,
+    },
+}
+
+/// A credential as the agent keeps it: a keyed fingerprint and what can be said without the
+/// value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeenCredential {
+    pub kind: crate::credentials::CredentialKind,
+    /// HMAC-SHA-256 under the deployment key: matches the fingerprints of session tokens.
+    pub fingerprint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A non-secret identifier (the AWS access key id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<crate::credentials::JwtClaims>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenUse {
+    pub ts: Nanos,
+    /// 0 when the process is outside every session.
+    pub session: SessionKey,
+    pub actor: Actor,
+    pub credential: SeenCredential,
+    #[serde(flatten)]
+    pub via: TokenVia,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredCall {
+    Setuid,
+    Setreuid,
+    Setresuid,
+    Setfsuid,
+    Capset,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CredChange {
+    pub ts: Nanos,
+    pub session: SessionKey,
+    pub pid: u32,
+    pub call: CredCall,
+    /// Effective uid after the call, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub euid: Option<u32>,
+    /// Effective capabilities after the call, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_effective: Option<u64>,
 }

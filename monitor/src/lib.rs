@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod alert;
 pub mod cli;
+pub mod credentials;
 pub mod decode;
 pub mod engine;
 pub mod event;

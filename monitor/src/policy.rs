@@ -26,6 +26,20 @@ pub struct Policy {
     pub actors: BTreeMap<String, ScopeFile>,
     #[serde(default)]
     pub never_alert: NeverAlert,
+    #[serde(default)]
+    pub credentials: CredentialsPolicy,
+}
+
+/// What the credential probes look for besides the built-in list.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsPolicy {
+    /// More credential files or directories to watch (absolute paths).
+    #[serde(default)]
+    pub watch: Vec<String>,
+    /// More request headers that carry API keys (besides X-API-Key, Api-Key, X-Auth-Token, ...).
+    #[serde(default)]
+    pub api_key_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -62,6 +76,16 @@ impl Policy {
     fn validate(&self) -> Result<(), String> {
         if self.defaults.ttl == Some(Duration::ZERO) {
             return Err("field `defaults.ttl` must be longer than 0s".into());
+        }
+        for (i, path) in self.credentials.watch.iter().enumerate() {
+            if !path.starts_with('/') {
+                return Err(format!("field `credentials.watch[{i}]`: `{path}` must be an absolute path"));
+            }
+        }
+        for (i, header) in self.credentials.api_key_headers.iter().enumerate() {
+            if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(format!("field `credentials.api_key_headers[{i}]`: `{header}` is not a header name"));
+            }
         }
         for (actor, scope) in &self.actors {
             for (field, paths) in

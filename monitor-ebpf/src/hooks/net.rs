@@ -15,14 +15,15 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, HOOK_CONNECT,
+    ConnectEvent, ConnectResultEvent, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner,
+    CONFIG_TCP_OWNERS, HOOK_CONNECT,
     HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED,
     VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
 };
 
 use crate::{
     kernel,
-    maps::{count, submit_flags, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, UDP_FLOWS},
+    maps::{config, count, submit_flags, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, TCP_OWNERS, UDP_FLOWS},
     session,
 };
 
@@ -30,6 +31,7 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+const SOCK_STREAM: u32 = 1;
 /// An unconnected UDP flow is reported again after this long.
 const UDP_FLOW_INTERVAL_NS: u64 = 10_000_000_000;
 
@@ -59,19 +61,24 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
     let family = FAMILY;
     let (_, tgid) = session::current_ids();
-    let Some(key) = session::of_current(tgid) else {
-        return ALLOW;
-    };
+    let key = session::of_current(tgid);
     let sa = ctx.sock_addr;
     let addr = if FAMILY == AF_INET { ipv4_mapped(sa) } else { ipv6(sa) };
     // SAFETY: a valid context pointer; each field is read at its constant offset.
     let (port, sock_type, protocol) = unsafe {
         (
             u16::from_be(read_volatile(&(*sa).user_port) as u16),
-            read_volatile(&(*sa).type_) as u16,
+            read_volatile(&(*sa).type_),
             read_volatile(&(*sa).protocol),
         )
     };
+    if hook == HOOK_CONNECT && sock_type == SOCK_STREAM && config(CONFIG_TCP_OWNERS) != 0 {
+        record_tcp_owner(sa, tgid, key.unwrap_or(0), port, &addr);
+    }
+    let Some(key) = key else {
+        return ALLOW;
+    };
+    let sock_type = sock_type as u16;
     let verdict = verdict(key, &addr, port);
 
     if hook == HOOK_CONNECT || verdict != VERDICT_ALLOWED || new_udp_flow(tgid, port, &addr) {
@@ -83,6 +90,17 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
     } else {
         DENY
     }
+}
+
+/// Remembers who connected a TCP socket, for the plaintext payload hook (hooks/payload.rs), which
+/// may run where the current task is not the socket's owner. Every process, not only session
+/// processes: a session's token sent by any process is a finding.
+#[inline(always)]
+fn record_tcp_owner(sa: *mut bpf_sock_addr, tgid: u32, session: u32, port: u16, addr: &[u8; 16]) {
+    // SAFETY: the cookie helper is valid for sock_addr programs and takes their context.
+    let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sa as *mut _) };
+    let owner = TcpOwner { tgid, session, port, segments: 0, _pad0: 0, addr: *addr };
+    let _ = TCP_OWNERS.insert(&cookie, &owner, 0);
 }
 
 // The context may only be read at constant offsets: the verifier refuses a load through a

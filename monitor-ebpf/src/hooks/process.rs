@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 use monitor_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, FILENAME_CAP};
 
+use super::cred;
 use crate::{
     kernel,
     maps::{count, submit_flags, EVENTS, PROC_SESSIONS},
@@ -68,12 +69,19 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     let (_, tgid) = session::current_ids();
-    let Some(key) = session::of_current(tgid) else {
-        return Ok(());
-    };
+    let key = session::of_current(tgid);
+    if let Some(key) = key {
+        emit_exec(ctx, key);
+    }
+    // Any process, in a session or not, may exec with a session's token in its environment.
+    cred::scan_exec_env(key.unwrap_or(0));
+    Ok(())
+}
+
+fn emit_exec(ctx: &TracePointContext, key: u32) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count(Stat::RingbufFull);
-        return Ok(());
+        return;
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reservation of size_of::<ExecEvent>() bytes; only this program
@@ -86,6 +94,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         (*event).euid = euid;
         (*event).egid = egid;
         (*event).old_pid = ctx.read_at::<i32>(kernel::exec_old_pid_off()).unwrap_or(0) as u32;
+        (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
 
         // filename is a __data_loc: low 16 bits offset into the record, high 16 bits length.
         (*event).filename.len = 0;
@@ -115,7 +124,6 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let _ = FILENAME_CAP;
     entry.submit(submit_flags());
-    Ok(())
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]

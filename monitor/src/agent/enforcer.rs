@@ -5,13 +5,20 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, Mutex};
 
-use crate::{engine::Effect, probes::KernelMaps};
+use crate::{credentials::CredentialIndex, engine::Effect, probes::KernelMaps};
 
-pub async fn run(maps: Arc<Mutex<KernelMaps>>, mut effects: mpsc::Receiver<Effect>) {
+pub async fn run(maps: Arc<Mutex<KernelMaps>>, credentials: Arc<CredentialIndex>, mut effects: mpsc::Receiver<Effect>) {
     while let Some(effect) = effects.recv().await {
         match effect {
             Effect::SessionEnded(key) => maps.lock().await.mark_ended(key),
-            Effect::Forget(key) => maps.lock().await.forget(key),
+            Effect::Forget(key) => {
+                // A forgotten session's tokens are no longer looked for; its files go at the
+                // next rescan.
+                credentials.forget_session(key);
+                let mut maps = maps.lock().await;
+                maps.forget(key);
+                maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
+            }
             Effect::Kill { session, pid } => {
                 // SAFETY: sending a signal; the engine saw no exit of this pid, so it is still
                 // the session's process.

@@ -14,6 +14,8 @@ use tokio::sync::{mpsc, Mutex};
 pub use self::core::CoreHandle;
 use crate::{
     alert::Alert,
+    credentials::{self, CredentialIndex, Observer},
+    probes::KernelMaps,
     decode::Clock,
     engine::{Engine, EngineConfig},
     probes,
@@ -43,15 +45,26 @@ pub struct AgentSettings {
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let key = FingerprintKey::load_or_create(&settings.key_file)
         .with_context(|| format!("fingerprint key {}", settings.key_file.display()))?;
+    let key = Arc::new(key);
     let sinks = sinks::open(&settings.outputs)?;
-    let (loaded, probes::Handles { maps, events: ring, stats: stats_map }) = probes::load()?;
+    let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
+
+    let credentials = CredentialIndex::new(random_seed()?);
+    let observer =
+        Observer::new(credentials.clone(), key.clone(), settings.policy.credentials.api_key_headers.clone());
+    maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
+    credentials::watch::refresh(&credentials, &mut maps, &settings.policy.credentials.watch);
 
     let (event_tx, event_rx) = mpsc::channel(8192);
     let (alert_tx, alert_rx) = mpsc::channel(4096);
     // The reader starts before any probe is attached, so no early event waits unread.
-    let mut reader = tokio::spawn(reader::run(ring, clock(), event_tx.clone()));
+    let mut reader = tokio::spawn(reader::run(ring, clock(), observer, event_tx.clone()));
     let probes = loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
     report(&probes.report);
+    if probes.report.is_attached("tcp_egress") {
+        // Connects now record their socket's owner for the plaintext payload hook.
+        let _ = maps.config.set(monitor_common::CONFIG_TCP_OWNERS, 1, 0);
+    }
 
     let event_log = match &settings.event_log {
         Some(path) => Some(sinks::EventLog::create(path)?),
@@ -68,7 +81,12 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         effect_tx,
     );
     let core = tokio::spawn(core.run());
-    let enforcer = tokio::spawn(enforcer::run(maps.clone(), effect_rx));
+    let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), effect_rx));
+    let watcher = tokio::spawn(watch_credentials(
+        credentials.clone(),
+        maps.clone(),
+        settings.policy.credentials.watch.clone(),
+    ));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
     let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
 
@@ -76,11 +94,12 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let plane = server::ControlPlane {
         core: handle,
         maps,
-        key: Arc::new(key),
+        key,
         default_ttl: settings.default_ttl,
         default_grace: settings.default_grace,
         clock: clock(),
         policy: Arc::new(settings.policy.clone()),
+        credentials,
     };
     let control = tokio::spawn(server::serve(listener, plane));
     tracing::info!(control = %settings.control.display(), "agent ready");
@@ -96,6 +115,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     stats_task.abort();
     reader.abort();
     enforcer.abort();
+    watcher.abort();
     let _ = std::fs::remove_file(&settings.control);
     drop(probes);
     // The core ends when its event channel closes; the sinks when the core drops its sender.
@@ -105,6 +125,26 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     })
     .await;
     outcome
+}
+
+/// How often the credential watch list is rescanned (files appear, rotate, disappear).
+const WATCH_RESCAN: Duration = Duration::from_secs(10);
+
+async fn watch_credentials(index: Arc<CredentialIndex>, maps: Arc<Mutex<KernelMaps>>, extra: Vec<String>) {
+    loop {
+        tokio::time::sleep(WATCH_RESCAN).await;
+        let mut maps = maps.lock().await;
+        credentials::watch::refresh(&index, &mut maps, &extra);
+    }
+}
+
+/// The seed of the kernel's token hash: random per start, so its map holds nothing an attacker
+/// could have precomputed.
+fn random_seed() -> anyhow::Result<u64> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 fn report(report: &probes::LoadReport) {

@@ -6,6 +6,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
+    credentials::Observer,
     decode::{decode, Clock},
     event::Event,
 };
@@ -16,7 +17,12 @@ use crate::{
 
 const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(40);
 
-pub async fn run(ring: RingBuf<MapData>, clock: Clock, out: mpsc::Sender<Event>) -> anyhow::Result<()> {
+pub async fn run(
+    ring: RingBuf<MapData>,
+    clock: Clock,
+    observer: Observer,
+    out: mpsc::Sender<Event>,
+) -> anyhow::Result<()> {
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while it is registered.
     let mut fd =
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("ring buffer fd: {}", e.into_parts().1))?;
@@ -30,8 +36,10 @@ pub async fn run(ring: RingBuf<MapData>, clock: Clock, out: mpsc::Sender<Event>)
         }
         let ring = fd.get_mut();
         while let Some(record) = ring.next() {
+            // Credential observations are resolved here, while the record is borrowed: raw
+            // request bytes never outlive it.
             match decode(&record, clock) {
-                Ok(event) => batch.push(event),
+                Ok(decoded) => batch.extend(observer.observe(decoded)),
                 Err(e) => tracing::warn!("dropping undecodable kernel record: {e}"),
             }
         }
@@ -47,14 +55,30 @@ pub async fn run(ring: RingBuf<MapData>, clock: Clock, out: mpsc::Sender<Event>)
 
 /// Host facts the engine may not read itself (it is pure), recorded in the event instead.
 fn enrich(event: &mut Event) {
-    if let Event::Exec(exec) = event {
-        if exec.exe.starts_with('/') {
-            if let Ok(real) = std::fs::canonicalize(&exec.exe) {
-                let real = real.display().to_string();
-                if real != exec.exe {
-                    exec.exe_real = Some(real);
+    let actor = match event {
+        Event::Exec(exec) => {
+            if exec.exe.starts_with('/') {
+                if let Ok(real) = std::fs::canonicalize(&exec.exe) {
+                    let real = real.display().to_string();
+                    if real != exec.exe {
+                        exec.exe_real = Some(real);
+                    }
                 }
             }
+            return;
+        }
+        Event::CredentialOpen(open) => &mut open.actor,
+        Event::TokenUse(token) => &mut token.actor,
+        _ => return,
+    };
+    // Best effort: a short-lived process may be gone; its comm still names it.
+    if let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", actor.pid)) {
+        actor.exe = exe.display().to_string();
+    }
+    if actor.comm.is_empty() {
+        // The plaintext hook may run in softirq context, where the task name is not the sender's.
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{}/comm", actor.pid)) {
+            actor.comm = comm.trim_end().to_string();
         }
     }
 }

@@ -2,6 +2,7 @@
 //! host or the clock; time comes from the events. Live and replay run this same code, so a
 //! recorded trace replays to the same alerts.
 
+mod credentials;
 mod procs;
 #[cfg(test)]
 mod tests;
@@ -169,6 +170,9 @@ impl Engine {
                     }
                 }
             }
+            Event::CredentialOpen(o) => self.credential_open(o, &mut alerts),
+            Event::TokenUse(t) => self.token_use(t, &mut alerts),
+            Event::CredChange(c) => self.cred_change(c, &mut alerts),
             Event::Tick { ts } => self.forget_finished(*ts),
             Event::Lost { ts, source, count } => alerts.push(self.blind(*ts, source, *count)),
         }
@@ -290,6 +294,7 @@ impl Engine {
             exe: p.exe.clone(),
             argv: p.argv.clone(),
             creds: p.creds,
+            caps: None,
             cgroup: p.cgroup,
             started: p.ts,
             exited: None,
@@ -299,9 +304,9 @@ impl Engine {
     fn fork(&mut self, f: &Fork) {
         let parent = self.procs.live(f.parent);
         // A fork without exec runs the parent's image with the parent's credentials.
-        let (exe, argv, creds) = match parent.and_then(|s| self.procs.get(s)) {
-            Some(p) => (p.exe.clone(), p.argv.clone(), p.creds),
-            None => (String::new(), Vec::new(), f.creds),
+        let (exe, argv, creds, caps) = match parent.and_then(|s| self.procs.get(s)) {
+            Some(p) => (p.exe.clone(), p.argv.clone(), p.creds, p.caps),
+            None => (String::new(), Vec::new(), f.creds, None),
         };
         self.procs.insert(Proc {
             session: f.session,
@@ -311,6 +316,7 @@ impl Engine {
             exe,
             argv,
             creds,
+            caps,
             cgroup: f.cgroup,
             started: f.ts,
             exited: None,
@@ -340,6 +346,7 @@ impl Engine {
             exe: String::new(),
             argv: Vec::new(),
             creds,
+            caps: None,
             cgroup,
             started: ts,
             exited: None,
@@ -353,6 +360,7 @@ impl Engine {
             p.exe = e.exe.clone();
             p.argv = e.argv.clone();
             p.creds = e.creds;
+            p.caps = e.cap_effective.or(p.caps);
             p.ppid = e.ppid;
             p.cgroup = e.cgroup;
         }
@@ -463,6 +471,7 @@ impl Engine {
             session: SessionRef::default(),
             process: None,
             network: None,
+            credential: None,
             action: Action::Observed,
             mitre: Vec::new(),
             owasp_nhi: Vec::new(),
@@ -495,6 +504,7 @@ impl Engine {
             session: session.unwrap_or_default(),
             process: serial.and_then(|s| self.procs.describe(s)),
             network: None,
+            credential: None,
             action: Action::Observed,
             mitre: rule.mitre().iter().map(|s| s.to_string()).collect(),
             owasp_nhi: rule.owasp_nhi().iter().map(|s| s.to_string()).collect(),

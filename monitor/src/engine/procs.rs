@@ -19,6 +19,8 @@ pub struct Proc {
     pub exe: String,
     pub argv: Vec<String>,
     pub creds: Creds,
+    /// Effective capabilities, when known (from an exec or a capset).
+    pub caps: Option<u64>,
     pub cgroup: u64,
     pub started: Nanos,
     pub exited: Option<Nanos>,

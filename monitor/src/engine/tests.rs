@@ -46,6 +46,7 @@ fn exec(ts: Nanos, pid: u32, ppid: u32, exe: &str, c: Creds) -> Event {
         argv_truncated: false,
         creds: c,
         cgroup: 1,
+        cap_effective: Some(0),
     })
 }
 
@@ -338,4 +339,145 @@ fn an_enforcing_session_kills_what_outlives_its_task() {
     assert_eq!(rules(&alerts), [Rule::ProcessOutlivedTask]);
     assert_eq!(alerts[0].action, Action::Killed);
     assert_eq!(engine.drain_effects(), [Effect::Kill { session: KEY, pid: 101 }]);
+}
+
+mod credentials {
+    use super::*;
+    use crate::{
+        credentials::{CredentialKind, JwtClaims},
+        event::{Actor, CredCall, CredChange, CredentialOpen, SeenCredential, TokenUse, TokenVia},
+        sessions::TokenRef,
+    };
+
+    const TOKEN: &str = "hmac-sha256:00112233445566778899aabbccddeeff";
+
+    fn with_token() -> Session {
+        let mut s = session(None);
+        s.tokens = vec![
+            TokenRef { source: "env:BOT_TOKEN".into(), fingerprint: Some(TOKEN.into()) },
+            TokenRef { source: "file:/run/secrets/bot/token".into(), fingerprint: Some("hmac-sha256:ff".into()) },
+        ];
+        s.scope.credentials = vec!["/run/secrets/bot/ca.pem".into()];
+        s
+    }
+
+    fn actor(pid: u32) -> Actor {
+        Actor { pid, tid: pid, comm: "curl".into(), exe: "/usr/bin/curl".into(), uid: 1000, cgroup: 1 }
+    }
+
+    fn http(ts: Nanos, session: SessionKey, pid: u32, fingerprint: &str, jwt: Option<JwtClaims>) -> Event {
+        Event::TokenUse(TokenUse {
+            ts,
+            session,
+            actor: actor(pid),
+            credential: SeenCredential {
+                kind: CredentialKind::Bearer,
+                fingerprint: fingerprint.into(),
+                header: Some("authorization".into()),
+                key_id: None,
+                jwt,
+            },
+            via: TokenVia::Http {
+                tls: true,
+                method: "GET".into(),
+                host: Some("127.0.0.2:8443".into()),
+                path: "/refunds".into(),
+                dst: None,
+            },
+        })
+    }
+
+    fn open(ts: Nanos, session: SessionKey, pid: u32, path: &str, write: bool) -> Event {
+        Event::CredentialOpen(CredentialOpen { ts, session, actor: actor(pid), path: path.into(), fd: 3, write })
+    }
+
+    fn task() -> Vec<Event> {
+        vec![start(0, with_token()), exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000))]
+    }
+
+    #[test]
+    fn token_inside_its_active_session_is_only_observed() {
+        let mut events = task();
+        events.push(http(2 * S, KEY, ROOT, TOKEN, None));
+        events.push(open(3 * S, KEY, ROOT, "/run/secrets/bot/token", false));
+        events.push(open(3 * S, KEY, ROOT, "/run/secrets/bot/ca.pem", false));
+        assert_eq!(rules(&run(&events)), []);
+    }
+
+    #[test]
+    fn token_after_the_task_ended_and_its_grace() {
+        let mut events = task();
+        events.push(fork(2 * S, ROOT, 101));
+        events.push(exit(3 * S, ROOT));
+        events.push(http(4 * S, KEY, 101, TOKEN, None)); // within the grace: tolerated
+        events.push(http(6 * S, KEY, 101, TOKEN, None));
+        events.push(open(7 * S, KEY, 101, "/run/secrets/bot/token", false));
+        let alerts = run(&events);
+        let token: Vec<_> = alerts.iter().filter(|a| a.rule == Rule::TokenAfterTaskEnd).collect();
+        assert_eq!(token.len(), 2, "{alerts:#?}");
+        let c = token[0].credential.as_ref().unwrap();
+        assert_eq!((c.fingerprint.as_deref(), c.seen_in.as_str()), (Some(TOKEN), "https"));
+        assert_eq!(c.request.as_deref(), Some("GET https://127.0.0.2:8443/refunds"));
+        assert_eq!(token[0].process.as_ref().unwrap().chain[0].pid, ROOT);
+        assert_eq!(token[1].credential.as_ref().unwrap().path.as_deref(), Some("/run/secrets/bot/token"));
+    }
+
+    #[test]
+    fn token_used_by_a_process_outside_the_session() {
+        let mut events = task();
+        events.push(http(2 * S, 0, 4242, TOKEN, None));
+        events.push(open(3 * S, 0, 4243, "/run/secrets/bot/token", false));
+        events.push(open(3 * S, 0, 4244, "/run/secrets/bot/token", true)); // provisioning: not a use
+        events.push(http(4 * S, 0, 4245, "hmac-sha256:unrelated", None));
+        let alerts = run(&events);
+        assert_eq!(rules(&alerts), [Rule::TokenOutsideSession, Rule::TokenOutsideSession]);
+        assert_eq!(alerts[0].session.id, "t-1");
+        assert_eq!(alerts[0].process.as_ref().unwrap().pid, 4242);
+        assert!(alerts[0].summary.contains("not a process of that session"), "{}", alerts[0].summary);
+    }
+
+    #[test]
+    fn outside_use_after_the_end_is_a_token_after_task_end() {
+        let mut events = task();
+        events.push(exit(2 * S, ROOT));
+        events.push(http(10 * S, 0, 4242, TOKEN, None));
+        assert_eq!(rules(&run(&events)), [Rule::TokenAfterTaskEnd]);
+    }
+
+    #[test]
+    fn credential_files_outside_the_scope() {
+        let mut events = task();
+        events.push(open(2 * S, KEY, ROOT, "/root/.aws/credentials", false));
+        events.push(open(2 * S, 0, 555, "/root/.aws/credentials", false)); // outside sessions: not a rule
+        let alerts = run(&events);
+        assert_eq!(rules(&alerts), [Rule::CredentialOutOfScope]);
+        assert_eq!(alerts[0].credential.as_ref().unwrap().kind, "file");
+    }
+
+    #[test]
+    fn expired_jwt_on_the_wire() {
+        let exp = |secs| Some(JwtClaims { exp: Some(secs), act: vec!["svc:bot".into()], ..Default::default() });
+        let mut events = task();
+        events.push(http(100 * S, KEY, ROOT, TOKEN, exp(50)));
+        events.push(http(100 * S, KEY, ROOT, TOKEN, exp(500)));
+        let alerts = run(&events);
+        assert_eq!(rules(&alerts), [Rule::ExpiredTokenUse]);
+        assert!(alerts[0].summary.contains("expired 50 s ago"), "{}", alerts[0].summary);
+        assert_eq!(alerts[0].credential.as_ref().unwrap().jwt.as_ref().unwrap().act, ["svc:bot"]);
+    }
+
+    #[test]
+    fn setuid_to_root_and_raised_capabilities() {
+        let change = |ts, call, euid, caps| {
+            Event::CredChange(CredChange { ts, session: KEY, pid: ROOT, call, euid: Some(euid), cap_effective: Some(caps) })
+        };
+        let mut events = task();
+        events.push(change(2 * S, CredCall::Capset, 1000, 0)); // dropping nothing: fine
+        events.push(change(3 * S, CredCall::Capset, 1000, 1 << 21)); // CAP_SYS_ADMIN raised
+        events.push(change(4 * S, CredCall::Setresuid, 0, 1 << 21));
+        let alerts = run(&events);
+        assert_eq!(rules(&alerts), [Rule::PrivilegeEscalation, Rule::PrivilegeEscalation]);
+        assert!(alerts[0].summary.contains("capset"), "{}", alerts[0].summary);
+        assert!(alerts[1].summary.contains("setresuid made process 100 root"), "{}", alerts[1].summary);
+    }
 }

@@ -20,6 +20,17 @@ pub struct KernelOffsets {
     pub cred_egid: Option<u32>,
     pub mm_arg_start: Option<u32>,
     pub mm_arg_end: Option<u32>,
+    pub mm_env_start: Option<u32>,
+    pub mm_env_end: Option<u32>,
+    pub cred_cap_effective: Option<u32>,
+    pub task_files: Option<u32>,
+    pub files_fdt: Option<u32>,
+    pub fdt_fd: Option<u32>,
+    pub file_inode: Option<u32>,
+    pub file_flags: Option<u32>,
+    pub inode_ino: Option<u32>,
+    pub inode_sb: Option<u32>,
+    pub sb_dev: Option<u32>,
 }
 
 impl KernelOffsets {
@@ -36,6 +47,17 @@ impl KernelOffsets {
             cred_egid: member("cred", "egid"),
             mm_arg_start: member("mm_struct", "arg_start"),
             mm_arg_end: member("mm_struct", "arg_end"),
+            mm_env_start: member("mm_struct", "env_start"),
+            mm_env_end: member("mm_struct", "env_end"),
+            cred_cap_effective: member("cred", "cap_effective"),
+            task_files: member("task_struct", "files"),
+            files_fdt: member("files_struct", "fdt"),
+            fdt_fd: member("fdtable", "fd"),
+            file_inode: member("file", "f_inode"),
+            file_flags: member("file", "f_flags"),
+            inode_ino: member("inode", "i_ino"),
+            inode_sb: member("inode", "i_sb"),
+            sb_dev: member("super_block", "s_dev"),
         })
     }
 
@@ -51,6 +73,17 @@ impl KernelOffsets {
             ("cred.egid", self.cred_egid),
             ("mm_struct.arg_start", self.mm_arg_start),
             ("mm_struct.arg_end", self.mm_arg_end),
+            ("mm_struct.env_start", self.mm_env_start),
+            ("mm_struct.env_end", self.mm_env_end),
+            ("cred.cap_effective", self.cred_cap_effective),
+            ("task_struct.files", self.task_files),
+            ("files_struct.fdt", self.files_fdt),
+            ("fdtable.fd", self.fdt_fd),
+            ("file.f_inode", self.file_inode),
+            ("file.f_flags", self.file_flags),
+            ("inode.i_ino", self.inode_ino),
+            ("inode.i_sb", self.inode_sb),
+            ("super_block.s_dev", self.sb_dev),
         ];
         all.into_iter().filter(|(_, v)| v.is_none()).map(|(n, _)| n).collect()
     }

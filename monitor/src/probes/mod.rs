@@ -8,12 +8,16 @@ use std::path::Path;
 
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{cgroup_sock_addr::CgroupSockAddr, uprobe::UProbeScope, CgroupAttachMode, TracePoint, UProbe},
+    programs::{
+        cgroup_sock_addr::CgroupSockAddr, uprobe::UProbeScope, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType,
+        TracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 use monitor_common::{
-    globals, NameKey, PortRanges, ScopeNet, SessionPolicy, MAP_CGROUP_SESSIONS, MAP_CONFIG, MAP_EVENTS,
-    MAP_PROC_SESSIONS, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS,
+    globals, NameKey, PortRanges, ScopeNet, SessionPolicy, WatchedDevs, MAP_CGROUP_SESSIONS,
+    MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS,
+    MAP_TOKEN_HASHES, MAP_WATCHED_INODES,
 };
 use serde::Serialize;
 
@@ -46,6 +50,8 @@ pub enum ProbeError {
     Unknown { name: String },
     #[error("no C library found in this agent's own memory map to attach uprobes to")]
     NoLibc,
+    #[error("no OpenSSL 3 library (libssl.so.3) found to attach the TLS uprobes to")]
+    NoLibssl,
     #[error("no cgroup v2 hierarchy to attach the connect hooks to")]
     NoCgroup2,
     #[error("map {0}: {1}")]
@@ -68,6 +74,12 @@ pub enum AttachPoint {
     Libc {
         symbol: &'static str,
     },
+    /// A uprobe on a function of OpenSSL 3's libssl.so.3, attached to the library file.
+    Libssl {
+        symbol: &'static str,
+    },
+    /// A cgroup skb egress hook on the agent's cgroup.
+    CgroupSkbEgress,
 }
 
 impl std::fmt::Display for AttachPoint {
@@ -76,6 +88,8 @@ impl std::fmt::Display for AttachPoint {
             AttachPoint::TracePoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
             AttachPoint::CgroupSockAddr { hook } => write!(f, "cgroup/{hook}"),
             AttachPoint::Libc { symbol } => write!(f, "uprobe/libc:{symbol}"),
+            AttachPoint::Libssl { symbol } => write!(f, "uprobe/libssl:{symbol}"),
+            AttachPoint::CgroupSkbEgress => write!(f, "cgroup_skb/egress"),
         }
     }
 }
@@ -160,6 +174,78 @@ pub const PROBES: &[ProbeSpec] = &[
         opt_in: false,
     },
     ProbeSpec {
+        program: "sys_exit_openat",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_openat" },
+        required: false,
+        // A syscall tracepoint turns on the syscall-tracing slow path for every process; the
+        // openat benchmark measures what that costs.
+        provides: "opens of watched credential files",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "sys_exit_openat2",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_openat2" },
+        required: false,
+        provides: "opens of watched credential files through openat2",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "sys_exit_open",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_open" },
+        required: false,
+        provides: "opens of watched credential files through open(2)",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "sys_exit_setuid",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setuid" },
+        required: false,
+        provides: "setuid by session processes",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "sys_exit_setreuid",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setreuid" },
+        required: false,
+        provides: "setreuid by session processes",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "sys_exit_setresuid",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setresuid" },
+        required: false,
+        provides: "setresuid by session processes",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "sys_exit_capset",
+        attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_capset" },
+        required: false,
+        provides: "capset by session processes",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "ssl_write",
+        attach: AttachPoint::Libssl { symbol: "SSL_write" },
+        required: false,
+        provides: "tokens in TLS requests made with OpenSSL 3",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "ssl_write_ex",
+        attach: AttachPoint::Libssl { symbol: "SSL_write_ex" },
+        required: false,
+        provides: "tokens in TLS requests made with OpenSSL 3 (SSL_write_ex)",
+        opt_in: false,
+    },
+    ProbeSpec {
+        program: "tcp_egress",
+        attach: AttachPoint::CgroupSkbEgress,
+        required: false,
+        provides: "tokens in plaintext HTTP requests",
+        opt_in: false,
+    },
+    ProbeSpec {
         program: "sys_enter_connect",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_enter_connect" },
         required: false,
@@ -195,6 +281,10 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    pub fn is_attached(&self, probe: &str) -> bool {
+        self.probes.iter().any(|p| p.probe == probe && p.attached)
+    }
+
     pub fn degraded(&self) -> bool {
         !self.missing_offsets.is_empty() || self.probes.iter().any(|p| !p.attached)
     }
@@ -208,6 +298,8 @@ pub struct KernelMaps {
     pub session_policy: HashMap<MapData, u32, SessionPolicy>,
     pub scope_nets: LpmTrie<MapData, ScopeNet, PortRanges>,
     pub scope_names: HashMap<MapData, NameKey, PortRanges>,
+    pub watched_inodes: HashMap<MapData, u64, WatchedDevs>,
+    pub token_hashes: HashMap<MapData, u64, u32>,
 }
 
 /// Everything userspace takes from the loaded object.
@@ -260,6 +352,8 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
     // The connect tracepoints only add the fd and the outcome: a kernel without them degrades.
     let connect_fd = Format::read("syscalls", "sys_enter_connect").ok().and_then(|f| f.offset("fd")).unwrap_or(0);
     let connect_ret = Format::read("syscalls", "sys_exit_connect").ok().and_then(|f| f.offset("ret")).unwrap_or(0);
+    // Every sys_exit_* tracepoint has the same layout: `ret` after the syscall number.
+    let sys_exit_ret = Format::read("syscalls", "sys_exit_openat").ok().and_then(|f| f.offset("ret")).unwrap_or(0);
     let o = |v: Option<u32>| v.unwrap_or(0);
     let values = [
         (globals::TASK_REAL_PARENT, o(offsets.task_real_parent)),
@@ -278,6 +372,18 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         (globals::EXIT_GROUP_DEAD, exit_group_dead),
         (globals::CONNECT_FD, connect_fd),
         (globals::CONNECT_RET, connect_ret),
+        (globals::SYS_EXIT_RET, sys_exit_ret),
+        (globals::MM_ENV_START, o(offsets.mm_env_start)),
+        (globals::MM_ENV_END, o(offsets.mm_env_end)),
+        (globals::CRED_CAP_EFFECTIVE, o(offsets.cred_cap_effective)),
+        (globals::TASK_FILES, o(offsets.task_files)),
+        (globals::FILES_FDT, o(offsets.files_fdt)),
+        (globals::FDT_FD, o(offsets.fdt_fd)),
+        (globals::FILE_INODE, o(offsets.file_inode)),
+        (globals::FILE_FLAGS, o(offsets.file_flags)),
+        (globals::INODE_INO, o(offsets.inode_ino)),
+        (globals::INODE_SB, o(offsets.inode_sb)),
+        (globals::SB_DEV, o(offsets.sb_dev)),
     ];
     let mut loader = EbpfLoader::new();
     for (name, value) in &values {
@@ -291,6 +397,8 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         session_policy: take(&mut ebpf, MAP_SESSION_POLICY)?,
         scope_nets: take(&mut ebpf, MAP_SCOPE_NETS)?,
         scope_names: take(&mut ebpf, MAP_SCOPE_NAMES)?,
+        watched_inodes: take(&mut ebpf, MAP_WATCHED_INODES)?,
+        token_hashes: take(&mut ebpf, MAP_TOKEN_HASHES)?,
     };
     let handles = Handles { maps, events: take(&mut ebpf, MAP_EVENTS)?, stats: take(&mut ebpf, MAP_STATS)? };
     let mut missing_offsets = offsets.missing();
@@ -388,6 +496,18 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>)
             probe.load().map_err(err)?;
             probe.attach(symbol, &libc, UProbeScope::AllProcesses).map_err(err)?;
         }
+        AttachPoint::Libssl { symbol } => {
+            let libssl = libssl_path().ok_or(ProbeError::NoLibssl)?;
+            let probe: &mut UProbe = program.try_into().map_err(err)?;
+            probe.load().map_err(err)?;
+            probe.attach(symbol, &libssl, UProbeScope::AllProcesses).map_err(err)?;
+        }
+        AttachPoint::CgroupSkbEgress => {
+            let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
+            let hook: &mut CgroupSkb = program.try_into().map_err(err)?;
+            hook.load().map_err(err)?;
+            hook.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::default()).map_err(err)?;
+        }
     }
     Ok(())
 }
@@ -422,4 +542,20 @@ fn libc_path() -> Option<std::path::PathBuf> {
         let name = Path::new(path).file_name()?.to_str()?;
         (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| std::path::PathBuf::from(path))
     })
+}
+
+/// OpenSSL 3's libssl, from the usual library directories, symlinks resolved (a uprobe attaches
+/// to the file, so /lib and /usr/lib on a merged-/usr system are the same one).
+fn libssl_path() -> Option<std::path::PathBuf> {
+    const DIRS: &[&str] = &[
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/lib64",
+        "/usr/local/lib64",
+        "/usr/local/lib",
+    ];
+    DIRS.iter().map(|d| Path::new(d).join("libssl.so.3")).find_map(|p| std::fs::canonicalize(p).ok())
 }

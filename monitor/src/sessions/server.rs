@@ -28,6 +28,7 @@ pub struct ControlPlane {
     pub default_grace: Duration,
     pub clock: crate::decode::Clock,
     pub policy: Arc<crate::policy::Policy>,
+    pub credentials: Arc<crate::credentials::CredentialIndex>,
 }
 
 /// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
@@ -115,15 +116,21 @@ async fn start(
     bind: BindRequest,
     env_tokens: Vec<Option<super::fingerprint::Secret>>,
 ) -> Result<serde_json::Value, String> {
-    let session = resolve(plane, origin, file, id, &bind, env_tokens)?;
+    let (session, token_hashes) = resolve(plane, origin, file, id, &bind, env_tokens)?;
     let id = session.id.to_string();
     let cgroup = session.binding.cgroup.clone();
     let key = plane.core.start(session.clone()).await?;
+    let mut paths = session.scope.credentials.clone();
+    paths.extend(session.tokens.iter().filter_map(|t| t.source.strip_prefix("file:").map(str::to_string)));
+    plane.credentials.add_session(key, token_hashes, paths);
 
     // The policy goes in before any process is bound, so the first connect is already enforced.
     let now = crate::agent::now_ns();
     let expires_at = plane.clock.boot(now.saturating_add(session.ttl_ns));
     let mut maps = plane.maps.lock().await;
+    // The session's tokens and credential files are watched before any process is bound.
+    maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
+    crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.credentials.watch);
     if let Err(e) = maps.install_policy(key, &session, expires_at, &plane.policy.never_alert.connect) {
         drop(maps);
         let _ = plane.core.end(id.clone(), crate::event::EndReason::Requested).await;
@@ -152,6 +159,7 @@ async fn start(
 }
 
 /// Turns a session file into a [`Session`]: id, default time bounds, fingerprints, binding.
+/// Also returns, for each token whose value is known, its kernel prefilter hash and fingerprint.
 fn resolve(
     plane: &ControlPlane,
     origin: &str,
@@ -159,7 +167,7 @@ fn resolve(
     id: Option<SessionId>,
     bind: &BindRequest,
     env_tokens: Vec<Option<super::fingerprint::Secret>>,
-) -> Result<Session, String> {
+) -> Result<(Session, Vec<(u64, String)>), String> {
     let id = match id.or(file.id) {
         Some(id) => id,
         None => SessionId::try_from(format!("s-{}", ulid::Ulid::new().to_string().to_lowercase()))?,
@@ -179,21 +187,27 @@ fn resolve(
     // Scope parts the file leaves out come from the policy's defaults for this actor.
     let actor = plane.policy.actors.get(&file.actor).cloned().unwrap_or_default();
     let mut env_values = env_tokens.into_iter();
+    let mut hashes = Vec::new();
+    let mut known = |raw: &[u8]| {
+        let fingerprint = plane.key.fingerprint(raw);
+        hashes.push((plane.credentials.token_hash(raw), fingerprint.clone()));
+        fingerprint
+    };
     let tokens = file
         .tokens
         .iter()
         .map(|t| match t {
             TokenSpec::Env(name) => TokenRef {
                 source: format!("env:{name}"),
-                fingerprint: env_values.next().flatten().map(|v| plane.key.fingerprint(v.expose())),
+                fingerprint: env_values.next().flatten().map(|v| known(v.expose())),
             },
             TokenSpec::File(path) => TokenRef {
                 source: format!("file:{path}"),
-                fingerprint: std::fs::read(path).ok().map(|raw| plane.key.fingerprint(trim_newline(&raw))),
+                fingerprint: std::fs::read(path).ok().map(|raw| known(trim_newline(&raw))),
             },
         })
         .collect();
-    Ok(Session {
+    let session = Session {
         id,
         principal: file.principal,
         actor: file.actor,
@@ -210,7 +224,8 @@ fn resolve(
         tokens,
         enforce: file.enforce,
         binding: Binding { root_pid: bind.pid, cgroup },
-    })
+    };
+    Ok((session, hashes))
 }
 
 fn trim_newline(raw: &[u8]) -> &[u8] {

@@ -1,0 +1,296 @@
+//! Credential use: opens of watched credential files (by any process), session tokens in exec
+//! environments (by any process), and credential changes of session processes (setuid family,
+//! capset). Every hook returns 0: none changes what the kernel does.
+//!
+//! The open and credential hooks are `sys_exit_*` syscall tracepoints: they see the call's
+//! outcome, and the file an open produced is read from the descriptor table, so a watched file
+//! matches by device and inode however it was named (relative path, symlink, hard link).
+
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel_buf, bpf_probe_read_user_buf},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use monitor_common::{
+    token_hash_step, CredChangeEvent, EnvTokenEvent, EventKind, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
+    CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, CRED_CAPSET, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, ENV_NAME_CAP,
+    ENV_SCAN_CAP, TOKEN_MIN_LEN,
+};
+
+use crate::{
+    kernel,
+    maps::{config, count, submit_flags, ENV_SCRATCH, ENV_STATE, EVENTS, TOKEN_HASHES, WATCHED_INODES},
+    session,
+};
+
+// ---- opens of watched files -------------------------------------------------------------------
+
+#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_openat2")]
+pub fn sys_exit_openat2(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_open")]
+pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_open_exit(ctx: &TracePointContext) {
+    if config(CONFIG_WATCH_COUNT) == 0 {
+        return;
+    }
+    // SAFETY: the offset comes from this kernel's tracefs format of sys_exit_openat.
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(kernel::sys_exit_ret_off()) }) else { return };
+    if ret < 0 || ret > i32::MAX as i64 {
+        return;
+    }
+    let Some((file, inode, ino)) = kernel::fd_inode(ret as u32) else { return };
+    // Most opens stop here: one lookup by inode number.
+    let Some(devs) = WATCHED_INODES.get_ptr(ino) else { return };
+    let Some(dev) = kernel::inode_dev(inode) else { return };
+    // SAFETY: valid map value pointer for this program run.
+    if !unsafe { (*devs).contains(dev) } {
+        return;
+    }
+    let (_, tgid) = session::current_ids();
+    let key = session::of_current(tgid).unwrap_or(0);
+    let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
+        count(Stat::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<FileOpenEvent>() bytes.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::FileOpen, core::mem::size_of::<FileOpenEvent>(), key);
+        (*event).fd = ret as i32;
+        (*event).flags = kernel::file_flags(file).unwrap_or(u32::MAX);
+        (*event).dev = dev;
+        (*event)._pad0 = 0;
+        (*event).ino = ino;
+        (*event).comm = comm();
+    }
+    entry.submit(submit_flags());
+}
+
+pub fn comm() -> [u8; COMM_CAP] {
+    bpf_get_current_comm().unwrap_or([0; COMM_CAP])
+}
+
+// ---- tokens in exec environments --------------------------------------------------------------
+
+/// Hits one exec can report (a token set in more variables than this is still reported once).
+const MAX_HITS: usize = 4;
+/// Bytes one `bpf_loop` step looks at (the inner loop is unrolled).
+const CHUNK: usize = 16;
+
+/// The state of one environment scan, shared with the `bpf_loop` callback. It lives in a per-CPU
+/// map, not on the stack: the verifier tracks stack values exactly and, with them, explored
+/// every path through the callback ("BPF program is too large. Processed 1000001 insn"); map
+/// values are opaque to it, so the callback is verified once.
+#[repr(C)]
+pub struct EnvScan {
+    len: u64,
+    seed: u64,
+    hash: u64,
+    /// Start of the current `NAME=value` entry.
+    entry_start: u64,
+    /// Where the value starts (after `=`), 0 while in the name.
+    value_start: u64,
+    hits: u64,
+    hit_hash: [u64; MAX_HITS],
+    hit_name: [u64; MAX_HITS],
+    hit_name_len: [u64; MAX_HITS],
+}
+
+/// Called from sched_process_exec for every exec while some session has tokens: the new image's
+/// environment is scanned in the kernel, and only matches leave it (the variable's name and which
+/// token, never a value).
+#[inline(always)]
+pub fn scan_exec_env(session_key: u32) {
+    if config(CONFIG_TOKEN_COUNT) == 0 {
+        return;
+    }
+    let Some((start, end)) = kernel::env_area() else {
+        count(Stat::ReadFailed);
+        return;
+    };
+    let mut len = end.saturating_sub(start) as usize;
+    if len == 0 {
+        return;
+    }
+    if len > ENV_SCAN_CAP {
+        count(Stat::EnvTruncated);
+        len = ENV_SCAN_CAP;
+    }
+    let Some(buf) = ENV_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU scratch owned by this program run; `len` is at most its size.
+    if unsafe { bpf_probe_read_user_buf(start as *const u8, &mut (&mut *buf)[..len]) }.is_err() {
+        count(Stat::ReadFailed);
+        return;
+    }
+    let Some(scan) = ENV_STATE.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU state owned by this program run.
+    unsafe {
+        (*scan).len = len as u64;
+        (*scan).seed = config(CONFIG_TOKEN_SEED);
+        (*scan).hash = 0;
+        (*scan).entry_start = 0;
+        (*scan).value_start = 0;
+        (*scan).hits = 0;
+    }
+    let steps = len.div_ceil(CHUNK) as u32;
+    // SAFETY: bpf_loop calls `env_step`, which finds its state in ENV_STATE.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(steps, env_step as *mut c_void, core::ptr::null_mut(), 0);
+    }
+    let mut i = 0;
+    while i < MAX_HITS {
+        // SAFETY: as above; the map value is re-read, since the callback wrote it.
+        let (hits, hash, name, name_len) =
+            unsafe { ((*scan).hits, (*scan).hit_hash[i], (*scan).hit_name[i], (*scan).hit_name_len[i]) };
+        if (i as u64) < hits {
+            emit_env_token(session_key, hash, name, name_len);
+        }
+        i += 1;
+    }
+}
+
+extern "C" fn env_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scan) = ENV_STATE.get_ptr_mut(0) else { return 1 };
+    let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return 1 };
+    let base = index as usize * CHUNK;
+    let mut j = 0;
+    while j < CHUNK {
+        let at = base + j;
+        // SAFETY: `scan` is the caller's live EnvScan; `buf` is this CPU's scratch.
+        unsafe {
+            if at as u64 >= (*scan).len {
+                return 1;
+            }
+            let byte = (*buf)[at & (ENV_SCAN_CAP - 1)];
+            if byte == 0 {
+                end_entry(scan, at as u64);
+                (*scan).entry_start = at as u64 + 1;
+                (*scan).value_start = 0;
+            } else if (*scan).value_start == 0 {
+                if byte == b'=' {
+                    (*scan).value_start = at as u64 + 1;
+                    (*scan).hash = (*scan).seed;
+                }
+            } else {
+                (*scan).hash = token_hash_step((*scan).hash, byte);
+            }
+        }
+        j += 1;
+    }
+    0
+}
+
+/// At the NUL ending an entry: looks the value's hash up among the tokens.
+#[inline(always)]
+unsafe fn end_entry(scan: *mut EnvScan, at: u64) {
+    let s = unsafe { &mut *scan };
+    if s.value_start == 0 || at < s.value_start + TOKEN_MIN_LEN as u64 || s.hits >= MAX_HITS as u64 {
+        return;
+    }
+    if TOKEN_HASHES.get_ptr(s.hash).is_none() {
+        return;
+    }
+    let slot = (s.hits as usize) & (MAX_HITS - 1);
+    s.hit_hash[slot] = s.hash;
+    s.hit_name[slot] = s.entry_start;
+    s.hit_name_len[slot] = s.value_start - 1 - s.entry_start;
+    s.hits += 1;
+}
+
+fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {
+    let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return };
+    let Some(mut entry) = EVENTS.reserve::<EnvTokenEvent>(0) else {
+        count(Stat::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let at = (name_at as usize) & (ENV_SCAN_CAP - 1);
+    let mut len = name_len as usize;
+    if len > ENV_NAME_CAP {
+        len = ENV_NAME_CAP;
+    }
+    if at + len > ENV_SCAN_CAP {
+        len = ENV_SCAN_CAP - at;
+    }
+    // SAFETY: `event` points to a reservation of size_of::<EnvTokenEvent>() bytes; the name is
+    // copied from inside this CPU's scratch (bounds checked above).
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::EnvToken, core::mem::size_of::<EnvTokenEvent>(), session_key);
+        (*event).hash = hash;
+        (*event).comm = comm();
+        (*event).name.len = 0;
+        if len > 0 && len <= ENV_NAME_CAP {
+            let src = (buf as *const u8).add(at);
+            if bpf_probe_read_kernel_buf(src, &mut (&mut (*event).name.buf)[..len]).is_ok() {
+                (*event).name.len = len as u32;
+            }
+        }
+    }
+    entry.submit(submit_flags());
+}
+
+// ---- credential changes of session processes --------------------------------------------------
+
+#[tracepoint(category = "syscalls", name = "sys_exit_setuid")]
+pub fn sys_exit_setuid(ctx: TracePointContext) -> u32 {
+    on_cred_change(&ctx, CRED_SETUID);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_setreuid")]
+pub fn sys_exit_setreuid(ctx: TracePointContext) -> u32 {
+    on_cred_change(&ctx, CRED_SETREUID);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_setresuid")]
+pub fn sys_exit_setresuid(ctx: TracePointContext) -> u32 {
+    on_cred_change(&ctx, CRED_SETRESUID);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_capset")]
+pub fn sys_exit_capset(ctx: TracePointContext) -> u32 {
+    on_cred_change(&ctx, CRED_CAPSET);
+    0
+}
+
+#[inline(always)]
+fn on_cred_change(ctx: &TracePointContext, call: u32) {
+    let (_, tgid) = session::current_ids();
+    let Some(key) = session::of_current(tgid) else { return };
+    // SAFETY: the offset comes from this kernel's tracefs format (shared by sys_exit_*).
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(kernel::sys_exit_ret_off()) }) else { return };
+    if ret != 0 {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<CredChangeEvent>(0) else {
+        count(Stat::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<CredChangeEvent>() bytes.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::CredChange, core::mem::size_of::<CredChangeEvent>(), key);
+        (*event).call = call;
+        (*event).euid = kernel::effective_ids().map_or(u32::MAX, |(euid, _)| euid);
+        (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
+    }
+    entry.submit(submit_flags());
+}

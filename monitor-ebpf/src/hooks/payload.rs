@@ -1,0 +1,204 @@
+//! The first bytes of outbound HTTP/1.x requests, where credentials travel: TLS plaintext from
+//! uprobes on OpenSSL's `SSL_write`/`SSL_write_ex` (attached to the libssl file, so every process
+//! that loads it is covered), and plaintext TCP segments from a cgroup skb egress hook.
+//!
+//! Only data that starts like an HTTP request leaves the kernel; userspace parses it, fingerprints
+//! the credentials and drops the bytes. The hooks never change what the kernel or the process
+//! does: the uprobes return 0 and the skb hook always returns 1 (pass).
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
+    macros::{cgroup_skb, uprobe},
+    programs::{ProbeContext, SkBuffContext},
+};
+use monitor_common::{
+    EventKind, PayloadEvent, Stat, TcpOwner, PAYLOAD_CAP, PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP,
+};
+
+use super::cred::comm;
+use crate::{
+    kernel,
+    maps::{count, submit_flags, EVENTS, TCP_OWNERS},
+    session,
+};
+
+/// Whether the first four bytes are an HTTP/1.x method (the request line's start).
+#[inline(always)]
+fn is_http_request(head: [u8; 4]) -> bool {
+    matches!(
+        &head,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
+    )
+}
+
+// ---- TLS plaintext ----------------------------------------------------------------------------
+
+/// `int SSL_write(SSL *ssl, const void *buf, int num)`
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    on_ssl_write(&ctx, PAYLOAD_SSL_WRITE);
+    0
+}
+
+/// `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    on_ssl_write(&ctx, PAYLOAD_SSL_WRITE_EX);
+    0
+}
+
+#[inline(always)]
+fn on_ssl_write(ctx: &ProbeContext, source: u8) {
+    let (Some(buf), Some(num)) = (ctx.arg::<u64>(1), ctx.arg::<u64>(2)) else { return };
+    // SSL_write's `num` is an int: keep the low 32 bits for both.
+    let num = num as u32 as i32;
+    if buf == 0 || num < 4 {
+        return;
+    }
+    // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
+    let Ok(head) = (unsafe { bpf_probe_read_user(buf as *const [u8; 4]) }) else { return };
+    if !is_http_request(head) {
+        return;
+    }
+    let (_, tgid) = session::current_ids();
+    let key = session::of_current(tgid).unwrap_or(0);
+    let Some(mut entry) = EVENTS.reserve::<PayloadEvent>(0) else {
+        count(Stat::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let mut len = num as usize;
+    if len > PAYLOAD_CAP {
+        len = PAYLOAD_CAP;
+    }
+    // SAFETY: `event` points to a reservation of size_of::<PayloadEvent>() bytes; `len` is at
+    // most the buffer's size.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::Payload, core::mem::size_of::<PayloadEvent>(), key);
+        (*event).source = source;
+        (*event)._pad0 = 0;
+        (*event).port = 0;
+        (*event).total_len = num as u32;
+        (*event).addr = [0; 16];
+        (*event).comm = comm();
+        (*event)._pad1 = 0;
+        (*event).data.len = 0;
+        if len > 0 && bpf_probe_read_user_buf(buf as *const u8, &mut (&mut (*event).data.buf)[..len]).is_ok() {
+            (*event).data.len = len as u32;
+        }
+    }
+    entry.submit(submit_flags());
+}
+
+// ---- plaintext TCP ----------------------------------------------------------------------------
+
+/// Payload segments of a connection looked at before the hook gives up on it (a protocol that is
+/// not HTTP/1.x, or TLS, whose first segment is a ClientHello).
+const SEGMENTS_LOOKED_AT: u16 = 4;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const PASS: i32 = 1;
+
+#[cgroup_skb(egress)]
+pub fn tcp_egress(ctx: SkBuffContext) -> i32 {
+    on_egress(&ctx);
+    PASS
+}
+
+#[inline(always)]
+fn on_egress(ctx: &SkBuffContext) {
+    // SAFETY: helper valid for cgroup skb programs.
+    let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+    // Only sockets connected while the agent ran have an owner: one lookup for everything else.
+    let Some(owner) = TCP_OWNERS.get_ptr_mut(cookie) else { return };
+    // SAFETY: valid map value pointer for this program run.
+    let owner = unsafe { &mut *owner };
+    if owner.segments >= SEGMENTS_LOOKED_AT {
+        return;
+    }
+    let Some(offset) = payload_offset(ctx) else { return };
+    let total = ctx.len() as usize;
+    if total <= offset {
+        return; // no payload: SYN, ACK, FIN
+    }
+    owner.segments += 1;
+    let Ok(head) = ctx.load::<[u8; 4]>(offset) else { return };
+    if !is_http_request(head) {
+        return;
+    }
+    let owner: TcpOwner = *owner;
+    let Some(mut entry) = EVENTS.reserve::<PayloadEvent>(0) else {
+        count(Stat::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<PayloadEvent>() bytes.
+    unsafe {
+        let header = &mut (*event).header;
+        header.kind = EventKind::Payload as u32;
+        header.version = monitor_common::WIRE_VERSION;
+        header._pad0 = 0;
+        header.size = core::mem::size_of::<PayloadEvent>() as u32;
+        header.session = owner.session;
+        header.ts_ns = aya_ebpf::helpers::bpf_ktime_get_boot_ns();
+        // This may run in softirq context: the socket's owner, not the current task.
+        header.pid = owner.tgid;
+        header.tgid = owner.tgid;
+        header.uid = ctx.get_socket_uid();
+        header.gid = u32::MAX;
+        header.cgroup_id = 0;
+        (*event).source = PAYLOAD_TCP;
+        (*event)._pad0 = 0;
+        (*event).port = owner.port;
+        (*event).total_len = (total - offset) as u32;
+        (*event).addr = owner.addr;
+        (*event).comm = [0; 16];
+        (*event)._pad1 = 0;
+        (*event).data.len = 0;
+        // The helper refuses a length the verifier cannot prove non-zero
+        // ("R4 invalid zero-sized read: u64=[0,4095]"), hence the explicit bounds.
+        let mut len = total - offset;
+        if len > PAYLOAD_CAP {
+            len = PAYLOAD_CAP;
+        }
+        if len > 0 {
+            // 1..=PAYLOAD_CAP in a form the verifier keeps (a plain `len > 0` test is dropped by
+            // the compiler's rewrite of the clamp).
+            let len = ((len - 1) & (PAYLOAD_CAP - 1)) + 1;
+            let dst = (&mut (*event).data.buf).as_mut_ptr() as *mut core::ffi::c_void;
+            let ret = aya_ebpf::helpers::generated::bpf_skb_load_bytes(ctx.skb.skb as *const _, offset as u32, dst, len as u32);
+            if ret == 0 {
+                (*event).data.len = len as u32;
+            }
+        }
+    }
+    entry.submit(submit_flags());
+}
+
+/// Where the TCP payload starts in the packet (the skb starts at the network header), or `None`
+/// for anything but TCP.
+#[inline(always)]
+fn payload_offset(ctx: &SkBuffContext) -> Option<usize> {
+    let ip_len = match u16::from_be(ctx.skb.protocol() as u16) as u32 {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(0).ok()?;
+            let proto: u8 = ctx.load(9).ok()?;
+            if proto != IPPROTO_TCP {
+                return None;
+            }
+            ((vihl & 0x0f) as usize) * 4
+        }
+        ETH_P_IPV6 => {
+            // Extension headers are not followed: such packets are not looked at.
+            let next: u8 = ctx.load(6).ok()?;
+            if next != IPPROTO_TCP {
+                return None;
+            }
+            40
+        }
+        _ => return None,
+    };
+    let doff: u8 = ctx.load(ip_len + 12).ok()?;
+    Some(ip_len + ((doff >> 4) as usize) * 4)
+}

@@ -1,0 +1,51 @@
+//! Writing the watch list and the token hashes into the kernel's maps.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use monitor_common::{WatchedDevs, CONFIG_TOKEN_COUNT, CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, WATCHED_DEVS};
+
+use crate::probes::KernelMaps;
+
+impl KernelMaps {
+    /// Makes `TOKEN_HASHES` hold exactly `hashes`; the count tells every exec whether to scan.
+    pub fn sync_token_hashes(&mut self, seed: u64, hashes: &HashSet<u64>) {
+        let _ = self.config.set(CONFIG_TOKEN_SEED, seed, 0);
+        let stale: Vec<u64> = self.token_hashes.keys().filter_map(Result::ok).filter(|h| !hashes.contains(h)).collect();
+        for hash in stale {
+            let _ = self.token_hashes.remove(&hash);
+        }
+        let mut count = 0u64;
+        for hash in hashes {
+            match self.token_hashes.insert(hash, 1, 0) {
+                Ok(()) => count += 1,
+                Err(e) => tracing::warn!("token watch list full, a token is not looked for in exec environments: {e}"),
+            }
+        }
+        let _ = self.config.set(CONFIG_TOKEN_COUNT, count, 0);
+    }
+
+    /// Makes `WATCHED_INODES` hold exactly the files of `watched`.
+    pub fn sync_watched(&mut self, watched: &HashMap<(u32, u64), String>) {
+        let mut by_ino: BTreeMap<u64, WatchedDevs> = BTreeMap::new();
+        for (dev, ino) in watched.keys() {
+            let slot = by_ino.entry(*ino).or_default();
+            match slot.devs.iter().position(|d| *d == 0) {
+                Some(free) => slot.devs[free] = *dev,
+                None => tracing::warn!(ino, "more than {WATCHED_DEVS} watched files share an inode number"),
+            }
+        }
+        let stale: Vec<u64> =
+            self.watched_inodes.keys().filter_map(Result::ok).filter(|i| !by_ino.contains_key(i)).collect();
+        for ino in stale {
+            let _ = self.watched_inodes.remove(&ino);
+        }
+        let mut count = 0u64;
+        for (ino, devs) in &by_ino {
+            match self.watched_inodes.insert(ino, devs, 0) {
+                Ok(()) => count += 1,
+                Err(e) => tracing::warn!("credential watch list full, a file is not watched: {e}"),
+            }
+        }
+        let _ = self.config.set(CONFIG_WATCH_COUNT, count, 0);
+    }
+}

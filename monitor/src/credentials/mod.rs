@@ -1,0 +1,194 @@
+//! Credentials: which files and tokens belong to which sessions, what the kernel must watch for,
+//! and turning the kernel's credential observations into events that carry only fingerprints.
+//!
+//! Raw secret values stop here. A token's value reaches the agent twice: once when a session
+//! starts (from the control socket or the token file), where it becomes a keyed fingerprint and
+//! a seeded kernel prefilter hash, and once on the wire (a request's header), where it becomes a
+//! fingerprint before the request is dropped. Neither is ever logged, stored or sent.
+
+pub mod http;
+pub mod jwt;
+mod kernel;
+pub mod watch;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, RwLock},
+};
+
+pub use http::CredentialKind;
+pub use jwt::JwtClaims;
+use monitor_common::token_hash;
+
+use crate::{
+    decode::Decoded,
+    event::{Actor, CredentialOpen, Event, SeenCredential, SessionKey, TokenUse, TokenVia},
+    sessions::fingerprint::FingerprintKey,
+};
+
+/// What the credential probes look for, shared by the control plane (which adds sessions), the
+/// watch task (which rescans files) and the reader (which resolves observations).
+#[derive(Debug)]
+pub struct CredentialIndex {
+    seed: u64,
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Kernel hash of a token value -> its fingerprint, per session.
+    tokens: BTreeMap<SessionKey, Vec<(u64, String)>>,
+    /// Credential paths named by sessions (scope and token files), per session.
+    paths: BTreeMap<SessionKey, Vec<String>>,
+    /// Every watched file by (device in the kernel's encoding, inode), with its path.
+    watched: HashMap<(u32, u64), String>,
+}
+
+impl CredentialIndex {
+    /// `seed` seeds the kernel's token hash (random per agent start).
+    pub fn new(seed: u64) -> Arc<Self> {
+        Arc::new(Self { seed, inner: RwLock::new(Inner::default()) })
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The kernel prefilter hash of a token value.
+    pub fn token_hash(&self, value: &[u8]) -> u64 {
+        token_hash(self.seed, value)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a session's tokens (kernel hash, fingerprint) and credential paths.
+    pub fn add_session(&self, key: SessionKey, tokens: Vec<(u64, String)>, paths: Vec<String>) {
+        let mut inner = self.write();
+        inner.tokens.insert(key, tokens);
+        inner.paths.insert(key, paths);
+    }
+
+    pub fn forget_session(&self, key: SessionKey) {
+        let mut inner = self.write();
+        inner.tokens.remove(&key);
+        inner.paths.remove(&key);
+    }
+
+    /// Every token hash the kernel should look for in exec environments.
+    pub fn token_hashes(&self) -> HashSet<u64> {
+        self.read().tokens.values().flatten().map(|(hash, _)| *hash).collect()
+    }
+
+    /// Every path sessions name (to be watched besides the well-known ones).
+    pub fn session_paths(&self) -> Vec<String> {
+        self.read().paths.values().flatten().cloned().collect()
+    }
+
+    /// Replaces the watched files (after a scan).
+    pub fn set_watched(&self, watched: HashMap<(u32, u64), String>) {
+        self.write().watched = watched;
+    }
+
+    pub fn watched(&self) -> HashMap<(u32, u64), String> {
+        self.read().watched.clone()
+    }
+
+    fn fingerprint_of_hash(&self, hash: u64) -> Option<String> {
+        self.read().tokens.values().flatten().find(|(h, _)| *h == hash).map(|(_, f)| f.clone())
+    }
+
+    fn is_session_token(&self, fingerprint: &str) -> bool {
+        self.read().tokens.values().flatten().any(|(_, f)| f == fingerprint)
+    }
+
+    fn path_of(&self, dev: u32, ino: u64) -> Option<String> {
+        self.read().watched.get(&(dev, ino)).cloned()
+    }
+}
+
+/// Turns the kernel's credential observations into events (in the reader, before the engine).
+pub struct Observer {
+    index: Arc<CredentialIndex>,
+    key: Arc<FingerprintKey>,
+    api_key_headers: Vec<String>,
+}
+
+impl Observer {
+    pub fn new(index: Arc<CredentialIndex>, key: Arc<FingerprintKey>, api_key_headers: Vec<String>) -> Self {
+        let api_key_headers = api_key_headers.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+        Self { index, key, api_key_headers }
+    }
+
+    /// The events an observation gives: none for what concerns no session (an unknown token in
+    /// a process outside sessions), one per credential otherwise.
+    pub fn observe(&self, decoded: Decoded<'_>) -> Vec<Event> {
+        match decoded {
+            Decoded::Event(event) => vec![event],
+            Decoded::FileOpen { ts, session, actor, dev, ino, fd, write } => {
+                // An inode no longer watched (the list changed since the kernel saw it) is dropped.
+                let Some(path) = self.index.path_of(dev, ino) else { return Vec::new() };
+                vec![Event::CredentialOpen(CredentialOpen { ts, session, actor, path, fd, write })]
+            }
+            Decoded::EnvToken { ts, session, actor, hash, name } => {
+                let Some(fingerprint) = self.index.fingerprint_of_hash(hash) else { return Vec::new() };
+                let credential =
+                    SeenCredential { kind: CredentialKind::Env, fingerprint, header: None, key_id: None, jwt: None };
+                vec![Event::TokenUse(TokenUse { ts, session, actor, credential, via: TokenVia::Env { name } })]
+            }
+            Decoded::Payload { ts, session, actor, tls, dst, data } => self.payload(ts, session, actor, tls, dst, data),
+        }
+    }
+
+    fn payload(
+        &self,
+        ts: u64,
+        session: SessionKey,
+        actor: Actor,
+        tls: bool,
+        dst: Option<std::net::SocketAddr>,
+        data: &[u8],
+    ) -> Vec<Event> {
+        let Some(request) = http::parse(data, &self.api_key_headers) else { return Vec::new() };
+        let mut events = Vec::new();
+        for raw in &request.credentials {
+            let secret: std::borrow::Cow<[u8]> = match raw.kind {
+                CredentialKind::Basic => http::basic_password(raw.value).map_or(raw.value.into(), Into::into),
+                _ => raw.value.into(),
+            };
+            let fingerprint = self.key.fingerprint(&secret);
+            let jwt = match raw.kind {
+                CredentialKind::Bearer | CredentialKind::Authorization | CredentialKind::ApiKey => {
+                    std::str::from_utf8(raw.value).ok().and_then(jwt::decode)
+                }
+                _ => None,
+            };
+            // Outside sessions only what concerns a session is kept: its token, or an expired JWT.
+            let expired = jwt.as_ref().and_then(|j| j.exp).is_some_and(|exp| exp.saturating_mul(1_000_000_000) < ts as i64);
+            if session == 0 && !expired && !self.index.is_session_token(&fingerprint) {
+                continue;
+            }
+            let credential = SeenCredential {
+                kind: raw.kind,
+                fingerprint,
+                header: Some(raw.header.clone()),
+                key_id: raw.key_id.clone(),
+                jwt,
+            };
+            let via = TokenVia::Http {
+                tls,
+                method: request.method.clone(),
+                host: request.host.clone(),
+                path: request.path.clone(),
+                dst,
+            };
+            events.push(Event::TokenUse(TokenUse { ts, session, actor: actor.clone(), credential, via }));
+        }
+        events
+    }
+}

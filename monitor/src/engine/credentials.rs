@@ -1,0 +1,234 @@
+//! Credential rules: token_after_task_end, token_outside_session, credential_out_of_scope,
+//! expired_token_use, and privilege_escalation through setuid-family calls and capset.
+
+use super::{Engine, Tracked};
+use crate::{
+    alert::{Alert, CredentialRef, NetworkRef, ProcessRef},
+    event::{Actor, CredCall, CredChange, CredentialOpen, Nanos, SessionKey, TokenUse, TokenVia},
+    rules::Rule,
+};
+
+impl Engine {
+    /// The sessions a token fingerprint was granted to.
+    fn token_owners(&self, fingerprint: &str) -> Vec<SessionKey> {
+        self.sessions
+            .iter()
+            .filter(|(_, t)| t.session.tokens.iter().any(|tok| tok.fingerprint.as_deref() == Some(fingerprint)))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Whether a session's authority is over at `ts`: its task ended and the grace ran out, or its
+    /// ttl passed.
+    fn authority_over(&self, key: SessionKey, ts: Nanos) -> bool {
+        self.time_violation(key, ts).is_some()
+    }
+
+    /// The alert's process: the session's record with its chain when the engine knows it, else
+    /// what the credential probe said about it.
+    fn actor_process(&self, session: SessionKey, actor: &Actor) -> Option<ProcessRef> {
+        let known = self.procs.live(actor.pid).filter(|s| self.procs.get(*s).is_some_and(|p| p.session == session));
+        if let Some(p) = known.and_then(|s| self.procs.describe(s)) {
+            return Some(p);
+        }
+        Some(ProcessRef {
+            pid: actor.pid,
+            ppid: 0,
+            exe: if actor.exe.is_empty() { actor.comm.clone() } else { actor.exe.clone() },
+            argv: Vec::new(),
+            uid: actor.uid,
+            euid: None,
+            cgroup: actor.cgroup,
+            chain: Vec::new(),
+        })
+    }
+
+    fn credential_alert(
+        &self,
+        rule: Rule,
+        session: SessionKey,
+        actor_session: SessionKey,
+        actor: &Actor,
+        ts: Nanos,
+        summary: String,
+        credential: CredentialRef,
+    ) -> Alert {
+        let mut alert = self.alert(rule, session, None, ts, summary);
+        alert.process = self.actor_process(actor_session, actor);
+        alert.credential = Some(credential);
+        alert
+    }
+
+    pub(super) fn token_use(&mut self, t: &TokenUse, alerts: &mut Vec<Alert>) {
+        let (seen_in, carrier, request, network) = match &t.via {
+            TokenVia::Env { name } => ("env", Some(name.clone()), None, None),
+            TokenVia::Http { tls, method, host, path, dst } => {
+                let scheme = if *tls { "https" } else { "http" };
+                let request = format!("{method} {scheme}://{}{path}", host.as_deref().unwrap_or("?"));
+                let network = match dst {
+                    Some(dst) => Some(NetworkRef {
+                        dst_ip: dst.ip().to_string(),
+                        dst_port: dst.port(),
+                        protocol: scheme.to_string(),
+                        dst_name: host.clone(),
+                    }),
+                    None => host.as_ref().map(|h| NetworkRef {
+                        dst_ip: String::new(),
+                        dst_port: 0,
+                        protocol: scheme.to_string(),
+                        dst_name: Some(h.clone()),
+                    }),
+                };
+                (scheme, t.credential.header.clone(), Some(request), network)
+            }
+        };
+        let credential = CredentialRef {
+            kind: t.credential.kind.as_str().to_string(),
+            fingerprint: Some(t.credential.fingerprint.clone()),
+            path: None,
+            jwt: t.credential.jwt.clone(),
+            seen_in: seen_in.to_string(),
+            carrier: carrier.clone(),
+            key_id: t.credential.key_id.clone(),
+            request,
+        };
+        let how = match (&t.via, &carrier) {
+            (TokenVia::Env { .. }, Some(name)) => format!("in the environment (${name}) of an exec"),
+            (_, _) => format!("in a {seen_in} request"),
+        };
+        let who = if t.actor.exe.is_empty() { t.actor.comm.clone() } else { t.actor.exe.clone() };
+        let owners = self.token_owners(&t.credential.fingerprint);
+        let mut push = |engine: &Self, rule, session, summary: String| {
+            let mut alert =
+                engine.credential_alert(rule, session, t.session, &t.actor, t.ts, summary, credential.clone());
+            alert.network = network.clone();
+            alerts.push(alert);
+        };
+
+        if owners.contains(&t.session) {
+            if self.authority_over(t.session, t.ts) {
+                let summary = format!("{who} (pid {}) used the session's token {how} after its task ended", t.actor.pid);
+                push(self, Rule::TokenAfterTaskEnd, t.session, summary);
+            }
+        } else if let Some(owner) = owners.iter().copied().find(|o| !self.authority_over(*o, t.ts)) {
+            let summary = format!(
+                "{who} (pid {}) used session {}'s token {how}, but is not a process of that session",
+                t.actor.pid,
+                self.session_id(owner)
+            );
+            push(self, Rule::TokenOutsideSession, owner, summary);
+        } else if let Some(owner) = owners.iter().copied().max_by_key(|o| self.sessions[o].started) {
+            let summary = format!(
+                "{who} (pid {}) used session {}'s token {how} after that task ended",
+                t.actor.pid,
+                self.session_id(owner)
+            );
+            push(self, Rule::TokenAfterTaskEnd, owner, summary);
+        }
+
+        let expired = t.credential.jwt.as_ref().and_then(|j| j.exp).filter(|exp| exp.saturating_mul(1_000_000_000) < t.ts as i64);
+        if let Some(exp) = expired {
+            let session = if self.sessions.contains_key(&t.session) { t.session } else { owners.first().copied().unwrap_or(0) };
+            let ago = (t.ts as i64 / 1_000_000_000).saturating_sub(exp);
+            let summary = format!("{who} (pid {}) sent a JWT that expired {ago} s ago {how}", t.actor.pid);
+            push(self, Rule::ExpiredTokenUse, session, summary);
+        }
+    }
+
+    pub(super) fn credential_open(&mut self, o: &CredentialOpen, alerts: &mut Vec<Alert>) {
+        let credential = CredentialRef {
+            kind: "file".into(),
+            fingerprint: None,
+            path: Some(o.path.clone()),
+            jwt: None,
+            seen_in: "file".into(),
+            carrier: None,
+            key_id: None,
+            request: None,
+        };
+        let who = if o.actor.exe.is_empty() { o.actor.comm.clone() } else { o.actor.exe.clone() };
+        let names = |t: &Tracked| t.session.scope.credentials.contains(&o.path) || token_file(t, &o.path);
+
+        if let Some(t) = self.sessions.get(&o.session) {
+            let alert = if !names(t) {
+                let summary = format!("{who} (pid {}) opened {}, a credential its session was not granted", o.actor.pid, o.path);
+                Some((Rule::CredentialOutOfScope, summary))
+            } else if self.authority_over(o.session, o.ts) {
+                let summary = format!("{who} (pid {}) opened the session's credential {} after its task ended", o.actor.pid, o.path);
+                Some((Rule::TokenAfterTaskEnd, summary))
+            } else {
+                None
+            };
+            if let Some((rule, summary)) = alert {
+                alerts.push(self.credential_alert(rule, o.session, o.session, &o.actor, o.ts, summary, credential));
+            }
+            return;
+        }
+        // A process outside every session read a session's token file (writes are its
+        // provisioning, not a use).
+        if o.write {
+            return;
+        }
+        let owners: Vec<SessionKey> = self.sessions.iter().filter(|(_, t)| token_file(t, &o.path)).map(|(k, _)| *k).collect();
+        let (rule, owner) = match owners.iter().copied().find(|k| !self.authority_over(*k, o.ts)) {
+            Some(active) => (Rule::TokenOutsideSession, active),
+            None => match owners.iter().copied().max_by_key(|k| self.sessions[k].started) {
+                Some(ended) => (Rule::TokenAfterTaskEnd, ended),
+                None => return,
+            },
+        };
+        let summary = format!(
+            "{who} (pid {}), outside session {}, opened its token file {}",
+            o.actor.pid,
+            self.session_id(owner),
+            o.path
+        );
+        alerts.push(self.credential_alert(rule, owner, o.session, &o.actor, o.ts, summary, credential));
+    }
+
+    pub(super) fn cred_change(&mut self, c: &CredChange, alerts: &mut Vec<Alert>) {
+        let Some(serial) = self.procs.live(c.pid) else { return };
+        let Some(p) = self.procs.get(serial) else { return };
+        let (before_euid, before_caps) = (p.creds.euid, p.caps);
+        if let Some(p) = self.procs.get_mut(serial) {
+            if c.euid.is_some() {
+                p.creds.euid = c.euid;
+            }
+            if c.cap_effective.is_some() {
+                p.caps = c.cap_effective;
+            }
+        }
+        if !self.sessions.contains_key(&c.session) {
+            return;
+        }
+        let call = match c.call {
+            CredCall::Setuid => "setuid",
+            CredCall::Setreuid => "setreuid",
+            CredCall::Setresuid => "setresuid",
+            CredCall::Setfsuid => "setfsuid",
+            CredCall::Capset => "capset",
+        };
+        let gained_root = c.euid == Some(0) && before_euid.is_some_and(|u| u != 0);
+        let gained_caps = match (before_caps, c.cap_effective) {
+            (Some(before), Some(after)) => after & !before,
+            _ => 0,
+        };
+        let summary = if gained_root {
+            format!("{call} made process {} root (euid {} -> 0)", c.pid, before_euid.unwrap_or(0))
+        } else if gained_caps != 0 {
+            format!("{call} raised the effective capabilities of process {} (gained {gained_caps:#x})", c.pid)
+        } else {
+            return;
+        };
+        alerts.push(self.alert(Rule::PrivilegeEscalation, c.session, Some(serial), c.ts, summary));
+    }
+
+    fn session_id(&self, key: SessionKey) -> String {
+        self.sessions.get(&key).map(|t| t.session.id.to_string()).unwrap_or_default()
+    }
+}
+
+/// Whether `path` is one of the session's `tokens: file:` entries.
+fn token_file(t: &Tracked, path: &str) -> bool {
+    t.session.tokens.iter().any(|tok| tok.source.strip_prefix("file:") == Some(path))
+}
