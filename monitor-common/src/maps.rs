@@ -58,8 +58,10 @@ pub struct TcpOwner {
     pub segments: u16,
     pub _pad0: u32,
     pub addr: [u8; 16],
+    /// The connecting task's name.
+    pub comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<TcpOwner>() == 32);
+const _: () = assert!(core::mem::size_of::<TcpOwner>() == 48);
 
 pub const CGROUP_SESSIONS_CAPACITY: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 4 * 1024 * 1024;

@@ -72,6 +72,7 @@ fn synthetic(n: usize) -> Vec<Event> {
             argv: vec![exe.into(), "-s".into(), "http://127.0.0.2/".into()],
             argv_truncated: false,
             creds,
+            cap_effective: None,
             cgroup: 1,
         }));
         events.push(Event::Exit(Exit { ts: ts + 20, session: key, pid: child, exit_code: 0 }));

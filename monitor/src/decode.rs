@@ -20,12 +20,33 @@ use crate::event::{
 pub enum Decoded<'a> {
     Event(Event),
     /// A watched inode was opened.
-    FileOpen { ts: Nanos, session: SessionKey, actor: Actor, dev: u32, ino: u64, fd: i32, write: bool },
+    FileOpen {
+        ts: Nanos,
+        session: SessionKey,
+        actor: Actor,
+        dev: u32,
+        ino: u64,
+        fd: i32,
+        write: bool,
+    },
     /// A token's hash was the value of `name` in an exec's environment.
-    EnvToken { ts: Nanos, session: SessionKey, actor: Actor, hash: u64, name: String },
+    EnvToken {
+        ts: Nanos,
+        session: SessionKey,
+        actor: Actor,
+        hash: u64,
+        name: String,
+    },
     /// The first bytes of an outbound request. `data` is raw and may hold secrets: it is parsed
     /// and fingerprinted, never stored.
-    Payload { ts: Nanos, session: SessionKey, actor: Actor, tls: bool, dst: Option<std::net::SocketAddr>, data: &'a [u8] },
+    Payload {
+        ts: Nanos,
+        session: SessionKey,
+        actor: Actor,
+        tls: bool,
+        dst: Option<std::net::SocketAddr>,
+        data: &'a [u8],
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -119,14 +140,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
             let data = &record[data_at + 4..data_at + 4 + len.min(PAYLOAD_CAP)];
             let tls = source != PAYLOAD_TCP;
             let dst = (!tls && port != 0).then(|| std::net::SocketAddr::new(unmap(addr), port));
-            return Ok(Decoded::Payload {
-                ts,
-                session,
-                actor: actor(&record[comm_at..comm_at + 16]),
-                tls,
-                dst,
-                data,
-            });
+            return Ok(Decoded::Payload { ts, session, actor: actor(&record[comm_at..comm_at + 16]), tls, dst, data });
         }
         _ => {}
     }
@@ -326,10 +340,14 @@ mod tests {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"cat\0");
         let e = FileOpenEvent { header: h, fd: 3, flags: 2, dev: 0x80_0001, _pad0: 0, ino: 77, comm };
-        let Decoded::FileOpen { session, actor, dev, ino, fd, write, .. } = decode(&bytes_of(&e), CLOCK).unwrap() else {
+        let Decoded::FileOpen { session, actor, dev, ino, fd, write, .. } = decode(&bytes_of(&e), CLOCK).unwrap()
+        else {
             panic!()
         };
-        assert_eq!((session, actor.pid, actor.comm.as_str(), dev, ino, fd, write), (0, 100, "cat", 0x80_0001, 77, 3, true));
+        assert_eq!(
+            (session, actor.pid, actor.comm.as_str(), dev, ino, fd, write),
+            (0, 100, "cat", 0x80_0001, 77, 3, true)
+        );
 
         let e = EnvTokenEvent {
             header: header(EventKind::EnvToken, size_of::<EnvTokenEvent>()),

@@ -250,6 +250,8 @@ pub struct CredentialOpen {
 pub enum TokenVia {
     /// In the environment of an exec, as the value of `name`.
     Env { name: String },
+    /// On the command line of an exec, as argument `index` (redacted there).
+    Argv { index: usize },
     /// In an HTTP/1.x request, over TLS (OpenSSL) or in plaintext.
     Http {
         tls: bool,

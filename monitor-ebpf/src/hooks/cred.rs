@@ -231,7 +231,12 @@ fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {
     // SAFETY: `event` points to a reservation of size_of::<EnvTokenEvent>() bytes; the name is
     // copied from inside this CPU's scratch (bounds checked above).
     unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::EnvToken, core::mem::size_of::<EnvTokenEvent>(), session_key);
+        kernel::fill_header(
+            &mut (*event).header,
+            EventKind::EnvToken,
+            core::mem::size_of::<EnvTokenEvent>(),
+            session_key,
+        );
         (*event).hash = hash;
         (*event).comm = comm();
         (*event).name.len = 0;

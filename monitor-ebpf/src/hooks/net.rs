@@ -16,14 +16,15 @@ use aya_ebpf::{
 };
 use monitor_common::{
     ConnectEvent, ConnectResultEvent, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner,
-    CONFIG_TCP_OWNERS, HOOK_CONNECT,
-    HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED,
-    VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
+    CONFIG_TCP_OWNERS, HOOK_CONNECT, HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE,
+    VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
 };
 
 use crate::{
     kernel,
-    maps::{config, count, submit_flags, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, TCP_OWNERS, UDP_FLOWS},
+    maps::{
+        config, count, submit_flags, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, TCP_OWNERS, UDP_FLOWS,
+    },
     session,
 };
 
@@ -99,7 +100,13 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
 fn record_tcp_owner(sa: *mut bpf_sock_addr, tgid: u32, session: u32, port: u16, addr: &[u8; 16]) {
     // SAFETY: the cookie helper is valid for sock_addr programs and takes their context.
     let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sa as *mut _) };
-    let owner = TcpOwner { tgid, session, port, segments: 0, _pad0: 0, addr: *addr };
+    let mut owner = TcpOwner { tgid, session, port, segments: 0, _pad0: 0, addr: *addr, comm: [0; 16] };
+    // The raw helper writes into the struct in place: with `bpf_get_current_comm()` returning an
+    // array, the compiler's copy read a register that one path never set ("R7 !read_ok").
+    // SAFETY: the buffer is 16 writable bytes; on failure the helper zeroes it.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(owner.comm.as_mut_ptr() as *mut _, owner.comm.len() as u32)
+    };
     let _ = TCP_OWNERS.insert(&cookie, &owner, 0);
 }
 

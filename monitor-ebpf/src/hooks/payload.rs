@@ -25,10 +25,7 @@ use crate::{
 /// Whether the first four bytes are an HTTP/1.x method (the request line's start).
 #[inline(always)]
 fn is_http_request(head: [u8; 4]) -> bool {
-    matches!(
-        &head,
-        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
-    )
+    matches!(&head, b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC")
 }
 
 // ---- TLS plaintext ----------------------------------------------------------------------------
@@ -153,7 +150,7 @@ fn on_egress(ctx: &SkBuffContext) {
         (*event).port = owner.port;
         (*event).total_len = (total - offset) as u32;
         (*event).addr = owner.addr;
-        (*event).comm = [0; 16];
+        (*event).comm = owner.comm;
         (*event)._pad1 = 0;
         (*event).data.len = 0;
         // The helper refuses a length the verifier cannot prove non-zero
@@ -167,7 +164,12 @@ fn on_egress(ctx: &SkBuffContext) {
             // the compiler's rewrite of the clamp).
             let len = ((len - 1) & (PAYLOAD_CAP - 1)) + 1;
             let dst = (&mut (*event).data.buf).as_mut_ptr() as *mut core::ffi::c_void;
-            let ret = aya_ebpf::helpers::generated::bpf_skb_load_bytes(ctx.skb.skb as *const _, offset as u32, dst, len as u32);
+            let ret = aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                offset as u32,
+                dst,
+                len as u32,
+            );
             if ret == 0 {
                 (*event).data.len = len as u32;
             }

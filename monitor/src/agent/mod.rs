@@ -15,10 +15,10 @@ pub use self::core::CoreHandle;
 use crate::{
     alert::Alert,
     credentials::{self, CredentialIndex, Observer},
-    probes::KernelMaps,
     decode::Clock,
     engine::{Engine, EngineConfig},
     probes,
+    probes::KernelMaps,
     sessions::{fingerprint::FingerprintKey, server},
     sinks::{self, OutputSpec},
 };
@@ -50,8 +50,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
 
     let credentials = CredentialIndex::new(random_seed()?);
-    let observer =
-        Observer::new(credentials.clone(), key.clone(), settings.policy.credentials.api_key_headers.clone());
+    let observer = Observer::new(credentials.clone(), key.clone(), settings.policy.credentials.api_key_headers.clone());
     maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
     credentials::watch::refresh(&credentials, &mut maps, &settings.policy.credentials.watch);
 
@@ -82,11 +81,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     );
     let core = tokio::spawn(core.run());
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), effect_rx));
-    let watcher = tokio::spawn(watch_credentials(
-        credentials.clone(),
-        maps.clone(),
-        settings.policy.credentials.watch.clone(),
-    ));
+    let watcher =
+        tokio::spawn(watch_credentials(credentials.clone(), maps.clone(), settings.policy.credentials.watch.clone()));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
     let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
 

@@ -6,6 +6,7 @@
 //! a seeded kernel prefilter hash, and once on the wire (a request's header), where it becomes a
 //! fingerprint before the request is dropped. Neither is ever logged, stored or sent.
 
+pub mod argv;
 pub mod http;
 pub mod jwt;
 mod kernel;
@@ -103,7 +104,7 @@ impl CredentialIndex {
         self.read().tokens.values().flatten().find(|(h, _)| *h == hash).map(|(_, f)| f.clone())
     }
 
-    fn is_session_token(&self, fingerprint: &str) -> bool {
+    pub fn is_session_token(&self, fingerprint: &str) -> bool {
         self.read().tokens.values().flatten().any(|(_, f)| f == fingerprint)
     }
 
@@ -129,6 +130,31 @@ impl Observer {
     /// a process outside sessions), one per credential otherwise.
     pub fn observe(&self, decoded: Decoded<'_>) -> Vec<Event> {
         match decoded {
+            Decoded::Event(Event::Exec(mut exec)) => {
+                let found = self.redact_argv(&mut exec.argv);
+                let actor = Actor {
+                    pid: exec.pid,
+                    tid: exec.pid,
+                    comm: String::new(),
+                    exe: exec.exe.clone(),
+                    uid: exec.creds.uid,
+                    cgroup: exec.cgroup,
+                };
+                let (ts, session) = (exec.ts, exec.session);
+                let mut events = vec![Event::Exec(exec)];
+                for f in found {
+                    let credential = SeenCredential {
+                        kind: f.kind,
+                        fingerprint: f.fingerprint,
+                        header: None,
+                        key_id: None,
+                        jwt: f.jwt,
+                    };
+                    let via = TokenVia::Argv { index: f.index };
+                    events.push(Event::TokenUse(TokenUse { ts, session, actor: actor.clone(), credential, via }));
+                }
+                events
+            }
             Decoded::Event(event) => vec![event],
             Decoded::FileOpen { ts, session, actor, dev, ino, fd, write } => {
                 // An inode no longer watched (the list changed since the kernel saw it) is dropped.
@@ -143,6 +169,11 @@ impl Observer {
             }
             Decoded::Payload { ts, session, actor, tls, dst, data } => self.payload(ts, session, actor, tls, dst, data),
         }
+    }
+
+    /// Replaces the secrets in a command line by their fingerprints; returns what was found.
+    pub fn redact_argv(&self, argv: &mut [String]) -> Vec<argv::ArgvCredential> {
+        argv::redact(argv, &self.key, &self.api_key_headers, &|fp| self.index.is_session_token(fp))
     }
 
     fn payload(
@@ -169,7 +200,8 @@ impl Observer {
                 _ => None,
             };
             // Outside sessions only what concerns a session is kept: its token, or an expired JWT.
-            let expired = jwt.as_ref().and_then(|j| j.exp).is_some_and(|exp| exp.saturating_mul(1_000_000_000) < ts as i64);
+            let expired =
+                jwt.as_ref().and_then(|j| j.exp).is_some_and(|exp| exp.saturating_mul(1_000_000_000) < ts as i64);
             if session == 0 && !expired && !self.index.is_session_token(&fingerprint) {
                 continue;
             }

@@ -62,6 +62,7 @@ impl Engine {
     pub(super) fn token_use(&mut self, t: &TokenUse, alerts: &mut Vec<Alert>) {
         let (seen_in, carrier, request, network) = match &t.via {
             TokenVia::Env { name } => ("env", Some(name.clone()), None, None),
+            TokenVia::Argv { index } => ("argv", Some(format!("argv[{index}]")), None, None),
             TokenVia::Http { tls, method, host, path, dst } => {
                 let scheme = if *tls { "https" } else { "http" };
                 let request = format!("{method} {scheme}://{}{path}", host.as_deref().unwrap_or("?"));
@@ -94,6 +95,7 @@ impl Engine {
         };
         let how = match (&t.via, &carrier) {
             (TokenVia::Env { .. }, Some(name)) => format!("in the environment (${name}) of an exec"),
+            (TokenVia::Argv { index }, _) => format!("on the command line (argument {index}) of an exec"),
             (_, _) => format!("in a {seen_in} request"),
         };
         let who = if t.actor.exe.is_empty() { t.actor.comm.clone() } else { t.actor.exe.clone() };
@@ -107,7 +109,8 @@ impl Engine {
 
         if owners.contains(&t.session) {
             if self.authority_over(t.session, t.ts) {
-                let summary = format!("{who} (pid {}) used the session's token {how} after its task ended", t.actor.pid);
+                let summary =
+                    format!("{who} (pid {}) used the session's token {how} after its task ended", t.actor.pid);
                 push(self, Rule::TokenAfterTaskEnd, t.session, summary);
             }
         } else if let Some(owner) = owners.iter().copied().find(|o| !self.authority_over(*o, t.ts)) {
@@ -126,9 +129,11 @@ impl Engine {
             push(self, Rule::TokenAfterTaskEnd, owner, summary);
         }
 
-        let expired = t.credential.jwt.as_ref().and_then(|j| j.exp).filter(|exp| exp.saturating_mul(1_000_000_000) < t.ts as i64);
+        let expired =
+            t.credential.jwt.as_ref().and_then(|j| j.exp).filter(|exp| exp.saturating_mul(1_000_000_000) < t.ts as i64);
         if let Some(exp) = expired {
-            let session = if self.sessions.contains_key(&t.session) { t.session } else { owners.first().copied().unwrap_or(0) };
+            let session =
+                if self.sessions.contains_key(&t.session) { t.session } else { owners.first().copied().unwrap_or(0) };
             let ago = (t.ts as i64 / 1_000_000_000).saturating_sub(exp);
             let summary = format!("{who} (pid {}) sent a JWT that expired {ago} s ago {how}", t.actor.pid);
             push(self, Rule::ExpiredTokenUse, session, summary);
@@ -151,10 +156,14 @@ impl Engine {
 
         if let Some(t) = self.sessions.get(&o.session) {
             let alert = if !names(t) {
-                let summary = format!("{who} (pid {}) opened {}, a credential its session was not granted", o.actor.pid, o.path);
+                let summary =
+                    format!("{who} (pid {}) opened {}, a credential its session was not granted", o.actor.pid, o.path);
                 Some((Rule::CredentialOutOfScope, summary))
             } else if self.authority_over(o.session, o.ts) {
-                let summary = format!("{who} (pid {}) opened the session's credential {} after its task ended", o.actor.pid, o.path);
+                let summary = format!(
+                    "{who} (pid {}) opened the session's credential {} after its task ended",
+                    o.actor.pid, o.path
+                );
                 Some((Rule::TokenAfterTaskEnd, summary))
             } else {
                 None
@@ -169,7 +178,8 @@ impl Engine {
         if o.write {
             return;
         }
-        let owners: Vec<SessionKey> = self.sessions.iter().filter(|(_, t)| token_file(t, &o.path)).map(|(k, _)| *k).collect();
+        let owners: Vec<SessionKey> =
+            self.sessions.iter().filter(|(_, t)| token_file(t, &o.path)).map(|(k, _)| *k).collect();
         let (rule, owner) = match owners.iter().copied().find(|k| !self.authority_over(*k, o.ts)) {
             Some(active) => (Rule::TokenOutsideSession, active),
             None => match owners.iter().copied().max_by_key(|k| self.sessions[k].started) {
@@ -189,7 +199,7 @@ impl Engine {
     pub(super) fn cred_change(&mut self, c: &CredChange, alerts: &mut Vec<Alert>) {
         let Some(serial) = self.procs.live(c.pid) else { return };
         let Some(p) = self.procs.get(serial) else { return };
-        let (before_euid, before_caps) = (p.creds.euid, p.caps);
+        let (before_euid, before_caps, exec_caps) = (p.creds.euid, p.caps, p.exec_caps.unwrap_or(0));
         if let Some(p) = self.procs.get_mut(serial) {
             if c.euid.is_some() {
                 p.creds.euid = c.euid;
@@ -210,7 +220,8 @@ impl Engine {
         };
         let gained_root = c.euid == Some(0) && before_euid.is_some_and(|u| u != 0);
         let gained_caps = match (before_caps, c.cap_effective) {
-            (Some(before), Some(after)) => after & !before,
+            // Beyond both what it held just before and what its image was given at exec.
+            (Some(before), Some(after)) => after & !before & !exec_caps,
             _ => 0,
         };
         let summary = if gained_root {

@@ -295,6 +295,7 @@ impl Engine {
             argv: p.argv.clone(),
             creds: p.creds,
             caps: None,
+            exec_caps: None,
             cgroup: p.cgroup,
             started: p.ts,
             exited: None,
@@ -304,9 +305,9 @@ impl Engine {
     fn fork(&mut self, f: &Fork) {
         let parent = self.procs.live(f.parent);
         // A fork without exec runs the parent's image with the parent's credentials.
-        let (exe, argv, creds, caps) = match parent.and_then(|s| self.procs.get(s)) {
-            Some(p) => (p.exe.clone(), p.argv.clone(), p.creds, p.caps),
-            None => (String::new(), Vec::new(), f.creds, None),
+        let (exe, argv, creds, caps, exec_caps) = match parent.and_then(|s| self.procs.get(s)) {
+            Some(p) => (p.exe.clone(), p.argv.clone(), p.creds, p.caps, p.exec_caps),
+            None => (String::new(), Vec::new(), f.creds, None, None),
         };
         self.procs.insert(Proc {
             session: f.session,
@@ -317,6 +318,7 @@ impl Engine {
             argv,
             creds,
             caps,
+            exec_caps,
             cgroup: f.cgroup,
             started: f.ts,
             exited: None,
@@ -347,6 +349,7 @@ impl Engine {
             argv: Vec::new(),
             creds,
             caps: None,
+            exec_caps: None,
             cgroup,
             started: ts,
             exited: None,
@@ -361,6 +364,7 @@ impl Engine {
             p.argv = e.argv.clone();
             p.creds = e.creds;
             p.caps = e.cap_effective.or(p.caps);
+            p.exec_caps = e.cap_effective;
             p.ppid = e.ppid;
             p.cgroup = e.cgroup;
         }

@@ -21,6 +21,10 @@ pub struct Proc {
     pub creds: Creds,
     /// Effective capabilities, when known (from an exec or a capset).
     pub caps: Option<u64>,
+    /// Effective capabilities right after the last exec: what the image was given. Raising
+    /// effective capabilities back within these is not an escalation (setpriv, dropping and
+    /// restoring around a privileged step).
+    pub exec_caps: Option<u64>,
     pub cgroup: u64,
     pub started: Nanos,
     pub exited: Option<Nanos>,

@@ -469,7 +469,14 @@ mod credentials {
     #[test]
     fn setuid_to_root_and_raised_capabilities() {
         let change = |ts, call, euid, caps| {
-            Event::CredChange(CredChange { ts, session: KEY, pid: ROOT, call, euid: Some(euid), cap_effective: Some(caps) })
+            Event::CredChange(CredChange {
+                ts,
+                session: KEY,
+                pid: ROOT,
+                call,
+                euid: Some(euid),
+                cap_effective: Some(caps),
+            })
         };
         let mut events = task();
         events.push(change(2 * S, CredCall::Capset, 1000, 0)); // dropping nothing: fine
@@ -479,5 +486,28 @@ mod credentials {
         assert_eq!(rules(&alerts), [Rule::PrivilegeEscalation, Rule::PrivilegeEscalation]);
         assert!(alerts[0].summary.contains("capset"), "{}", alerts[0].summary);
         assert!(alerts[1].summary.contains("setresuid made process 100 root"), "{}", alerts[1].summary);
+    }
+
+    #[test]
+    fn restoring_capabilities_the_image_was_given_is_not_an_escalation() {
+        let full = (1u64 << 41) - 1;
+        let mut events = vec![start(0, with_token())];
+        if let Event::Exec(mut e) = exec(S, ROOT, 1, "/usr/bin/setpriv", creds(0, 0)) {
+            e.cap_effective = Some(full);
+            events.push(Event::Exec(e));
+        }
+        let change = |ts, caps| {
+            Event::CredChange(CredChange {
+                ts,
+                session: KEY,
+                pid: ROOT,
+                call: CredCall::Capset,
+                euid: Some(65534),
+                cap_effective: Some(caps),
+            })
+        };
+        events.push(change(2 * S, 0));
+        events.push(change(3 * S, full));
+        assert_eq!(rules(&run(&events)), []);
     }
 }

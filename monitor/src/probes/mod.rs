@@ -15,9 +15,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use monitor_common::{
-    globals, NameKey, PortRanges, ScopeNet, SessionPolicy, WatchedDevs, MAP_CGROUP_SESSIONS,
-    MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS,
-    MAP_TOKEN_HASHES, MAP_WATCHED_INODES,
+    globals, NameKey, PortRanges, ScopeNet, SessionPolicy, WatchedDevs, MAP_CGROUP_SESSIONS, MAP_CONFIG, MAP_EVENTS,
+    MAP_PROC_SESSIONS, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS, MAP_TOKEN_HASHES,
+    MAP_WATCHED_INODES,
 };
 use serde::Serialize;
 

@@ -143,7 +143,7 @@ async fn start(
         for _ in 0..2 {
             let pids = bind::descendants(pid).map_err(|e| e.to_string())?;
             let new: Vec<u32> = pids.into_iter().filter(|p| !bound.contains(p)).collect();
-            let seen = new.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect();
+            let seen = snapshots(&plane, &new, key, now);
             plane.core.seen(seen).await;
             maps.bind_pids(&new, key).map_err(|e| e.to_string())?;
             bound.extend(new);
@@ -151,7 +151,7 @@ async fn start(
     }
     if let Some(CgroupBinding { path, id: cgroup_id }) = cgroup {
         let members = bind::cgroup_members(Path::new(&path));
-        plane.core.seen(members.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect()).await;
+        plane.core.seen(snapshots(&plane, &members, key, now)).await;
         maps.bind_cgroup(cgroup_id, key).map_err(|e| e.to_string())?;
     }
     tracing::info!(session = %id, key, "session started");
@@ -245,4 +245,20 @@ fn with_real_paths(exec: Vec<String>) -> Vec<String> {
         }
     }
     all
+}
+
+/// What /proc says of processes joining a session, with secrets on their command lines redacted.
+fn snapshots(
+    plane: &ControlPlane,
+    pids: &[u32],
+    key: crate::event::SessionKey,
+    now: u64,
+) -> Vec<crate::event::Process> {
+    let mut seen: Vec<_> = pids.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect();
+    for p in &mut seen {
+        crate::credentials::argv::redact(&mut p.argv, &plane.key, &plane.policy.credentials.api_key_headers, &|fp| {
+            plane.credentials.is_session_token(fp)
+        });
+    }
+    seen
 }

@@ -1,0 +1,450 @@
+//! Credential use on the real kernel: tokens on the wire (curl over TLS to `openssl s_server`,
+//! and over plaintext HTTP), tokens in exec environments, watched credential files, and
+//! credential changes. The agent's cgroup hooks attach under a cgroup made by the test and the
+//! workloads run inside it. Traffic goes to 127.0.0.0/8 only. Every test ends by searching the
+//! agent's outputs (alerts, event log, debug log) for the raw token.
+
+use std::{
+    fs,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use monitor_tests::*;
+use serde_json::{json, Value};
+
+/// A JWT for the task: principal alice, acting through the test bot (RFC 8693 `act`). Unsigned
+/// for the test's purpose; the agent decodes, it never verifies.
+fn jwt(exp_in_secs: i64, jti: &str) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let claims = json!({
+        "iss": "https://idp.test", "sub": "alice@example.com", "jti": jti,
+        "exp": now + exp_in_secs, "scope": "refunds:write",
+        "act": {"sub": "svc:test-bot", "act": {"sub": "svc:orchestrator"}},
+    });
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    // A random signature, so each test's token is unique.
+    let sig = URL_SAFE_NO_PAD.encode(format!("sig-{jti}-{}-{}", std::process::id(), now).as_bytes());
+    format!("{header}.{}.{sig}", URL_SAFE_NO_PAD.encode(claims.to_string()))
+}
+
+struct Creds {
+    agent: Agent,
+    cg: TestCgroup,
+}
+
+impl Creds {
+    fn start(name: &str, extra: &[&str]) -> Self {
+        let cg = TestCgroup::new(name);
+        let mut args = vec!["--cgroup", cg.0.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self { agent: Agent::start_with(name, &args), cg }
+    }
+
+    /// `sh -c SCRIPT` moved into the test cgroup first, with `env` added.
+    fn command(&self, script: &str, env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", &format!("{} /bin/sh -c '{}'", self.cg.enter(), script.replace('\'', "'\\''"))])
+            .env("MONITOR_CONTROL", &self.agent.control)
+            .env("MONITOR_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn sh(&self, script: &str, env: &[(&str, &str)]) -> Output {
+        self.command(script, env).output().unwrap()
+    }
+
+    /// `monitor run --file SESSION -- /bin/sh -c SCRIPT` in the test cgroup.
+    fn run_session(&self, session: &Path, script: &str, env: &[(&str, &str)]) -> Output {
+        let line = format!(
+            "{} run --file {} -- /bin/sh -c '{}'",
+            monitor_bin().display(),
+            session.display(),
+            script.replace('\'', "'\\''")
+        );
+        self.sh(&line, env)
+    }
+
+    fn spawn_session(&self, session: &Path, script: &str, env: &[(&str, &str)]) -> Child {
+        let line = format!(
+            "{} run --file {} -- /bin/sh -c '{}'",
+            monitor_bin().display(),
+            session.display(),
+            script.replace('\'', "'\\''")
+        );
+        self.command(&line, env).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+    }
+
+    fn alerts_of(&self, rule: &str) -> Vec<Value> {
+        self.agent.alerts().into_iter().filter(|a| a["rule"] == rule).collect()
+    }
+
+    /// The raw secret appears in none of the agent's outputs.
+    fn assert_never_output(&self, secret: &str) {
+        // The token's signature part is checked too: a partial leak is a leak.
+        let tail = &secret[secret.len() - 16..];
+        for file in [&self.agent.alerts, &self.agent.events, &self.agent.log] {
+            let text = fs::read_to_string(file).unwrap_or_default();
+            assert!(!text.is_empty() || file != &self.agent.log, "{} is empty", file.display());
+            assert!(!text.contains(secret) && !text.contains(tail), "the raw token leaked into {}", file.display());
+        }
+    }
+}
+
+/// A self-signed certificate for 127.0.0.2, and `openssl s_server -www` on it.
+struct TlsServer {
+    child: Child,
+    port: u16,
+}
+
+impl TlsServer {
+    fn start(dir: &Scratch) -> Self {
+        let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+        let o = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.2"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl req: {}", stderr(&o));
+        let port = free_port("127.0.0.2");
+        let log = fs::File::create(dir.path("s_server.log")).unwrap();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("127.0.0.2:{port}"))
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for(
+            "openssl s_server listening",
+            || std::net::TcpStream::connect(("127.0.0.2", port)).ok(),
+            || fs::read_to_string(dir.path("s_server.log")).unwrap_or_default(),
+        );
+        Self { child, port }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plaintext HTTP server (Python's http.server) on 127.0.0.3.
+struct HttpServer {
+    child: Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn start(dir: &Scratch) -> Self {
+        let port = free_port("127.0.0.3");
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.3", &port.to_string()])
+            .current_dir(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("http.server listening", || std::net::TcpStream::connect(("127.0.0.3", port)).ok(), String::new);
+        Self { child, port }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port(addr: &str) -> u16 {
+    std::net::TcpListener::bind((addr, 0)).unwrap().local_addr().unwrap().port()
+}
+
+const SESSION: &str = "grace: 1s\ntokens:\n  - env: BOT_TOKEN\n";
+
+/// The curl command sending the session's token (by variable, never spelled out in a script).
+fn curl(url: &str) -> String {
+    format!("curl -sk -o /dev/null -H \"Authorization: Bearer $BOT_TOKEN\" {url}")
+}
+
+/// Checks the wire scenario over one transport: in-session use observed without alert, use by
+/// a process outside the session while it is active, use by a backgrounded session process
+/// after the task ended, and an expired JWT.
+fn wire_scenario(t: &Creds, url: &str, seen_in: &str, token: &str) {
+    let dir = &t.agent.dir;
+    // 1. Outside the session while it is active: the session's root waits for the test.
+    let active = session_file(dir, &format!("{seen_in}-active"), SESSION);
+    let (started, done) = (dir.path(&format!("{seen_in}-started")), dir.path(&format!("{seen_in}-done")));
+    let script =
+        format!("{}; touch {}; while [ ! -f {} ]; do sleep 0.05; done", curl(url), started.display(), done.display());
+    let mut root = t.spawn_session(&active, &script, &[("BOT_TOKEN", token)]);
+    wait_for("the session's first request", || started.exists().then_some(()), || t.agent.diagnostics());
+    let o = t.sh(&format!("echo $$ > {}/outside.pid; exec {}", dir.0.display(), curl(url)), &[("BOT_TOKEN", token)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let outside_pid: u64 = fs::read_to_string(dir.path("outside.pid")).unwrap().trim().parse().unwrap();
+    // The outside curl also has the token in its environment: that is its own alert (via env).
+    let alert = t.agent.wait_alert("token_outside_session", |a| {
+        a["rule"] == "token_outside_session"
+            && a["process"]["pid"] == outside_pid
+            && a["credential"]["seen_in"] == seen_in
+    });
+    assert_eq!(alert["session"]["id"], format!("{seen_in}-active"));
+    let credential = &alert["credential"];
+    assert_eq!(credential["kind"], "bearer");
+    assert_eq!(credential["seen_in"], seen_in);
+    assert!(credential["fingerprint"].as_str().unwrap().starts_with("hmac-sha256:"));
+    assert_eq!(credential["jwt"]["sub"], "alice@example.com");
+    assert_eq!(credential["jwt"]["act"], json!(["svc:test-bot", "svc:orchestrator"]));
+    assert!(alert["process"]["exe"].as_str().unwrap().ends_with("curl"), "{alert}");
+    fs::write(&done, "").unwrap();
+    assert!(root.wait().unwrap().success());
+
+    // The session's own request was seen and raised nothing.
+    let inside = t.agent.wait_event("the in-session token use", |e| {
+        e["type"] == "token_use"
+            && e["via"] == "http"
+            && e["session"] != 0
+            && e["credential"]["fingerprint"] == credential["fingerprint"]
+    });
+    assert_eq!(inside["via"], "http");
+    assert_eq!(inside["tls"], seen_in == "https");
+    let in_session_pid = inside["actor"]["pid"].clone();
+    assert!(
+        t.agent.alerts().iter().all(|a| a["process"]["pid"] != in_session_pid),
+        "an in-scope use raised an alert: {}",
+        t.agent.diagnostics()
+    );
+
+    // 2. After the task ended, from a process the task left in the background.
+    let ended = session_file(dir, &format!("{seen_in}-ended"), SESSION);
+    let script = format!("(sleep 2; {}) > /dev/null 2>&1 &", curl(url));
+    let o = t.run_session(&ended, &script, &[("BOT_TOKEN", token)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alert = t.agent.wait_alert("token_after_task_end", |a| {
+        a["rule"] == "token_after_task_end"
+            && a["session"]["id"] == format!("{seen_in}-ended")
+            && a["credential"]["seen_in"] == seen_in
+    });
+    assert_eq!(alert["session"]["state"], "ended");
+    assert_eq!(alert["credential"]["seen_in"], seen_in);
+    assert!(alert["process"]["exe"].as_str().unwrap().ends_with("curl"));
+    assert!(!alert["process"]["chain"].as_array().unwrap().is_empty(), "the chain leads to the session root");
+
+    // 3. An expired JWT, inside a session.
+    let expired = jwt(-120, &format!("expired-{seen_in}"));
+    let session = session_file(dir, &format!("{seen_in}-expired"), "grace: 1s\n");
+    let o = t.run_session(&session, &curl(url), &[("BOT_TOKEN", &expired)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alert = t.agent.wait_alert("expired_token_use", |a| {
+        a["rule"] == "expired_token_use" && a["session"]["id"] == format!("{seen_in}-expired")
+    });
+    assert!(alert["summary"].as_str().unwrap().contains("expired"), "{alert}");
+    assert!(alert["credential"]["jwt"]["exp"].as_i64().is_some());
+    t.assert_never_output(&expired);
+}
+
+#[test]
+fn tokens_over_tls_in_session_outside_and_after_the_end() {
+    let t = Creds::start("cred-tls", &[]);
+    let server = TlsServer::start(&t.agent.dir);
+    let token = jwt(3600, "tls");
+    wire_scenario(&t, &format!("https://127.0.0.2:{}/refunds/4711?access_token=x", server.port), "https", &token);
+    let alerts = t.alerts_of("token_outside_session");
+    let alert = alerts.iter().find(|a| a["credential"]["seen_in"] != "env").unwrap();
+    assert_eq!(
+        alert["credential"]["request"],
+        format!("GET https://127.0.0.2:{}/refunds/4711", server.port),
+        "method, host and path, without the query string"
+    );
+    t.assert_never_output(&token);
+}
+
+#[test]
+fn tokens_over_plaintext_http_in_session_outside_and_after_the_end() {
+    let t = Creds::start("cred-http", &[]);
+    let server = HttpServer::start(&t.agent.dir);
+    let token = jwt(3600, "http");
+    wire_scenario(&t, &format!("http://127.0.0.3:{}/refunds", server.port), "http", &token);
+    let alerts = t.alerts_of("token_outside_session");
+    let alert = alerts.iter().find(|a| a["credential"]["seen_in"] != "env").unwrap();
+    assert_eq!(alert["network"]["dst_ip"], "127.0.0.3");
+    assert_eq!(alert["network"]["dst_port"], server.port);
+    t.assert_never_output(&token);
+}
+
+#[test]
+fn watched_credential_files_read_directly_relatively_and_through_a_symlink() {
+    let scratch = Scratch::new("cred-files-data");
+    let secrets = scratch.path("secrets");
+    fs::create_dir_all(&secrets).unwrap();
+    let granted = secrets.join("granted.token");
+    let other = secrets.join("other.token");
+    fs::write(&granted, "granted-value\n").unwrap();
+    fs::write(&other, "other-value\n").unwrap();
+    let link = scratch.path("innocent-looking-link");
+    std::os::unix::fs::symlink(&other, &link).unwrap();
+    let policy = scratch.write("policy.yaml", &format!("credentials:\n  watch: [\"{}\"]\n", secrets.display()));
+    let t = Creds::start("cred-files", &["--policy", policy.to_str().unwrap()]);
+
+    let session = session_file(
+        &t.agent.dir,
+        "files-1",
+        &format!("grace: 1s\nscope:\n  credentials: [\"{}\"]\n", granted.display()),
+    );
+    let script = format!(
+        "cat {granted} > /dev/null; cat {other} > /dev/null; cd {dir} && cat ./other.token > /dev/null; cat {link} > /dev/null",
+        granted = granted.display(),
+        other = other.display(),
+        dir = secrets.display(),
+        link = link.display()
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let wanted = [other.display().to_string(), "./other.token".to_string(), link.display().to_string()];
+    for arg in &wanted {
+        let alert = t.agent.wait_alert(&format!("credential_out_of_scope for `cat {arg}`"), |a| {
+            a["rule"] == "credential_out_of_scope"
+                && a["process"]["argv"].as_array().is_some_and(|v| v.last() == Some(&json!(arg)))
+        });
+        assert_eq!(alert["credential"]["path"], other.display().to_string(), "reported under the watched path");
+        assert_eq!(alert["credential"]["kind"], "file");
+        assert_eq!(alert["session"]["id"], "files-1");
+    }
+    // The granted file was opened (the event is there) and raised nothing.
+    t.agent.wait_event("the open of the granted file", |e| {
+        e["type"] == "credential_open" && e["path"] == granted.display().to_string() && e["session"] != 0
+    });
+    assert_eq!(t.alerts_of("credential_out_of_scope").len(), 3, "{}", t.agent.diagnostics());
+    // Outside sessions, a read is an event only.
+    let o = t.sh(&format!("cat {} > /dev/null", other.display()), &[]);
+    assert!(o.status.success());
+    t.agent.wait_event("an open outside sessions", |e| e["type"] == "credential_open" && e["session"] == 0);
+    assert_eq!(t.alerts_of("credential_out_of_scope").len(), 3);
+}
+
+#[test]
+fn a_token_in_the_environment_of_a_detached_child_that_execs_after_the_end() {
+    let t = Creds::start("cred-env", &[]);
+    let token = jwt(3600, "env");
+    let session = session_file(&t.agent.dir, "env-1", SESSION);
+    let marker = t.agent.dir.path("late-exec-done");
+    // The child leaves the task's process group and session, outlives the task, then execs a
+    // program that exits at once; the token is still in its environment.
+    let script = format!("setsid /bin/sh -c 'sleep 2; /bin/true; touch {}' > /dev/null 2>&1 &", marker.display());
+    let o = t.run_session(&session, &script, &[("BOT_TOKEN", &token)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alert = t.agent.wait_alert("token_after_task_end through the environment", |a| {
+        a["rule"] == "token_after_task_end" && a["credential"]["seen_in"] == "env" && a["process"]["exe"] == "/bin/true"
+    });
+    assert_eq!(alert["credential"]["carrier"], "BOT_TOKEN");
+    assert_eq!(alert["credential"]["kind"], "env");
+    assert_eq!(alert["session"]["id"], "env-1");
+    // While the task was active, execs with the token were only observed.
+    t.agent.wait_event("an env token use during the task", |e| e["type"] == "token_use" && e["via"] == "env");
+    wait_for("the late exec", || marker.exists().then_some(()), || t.agent.diagnostics());
+    assert!(t.alerts_of("token_outside_session").is_empty());
+
+    // The same token in a process outside the session while another session holding it is
+    // active: token_outside_session, caught in a process that exits at once.
+    let active = session_file(&t.agent.dir, "env-2", SESSION);
+    let (started, done) = (t.agent.dir.path("env2-started"), t.agent.dir.path("env2-done"));
+    let mut root = t.spawn_session(
+        &active,
+        &format!("touch {}; while [ ! -f {} ]; do sleep 0.05; done", started.display(), done.display()),
+        &[("BOT_TOKEN", &token)],
+    );
+    wait_for("session env-2 running", || started.exists().then_some(()), || t.agent.diagnostics());
+    let o = Command::new("/usr/bin/env").env("COPIED", &token).arg("/bin/true").output().unwrap();
+    assert!(o.status.success());
+    let alert = t.agent.wait_alert("token_outside_session through the environment", |a| {
+        a["rule"] == "token_outside_session" && a["credential"]["carrier"] == "COPIED"
+    });
+    assert_eq!(alert["session"]["id"], "env-2");
+    fs::write(&done, "").unwrap();
+    assert!(root.wait().unwrap().success());
+    t.assert_never_output(&token);
+}
+
+/// Drops root to `nobody` keeping the saved uid, then takes root back (setuid family to uid 0).
+const SETUID_BACK_TO_ROOT: &str = r#"
+import os
+os.setresuid(65534, 65534, 0)
+os.setresuid(0, 0, 0)
+"#;
+
+/// Run as `nobody` from an image whose file capabilities grant CAP_NET_RAW as permitted only (not
+/// effective): raises it into the effective set with capset. Restoring what the image was
+/// given at exec is not an escalation; this is.
+const CAPSET_RAISE: &str = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+header, data = Header(0x20080522, 0), (Data * 2)()
+assert libc.capget(ctypes.byref(header), data) == 0
+assert data[0].effective == 0 and data[0].permitted == 1 << 13, (data[0].effective, data[0].permitted)
+data[0].effective = data[0].permitted
+assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+"#;
+
+/// A copy of python3 with the file capability `cap_net_raw=p` (a VFS_CAP_REVISION_2 xattr).
+fn python_with_permitted_net_raw(dir: &Scratch) -> std::path::PathBuf {
+    let python = dir.path("python3-netraw");
+    let real = fs::canonicalize("/usr/bin/python3").unwrap();
+    fs::copy(real, &python).unwrap();
+    let set = format!(
+        "import os, struct; os.setxattr('{}', 'security.capability', struct.pack('<IIIII', 0x02000000, 1 << 13, 0, 0, 0))",
+        python.display()
+    );
+    let o = Command::new("python3").args(["-c", &set]).output().unwrap();
+    assert!(o.status.success(), "setting file capabilities: {}", stderr(&o));
+    python
+}
+
+#[test]
+fn setuid_family_and_capset_raising_privileges_in_a_session() {
+    let t = Creds::start("cred-priv", &[]);
+    // Beside the agent's directory, which is root-only: `nobody` reads these.
+    let data = Scratch::new("cred-priv-data");
+    let setuid = data.write("setuid.py", SETUID_BACK_TO_ROOT);
+    let capset = data.script("capset.py", CAPSET_RAISE);
+    let python = python_with_permitted_net_raw(&data);
+    let session = session_file(&t.agent.dir, "priv-1", "grace: 1s\n");
+    let script = format!(
+        "python3 {} && setpriv --reuid=65534 --regid=65534 --clear-groups -- {} {}",
+        setuid.display(),
+        python.display(),
+        capset.display()
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let setuid = t.agent.wait_alert("privilege_escalation by setresuid", |a| {
+        a["rule"] == "privilege_escalation" && a["summary"].as_str().unwrap_or("").contains("setresuid made process")
+    });
+    assert_eq!(setuid["session"]["id"], "priv-1");
+    let capset = t.agent.wait_alert("privilege_escalation by capset", |a| {
+        a["rule"] == "privilege_escalation" && a["summary"].as_str().unwrap_or("").starts_with("capset raised")
+    });
+    assert!(capset["summary"].as_str().unwrap().contains("gained 0x2000"), "{capset}");
+    assert_eq!(capset["process"]["uid"], 65534);
+    // setpriv's own drop and restore of its capabilities is not an escalation.
+    assert_eq!(t.alerts_of("privilege_escalation").len(), 2, "{}", t.agent.diagnostics());
+}
