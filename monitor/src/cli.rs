@@ -46,6 +46,27 @@ pub enum Command {
     /// Check agent policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Replay session traces: the delegation, process tree, timeline and alerts of each session,
+    /// re-evaluated by the same engine (what-if with --policy).
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Trace segment files or trace directories (as written by `monitor agent --trace-dir`).
+    #[arg(required = true, value_name = "TRACE")]
+    pub traces: Vec<PathBuf>,
+    /// Only this session.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+    /// Re-evaluate against this policy (what-if): which alerts appear and which disappear.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "timeline")]
+    pub format: crate::replay::Format,
+    /// Write to FILE instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +109,18 @@ pub struct AgentArgs {
     /// socket fd and the outcome to connect events, at a cost to every syscall on the host.
     #[arg(long = "enable-probe", value_name = "PROBE")]
     pub enabled_probes: Vec<String>,
+    /// Record session traces (every session event and alert) in DIR, for `monitor replay`.
+    #[arg(long, value_name = "DIR")]
+    pub trace_dir: Option<PathBuf>,
+    /// A trace segment is sealed and a new one begun past this size (bytes, or with K/M/G).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub trace_segment_size: u64,
+    /// Oldest sealed trace segments are deleted while the directory holds more than this.
+    #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = parse_size)]
+    pub trace_max_bytes: u64,
+    /// Sealed trace segments older than this are deleted.
+    #[arg(long, value_name = "DURATION", default_value = "30days", value_parser = positive_duration)]
+    pub trace_max_age: Duration,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -170,6 +203,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 hook_cgroup: args.hook_cgroup,
                 disabled_probes: args.disabled_probes,
                 enabled_probes: args.enabled_probes,
+                trace_dir: args.trace_dir,
+                trace_limits: crate::trace::TraceLimits {
+                    segment_bytes: args.trace_segment_size,
+                    max_bytes: args.trace_max_bytes,
+                    max_age: args.trace_max_age,
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;
@@ -177,6 +216,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Session(command) => session(command),
         Command::Run(args) => crate::run::run(args),
+        Command::Replay(args) => crate::replay::run(crate::replay::ReplaySettings {
+            traces: args.traces,
+            session: args.session,
+            policy: args.policy.as_deref().map(Policy::read).transpose()?,
+            format: args.format,
+            output: args.output,
+        }),
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::read(&file)?;
             println!("{}: ok: {}", file.display(), policy.summary());
@@ -253,4 +299,23 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
         Ok(_) => Err("must be longer than 0s".into()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// `4096`, `64K`, `64M`, `2G` (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => (&text[..at], text[at..].trim()),
+        None => (text, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a size like 4096, 64K, 64M or 2G"))?;
+    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift).filter(|n| *n > 0).ok_or_else(|| format!("`{text}` is out of range"))
 }

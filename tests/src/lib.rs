@@ -87,6 +87,7 @@ pub struct Agent {
     pub events: PathBuf,
     pub log: PathBuf,
     _cgroup: Option<TestCgroup>,
+    stopped: bool,
 }
 
 impl Agent {
@@ -122,7 +123,7 @@ impl Agent {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting monitor agent");
-        let mut agent = Self { child, dir, control, alerts, events, log, _cgroup: own_cgroup };
+        let mut agent = Self { child, dir, control, alerts, events, log, _cgroup: own_cgroup, stopped: false };
         agent.wait_ready();
         agent
     }
@@ -190,8 +191,12 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
+impl Agent {
+    /// Stops the agent (SIGTERM) and waits for it: its outputs and trace are then complete.
+    pub fn stop(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
@@ -203,6 +208,12 @@ impl Drop for Agent {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -46,6 +46,13 @@ enum Task {
         #[arg(long, default_value_t = 20000)]
         connects: u32,
 
+        /// openat+close of an ordinary file per run.
+        #[arg(long, default_value_t = 200_000)]
+        opens: u32,
+        /// HTTPS requests (one keep-alive connection) per run.
+        #[arg(long, default_value_t = 2000)]
+        tls_requests: u32,
+
         /// Paired runs (without / with the agent) per benchmark.
         #[arg(long, default_value_t = 7)]
         rounds: u32,
@@ -62,6 +69,15 @@ enum Task {
     /// (Used by bench) connect to ADDR N times, closing each connection at once; prints seconds.
     #[command(hide = true)]
     ConnectLoop { addr: std::net::SocketAddr, count: u32 },
+    /// (Used by bench) open and close PATH N times; prints seconds.
+    #[command(hide = true)]
+    OpenLoop { path: PathBuf, count: u32 },
+    /// (Used by bench) runs COMMAND, prints its wall time in seconds.
+    #[command(hide = true)]
+    Timed {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,13 +96,15 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Ci => test(None),
-        Task::Bench { execs, connects, rounds, agent_args, out } => {
+        Task::Bench { execs, connects, opens, tls_requests, rounds, agent_args, out } => {
             setup::run()?;
             build()?;
             let agent_args = agent_args.split_whitespace().map(str::to_string).collect();
-            bench::run(&root, bench::Sizes { execs, connects, rounds, agent_args }, &out)
+            bench::run(&root, bench::Sizes { execs, connects, opens, tls_requests, rounds, agent_args }, &out)
         }
         Task::ConnectLoop { addr, count } => bench::connect_loop(addr, count),
+        Task::OpenLoop { path, count } => bench::open_loop(&path, count),
+        Task::Timed { command } => bench::timed(&command),
     }
 }
 
@@ -101,6 +119,7 @@ fn build() -> anyhow::Result<()> {
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     setup::run()?;
+    setup::test_peers()?;
     build()?;
     // default-members: the eBPF crate cannot build for the host.
     let mut args = vec!["test", "--release", "--no-fail-fast"];

@@ -7,13 +7,16 @@ use anyhow::{bail, Context as _};
 
 /// Debian packages: Rust 1.96 with a precompiled `core` for bpfel, and the LLVM bpf-linker links.
 const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
+/// What the real-kernel tests drive: curl and openssl (TLS peers), and Debian's Chromium, which
+/// opens the replay's HTML report headless.
+const TEST_APT_PACKAGES: &[&str] = &["curl", "openssl", "chromium"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup toolchain name monitor's build.rs uses (MONITOR_BPF_TOOLCHAIN overrides it).
 const TOOLCHAIN: &str = "debian-bpf";
 
 pub fn run() -> anyhow::Result<()> {
     preflight()?;
-    apt_packages()?;
+    apt_packages(APT_PACKAGES)?;
     bpf_linker()?;
     toolchain_link()?;
     Ok(())
@@ -32,8 +35,13 @@ fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+/// The tests' own peers and tools, installed where missing.
+pub fn test_peers() -> anyhow::Result<()> {
+    apt_packages(TEST_APT_PACKAGES)
+}
+
+fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

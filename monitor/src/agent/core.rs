@@ -12,6 +12,7 @@ use crate::{
     engine::{Effect, Engine, SessionState, SessionSummary},
     event::{EndReason, Event, Nanos, Process, SessionKey},
     sessions::Session,
+    trace::TraceWriter,
 };
 
 /// How long after a deadline the tick fires, so events already in the ring buffer (an exit just
@@ -78,6 +79,7 @@ pub struct Core {
     alerts: mpsc::Sender<Alert>,
     stamp: super::Stamp,
     event_log: Option<crate::sinks::EventLog>,
+    trace: Option<TraceWriter>,
     effects: mpsc::Sender<Effect>,
 }
 
@@ -88,10 +90,11 @@ impl Core {
         alerts: mpsc::Sender<Alert>,
         stamp: super::Stamp,
         event_log: Option<crate::sinks::EventLog>,
+        trace: Option<TraceWriter>,
         effects: mpsc::Sender<Effect>,
     ) -> (Self, CoreHandle) {
         let (tx, commands) = mpsc::channel(64);
-        (Self { engine, next_key: 1, commands, events, alerts, stamp, event_log, effects }, CoreHandle { tx })
+        (Self { engine, next_key: 1, commands, events, alerts, stamp, event_log, trace, effects }, CoreHandle { tx })
     }
 
     pub async fn run(mut self) {
@@ -105,6 +108,30 @@ impl Core {
                 Some(command) = self.commands.recv() => self.command(command).await,
                 _ = tokio::time::sleep(wake) => self.apply(Event::Tick { ts: now_ns() }).await,
             }
+            // The trace is written out whenever the core catches up, so it is current on disk
+            // without a write per event.
+            if self.events.is_empty() {
+                self.flush_trace();
+            }
+        }
+        self.flush_trace();
+    }
+
+    fn flush_trace(&mut self) {
+        if let Some(trace) = &mut self.trace {
+            if let Err(e) = trace.flush() {
+                tracing::error!("trace write failed, tracing stops: {e}");
+                self.trace = None;
+            }
+        }
+    }
+
+    fn record(&mut self, write: impl FnOnce(&mut TraceWriter) -> std::io::Result<()>) {
+        if let Some(trace) = &mut self.trace {
+            if let Err(e) = write(trace) {
+                tracing::error!("trace write failed, tracing stops: {e}");
+                self.trace = None;
+            }
         }
     }
 
@@ -112,6 +139,7 @@ impl Core {
         if let Some(log) = &mut self.event_log {
             log.write(&event);
         }
+        self.record(|trace| trace.event(&event));
         let alerts = self.engine.handle(&event);
         // Effects first: a kill or a refusal should not wait for the alert to be written.
         for effect in self.engine.drain_effects() {
@@ -121,6 +149,7 @@ impl Core {
         }
         for alert in alerts {
             let alert = self.stamp.stamp(alert);
+            self.record(|trace| trace.alert(&alert));
             if self.alerts.send(alert).await.is_err() {
                 tracing::error!("the alert sinks are gone; alert dropped");
             }

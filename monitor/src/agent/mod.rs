@@ -40,6 +40,9 @@ pub struct AgentSettings {
     pub disabled_probes: Vec<String>,
     /// Opt-in probes to attach.
     pub enabled_probes: Vec<String>,
+    /// Where session traces go, and their bounds.
+    pub trace_dir: Option<PathBuf>,
+    pub trace_limits: crate::trace::TraceLimits,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -69,16 +72,27 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         Some(path) => Some(sinks::EventLog::create(path)?),
         None => None,
     };
+    let stamp = Stamp::new();
+    let engine_config = EngineConfig::from_policy(&settings.policy);
+    let trace = match &settings.trace_dir {
+        Some(dir) => {
+            let run = crate::trace::RunInfo {
+                run_id: ulid::Ulid::new().to_string(),
+                host: stamp.host.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                config: engine_config.clone(),
+            };
+            let writer = crate::trace::TraceWriter::create(dir, settings.trace_limits.clone(), run)
+                .with_context(|| format!("trace directory {}", dir.display()))?;
+            tracing::info!(dir = %dir.display(), "recording session traces");
+            Some(writer)
+        }
+        None => None,
+    };
     let maps = Arc::new(Mutex::new(maps));
     let (effect_tx, effect_rx) = mpsc::channel(1024);
-    let (core, handle) = core::Core::new(
-        Engine::new(EngineConfig::from_policy(&settings.policy)),
-        event_rx,
-        alert_tx,
-        Stamp::new(),
-        event_log,
-        effect_tx,
-    );
+    let (core, handle) =
+        core::Core::new(Engine::new(engine_config), event_rx, alert_tx, stamp, event_log, trace, effect_tx);
     let core = tokio::spawn(core.run());
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), effect_rx));
     let watcher =
@@ -174,7 +188,7 @@ fn clock() -> Clock {
 /// Gives each alert its id (a ULID: unique and sortable) and the host name.
 pub struct Stamp {
     ids: ulid::Generator,
-    host: String,
+    pub host: String,
 }
 
 impl Stamp {

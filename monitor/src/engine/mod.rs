@@ -27,8 +27,9 @@ use procs::{Proc, ProcTable, Serial};
 /// How long an ended session with nothing left alive stays listed.
 const FORGET_AFTER_NS: Nanos = 3600 * 1_000_000_000;
 
-/// Per-rule settings that come from the agent's policy.
-#[derive(Debug, Clone, Default)]
+/// Per-rule settings that come from the agent's policy (recorded in traces, so a replay
+/// evaluates with what the live agent used).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineConfig {
     pub severity: BTreeMap<Rule, Severity>,
     /// Destinations that never raise out_of_scope_connect (the policy's `never_alert`).

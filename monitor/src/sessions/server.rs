@@ -234,7 +234,7 @@ fn trim_newline(raw: &[u8]) -> &[u8] {
 
 /// Each allowed executable also under its symlink-resolved path (`/bin/sh` is `/usr/bin/dash`
 /// on Debian), so the scope matches however the program was invoked.
-fn with_real_paths(exec: Vec<String>) -> Vec<String> {
+pub fn with_real_paths(exec: Vec<String>) -> Vec<String> {
     let mut all = exec.clone();
     for path in exec {
         if let Ok(real) = std::fs::canonicalize(&path) {

@@ -11,16 +11,21 @@ use std::{
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
+mod credentials;
+pub use credentials::{open_loop, timed};
+
 pub struct Sizes {
     pub execs: u32,
     pub connects: u32,
+    pub opens: u32,
+    pub tls_requests: u32,
     pub rounds: u32,
     /// Extra arguments for the agent under test (e.g. `--disable-probe X`).
     pub agent_args: Vec<String>,
 }
 
 pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
-    let Sizes { execs, connects, rounds, agent_args } = sizes;
+    let Sizes { execs, connects, opens, tls_requests, rounds, agent_args } = sizes;
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
     let monitor = root.join("target/release/monitor");
@@ -50,6 +55,8 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let exec_ratio = median(&ratios);
 
     let connect = connect_overhead(&monitor, &dir, &agent_args, connects, rounds)?;
+    let open = credentials::open_overhead(&monitor, &dir, &agent_args, opens, rounds)?;
+    let tls = credentials::tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
 
     eprintln!("bench: engine throughput on synthetic events (one core)");
     let engine_events = 1_000_000u64;
@@ -91,8 +98,22 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         per_exec(connect.inside, connects),
         connect.inside_ratio
     );
+    println!(
+        "{:<52} {:>11.2} µs {:>11.2} µs {:>8.3}",
+        "openat+close, process outside sessions (median)",
+        per_exec(open.without, opens),
+        per_exec(open.with, opens),
+        open.ratio
+    );
+    println!(
+        "{:<52} {:>11.1} µs {:>11.1} µs {:>8.3}",
+        "HTTPS request with a token, session process (median)",
+        per_exec(tls.without, tls_requests),
+        per_exec(tls.with, tls_requests),
+        tls.ratio
+    );
     println!("{:<52} {:>14} {:>11.0}/s", "engine throughput, synthetic events (median)", "", engine_rate);
-    println!("targets: exec ratio <= 1.03; connect ratio <= 1.03 outside, <= 1.15 in a session; engine >= 1,000,000 events/s");
+    println!("targets: exec ratio <= 1.03; connect ratio <= 1.03 outside, <= 1.15 in a session; openat <= 1.03; HTTPS <= 1.10; engine >= 1,000,000 events/s");
 
     let report = json!({
         "exec_overhead": {
@@ -115,6 +136,8 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             "target_ratio_outside": 1.03,
             "target_ratio_in_session": 1.15,
         },
+        "open_overhead": open.json(opens, rounds, "us_per_open", 1.03),
+        "tls_request_overhead": tls.json(tls_requests, rounds, "us_per_request", 1.10),
         "engine": {
             "events": engine_events,
             "events_per_sec_median": engine_rate,
@@ -143,11 +166,11 @@ fn exec_loop(n: u32) -> anyhow::Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn per_exec(secs: f64, n: u32) -> f64 {
+pub(crate) fn per_exec(secs: f64, n: u32) -> f64 {
     secs * 1e6 / n as f64
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -189,13 +212,13 @@ fn with_agent(
     result
 }
 
-struct BenchAgent {
+pub(crate) struct BenchAgent {
     child: Child,
-    control: PathBuf,
+    pub control: PathBuf,
 }
 
 impl BenchAgent {
-    fn start(monitor: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+    pub fn start(monitor: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let control = dir.join("control.sock");
         let log = dir.join("agent.log");
         let child = Command::new(monitor)
@@ -342,4 +365,58 @@ pub fn connect_loop(addr: std::net::SocketAddr, count: u32) -> anyhow::Result<()
     }
     println!("{:.6}", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Medians of paired runs without and with the agent.
+pub(crate) struct Paired {
+    pub without: f64,
+    pub with: f64,
+    pub ratio: f64,
+    pub ratios: Vec<f64>,
+}
+
+impl Paired {
+    /// `rounds` pairs of `measure(None)` (no agent) and `measure(Some(agent))`, alternating which
+    /// goes first so drift on the machine does not favour one side.
+    pub fn run(
+        monitor: &Path,
+        dir: &Path,
+        agent_args: &[String],
+        rounds: u32,
+        unit: &str,
+        n: u32,
+        mut measure: impl FnMut(Option<&BenchAgent>) -> anyhow::Result<f64>,
+    ) -> anyhow::Result<Self> {
+        let (mut without, mut with, mut ratios) = (vec![], vec![], vec![]);
+        for round in 0..rounds {
+            let agent_side = |measure: &mut dyn FnMut(Option<&BenchAgent>) -> anyhow::Result<f64>| {
+                let agent = BenchAgent::start(monitor, dir, agent_args)?;
+                measure(Some(&agent))
+            };
+            let (a, b) = if round % 2 == 0 {
+                let a = measure(None)?;
+                (a, agent_side(&mut measure)?)
+            } else {
+                let b = agent_side(&mut measure)?;
+                (measure(None)?, b)
+            };
+            eprintln!("  round {round}: without {:.2} {unit}, with {:.2} {unit}", per_exec(a, n), per_exec(b, n));
+            without.push(a);
+            with.push(b);
+            ratios.push(b / a);
+        }
+        Ok(Self { without: median(&without), with: median(&with), ratio: median(&ratios), ratios })
+    }
+
+    pub fn json(&self, n: u32, rounds: u32, unit: &str, target: f64) -> serde_json::Value {
+        json!({
+            "iterations": n,
+            "rounds": rounds,
+            format!("without_agent_{unit}_median"): per_exec(self.without, n),
+            format!("with_agent_{unit}_median"): per_exec(self.with, n),
+            "ratio_median_of_pairs": self.ratio,
+            "ratios": self.ratios,
+            "target_ratio": target,
+        })
+    }
 }

@@ -1,0 +1,323 @@
+//! `monitor replay`: reads traces, runs the same engine over the recorded events, and shows each
+//! session — the delegation, its process tree, a timeline of what its processes did, and the
+//! alerts — as a terminal timeline, JSON, OCSF or a self-contained HTML page. Without
+//! `--policy` the replayed alerts are those raised live (checked, and said); with `--policy`
+//! it is a what-if: which alerts would appear and which would disappear.
+
+mod html;
+mod report;
+mod timeline;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+pub use report::{AlertKey, Comparison, Entry, ProcNode, Report, SessionReport};
+
+use crate::{
+    alert::Alert,
+    engine::{Engine, EngineConfig},
+    event::{Event, SessionKey},
+    policy::Policy,
+    trace::{
+        reader::{self, Damage},
+        writer::{index_path, SegmentIndex},
+        Record,
+    },
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Timeline,
+    Json,
+    Ocsf,
+    Html,
+}
+
+#[derive(Debug)]
+pub struct ReplaySettings {
+    pub traces: Vec<PathBuf>,
+    pub session: Option<String>,
+    /// What-if: evaluate with this policy instead of the recorded configuration.
+    pub policy: Option<Policy>,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+}
+
+/// Runs `monitor replay`; returns the exit code (2 when the session is not in the trace).
+pub fn run(settings: ReplaySettings) -> anyhow::Result<i32> {
+    let all_files = reader::expand(&settings.traces)?;
+    let files = select_segments(all_files.clone(), settings.session.as_deref());
+    let mut progress = Progress::new(&files);
+    let report = replay_files(&files, settings.policy.as_ref(), &mut progress)?;
+    progress.done();
+    for damage in &report.damage {
+        eprintln!("warning: {damage}");
+    }
+    let report = match &settings.session {
+        Some(id) => match report.only_session(id) {
+            Ok(r) => r,
+            Err(mut known) => {
+                // Runs left out by their index still name their sessions there.
+                for file in &all_files {
+                    if let Some(index) = read_index(file) {
+                        known.extend(index.sessions.into_keys());
+                    }
+                }
+                known.sort();
+                known.dedup();
+                if known.is_empty() {
+                    eprintln!("error: no session {id} in the trace: it holds no sessions");
+                } else {
+                    eprintln!("error: no session {id} in the trace; sessions in it: {}", known.join(", "));
+                }
+                return Ok(2);
+            }
+        },
+        None => report,
+    };
+    let text = match settings.format {
+        Format::Timeline => timeline::render(&report, color_for(&settings.output)),
+        Format::Json => serde_json::to_string_pretty(&report)? + "\n",
+        Format::Ocsf => {
+            let mut out = String::new();
+            for alert in report.sessions.iter().flat_map(|s| &s.alerts) {
+                out.push_str(&serde_json::to_string(&crate::encode::ocsf::finding(alert))?);
+                out.push('\n');
+            }
+            out
+        }
+        Format::Html => html::render(&report),
+    };
+    match &settings.output {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(0)
+}
+
+fn color_for(output: &Option<PathBuf>) -> bool {
+    output.is_none() && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// Replays segment files in order. Pure apart from reading the files.
+pub fn replay_files(files: &[PathBuf], policy: Option<&Policy>, progress: &mut Progress) -> anyhow::Result<Report> {
+    let mut replay = Replay::new(policy);
+    for file in files {
+        progress.file(file);
+        let mut damage = Vec::new();
+        reader::read_segment(file, &mut |record| replay.record(record), &mut |d| damage.push(d), &mut |at| {
+            progress.at(at)
+        })?;
+        replay.damage.extend(damage);
+        progress.file_done();
+    }
+    Ok(replay.finish())
+}
+
+/// The replay state: one engine per agent run, the sessions found, live and replayed alerts.
+struct Replay<'p> {
+    policy: Option<&'p Policy>,
+    run_id: Option<String>,
+    engine: Engine,
+    /// (run, key) -> index in `sessions`.
+    keys: HashMap<(String, SessionKey), usize>,
+    sessions: Vec<SessionReport>,
+    /// pid -> what is known of it in the current run, to name the actor of an event.
+    procs: HashMap<u32, (String, u32)>,
+    live: Vec<Alert>,
+    replayed: Vec<Alert>,
+    damage: Vec<Damage>,
+    events: u64,
+}
+
+impl<'p> Replay<'p> {
+    fn new(policy: Option<&'p Policy>) -> Self {
+        Self {
+            policy,
+            run_id: None,
+            engine: Engine::new(EngineConfig::default()),
+            keys: HashMap::new(),
+            sessions: Vec::new(),
+            procs: HashMap::new(),
+            live: Vec::new(),
+            replayed: Vec::new(),
+            damage: Vec::new(),
+            events: 0,
+        }
+    }
+
+    fn record(&mut self, record: Record) {
+        match record {
+            Record::Run(run) => {
+                if self.run_id.as_deref() != Some(run.run_id.as_str()) {
+                    // A new agent run: fresh engine state, session keys start again.
+                    let config = match self.policy {
+                        Some(p) => EngineConfig::from_policy(p),
+                        None => run.config,
+                    };
+                    self.engine = Engine::new(config);
+                    self.procs.clear();
+                    self.run_id = Some(run.run_id);
+                }
+            }
+            Record::Alert(traced) => {
+                let mut alert = traced.alert;
+                alert.ts = traced.ts;
+                self.live.push(alert);
+            }
+            Record::Event(event) => self.event(event),
+        }
+    }
+
+    fn event(&mut self, mut event: Event) {
+        self.events += 1;
+        let run = self.run_id.clone().unwrap_or_default();
+        if let Event::SessionStarted { key, session, ts } = &mut event {
+            if let Some(policy) = self.policy {
+                report::apply_actor_scope(session, policy);
+            }
+            self.keys.insert((run.clone(), *key), self.sessions.len());
+            self.sessions.push(SessionReport::new(&run, *key, session, *ts));
+        }
+        self.learn_process(&event);
+        let alerts = self.engine.handle(&event);
+        let own = report::session_of(&event).and_then(|k| self.keys.get(&(run.clone(), k)).copied());
+        if let Some(index) = own {
+            self.sessions[index].apply(&event, &self.procs);
+        }
+        let entry = report::entry(&event, &self.procs);
+        for alert in alerts {
+            let target =
+                self.sessions.iter().position(|s| s.run_id == run && s.session.id.as_str() == alert.session.id);
+            if let Some(index) = target {
+                let session = &mut self.sessions[index];
+                match (&entry, own == Some(index)) {
+                    // The event is already in this session's timeline: mark it.
+                    (Some(_), true) => session.mark_last(&alert),
+                    (Some(e), false) => session.push_entry(e.clone(), Some(&alert)),
+                    (None, _) => session.push_entry(report::alert_entry(&alert), Some(&alert)),
+                }
+                session.alerts.push(alert.clone());
+            }
+            self.replayed.push(alert);
+        }
+    }
+
+    fn learn_process(&mut self, event: &Event) {
+        match event {
+            Event::ProcessSeen(p) => {
+                self.procs.insert(p.pid, (p.exe.clone(), p.ppid));
+            }
+            Event::Fork(f) => {
+                let exe = self.procs.get(&f.parent).map(|(e, _)| e.clone()).unwrap_or_default();
+                self.procs.insert(f.child, (exe, f.parent));
+            }
+            Event::Exec(e) => {
+                self.procs.insert(e.pid, (e.exe.clone(), e.ppid));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(mut self) -> Report {
+        // Kernel events reach the engine a little after control-plane ones (the ring buffer is
+        // drained on a timer): responders read the timeline in time order.
+        for session in &mut self.sessions {
+            session.timeline.sort_by_key(|e| e.ts);
+        }
+        let comparison = Comparison::new(&self.live, &self.replayed, self.policy.is_some());
+        Report {
+            events: self.events,
+            sessions: self.sessions,
+            damage: self.damage.iter().map(|d| d.to_string()).collect(),
+            comparison,
+        }
+    }
+}
+
+/// With `--session`, the runs whose sealed segments all say (in their index) that they hold
+/// nothing of that session are left out. Segments without an index (the one being written) are
+/// always read.
+fn select_segments(files: Vec<PathBuf>, session: Option<&str>) -> Vec<PathBuf> {
+    let Some(session) = session else { return files };
+    let mut runs: BTreeMap<String, (bool, Vec<PathBuf>)> = BTreeMap::new();
+    let mut order = Vec::new();
+    for file in files {
+        let run = run_of(&file);
+        let index = read_index(&file);
+        let needed = index.is_none_or(|i| i.sessions.contains_key(session));
+        if !runs.contains_key(&run) {
+            order.push(run.clone());
+        }
+        let entry = runs.entry(run).or_default();
+        entry.0 |= needed;
+        entry.1.push(file);
+    }
+    order.into_iter().filter_map(|run| runs.remove(&run)).filter(|(needed, _)| *needed).flat_map(|(_, f)| f).collect()
+}
+
+fn read_index(segment: &Path) -> Option<SegmentIndex> {
+    std::fs::read(index_path(segment)).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok())
+}
+
+/// The run id in a segment's name (`trace-<run>-<seq>.mtr`), or the whole name.
+fn run_of(file: &Path) -> String {
+    let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    name.strip_prefix("trace-").and_then(|r| r.rsplit_once('-')).map_or(name.clone(), |(run, _)| run.to_string())
+}
+
+/// Progress on stderr for long replays, when stderr is a terminal.
+pub struct Progress {
+    enabled: bool,
+    total: u64,
+    done: u64,
+    current: u64,
+    last_shown: std::time::Instant,
+}
+
+impl Progress {
+    pub fn new(files: &[PathBuf]) -> Self {
+        let total = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+        // Only worth showing for traces that take a while.
+        let enabled = std::io::stderr().is_terminal() && total > 16 << 20;
+        Self { enabled, total, done: 0, current: 0, last_shown: std::time::Instant::now() }
+    }
+
+    /// No progress output (tests, benchmarks).
+    pub fn quiet() -> Self {
+        Self { enabled: false, total: 0, done: 0, current: 0, last_shown: std::time::Instant::now() }
+    }
+
+    fn file(&mut self, _file: &Path) {
+        self.current = 0;
+    }
+
+    fn at(&mut self, at: u64) {
+        self.current = at;
+        if self.enabled && self.last_shown.elapsed() > std::time::Duration::from_millis(200) {
+            self.last_shown = std::time::Instant::now();
+            let read = self.done + self.current;
+            eprint!(
+                "\rreplaying: {:.0} of {:.0} MiB ({:.0}%)",
+                read as f64 / 1048576.0,
+                self.total as f64 / 1048576.0,
+                100.0 * read as f64 / self.total.max(1) as f64
+            );
+        }
+    }
+
+    fn file_done(&mut self) {
+        self.done += self.current;
+        self.current = 0;
+    }
+
+    fn done(&mut self) {
+        if self.enabled {
+            eprintln!("\rreplaying: done ({:.0} MiB)                ", self.total as f64 / 1048576.0);
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! What a replay finds: per session, the delegation, its processes, a timeline of what they did
+//! and the alerts; and how the replayed alerts compare with those raised live.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::{
+    alert::{rfc3339, Alert},
+    event::{Event, Nanos, SessionKey, TokenVia, Verdict},
+    policy::Policy,
+    sessions::Session,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Events read from the trace.
+    pub events: u64,
+    pub sessions: Vec<SessionReport>,
+    /// Damaged stretches met while reading, with file, offset and bytes skipped.
+    pub damage: Vec<String>,
+    pub comparison: Comparison,
+}
+
+impl Report {
+    /// The report narrowed to one session; `Err` lists the session ids the trace holds.
+    pub fn only_session(mut self, id: &str) -> Result<Self, Vec<String>> {
+        if !self.sessions.iter().any(|s| s.session.id.as_str() == id) {
+            let mut known: Vec<String> = self.sessions.iter().map(|s| s.session.id.to_string()).collect();
+            known.dedup();
+            return Err(known);
+        }
+        self.sessions.retain(|s| s.session.id.as_str() == id);
+        self.comparison.retain_session(id);
+        Ok(self)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionReport {
+    pub run_id: String,
+    #[serde(skip)]
+    pub key: SessionKey,
+    pub session: Session,
+    pub started: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+    pub processes: Vec<ProcNode>,
+    pub timeline: Vec<Entry>,
+    pub alerts: Vec<Alert>,
+}
+
+/// A process of the session, for the tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcNode {
+    pub pid: u32,
+    pub ppid: u32,
+    pub exe: String,
+    pub argv: Vec<String>,
+    pub first_seen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exited: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<u32>,
+}
+
+/// One line of the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    #[serde(skip)]
+    pub ts: Nanos,
+    pub time: String,
+    pub pid: u32,
+    /// The process's executable (or task name).
+    pub process: String,
+    /// `session`, `process`, `exec`, `exit`, `connect`, `resolve`, `credential`, `token`,
+    /// `privilege`, `lost`, `alert`.
+    pub what: &'static str,
+    pub detail: String,
+    /// Alerts this event raised: `rule (severity): summary`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
+}
+
+impl SessionReport {
+    pub fn new(run: &str, key: SessionKey, session: &Session, ts: Nanos) -> Self {
+        Self {
+            run_id: run.to_string(),
+            key,
+            session: session.clone(),
+            started: rfc3339(ts),
+            ended: None,
+            end_reason: None,
+            processes: Vec::new(),
+            timeline: Vec::new(),
+            alerts: Vec::new(),
+        }
+    }
+
+    /// An event of this session: the process tree and the timeline.
+    pub fn apply(&mut self, event: &Event, procs: &HashMap<u32, (String, u32)>) {
+        let node = |pid: u32, ppid: u32, exe: &str, argv: &[String], ts: Nanos| ProcNode {
+            pid,
+            ppid,
+            exe: exe.to_string(),
+            argv: argv.to_vec(),
+            first_seen: rfc3339(ts),
+            exited: None,
+            exit_code: None,
+        };
+        match event {
+            Event::SessionEnded { ts, reason, .. } => {
+                self.ended = Some(rfc3339(*ts));
+                self.end_reason = Some(end_reason(*reason));
+            }
+            Event::ProcessSeen(p) => self.processes.push(node(p.pid, p.ppid, &p.exe, &p.argv, p.ts)),
+            Event::Fork(f) => {
+                let exe = procs.get(&f.child).map(|(e, _)| e.as_str()).unwrap_or("");
+                self.processes.push(node(f.child, f.parent, exe, &[], f.ts));
+            }
+            Event::Exec(e) => match self.processes.iter_mut().rev().find(|p| p.pid == e.pid && p.exited.is_none()) {
+                Some(p) => {
+                    p.exe = e.exe.clone();
+                    p.argv = e.argv.clone();
+                }
+                None => self.processes.push(node(e.pid, e.ppid, &e.exe, &e.argv, e.ts)),
+            },
+            Event::Exit(x) => {
+                if let Some(p) = self.processes.iter_mut().rev().find(|p| p.pid == x.pid && p.exited.is_none()) {
+                    p.exited = Some(rfc3339(x.ts));
+                    p.exit_code = Some(x.exit_code);
+                }
+            }
+            _ => {}
+        }
+        if let Some(e) = entry(event, procs) {
+            self.timeline.push(e);
+        }
+    }
+
+    pub fn push_entry(&mut self, entry: Entry, alert: Option<&Alert>) {
+        self.timeline.push(entry);
+        if let Some(alert) = alert {
+            self.mark_last(alert);
+        }
+    }
+
+    pub fn mark_last(&mut self, alert: &Alert) {
+        if let Some(last) = self.timeline.last_mut() {
+            last.alerts.push(format!("{} ({}): {}", alert.rule.id(), severity(alert), alert.summary));
+        }
+    }
+}
+
+fn severity(alert: &Alert) -> String {
+    serde_json::to_value(alert.severity).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// The session key an event names (0 and ticks: none).
+pub fn session_of(event: &Event) -> Option<SessionKey> {
+    let key = match event {
+        Event::SessionStarted { key, .. } | Event::SessionEnded { key, .. } => *key,
+        Event::ProcessSeen(p) => p.session,
+        Event::Fork(f) => f.session,
+        Event::Exec(e) => e.session,
+        Event::Exit(e) => e.session,
+        Event::Connect(c) => c.session,
+        Event::ConnectResult(r) => r.session,
+        Event::Resolve(r) => r.session,
+        Event::CredentialOpen(o) => o.session,
+        Event::TokenUse(t) => t.session,
+        Event::CredChange(c) => c.session,
+        Event::Tick { .. } | Event::Lost { .. } => 0,
+    };
+    (key != 0).then_some(key)
+}
+
+/// The timeline line of an event, if it is one a responder reads.
+pub fn entry(event: &Event, procs: &HashMap<u32, (String, u32)>) -> Option<Entry> {
+    let name = |pid: u32| procs.get(&pid).map(|(exe, _)| exe.clone()).unwrap_or_default();
+    let line = |ts: Nanos, pid: u32, process: String, what: &'static str, detail: String| Entry {
+        ts,
+        time: rfc3339(ts),
+        pid,
+        process,
+        what,
+        detail,
+        alerts: Vec::new(),
+    };
+    Some(match event {
+        Event::SessionStarted { ts, session, .. } => line(
+            *ts,
+            session.binding.root_pid.unwrap_or(0),
+            String::new(),
+            "session",
+            format!("started: {} acting for {} ({})", session.actor, session.principal, session.task),
+        ),
+        Event::SessionEnded { ts, reason, .. } => {
+            line(*ts, 0, String::new(), "session", format!("ended ({})", end_reason(*reason)))
+        }
+        Event::ProcessSeen(p) => line(p.ts, p.pid, p.exe.clone(), "process", format!("bound: {}", p.argv.join(" "))),
+        Event::Fork(_) | Event::ConnectResult(_) | Event::Tick { .. } => return None,
+        Event::Exec(e) => line(e.ts, e.pid, e.exe.clone(), "exec", e.argv.join(" ")),
+        Event::Exit(x) => line(x.ts, x.pid, name(x.pid), "exit", exit_status(x.exit_code)),
+        Event::Connect(c) => {
+            let verdict = match c.verdict {
+                Verdict::Allowed => "",
+                Verdict::BlockedScope => " [blocked: out of scope]",
+                Verdict::BlockedEnded => " [blocked: task ended]",
+                Verdict::BlockedExpired => " [blocked: ttl passed]",
+            };
+            let dst = std::net::SocketAddr::new(c.addr, c.port);
+            let how = if c.connect { "" } else { " (send)" };
+            line(c.ts, c.pid, name(c.pid), "connect", format!("{} {dst}{how}{verdict}", c.transport.as_str()))
+        }
+        Event::Resolve(r) => {
+            let addrs: Vec<String> = r.addrs.iter().map(|a| a.to_string()).collect();
+            line(r.ts, r.pid, name(r.pid), "resolve", format!("{} -> {}", r.name, addrs.join(", ")))
+        }
+        Event::CredentialOpen(o) => {
+            let who = if o.actor.exe.is_empty() { o.actor.comm.clone() } else { o.actor.exe.clone() };
+            let mode = if o.write { "write" } else { "read" };
+            line(o.ts, o.actor.pid, who, "credential", format!("opened {} ({mode})", o.path))
+        }
+        Event::TokenUse(t) => {
+            let who = if t.actor.exe.is_empty() { t.actor.comm.clone() } else { t.actor.exe.clone() };
+            let via = match &t.via {
+                TokenVia::Env { name } => format!("in the environment as ${name}"),
+                TokenVia::Argv { index } => format!("on the command line (argument {index})"),
+                TokenVia::Http { tls, method, host, path, .. } => format!(
+                    "{method} {}://{}{path}",
+                    if *tls { "https" } else { "http" },
+                    host.as_deref().unwrap_or("?")
+                ),
+            };
+            let jwt = t
+                .credential
+                .jwt
+                .as_ref()
+                .and_then(|j| j.sub.as_ref())
+                .map(|s| format!(", JWT sub {s}"))
+                .unwrap_or_default();
+            let detail = format!("{} {} {via}{jwt}", t.credential.kind.as_str(), t.credential.fingerprint);
+            line(t.ts, t.actor.pid, who, "token", detail)
+        }
+        Event::CredChange(c) => {
+            let euid = c.euid.map(|u| format!(" euid {u}")).unwrap_or_default();
+            let caps = c.cap_effective.map(|x| format!(" caps {x:#x}")).unwrap_or_default();
+            line(c.ts, c.pid, name(c.pid), "privilege", format!("{:?}{euid}{caps}", c.call).to_lowercase())
+        }
+        Event::Lost { ts, source, count } => {
+            line(*ts, 0, String::new(), "lost", format!("{count} events lost ({source})"))
+        }
+    })
+}
+
+/// The timeline line of an alert that no event of the session carries (deadline rules).
+pub fn alert_entry(alert: &Alert) -> Entry {
+    let (pid, process) = alert.process.as_ref().map_or((0, String::new()), |p| (p.pid, p.exe.clone()));
+    Entry {
+        ts: alert.ts,
+        time: rfc3339(alert.ts),
+        pid,
+        process,
+        what: "alert",
+        detail: String::new(),
+        alerts: Vec::new(),
+    }
+}
+
+fn end_reason(reason: crate::event::EndReason) -> String {
+    serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn exit_status(code: u32) -> String {
+    match (code >> 8, code & 0x7f) {
+        (status, 0) => format!("exited with status {status}"),
+        (_, signal) => format!("killed by signal {signal}"),
+    }
+}
+
+/// What-if: the policy's scope for the session's actor replaces the recorded scope parts it gives.
+pub fn apply_actor_scope(session: &mut Session, policy: &Policy) {
+    let Some(scope) = policy.actors.get(&session.actor) else { return };
+    if let Some(connect) = &scope.connect {
+        session.scope.connect = Some(connect.clone());
+    }
+    if !scope.credentials.is_empty() {
+        session.scope.credentials = scope.credentials.clone();
+    }
+    if let Some(exec) = &scope.exec {
+        session.scope.exec = Some(crate::sessions::server::with_real_paths(exec.clone()));
+    }
+}
+
+/// An alert's identity for comparing live and replayed alerts (ids and wall times aside).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct AlertKey {
+    pub rule: String,
+    pub time: String,
+    pub session: String,
+    pub pid: u32,
+    pub summary: String,
+}
+
+impl AlertKey {
+    pub fn of(alert: &Alert) -> Self {
+        Self {
+            rule: alert.rule.id().to_string(),
+            time: rfc3339(alert.ts),
+            session: alert.session.id.clone(),
+            pid: alert.process.as_ref().map_or(0, |p| p.pid),
+            summary: alert.summary.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    /// `--policy` was given: differences are the what-if, not a fault.
+    pub what_if: bool,
+    #[serde(skip)]
+    live_keys: Vec<AlertKey>,
+    #[serde(skip)]
+    replayed_keys: Vec<AlertKey>,
+    pub live: usize,
+    pub replayed: usize,
+    /// Raised live, not by the replay (with `--policy`: would disappear).
+    pub only_live: Vec<AlertKey>,
+    /// Raised by the replay, not live (with `--policy`: would appear).
+    pub only_replayed: Vec<AlertKey>,
+}
+
+impl Comparison {
+    pub fn new(live: &[Alert], replayed: &[Alert], what_if: bool) -> Self {
+        Self::from_keys(live.iter().map(AlertKey::of).collect(), replayed.iter().map(AlertKey::of).collect(), what_if)
+    }
+
+    fn from_keys(live_keys: Vec<AlertKey>, replayed_keys: Vec<AlertKey>, what_if: bool) -> Self {
+        let count = |keys: &[AlertKey]| {
+            let mut m: BTreeMap<AlertKey, usize> = BTreeMap::new();
+            for k in keys {
+                *m.entry(k.clone()).or_default() += 1;
+            }
+            m
+        };
+        let (l, r) = (count(&live_keys), count(&replayed_keys));
+        let diff = |a: &BTreeMap<AlertKey, usize>, b: &BTreeMap<AlertKey, usize>| -> Vec<AlertKey> {
+            a.iter()
+                .flat_map(|(k, n)| std::iter::repeat_n(k.clone(), n.saturating_sub(b.get(k).copied().unwrap_or(0))))
+                .collect()
+        };
+        Self {
+            what_if,
+            live: live_keys.len(),
+            replayed: replayed_keys.len(),
+            only_live: diff(&l, &r),
+            only_replayed: diff(&r, &l),
+            live_keys,
+            replayed_keys,
+        }
+    }
+
+    fn retain_session(&mut self, id: &str) {
+        let only = |keys: &[AlertKey]| keys.iter().filter(|k| k.session == id).cloned().collect();
+        *self = Self::from_keys(only(&self.live_keys), only(&self.replayed_keys), self.what_if);
+    }
+
+    pub fn identical(&self) -> bool {
+        self.only_live.is_empty() && self.only_replayed.is_empty()
+    }
+}

@@ -1,0 +1,261 @@
+//! The agent's trace writer: append-only segment files in one directory, rotated by size, with a
+//! per-segment session index written when a segment is sealed, and a retention bound in bytes
+//! and age applied to sealed segments.
+//!
+//! Files: `trace-<run>-<seq>.mtr` (segments; the run id sorts by start time, so names sort in
+//! write order) and `trace-<run>-<seq>.idx.json` beside each sealed one.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::format::{self, Record, RunInfo};
+use crate::event::{Event, SessionKey};
+
+/// Size and retention bounds of a trace directory.
+#[derive(Debug, Clone)]
+pub struct TraceLimits {
+    /// A segment is sealed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// Sealed segments are deleted, oldest first, while the directory holds more than this.
+    pub max_bytes: u64,
+    /// Sealed segments whose last write is older than this are deleted.
+    pub max_age: Duration,
+}
+
+impl Default for TraceLimits {
+    fn default() -> Self {
+        Self { segment_bytes: 64 << 20, max_bytes: 2 << 30, max_age: Duration::from_secs(30 * 24 * 3600) }
+    }
+}
+
+/// What a sealed segment holds, per session (the `.idx.json` file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentIndex {
+    pub run_id: String,
+    pub records: u64,
+    pub first_ts: u64,
+    pub last_ts: u64,
+    /// Session id -> records of that session in this segment.
+    pub sessions: BTreeMap<String, u64>,
+}
+
+pub struct TraceWriter {
+    dir: PathBuf,
+    limits: TraceLimits,
+    run: RunInfo,
+    seq: u32,
+    file: Option<fs::File>,
+    path: PathBuf,
+    written: u64,
+    buffer: Vec<u8>,
+    index: SegmentIndex,
+    /// Session key -> id, for the index (keys are per run).
+    ids: BTreeMap<SessionKey, String>,
+    /// Records written since start, and bytes: for the agent's metrics and the benchmark.
+    pub total_records: u64,
+    pub total_bytes: u64,
+}
+
+/// Buffered bytes are written out past this (and on every flush).
+const BUFFER_BYTES: usize = 256 << 10;
+
+impl TraceWriter {
+    pub fn create(dir: &Path, limits: TraceLimits, run: RunInfo) -> std::io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        // Traces name processes, hosts and sessions: root only.
+        fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let mut writer = Self {
+            dir: dir.to_path_buf(),
+            limits,
+            index: SegmentIndex { run_id: run.run_id.clone(), ..Default::default() },
+            run,
+            seq: 0,
+            file: None,
+            path: PathBuf::new(),
+            written: 0,
+            buffer: Vec::with_capacity(BUFFER_BYTES * 2),
+            ids: BTreeMap::new(),
+            total_records: 0,
+            total_bytes: 0,
+        };
+        writer.open_segment()?;
+        writer.apply_retention();
+        Ok(writer)
+    }
+
+    fn open_segment(&mut self) -> std::io::Result<()> {
+        self.seq += 1;
+        self.path = self.dir.join(format!("trace-{}-{:06}.mtr", self.run.run_id, self.seq));
+        let mut file = fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(&self.path)?;
+        file.write_all(&format::header())?;
+        self.written = format::HEADER_LEN as u64;
+        self.file = Some(file);
+        self.index = SegmentIndex { run_id: self.run.run_id.clone(), ..Default::default() };
+        // Every segment names its run: session keys are only meaningful within one.
+        self.append(&Record::Run(self.run.clone()), 0, None)?;
+        Ok(())
+    }
+
+    /// Records an event the engine applied.
+    pub fn event(&mut self, event: &Event) -> std::io::Result<()> {
+        if let Event::SessionStarted { key, session, .. } = event {
+            self.ids.insert(*key, session.id.to_string());
+        }
+        let session = event_session(event);
+        self.append(&Record::Event(event.clone()), event.ts(), session)
+    }
+
+    /// Records an alert the engine raised.
+    pub fn alert(&mut self, alert: &crate::alert::Alert) -> std::io::Result<()> {
+        let record = Record::Alert(format::TracedAlert { ts: alert.ts, alert: alert.clone() });
+        self.index_session_id(&alert.session.id);
+        self.append(&record, alert.ts, None)
+    }
+
+    fn index_session_id(&mut self, id: &str) {
+        if !id.is_empty() {
+            *self.index.sessions.entry(id.to_string()).or_default() += 1;
+        }
+    }
+
+    fn append(&mut self, record: &Record, ts: u64, session: Option<SessionKey>) -> std::io::Result<()> {
+        let before = self.buffer.len();
+        format::encode(record, &mut self.buffer).map_err(std::io::Error::other)?;
+        let len = (self.buffer.len() - before) as u64;
+        self.written += len;
+        self.total_bytes += len;
+        self.total_records += 1;
+        self.index.records += 1;
+        if ts != 0 {
+            if self.index.first_ts == 0 {
+                self.index.first_ts = ts;
+            }
+            self.index.last_ts = self.index.last_ts.max(ts);
+        }
+        if let Some(id) = session.and_then(|k| self.ids.get(&k)).cloned() {
+            self.index_session_id(&id);
+        }
+        if self.buffer.len() >= BUFFER_BYTES {
+            self.flush()?;
+        }
+        if self.written >= self.limits.segment_bytes {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// Writes buffered records to the segment file (the core calls it after each batch).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(file) = &mut self.file {
+            if !self.buffer.is_empty() {
+                file.write_all(&self.buffer)?;
+                self.buffer.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the current segment (fsync, index) and starts the next.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.seal()?;
+        self.open_segment()?;
+        self.apply_retention();
+        Ok(())
+    }
+
+    fn seal(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        if let Some(file) = self.file.take() {
+            file.sync_all()?;
+        }
+        let index = serde_json::to_vec_pretty(&self.index).map_err(std::io::Error::other)?;
+        fs::write(index_path(&self.path), index)?;
+        Ok(())
+    }
+
+    /// Deletes sealed segments past the age bound, then the oldest while over the byte bound.
+    fn apply_retention(&mut self) {
+        let Ok(mut segments) = segments_in(&self.dir) else { return };
+        segments.retain(|p| *p != self.path);
+        let now = SystemTime::now();
+        let mut sized: Vec<(PathBuf, u64, SystemTime)> = segments
+            .into_iter()
+            .filter_map(|p| {
+                let meta = fs::metadata(&p).ok()?;
+                Some((p, meta.len(), meta.modified().unwrap_or(now)))
+            })
+            .collect();
+        let mut total: u64 = sized.iter().map(|(_, len, _)| len).sum::<u64>() + self.written;
+        sized.retain(|(path, len, modified)| {
+            let too_old = now.duration_since(*modified).unwrap_or_default() > self.limits.max_age;
+            if too_old {
+                remove_segment(path);
+                total -= len;
+            }
+            !too_old
+        });
+        for (path, len, _) in sized {
+            if total <= self.limits.max_bytes {
+                break;
+            }
+            remove_segment(&path);
+            total -= len;
+        }
+    }
+}
+
+impl Drop for TraceWriter {
+    fn drop(&mut self) {
+        if let Err(e) = self.seal() {
+            tracing::warn!("sealing the trace segment {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn remove_segment(path: &Path) {
+    tracing::info!(segment = %path.display(), "trace retention: segment deleted");
+    let _ = fs::remove_file(path);
+    let _ = fs::remove_file(index_path(path));
+}
+
+/// `trace-….mtr` -> `trace-….idx.json`.
+pub fn index_path(segment: &Path) -> PathBuf {
+    segment.with_extension("idx.json")
+}
+
+/// The segment files of a directory, in write order.
+pub fn segments_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut segments: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "mtr"))
+        .collect();
+    segments.sort();
+    Ok(segments)
+}
+
+/// The session an event belongs to, when it names one.
+fn event_session(event: &Event) -> Option<SessionKey> {
+    let key = match event {
+        Event::SessionStarted { key, .. } | Event::SessionEnded { key, .. } => *key,
+        Event::ProcessSeen(p) => p.session,
+        Event::Fork(f) => f.session,
+        Event::Exec(e) => e.session,
+        Event::Exit(e) => e.session,
+        Event::Connect(c) => c.session,
+        Event::ConnectResult(r) => r.session,
+        Event::Resolve(r) => r.session,
+        Event::CredentialOpen(o) => o.session,
+        Event::TokenUse(t) => t.session,
+        Event::CredChange(c) => c.session,
+        Event::Tick { .. } | Event::Lost { .. } => 0,
+    };
+    (key != 0).then_some(key)
+}

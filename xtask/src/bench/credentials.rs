@@ -1,0 +1,169 @@
+//! Benchmarks of the credential probes: openat of ordinary files by a process outside sessions
+//! (the openat exit tracepoints run for every open on the host), and HTTPS requests carrying a
+//! session token by a session process (the SSL_write uprobe, the payload event, the parse and
+//! the fingerprint).
+
+use std::{
+    fs,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use super::Paired;
+
+/// Paired runs of `count` openat+close of an ordinary (unwatched) file.
+pub fn open_overhead(
+    monitor: &Path,
+    dir: &Path,
+    agent_args: &[String],
+    count: u32,
+    rounds: u32,
+) -> anyhow::Result<Paired> {
+    eprintln!("bench: openat overhead, {rounds} paired rounds of {count} openat+close, outside sessions");
+    let file = dir.join("ordinary-file");
+    fs::write(&file, "not a credential\n")?;
+    let xtask = std::env::current_exe()?;
+    Paired::run(monitor, dir, agent_args, rounds, "µs/open", count, |_agent| {
+        let output = Command::new(&xtask).arg("open-loop").arg(&file).arg(count.to_string()).output()?;
+        if !output.status.success() {
+            bail!("open loop failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+    })
+}
+
+/// The client side of the openat benchmark.
+pub fn open_loop(path: &Path, count: u32) -> anyhow::Result<()> {
+    let start = Instant::now();
+    for _ in 0..count {
+        drop(fs::File::open(path)?);
+    }
+    println!("{:.6}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs a command and prints its wall time: the same measurement inside and outside `monitor run`.
+pub fn timed(command: &[String]) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let status = Command::new(&command[0]).args(&command[1..]).stdout(Stdio::null()).status()?;
+    if !status.success() {
+        bail!("{} failed: {status}", command[0]);
+    }
+    println!("{:.6}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Paired runs of `count` HTTPS requests with `Authorization: Bearer <token>`, made by curl over
+/// one keep-alive connection to a Python TLS server on 127.0.0.9. With the agent, curl runs in a
+/// session that holds the token.
+pub fn tls_overhead(
+    monitor: &Path,
+    dir: &Path,
+    agent_args: &[String],
+    count: u32,
+    rounds: u32,
+) -> anyhow::Result<Paired> {
+    eprintln!("bench: HTTPS requests, {rounds} paired rounds of {count} requests with a bearer token, session process");
+    let server = TlsServer::start(dir)?;
+    let session = dir.join("bench-tls-session.yaml");
+    fs::write(
+        &session,
+        "principal: bench@example.com\nactor: svc:bench\ntask: https benchmark\ntokens:\n  - env: BENCH_TOKEN\n",
+    )?;
+    let xtask = std::env::current_exe()?;
+    // A random token per run, so nothing of value is ever in a benchmark artefact.
+    let mut random = [0u8; 16];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut random)?;
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let url = format!("https://127.0.0.9:{}/bench/[1-{count}]", server.port);
+    let curl = ["curl", "-sk", "--http1.1", "-o", "/dev/null", "-H", &format!("Authorization: Bearer {token}"), &url]
+        .map(String::from);
+    Paired::run(monitor, dir, agent_args, rounds, "µs/request", count, |agent| {
+        let mut cmd = match agent {
+            Some(agent) => {
+                let mut c = Command::new(monitor);
+                c.arg("run").arg("--file").arg(&session).arg("--control").arg(&agent.control).arg("--");
+                c.arg(&xtask);
+                c
+            }
+            None => Command::new(&xtask),
+        };
+        let output = cmd.arg("timed").arg("--").args(&curl).env("BENCH_TOKEN", &token).output()?;
+        if !output.status.success() {
+            bail!("HTTPS loop failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+    })
+}
+
+/// An HTTP/1.1 keep-alive server over TLS (Python's http.server and ssl) with a self-signed
+/// certificate, answering every GET with a short body.
+struct TlsServer {
+    child: Child,
+    port: u16,
+}
+
+const SERVER: &str = r#"
+import http.server, ssl, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # One write per response and no Nagle: otherwise delayed ACKs (40 ms) dominate.
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.9", int(sys.argv[1])), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[2], sys.argv[3])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+impl TlsServer {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        let (cert, key) = (dir.join("bench-cert.pem"), dir.join("bench-key.pem"));
+        let o = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.9"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .context("openssl req")?;
+        if !o.status.success() {
+            bail!("openssl req: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.9:0")?.local_addr()?.port();
+        let script = dir.join("bench-tls-server.py");
+        fs::write(&script, SERVER)?;
+        let child = Command::new("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&cert)
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("bench-tls-server.log"))?)
+            .spawn()
+            .context("python3")?;
+        let server = Self { child, port };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.9", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the TLS server did not start: {}", fs::read_to_string(dir.join("bench-tls-server.log"))?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
