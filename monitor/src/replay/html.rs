@@ -162,17 +162,18 @@ fn render_session(out: &mut String, r: &SessionReport) {
     );
     for e in &r.timeline {
         let class = if e.alerts.is_empty() { "" } else { " class=\"alert\"" };
-        let mut detail = esc(&e.detail);
+        let (what, detail) = e.describe();
+        let mut detail = esc(&detail);
         for a in &e.alerts {
             let _ = write!(detail, "<br>&#9888; {}", esc(a));
         }
         let _ = write!(
             out,
             "<tr{class}><td class=\"mono\">{}</td><td>{}</td><td class=\"mono\">{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
-            esc(&e.time),
+            esc(&crate::alert::rfc3339(e.ts)),
             e.pid,
             esc(&e.process),
-            e.what,
+            what,
             detail
         );
     }

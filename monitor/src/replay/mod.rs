@@ -52,7 +52,8 @@ pub fn run(settings: ReplaySettings) -> anyhow::Result<i32> {
     let all_files = reader::expand(&settings.traces)?;
     let files = select_segments(all_files.clone(), settings.session.as_deref());
     let mut progress = Progress::new(&files);
-    let report = replay_files(&files, settings.policy.as_ref(), &mut progress)?;
+    let detail = if settings.format == Format::Ocsf { Detail::Alerts } else { Detail::Timeline };
+    let report = replay_files(&files, settings.policy.as_ref(), detail, &mut progress)?;
     progress.done();
     for damage in &report.damage {
         eprintln!("warning: {damage}");
@@ -103,18 +104,67 @@ fn color_for(output: &Option<PathBuf>) -> bool {
     output.is_none() && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-/// Replays segment files in order. Pure apart from reading the files.
-pub fn replay_files(files: &[PathBuf], policy: Option<&Policy>, progress: &mut Progress) -> anyhow::Result<Report> {
-    let mut replay = Replay::new(policy);
-    for file in files {
-        progress.file(file);
-        let mut damage = Vec::new();
-        reader::read_segment(file, &mut |record| replay.record(record), &mut |d| damage.push(d), &mut |at| {
-            progress.at(at)
-        })?;
-        replay.damage.extend(damage);
-        progress.file_done();
+/// How much a replay builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Sessions, process trees, timelines and alerts.
+    Timeline,
+    /// Sessions and alerts (OCSF output, the determinism check).
+    Alerts,
+}
+
+/// Replays segment files in order. Pure apart from reading the files. Reading and decoding run
+/// on their own thread, ahead of the engine, in batches.
+pub fn replay_files(
+    files: &[PathBuf],
+    policy: Option<&Policy>,
+    detail: Detail,
+    progress: &mut Progress,
+) -> anyhow::Result<Report> {
+    enum Msg {
+        Records(Vec<Record>),
+        Damage(Damage),
+        At(u64),
+        FileDone,
     }
+    const BATCH: usize = 4096;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(8);
+    let owned = files.to_vec();
+    let decoder = std::thread::spawn(move || -> Result<(), reader::TraceError> {
+        for file in &owned {
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut on_record = |record| {
+                batch.push(record);
+                if batch.len() == BATCH {
+                    let _ = tx.send(Msg::Records(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))));
+                }
+            };
+            let mut damage = Vec::new();
+            let mut at = 0;
+            reader::read_segment(file, &mut on_record, &mut |d| damage.push(d), &mut |a| at = a)?;
+            let _ = tx.send(Msg::Records(batch));
+            for d in damage {
+                let _ = tx.send(Msg::Damage(d));
+            }
+            let _ = tx.send(Msg::At(at));
+            let _ = tx.send(Msg::FileDone);
+        }
+        Ok(())
+    });
+    let mut replay = Replay::new(policy, detail == Detail::Timeline);
+    for msg in rx {
+        match msg {
+            Msg::Records(records) => {
+                for record in records {
+                    replay.record(record);
+                }
+            }
+            Msg::Damage(d) => replay.damage.push(d),
+            Msg::At(at) => progress.at(at),
+            Msg::FileDone => progress.file_done(),
+        }
+    }
+    decoder.join().map_err(|_| anyhow::anyhow!("the trace decoder thread panicked"))??;
     Ok(replay.finish())
 }
 
@@ -122,23 +172,29 @@ pub fn replay_files(files: &[PathBuf], policy: Option<&Policy>, progress: &mut P
 struct Replay<'p> {
     policy: Option<&'p Policy>,
     run_id: Option<String>,
+    /// Counts agent runs met so far: session keys are per run.
+    run: usize,
     engine: Engine,
     /// (run, key) -> index in `sessions`.
-    keys: HashMap<(String, SessionKey), usize>,
+    keys: HashMap<(usize, SessionKey), usize>,
     sessions: Vec<SessionReport>,
     /// pid -> what is known of it in the current run, to name the actor of an event.
-    procs: HashMap<u32, (String, u32)>,
+    procs: report::Names,
     live: Vec<Alert>,
     replayed: Vec<Alert>,
     damage: Vec<Damage>,
     events: u64,
+    /// Build process trees and timelines (not needed for alert-only output).
+    timeline: bool,
 }
 
 impl<'p> Replay<'p> {
-    fn new(policy: Option<&'p Policy>) -> Self {
+    fn new(policy: Option<&'p Policy>, timeline: bool) -> Self {
         Self {
+            timeline,
             policy,
             run_id: None,
+            run: 0,
             engine: Engine::new(EngineConfig::default()),
             keys: HashMap::new(),
             sessions: Vec::new(),
@@ -162,6 +218,7 @@ impl<'p> Replay<'p> {
                     self.engine = Engine::new(config);
                     self.procs.clear();
                     self.run_id = Some(run.run_id);
+                    self.run += 1;
                 }
             }
             Record::Alert(traced) => {
@@ -175,31 +232,44 @@ impl<'p> Replay<'p> {
 
     fn event(&mut self, mut event: Event) {
         self.events += 1;
-        let run = self.run_id.clone().unwrap_or_default();
+        let run = self.run;
         if let Event::SessionStarted { key, session, ts } = &mut event {
             if let Some(policy) = self.policy {
                 report::apply_actor_scope(session, policy);
             }
-            self.keys.insert((run.clone(), *key), self.sessions.len());
-            self.sessions.push(SessionReport::new(&run, *key, session, *ts));
+            self.keys.insert((run, *key), self.sessions.len());
+            let run_id = self.run_id.clone().unwrap_or_default();
+            self.sessions.push(SessionReport::new(&run_id, run, *key, session, *ts));
         }
         self.learn_process(&event);
         let alerts = self.engine.handle(&event);
-        let own = report::session_of(&event).and_then(|k| self.keys.get(&(run.clone(), k)).copied());
-        if let Some(index) = own {
+        let own = report::session_of(&event).and_then(|k| self.keys.get(&(run, k)).copied());
+        if let (Some(index), true) = (own, self.timeline) {
             self.sessions[index].apply(&event, &self.procs);
         }
-        let entry = report::entry(&event, &self.procs);
+        // A timeline line only for what a session's report shows: its own events, and events
+        // of other processes that raised an alert about it.
+        let mut entry = match (own, alerts.is_empty(), self.timeline) {
+            (_, _, false) | (None, true, _) => None,
+            _ => report::entry(event, &self.procs),
+        };
+        if let Some(index) = own {
+            if let Some(e) = entry.take() {
+                self.sessions[index].timeline.push(e);
+            }
+        }
         for alert in alerts {
-            let target =
-                self.sessions.iter().position(|s| s.run_id == run && s.session.id.as_str() == alert.session.id);
+            let target = self.sessions.iter().rposition(|s| s.run == run && s.session.id.as_str() == alert.session.id);
             if let Some(index) = target {
                 let session = &mut self.sessions[index];
-                match (&entry, own == Some(index)) {
+                if !self.timeline {
+                    // Alerts only.
+                } else if own == Some(index) {
                     // The event is already in this session's timeline: mark it.
-                    (Some(_), true) => session.mark_last(&alert),
-                    (Some(e), false) => session.push_entry(e.clone(), Some(&alert)),
-                    (None, _) => session.push_entry(report::alert_entry(&alert), Some(&alert)),
+                    session.mark_last(&alert);
+                } else {
+                    let e = entry.clone().unwrap_or_else(|| report::alert_entry(&alert));
+                    session.push_entry(e, Some(&alert));
                 }
                 session.alerts.push(alert.clone());
             }
@@ -210,14 +280,14 @@ impl<'p> Replay<'p> {
     fn learn_process(&mut self, event: &Event) {
         match event {
             Event::ProcessSeen(p) => {
-                self.procs.insert(p.pid, (p.exe.clone(), p.ppid));
+                self.procs.insert(p.pid, (p.exe.as_str().into(), p.ppid));
             }
             Event::Fork(f) => {
-                let exe = self.procs.get(&f.parent).map(|(e, _)| e.clone()).unwrap_or_default();
+                let exe = self.procs.get(&f.parent).map(|(e, _)| e.clone()).unwrap_or_else(|| "".into());
                 self.procs.insert(f.child, (exe, f.parent));
             }
             Event::Exec(e) => {
-                self.procs.insert(e.pid, (e.exe.clone(), e.ppid));
+                self.procs.insert(e.pid, (e.exe.as_str().into(), e.ppid));
             }
             _ => {}
         }
@@ -292,10 +362,6 @@ impl Progress {
         Self { enabled: false, total: 0, done: 0, current: 0, last_shown: std::time::Instant::now() }
     }
 
-    fn file(&mut self, _file: &Path) {
-        self.current = 0;
-    }
-
     fn at(&mut self, at: u64) {
         self.current = at;
         if self.enabled && self.last_shown.elapsed() > std::time::Duration::from_millis(200) {
@@ -319,5 +385,96 @@ impl Progress {
         if self.enabled {
             eprintln!("\rreplaying: done ({:.0} MiB)                ", self.total as f64 / 1048576.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::{Creds, EndReason, Exec, Exit},
+        sessions::{Binding, Scope, Session, SessionId},
+        trace::{RunInfo, TraceLimits, TraceWriter},
+    };
+
+    const S: u64 = 1_000_000_000;
+
+    fn session() -> Session {
+        Session {
+            id: SessionId::try_from("t-1".to_string()).unwrap(),
+            principal: "alice@example.com".into(),
+            actor: "svc:bot".into(),
+            task: "refund".into(),
+            sponsor: "payments".into(),
+            ttl_ns: 600 * S,
+            grace_ns: S,
+            scope: Scope { exec: Some(vec!["/bin/sh".into()]), ..Default::default() },
+            tokens: vec![],
+            enforce: false,
+            binding: Binding { root_pid: Some(100), cgroup: None },
+        }
+    }
+
+    fn exec(ts: u64, pid: u32, exe: &str) -> Event {
+        Event::Exec(Exec {
+            ts,
+            session: 1,
+            pid,
+            ppid: 100,
+            exe: exe.into(),
+            exe_real: None,
+            argv: vec![exe.into(), "--flag".into()],
+            argv_truncated: false,
+            creds: Creds::default(),
+            cgroup: 1,
+            cap_effective: None,
+        })
+    }
+
+    /// Records like the agent's core: each event, then the alerts the engine raised on it.
+    fn record(dir: &Path, events: &[Event]) {
+        let run = RunInfo {
+            run_id: "r1".into(),
+            host: "h".into(),
+            agent_version: "t".into(),
+            config: EngineConfig::default(),
+        };
+        let mut writer =
+            TraceWriter::create(dir, TraceLimits { segment_bytes: 600, ..Default::default() }, run).unwrap();
+        let mut engine = Engine::new(EngineConfig::default());
+        for e in events {
+            writer.event(e).unwrap();
+            for alert in engine.handle(e) {
+                writer.alert(&alert).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_recorded_session_replays_to_the_same_alerts_and_a_timeline() {
+        let dir = std::env::temp_dir().join(format!("monitor-replay-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let events = vec![
+            Event::SessionStarted { ts: 0, key: 1, session: Box::new(session()) },
+            exec(S, 100, "/bin/sh"),
+            exec(2 * S, 101, "/usr/bin/wget"),
+            Event::Exit(Exit { ts: 3 * S, session: 1, pid: 101, exit_code: 0 }),
+            Event::SessionEnded { ts: 4 * S, key: 1, reason: EndReason::Requested },
+            Event::Tick { ts: 6 * S },
+        ];
+        record(&dir, &events);
+        let files = reader::expand(std::slice::from_ref(&dir)).unwrap();
+        assert!(files.len() > 1, "600-byte segments rotate");
+        let report = replay_files(&files, None, Detail::Timeline, &mut Progress::quiet()).unwrap();
+        assert!(report.comparison.identical() && report.comparison.live == 2, "{:?}", report.comparison);
+        let text = timeline::render(&report, false);
+        assert!(text.contains("delegation  alice@example.com → svc:bot"), "{text}");
+        assert!(text.contains("!! exec_out_of_scope (medium)"), "{text}");
+        assert!(text.contains("!! process_outlived_task"), "{text}");
+        assert!(text.contains("replay: 2 alerts, the same as the 2 raised live"), "{text}");
+        let html = html::render(&report);
+        assert!(html.contains("<h2>Session t-1") && html.contains("class=\"alert\""));
+        assert!(report.only_session("nope").unwrap_err() == ["t-1"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,7 +1,10 @@
 //! What a replay finds: per session, the delegation, its processes, a timeline of what they did
 //! and the alerts; and how the replayed alerts compare with those raised live.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use serde::Serialize;
 
@@ -39,6 +42,9 @@ impl Report {
 #[derive(Debug, Serialize)]
 pub struct SessionReport {
     pub run_id: String,
+    /// The run's ordinal in this replay.
+    #[serde(skip)]
+    pub run: usize,
     #[serde(skip)]
     pub key: SessionKey,
     pub session: Session,
@@ -50,6 +56,9 @@ pub struct SessionReport {
     pub processes: Vec<ProcNode>,
     pub timeline: Vec<Entry>,
     pub alerts: Vec<Alert>,
+    /// pid -> index in `processes` of its live node.
+    #[serde(skip)]
+    live: HashMap<u32, usize>,
 }
 
 /// A process of the session, for the tree.
@@ -59,35 +68,59 @@ pub struct ProcNode {
     pub ppid: u32,
     pub exe: String,
     pub argv: Vec<String>,
-    pub first_seen: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exited: Option<String>,
+    #[serde(serialize_with = "as_rfc3339")]
+    pub first_seen: Nanos,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_rfc3339_opt")]
+    pub exited: Option<Nanos>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<u32>,
 }
 
-/// One line of the timeline.
-#[derive(Debug, Clone, Serialize)]
+/// One line of the timeline: an event (described when output) or an alert no event carries.
+#[derive(Debug, Clone)]
 pub struct Entry {
-    #[serde(skip)]
     pub ts: Nanos,
-    pub time: String,
     pub pid: u32,
     /// The process's executable (or task name).
-    pub process: String,
-    /// `session`, `process`, `exec`, `exit`, `connect`, `resolve`, `credential`, `token`,
-    /// `privilege`, `lost`, `alert`.
-    pub what: &'static str,
-    pub detail: String,
+    pub process: Arc<str>,
+    source: Option<Box<Event>>,
     /// Alerts this event raised: `rule (severity): summary`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<String>,
 }
 
+impl Entry {
+    /// `session`, `process`, `exec`, `exit`, `connect`, `resolve`, `credential`, `token`,
+    /// `privilege`, `lost`, or `alert`; and the detail.
+    pub fn describe(&self) -> (&'static str, String) {
+        match &self.source {
+            Some(event) => describe(event),
+            None => ("alert", String::new()),
+        }
+    }
+}
+
+impl Serialize for Entry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let (what, detail) = self.describe();
+        let mut st = s.serialize_struct("Entry", 6)?;
+        st.serialize_field("time", &rfc3339(self.ts))?;
+        st.serialize_field("pid", &self.pid)?;
+        st.serialize_field("process", &*self.process)?;
+        st.serialize_field("what", what)?;
+        st.serialize_field("detail", &detail)?;
+        if !self.alerts.is_empty() {
+            st.serialize_field("alerts", &self.alerts)?;
+        }
+        st.end()
+    }
+}
+
 impl SessionReport {
-    pub fn new(run: &str, key: SessionKey, session: &Session, ts: Nanos) -> Self {
+    pub fn new(run_id: &str, run: usize, key: SessionKey, session: &Session, ts: Nanos) -> Self {
         Self {
-            run_id: run.to_string(),
+            run_id: run_id.to_string(),
+            run,
             key,
             session: session.clone(),
             started: rfc3339(ts),
@@ -96,47 +129,49 @@ impl SessionReport {
             processes: Vec::new(),
             timeline: Vec::new(),
             alerts: Vec::new(),
+            live: HashMap::new(),
         }
     }
 
-    /// An event of this session: the process tree and the timeline.
-    pub fn apply(&mut self, event: &Event, procs: &HashMap<u32, (String, u32)>) {
+    /// An event of this session, for the session's end and its process tree.
+    pub fn apply(&mut self, event: &Event, procs: &Names) {
         let node = |pid: u32, ppid: u32, exe: &str, argv: &[String], ts: Nanos| ProcNode {
             pid,
             ppid,
             exe: exe.to_string(),
             argv: argv.to_vec(),
-            first_seen: rfc3339(ts),
+            first_seen: ts,
             exited: None,
             exit_code: None,
+        };
+        let add = |me: &mut Self, n: ProcNode| {
+            me.live.insert(n.pid, me.processes.len());
+            me.processes.push(n);
         };
         match event {
             Event::SessionEnded { ts, reason, .. } => {
                 self.ended = Some(rfc3339(*ts));
                 self.end_reason = Some(end_reason(*reason));
             }
-            Event::ProcessSeen(p) => self.processes.push(node(p.pid, p.ppid, &p.exe, &p.argv, p.ts)),
+            Event::ProcessSeen(p) => add(self, node(p.pid, p.ppid, &p.exe, &p.argv, p.ts)),
             Event::Fork(f) => {
-                let exe = procs.get(&f.child).map(|(e, _)| e.as_str()).unwrap_or("");
-                self.processes.push(node(f.child, f.parent, exe, &[], f.ts));
+                let exe = procs.get(&f.child).map(|(e, _)| &**e).unwrap_or("");
+                add(self, node(f.child, f.parent, exe, &[], f.ts));
             }
-            Event::Exec(e) => match self.processes.iter_mut().rev().find(|p| p.pid == e.pid && p.exited.is_none()) {
-                Some(p) => {
-                    p.exe = e.exe.clone();
-                    p.argv = e.argv.clone();
+            Event::Exec(e) => match self.live.get(&e.pid) {
+                Some(&i) => {
+                    self.processes[i].exe.clone_from(&e.exe);
+                    self.processes[i].argv.clone_from(&e.argv);
                 }
-                None => self.processes.push(node(e.pid, e.ppid, &e.exe, &e.argv, e.ts)),
+                None => add(self, node(e.pid, e.ppid, &e.exe, &e.argv, e.ts)),
             },
             Event::Exit(x) => {
-                if let Some(p) = self.processes.iter_mut().rev().find(|p| p.pid == x.pid && p.exited.is_none()) {
-                    p.exited = Some(rfc3339(x.ts));
-                    p.exit_code = Some(x.exit_code);
+                if let Some(i) = self.live.remove(&x.pid) {
+                    self.processes[i].exited = Some(x.ts);
+                    self.processes[i].exit_code = Some(x.exit_code);
                 }
             }
             _ => {}
-        }
-        if let Some(e) = entry(event, procs) {
-            self.timeline.push(e);
         }
     }
 
@@ -177,33 +212,43 @@ pub fn session_of(event: &Event) -> Option<SessionKey> {
     (key != 0).then_some(key)
 }
 
-/// The timeline line of an event, if it is one a responder reads.
-pub fn entry(event: &Event, procs: &HashMap<u32, (String, u32)>) -> Option<Entry> {
-    let name = |pid: u32| procs.get(&pid).map(|(exe, _)| exe.clone()).unwrap_or_default();
-    let line = |ts: Nanos, pid: u32, process: String, what: &'static str, detail: String| Entry {
-        ts,
-        time: rfc3339(ts),
-        pid,
-        process,
-        what,
-        detail,
-        alerts: Vec::new(),
-    };
-    Some(match event {
-        Event::SessionStarted { ts, session, .. } => line(
-            *ts,
-            session.binding.root_pid.unwrap_or(0),
-            String::new(),
-            "session",
-            format!("started: {} acting for {} ({})", session.actor, session.principal, session.task),
-        ),
-        Event::SessionEnded { ts, reason, .. } => {
-            line(*ts, 0, String::new(), "session", format!("ended ({})", end_reason(*reason)))
-        }
-        Event::ProcessSeen(p) => line(p.ts, p.pid, p.exe.clone(), "process", format!("bound: {}", p.argv.join(" "))),
+/// The process names known so far in a run, by pid.
+pub type Names = HashMap<u32, (Arc<str>, u32)>;
+
+/// The timeline line of an event, if it is one a responder reads. The event is kept and
+/// described only when the report is output.
+pub fn entry(event: Event, procs: &Names) -> Option<Entry> {
+    let name = |pid: u32| procs.get(&pid).map(|(exe, _)| exe.clone()).unwrap_or_else(|| Arc::from(""));
+    let actor = |a: &crate::event::Actor| Arc::from(if a.exe.is_empty() { a.comm.as_str() } else { a.exe.as_str() });
+    let (pid, process) = match &event {
         Event::Fork(_) | Event::ConnectResult(_) | Event::Tick { .. } => return None,
-        Event::Exec(e) => line(e.ts, e.pid, e.exe.clone(), "exec", e.argv.join(" ")),
-        Event::Exit(x) => line(x.ts, x.pid, name(x.pid), "exit", exit_status(x.exit_code)),
+        Event::SessionStarted { session, .. } => (session.binding.root_pid.unwrap_or(0), Arc::from("")),
+        Event::SessionEnded { .. } | Event::Lost { .. } => (0, Arc::from("")),
+        Event::ProcessSeen(p) => (p.pid, Arc::from(p.exe.as_str())),
+        Event::Exec(e) => (e.pid, Arc::from(e.exe.as_str())),
+        Event::Exit(x) => (x.pid, name(x.pid)),
+        Event::Connect(c) => (c.pid, name(c.pid)),
+        Event::Resolve(r) => (r.pid, name(r.pid)),
+        Event::CredentialOpen(o) => (o.actor.pid, actor(&o.actor)),
+        Event::TokenUse(t) => (t.actor.pid, actor(&t.actor)),
+        Event::CredChange(c) => (c.pid, name(c.pid)),
+    };
+    Some(Entry { ts: event.ts(), pid, process, source: Some(Box::new(event)), alerts: Vec::new() })
+}
+
+/// What an event was, and what it said, for a timeline line.
+pub fn describe(event: &Event) -> (&'static str, String) {
+    match event {
+        Event::SessionStarted { session, .. } => {
+            ("session", format!("started: {} acting for {} ({})", session.actor, session.principal, session.task))
+        }
+        Event::SessionEnded { reason, .. } => ("session", format!("ended ({})", end_reason(*reason))),
+        Event::ProcessSeen(p) => ("process", format!("bound: {}", p.argv.join(" "))),
+        Event::Fork(f) => ("fork", format!("child {}", f.child)),
+        Event::ConnectResult(r) => ("connect", format!("fd {} returned {}", r.fd, r.ret)),
+        Event::Tick { .. } => ("tick", String::new()),
+        Event::Exec(e) => ("exec", e.argv.join(" ")),
+        Event::Exit(x) => ("exit", exit_status(x.exit_code)),
         Event::Connect(c) => {
             let verdict = match c.verdict {
                 Verdict::Allowed => "",
@@ -213,19 +258,17 @@ pub fn entry(event: &Event, procs: &HashMap<u32, (String, u32)>) -> Option<Entry
             };
             let dst = std::net::SocketAddr::new(c.addr, c.port);
             let how = if c.connect { "" } else { " (send)" };
-            line(c.ts, c.pid, name(c.pid), "connect", format!("{} {dst}{how}{verdict}", c.transport.as_str()))
+            ("connect", format!("{} {dst}{how}{verdict}", c.transport.as_str()))
         }
         Event::Resolve(r) => {
             let addrs: Vec<String> = r.addrs.iter().map(|a| a.to_string()).collect();
-            line(r.ts, r.pid, name(r.pid), "resolve", format!("{} -> {}", r.name, addrs.join(", ")))
+            ("resolve", format!("{} -> {}", r.name, addrs.join(", ")))
         }
         Event::CredentialOpen(o) => {
-            let who = if o.actor.exe.is_empty() { o.actor.comm.clone() } else { o.actor.exe.clone() };
             let mode = if o.write { "write" } else { "read" };
-            line(o.ts, o.actor.pid, who, "credential", format!("opened {} ({mode})", o.path))
+            ("credential", format!("opened {} ({mode})", o.path))
         }
         Event::TokenUse(t) => {
-            let who = if t.actor.exe.is_empty() { t.actor.comm.clone() } else { t.actor.exe.clone() };
             let via = match &t.via {
                 TokenVia::Env { name } => format!("in the environment as ${name}"),
                 TokenVia::Argv { index } => format!("on the command line (argument {index})"),
@@ -242,32 +285,21 @@ pub fn entry(event: &Event, procs: &HashMap<u32, (String, u32)>) -> Option<Entry
                 .and_then(|j| j.sub.as_ref())
                 .map(|s| format!(", JWT sub {s}"))
                 .unwrap_or_default();
-            let detail = format!("{} {} {via}{jwt}", t.credential.kind.as_str(), t.credential.fingerprint);
-            line(t.ts, t.actor.pid, who, "token", detail)
+            ("token", format!("{} {} {via}{jwt}", t.credential.kind.as_str(), t.credential.fingerprint))
         }
         Event::CredChange(c) => {
             let euid = c.euid.map(|u| format!(" euid {u}")).unwrap_or_default();
             let caps = c.cap_effective.map(|x| format!(" caps {x:#x}")).unwrap_or_default();
-            line(c.ts, c.pid, name(c.pid), "privilege", format!("{:?}{euid}{caps}", c.call).to_lowercase())
+            ("privilege", format!("{:?}{euid}{caps}", c.call).to_lowercase())
         }
-        Event::Lost { ts, source, count } => {
-            line(*ts, 0, String::new(), "lost", format!("{count} events lost ({source})"))
-        }
-    })
+        Event::Lost { source, count, .. } => ("lost", format!("{count} events lost ({source})")),
+    }
 }
 
 /// The timeline line of an alert that no event of the session carries (deadline rules).
 pub fn alert_entry(alert: &Alert) -> Entry {
-    let (pid, process) = alert.process.as_ref().map_or((0, String::new()), |p| (p.pid, p.exe.clone()));
-    Entry {
-        ts: alert.ts,
-        time: rfc3339(alert.ts),
-        pid,
-        process,
-        what: "alert",
-        detail: String::new(),
-        alerts: Vec::new(),
-    }
+    let (pid, process) = alert.process.as_ref().map_or((0, Arc::from("")), |p| (p.pid, Arc::from(p.exe.as_str())));
+    Entry { ts: alert.ts, pid, process, source: None, alerts: Vec::new() }
 }
 
 fn end_reason(reason: crate::event::EndReason) -> String {
@@ -370,5 +402,16 @@ impl Comparison {
 
     pub fn identical(&self) -> bool {
         self.only_live.is_empty() && self.only_replayed.is_empty()
+    }
+}
+
+fn as_rfc3339<S: serde::Serializer>(ts: &Nanos, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*ts))
+}
+
+fn as_rfc3339_opt<S: serde::Serializer>(ts: &Option<Nanos>, s: S) -> Result<S::Ok, S::Error> {
+    match ts {
+        Some(ts) => s.serialize_str(&rfc3339(*ts)),
+        None => s.serialize_none(),
     }
 }

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use super::report::{ProcNode, Report, SessionReport};
+use crate::alert::rfc3339;
 
 struct Style {
     color: bool,
@@ -102,9 +103,11 @@ fn render_session(out: &mut String, r: &SessionReport, style: &Style) {
 
     let _ = writeln!(out, "\n  {}", style.bold("timeline"));
     for e in &r.timeline {
-        let time = e.time.get(11..23).unwrap_or(&e.time);
+        let time = rfc3339(e.ts);
+        let time = time.get(11..23).unwrap_or(&time);
         let process = short(&e.process);
-        let line = format!("  {time}  {:>7}  {:<16} {:<10} {}", e.pid, process, e.what, e.detail);
+        let (what, detail) = e.describe();
+        let line = format!("  {time}  {:>7}  {:<16} {:<10} {}", e.pid, process, what, detail);
         let _ = writeln!(out, "{}", line.trim_end());
         for a in &e.alerts {
             let _ = writeln!(out, "  {}", style.red(&format!("  !! {a}")));

@@ -27,8 +27,10 @@ pub const FRAME_HEADER_LEN: usize = 12;
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// One trace record.
+/// Externally tagged (`{"event": {...}}`): the events inside are internally tagged already, and
+/// a second internal tag would make the decoder buffer every record twice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "record", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Record {
     /// First record of every segment: which agent run the following records belong to, and the
     /// engine configuration they were evaluated with (replay without `--policy` uses it).
