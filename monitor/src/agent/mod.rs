@@ -40,6 +40,8 @@ pub struct AgentSettings {
     pub disabled_probes: Vec<String>,
     /// Opt-in probes to attach.
     pub enabled_probes: Vec<String>,
+    /// Where forward outputs spool alerts until they are acknowledged.
+    pub spool: sinks::SpoolSettings,
     /// Where session traces go, and their bounds.
     pub trace_dir: Option<PathBuf>,
     pub trace_limits: crate::trace::TraceLimits,
@@ -49,7 +51,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let key = FingerprintKey::load_or_create(&settings.key_file)
         .with_context(|| format!("fingerprint key {}", settings.key_file.display()))?;
     let key = Arc::new(key);
-    let sinks = sinks::open(&settings.outputs)?;
+    let (event_tx, event_rx) = mpsc::channel(8192);
+    let sinks = sinks::open(&settings.outputs, &settings.spool, event_tx.clone())?;
     let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
 
     let credentials = CredentialIndex::new(random_seed()?);
@@ -57,7 +60,6 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
     credentials::watch::refresh(&credentials, &mut maps, &settings.policy.credentials.watch);
 
-    let (event_tx, event_rx) = mpsc::channel(8192);
     let (alert_tx, alert_rx) = mpsc::channel(4096);
     // The reader starts before any probe is attached, so no early event waits unread.
     let mut reader = tokio::spawn(reader::run(ring, clock(), observer, event_tx.clone()));
@@ -170,6 +172,11 @@ fn report(report: &probes::LoadReport) {
     }
 }
 
+/// This host's name, as alerts carry it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
 /// Wall-clock nanoseconds since the epoch.
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
@@ -193,9 +200,7 @@ pub struct Stamp {
 
 impl Stamp {
     pub fn new() -> Self {
-        let host =
-            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-        Self { ids: ulid::Generator::new(), host }
+        Self { ids: ulid::Generator::new(), host: hostname() }
     }
 
     pub fn stamp(&mut self, mut alert: Alert) -> Alert {

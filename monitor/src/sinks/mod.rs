@@ -10,7 +10,10 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::alert::Alert;
+use crate::{
+    alert::Alert,
+    forward::{ForwardOutput, ForwardTarget},
+};
 
 /// An `--output` SPEC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +22,10 @@ pub enum OutputSpec {
     Stdout,
     /// JSON lines appended to a file.
     Jsonl(PathBuf),
+    /// OCSF Detection Findings as JSON lines appended to a file.
+    Ocsf(PathBuf),
+    /// Fluent Forward to a collector (or Fluentd, Fluent Bit, Vector), through a disk spool.
+    Forward(ForwardTarget),
 }
 
 impl FromStr for OutputSpec {
@@ -28,13 +35,20 @@ impl FromStr for OutputSpec {
         if spec == "stdout" {
             return Ok(Self::Stdout);
         }
-        if let Some(path) = spec.strip_prefix("jsonl:") {
-            if path.is_empty() {
-                return Err("jsonl: needs a path, as in jsonl:/var/log/monitor/alerts.jsonl".into());
+        for (prefix, make) in [("jsonl:", Self::Jsonl as fn(PathBuf) -> Self), ("ocsf:", Self::Ocsf)] {
+            if let Some(path) = spec.strip_prefix(prefix) {
+                if path.is_empty() {
+                    return Err(format!("{prefix} needs a path, as in {prefix}/var/log/monitor/alerts.jsonl"));
+                }
+                return Ok(make(PathBuf::from(path)));
             }
-            return Ok(Self::Jsonl(PathBuf::from(path)));
         }
-        Err(format!("unknown output `{spec}`: this agent writes `stdout` or `jsonl:PATH`"))
+        if spec.starts_with("forward://") || spec.starts_with("forward+tls://") {
+            return ForwardTarget::parse(spec).map(Self::Forward);
+        }
+        Err(format!(
+            "unknown output `{spec}`: this agent writes `stdout`, `jsonl:PATH`, `ocsf:PATH`, `forward://HOST:PORT` or `forward+tls://HOST:PORT`"
+        ))
     }
 }
 
@@ -50,38 +64,89 @@ fn open_append(path: &std::path::Path, what: &str) -> anyhow::Result<std::fs::Fi
         .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
 }
 
-pub struct Sink {
-    spec: OutputSpec,
-    out: Box<dyn Write + Send>,
+/// How line outputs encode an alert.
+#[derive(Debug, Clone, Copy)]
+enum Lines {
+    Json,
+    Ocsf,
 }
 
-pub fn open(specs: &[OutputSpec]) -> anyhow::Result<Vec<Sink>> {
+enum Out {
+    Lines(Lines, Box<dyn Write + Send>),
+    Forward(ForwardOutput),
+}
+
+pub struct Sink {
+    spec: OutputSpec,
+    out: Out,
+}
+
+/// Where forward outputs keep their spools, and how large each may grow.
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// Opens every output; `lost` takes the reports of spools that had to drop alerts.
+pub fn open(
+    specs: &[OutputSpec],
+    spool: &SpoolSettings,
+    lost: mpsc::Sender<crate::event::Event>,
+) -> anyhow::Result<Vec<Sink>> {
     specs
         .iter()
         .map(|spec| {
-            let out: Box<dyn Write + Send> = match spec {
-                OutputSpec::Stdout => Box::new(std::io::stdout()),
-                OutputSpec::Jsonl(path) => Box::new(BufWriter::new(open_append(path, "output")?)),
+            let out = match spec {
+                OutputSpec::Stdout => Out::Lines(Lines::Json, Box::new(std::io::stdout())),
+                OutputSpec::Jsonl(path) => {
+                    Out::Lines(Lines::Json, Box::new(BufWriter::new(open_append(path, "output")?)))
+                }
+                OutputSpec::Ocsf(path) => {
+                    Out::Lines(Lines::Ocsf, Box::new(BufWriter::new(open_append(path, "output")?)))
+                }
+                OutputSpec::Forward(target) => Out::Forward(ForwardOutput::open(
+                    target.clone(),
+                    spool.dir.join(target.spool_name()),
+                    spool.max_bytes,
+                    lost.clone(),
+                )?),
             };
             Ok(Sink { spec: spec.clone(), out })
         })
         .collect()
 }
 
+/// Alerts taken from the channel at once, so a burst is spooled with one sync.
+const BURST: usize = 512;
+
 pub async fn run(mut sinks: Vec<Sink>, mut alerts: mpsc::Receiver<Alert>) {
-    while let Some(alert) = alerts.recv().await {
-        let mut line = match serde_json::to_vec(&alert) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!("alert not encodable: {e}");
-                continue;
-            }
-        };
-        line.push(b'\n');
+    let mut burst = Vec::with_capacity(BURST);
+    while alerts.recv_many(&mut burst, BURST).await > 0 {
         for sink in &mut sinks {
-            if let Err(e) = sink.out.write_all(&line).and_then(|_| sink.out.flush()) {
-                tracing::error!(output = ?sink.spec, "writing alert: {e}");
+            if let Err(e) = sink.write(&burst) {
+                tracing::error!(output = ?sink.spec, "writing alerts: {e}");
             }
+        }
+        burst.clear();
+    }
+}
+
+impl Sink {
+    fn write(&mut self, alerts: &[Alert]) -> std::io::Result<()> {
+        match &mut self.out {
+            Out::Lines(kind, out) => {
+                for alert in alerts {
+                    let mut line = match kind {
+                        Lines::Json => serde_json::to_vec(alert)?,
+                        Lines::Ocsf => serde_json::to_vec(&crate::encode::ocsf::finding(alert))?,
+                    };
+                    line.push(b'\n');
+                    out.write_all(&line)?;
+                }
+                out.flush()
+            }
+            Out::Forward(forward) => forward.write(alerts),
         }
     }
 }
@@ -121,5 +186,7 @@ mod tests {
         assert_eq!("jsonl:/tmp/a.jsonl".parse(), Ok(OutputSpec::Jsonl("/tmp/a.jsonl".into())));
         assert!("jsonl:".parse::<OutputSpec>().is_err());
         assert!("carrier-pigeon://x".parse::<OutputSpec>().unwrap_err().contains("unknown output"));
+        assert_eq!("ocsf:/tmp/o.jsonl".parse(), Ok(OutputSpec::Ocsf("/tmp/o.jsonl".into())));
+        assert!(matches!("forward://127.0.0.1:24224".parse(), Ok(OutputSpec::Forward(_))));
     }
 }

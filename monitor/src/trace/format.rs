@@ -94,8 +94,9 @@ fn payload_serializer(
     rmp_serde::Serializer::new(out).with_struct_map().with_human_readable()
 }
 
-/// Appends one framed record to `out`.
-pub fn encode(record: &Record, out: &mut Vec<u8>) -> Result<(), rmp_serde::encode::Error> {
+/// Appends one framed record to `out` (trace records here; the agent's spool and the
+/// collector's store frame their records the same way).
+pub fn encode<T: Serialize>(record: &T, out: &mut Vec<u8>) -> Result<(), rmp_serde::encode::Error> {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
     record.serialize(&mut payload_serializer(out))?;
@@ -109,9 +110,9 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) -> Result<(), rmp_serde::encod
 
 /// What is at an offset of a segment's frame area.
 #[derive(Debug)]
-pub enum Frame {
+pub enum Frame<T = Record> {
     /// A good record and the length of its frame.
-    Record(Box<Record>, usize),
+    Record(Box<T>, usize),
     /// Fewer bytes than a whole frame: the end of a segment being written, or a cut.
     Truncated,
     /// Not a good frame, for this reason.
@@ -119,7 +120,7 @@ pub enum Frame {
 }
 
 /// Decodes the frame at the start of `bytes`.
-pub fn decode(bytes: &[u8]) -> Frame {
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Frame<T> {
     if bytes.len() < FRAME_HEADER_LEN {
         return Frame::Truncated;
     }
@@ -136,7 +137,7 @@ pub fn decode(bytes: &[u8]) -> Frame {
         return Frame::Bad("checksum mismatch");
     }
     let mut deserializer = rmp_serde::Deserializer::from_read_ref(payload).with_human_readable();
-    match Record::deserialize(&mut deserializer) {
+    match T::deserialize(&mut deserializer) {
         Ok(record) => Frame::Record(Box::new(record), FRAME_HEADER_LEN + len),
         Err(_) => Frame::Bad("record does not decode"),
     }
@@ -198,7 +199,7 @@ mod tests {
         for record in [connect, token] {
             let mut buf = Vec::new();
             encode(&record, &mut buf).unwrap();
-            let Frame::Record(back, _) = decode(&buf) else { panic!("{:?}", decode(&buf)) };
+            let Frame::Record(back, _) = decode::<Record>(&buf) else { panic!() };
             assert_eq!(*back, record);
         }
     }
@@ -208,9 +209,9 @@ mod tests {
         let mut buf = Vec::new();
         encode(&tick(1), &mut buf).unwrap();
         encode(&tick(2), &mut buf).unwrap();
-        let Frame::Record(first, len) = decode(&buf) else { panic!() };
+        let Frame::Record(first, len) = decode::<Record>(&buf) else { panic!() };
         assert_eq!(*first, tick(1));
-        let Frame::Record(second, _) = decode(&buf[len..]) else { panic!() };
+        let Frame::Record(second, _) = decode::<Record>(&buf[len..]) else { panic!() };
         assert_eq!(*second, tick(2));
     }
 
@@ -222,12 +223,12 @@ mod tests {
         encode(&tick(2), &mut buf).unwrap();
         let mut bad = buf.clone();
         bad[FRAME_HEADER_LEN + 2] ^= 0xff;
-        assert!(matches!(decode(&bad), Frame::Bad("checksum mismatch")));
+        assert!(matches!(decode::<Record>(&bad), Frame::Bad("checksum mismatch")));
         assert_eq!(next_sync(&bad, 1), Some(second));
-        assert!(matches!(decode(&buf[..second - 1]), Frame::Truncated));
+        assert!(matches!(decode::<Record>(&buf[..second - 1]), Frame::Truncated));
         bad[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode(&bad), Frame::Bad("impossible frame length")));
-        assert!(matches!(decode(&[0u8; 20]), Frame::Bad("no frame sync word")));
+        assert!(matches!(decode::<Record>(&bad), Frame::Bad("impossible frame length")));
+        assert!(matches!(decode::<Record>(&[0u8; 20]), Frame::Bad("no frame sync word")));
     }
 
     #[test]

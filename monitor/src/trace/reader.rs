@@ -71,7 +71,7 @@ pub fn read_segment(
     let mut at = format::HEADER_LEN;
     let mut last_progress = 0;
     while at < bytes.len() {
-        match format::decode(&bytes[at..]) {
+        match format::decode::<Record>(&bytes[at..]) {
             Frame::Record(record, len) => {
                 on_record(*record);
                 at += len;
@@ -103,7 +103,7 @@ pub fn read_segment(
 /// The offset of the next frame after `from` that decodes whole.
 fn resync(bytes: &[u8], mut from: usize) -> Option<usize> {
     while let Some(candidate) = format::next_sync(bytes, from) {
-        if let Frame::Record(..) = format::decode(&bytes[candidate..]) {
+        if let Frame::Record(..) = format::decode::<Record>(&bytes[candidate..]) {
             return Some(candidate);
         }
         from = candidate + 1;

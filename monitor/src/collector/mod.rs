@@ -1,0 +1,92 @@
+//! `monitor collector`: receives Fluent Forward from many agents (and from any Fluent client),
+//! over TLS and with shared-key authentication when configured, acknowledges a batch only after
+//! it is synced to the store, de-duplicates alerts by id, and fans the store out to sinks, each
+//! from its own position.
+
+pub mod fanout;
+mod kafka;
+pub mod server;
+pub mod store;
+mod syslog;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+pub use fanout::SinkSpec;
+use tokio::sync::{mpsc, watch};
+
+use self::server::StoreRequest;
+
+#[derive(Debug, Clone)]
+pub struct CollectorSettings {
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The Forward shared key; clients must prove they know it (HELO/PING/PONG).
+    pub shared_key: Option<String>,
+    pub store: PathBuf,
+    pub sinks: Vec<SinkSpec>,
+}
+
+pub async fn run(settings: CollectorSettings) -> anyhow::Result<()> {
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(cert, key)?)),
+        None => None,
+    };
+    let shared_key: Option<Arc<str>> = settings.shared_key.as_deref().map(Arc::from);
+    let store = store::Store::open(&settings.store).with_context(|| format!("store {}", settings.store.display()))?;
+    let (durable_tx, durable_rx) = watch::channel(store.last_seq());
+    let (store_tx, store_rx) = mpsc::channel::<StoreRequest>(1024);
+    std::thread::Builder::new().name("store-writer".into()).spawn(move || writer(store, store_rx, durable_tx))?;
+
+    let hostname: Arc<str> = Arc::from(crate::agent::hostname());
+    for spec in settings.sinks.clone() {
+        let (dir, rx, host) = (settings.store.clone(), durable_rx.clone(), hostname.clone());
+        std::thread::Builder::new()
+            .name(format!("sink-{}", spec.name()))
+            .spawn(move || fanout::run(spec, dir, rx, host))?;
+    }
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        tls = settings.tls.is_some(),
+        shared_key = settings.shared_key.is_some(),
+        store = %settings.store.display(),
+        "collector ready"
+    );
+    let config = server::Listener { tls, shared_key, hostname, store: store_tx };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = server::serve(listener, config) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("collector stopping");
+    Ok(())
+}
+
+/// Batches arriving together are written with one sync (group commit), then acknowledged.
+fn writer(mut store: store::Store, mut requests: mpsc::Receiver<StoreRequest>, durable: watch::Sender<u64>) {
+    while let Some(first) = requests.blocking_recv() {
+        let mut group = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            group.push(more);
+            if group.len() >= 256 {
+                break;
+            }
+        }
+        let entries: Vec<store::Incoming> = group.iter_mut().flat_map(|r| std::mem::take(&mut r.entries)).collect();
+        let result = store.append(&entries).map_err(|e| e.to_string());
+        match &result {
+            Ok(last) => {
+                let _ = durable.send(*last);
+            }
+            Err(e) => tracing::error!(store = %store.dir().display(), "store write failed: {e}"),
+        }
+        for request in group {
+            let _ = request.reply.send(result.clone().map(|_| ()));
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The Fluent Forward protocol (v1), both ends: EventTime, the Message / Forward / PackedForward /
+//! CompressedPackedForward modes, chunk acks, and the shared-key handshake (HELO, PING, PONG).
+//! Interop notes (../shared/PEERS.md): the salt travels as a msgpack str; nonces and auth salts
+//! from Fluent Bit are str holding non-UTF-8 bytes, so they are handled as bytes.
+
+use std::io::Read as _;
+
+use rmpv::Value;
+use sha2::{Digest, Sha512};
+
+/// EventTime: msgpack ext type 0, big-endian seconds and nanoseconds.
+pub fn event_time(ns: u64) -> Value {
+    let mut data = Vec::with_capacity(8);
+    data.extend_from_slice(&((ns / 1_000_000_000) as u32).to_be_bytes());
+    data.extend_from_slice(&((ns % 1_000_000_000) as u32).to_be_bytes());
+    Value::Ext(0, data)
+}
+
+/// A time as Fluent sends it (EventTime, or integer seconds), in ns.
+pub fn time_ns(v: &Value) -> Option<u64> {
+    match v {
+        Value::Ext(0, d) if d.len() == 8 => {
+            let s = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as u64;
+            let n = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as u64;
+            Some(s * 1_000_000_000 + n)
+        }
+        Value::Integer(i) => i.as_u64().map(|s| s.saturating_mul(1_000_000_000)),
+        Value::F64(f) if *f >= 0.0 => Some((*f * 1e9) as u64),
+        _ => None,
+    }
+}
+
+/// One event received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub tag: String,
+    pub time_ns: u64,
+    pub record: Value,
+}
+
+/// A decoded message from a client: its entries, and the chunk id to ack, if asked.
+#[derive(Debug, PartialEq)]
+pub struct Message {
+    pub entries: Vec<Entry>,
+    pub chunk: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ProtocolError {
+    #[error("not a Forward message: {0}")]
+    Shape(&'static str),
+    #[error("bad gzip data in a CompressedPackedForward message")]
+    Gzip,
+    #[error("a decompressed batch is larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// What one decompressed PackedForward batch may expand to.
+pub const MAX_UNPACKED: usize = 64 << 20;
+
+/// Parses a client message: `[tag, time, record, option?]`, `[tag, [[time, record], ...],
+/// option?]`, or `[tag, bin|str (packed entries), option?]` (gzip when option.compressed).
+pub fn parse_message(v: Value) -> Result<Message, ProtocolError> {
+    let Value::Array(mut items) = v else { return Err(ProtocolError::Shape("not an array")) };
+    if items.len() < 2 || items.len() > 4 {
+        return Err(ProtocolError::Shape("wrong number of elements"));
+    }
+    let tag = match &items[0] {
+        Value::String(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        _ => return Err(ProtocolError::Shape("tag is not a string")),
+    };
+    let option_at = match &items[1] {
+        Value::Array(_) | Value::Binary(_) | Value::String(_) => 2,
+        _ => 3,
+    };
+    let option = items.get(option_at).cloned();
+    let chunk = option.as_ref().and_then(|o| map_get(o, "chunk")).and_then(|c| c.as_str().map(str::to_string));
+    let compressed = option.as_ref().and_then(|o| map_get(o, "compressed")).and_then(|c| c.as_str()) == Some("gzip");
+    let mut entries = Vec::new();
+    match items.swap_remove(1) {
+        Value::Array(list) => {
+            for e in list {
+                entries.push(entry_of(&tag, e)?);
+            }
+        }
+        Value::Binary(bytes) => entries = unpack(&tag, bytes, compressed)?,
+        Value::String(s) => entries = unpack(&tag, s.into_bytes(), compressed)?,
+        time => {
+            if items.len() < 2 {
+                return Err(ProtocolError::Shape("message without a record"));
+            }
+            let record = items.swap_remove(1);
+            entries.push(entry_of(&tag, Value::Array(vec![time, record]))?);
+        }
+    }
+    Ok(Message { entries, chunk })
+}
+
+fn entry_of(tag: &str, v: Value) -> Result<Entry, ProtocolError> {
+    let Value::Array(mut pair) = v else { return Err(ProtocolError::Shape("entry is not [time, record]")) };
+    if pair.len() != 2 {
+        return Err(ProtocolError::Shape("entry is not [time, record]"));
+    }
+    let record = pair.pop().unwrap_or(Value::Nil);
+    let time_ns = time_ns(&pair[0]).ok_or(ProtocolError::Shape("entry time is not a time"))?;
+    if !record.is_map() {
+        return Err(ProtocolError::Shape("record is not a map"));
+    }
+    Ok(Entry { tag: tag.to_string(), time_ns, record })
+}
+
+/// The entries of a PackedForward stream (msgpack `[time, record]` values back to back).
+fn unpack(tag: &str, bytes: Vec<u8>, gzip: bool) -> Result<Vec<Entry>, ProtocolError> {
+    let bytes = if gzip {
+        let mut out = Vec::new();
+        let mut decoder = flate2::read::MultiGzDecoder::new(bytes.as_slice()).take(MAX_UNPACKED as u64 + 1);
+        decoder.read_to_end(&mut out).map_err(|_| ProtocolError::Gzip)?;
+        if out.len() > MAX_UNPACKED {
+            return Err(ProtocolError::TooLarge(MAX_UNPACKED));
+        }
+        out
+    } else {
+        bytes
+    };
+    let mut cursor = std::io::Cursor::new(bytes.as_slice());
+    let mut entries = Vec::new();
+    while (cursor.position() as usize) < bytes.len() {
+        let v = rmpv::decode::read_value_with_max_depth(&mut cursor, 64)
+            .map_err(|_| ProtocolError::Shape("bad packed entry"))?;
+        entries.push(entry_of(tag, v)?);
+    }
+    Ok(entries)
+}
+
+pub fn map_get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.as_map()?.iter().find(|(k, _)| k.as_str() == Some(key) || k.as_slice() == Some(key.as_bytes())).map(|(_, v)| v)
+}
+
+fn bytes_of(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::String(s) => Some(s.as_bytes().to_vec()),
+        Value::Binary(b) => Some(b.clone()),
+        _ => None,
+    }
+}
+
+/// A PackedForward message: `[tag, bin(entries), {"chunk": id, "size": n}]`.
+pub fn packed_forward(tag: &str, entries: &[(u64, Value)], chunk: &str) -> Vec<u8> {
+    let mut packed = Vec::new();
+    for (ns, record) in entries {
+        let pair = Value::Array(vec![event_time(*ns), record.clone()]);
+        let _ = rmpv::encode::write_value(&mut packed, &pair);
+    }
+    let option = Value::Map(vec![
+        (Value::from("chunk"), Value::from(chunk)),
+        (Value::from("size"), Value::from(entries.len() as u64)),
+    ]);
+    let message = Value::Array(vec![Value::from(tag), Value::Binary(packed), option]);
+    let mut out = Vec::new();
+    let _ = rmpv::encode::write_value(&mut out, &message);
+    out
+}
+
+/// `{"ack": chunk}`.
+pub fn ack(chunk: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = rmpv::encode::write_value(&mut out, &Value::Map(vec![(Value::from("ack"), Value::from(chunk))]));
+    out
+}
+
+/// The chunk id of an ack response.
+pub fn ack_of(v: &Value) -> Option<String> {
+    map_get(v, "ack").and_then(|a| bytes_of(a)).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// hex(SHA-512(parts...)), as the handshake digests are computed.
+pub fn sha512_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha512::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The server's HELO: `["HELO", {"nonce": n, "auth": salt, "keepalive": true}]`.
+pub fn helo(nonce: &[u8], auth_salt: &[u8]) -> Vec<u8> {
+    let v = Value::Array(vec![
+        Value::from("HELO"),
+        Value::Map(vec![
+            (Value::from("nonce"), Value::Binary(nonce.to_vec())),
+            (Value::from("auth"), Value::Binary(auth_salt.to_vec())),
+            (Value::from("keepalive"), Value::Boolean(true)),
+        ]),
+    ]);
+    let mut out = Vec::new();
+    let _ = rmpv::encode::write_value(&mut out, &v);
+    out
+}
+
+/// What a HELO asks of the client.
+pub struct Helo {
+    pub nonce: Vec<u8>,
+    /// The user-auth salt; empty when the server does not ask for a user.
+    pub auth: Vec<u8>,
+}
+
+pub fn parse_helo(v: &Value) -> Option<Helo> {
+    let items = v.as_array()?;
+    if items.first()?.as_str()? != "HELO" {
+        return None;
+    }
+    let options = items.get(1)?;
+    Some(Helo {
+        nonce: bytes_of(map_get(options, "nonce")?)?,
+        auth: map_get(options, "auth").and_then(bytes_of).unwrap_or_default(),
+    })
+}
+
+/// The client's PING: `["PING", hostname, salt, hex(sha512(salt + hostname + nonce + key)), "", ""]`.
+pub fn ping(hostname: &str, salt: &str, nonce: &[u8], shared_key: &str) -> Vec<u8> {
+    let digest = sha512_hex(&[salt.as_bytes(), hostname.as_bytes(), nonce, shared_key.as_bytes()]);
+    let v = Value::Array(vec![
+        Value::from("PING"),
+        Value::from(hostname),
+        Value::from(salt),
+        Value::from(digest),
+        Value::from(""),
+        Value::from(""),
+    ]);
+    let mut out = Vec::new();
+    let _ = rmpv::encode::write_value(&mut out, &v);
+    out
+}
+
+/// A PING checked by the server: the client's hostname and salt, or why it is refused.
+pub fn check_ping(v: &Value, nonce: &[u8], shared_key: &str) -> Result<(String, Vec<u8>), &'static str> {
+    let items = v.as_array().ok_or("PING is not an array")?;
+    if items.len() < 4 || items[0].as_str() != Some("PING") {
+        return Err("expected PING");
+    }
+    let hostname = bytes_of(&items[1]).ok_or("PING hostname")?;
+    let salt = bytes_of(&items[2]).ok_or("PING salt")?;
+    let digest = bytes_of(&items[3]).ok_or("PING digest")?;
+    let expected = sha512_hex(&[&salt, &hostname, nonce, shared_key.as_bytes()]);
+    if digest != expected.as_bytes() {
+        return Err("shared key mismatch");
+    }
+    Ok((String::from_utf8_lossy(&hostname).into_owned(), salt))
+}
+
+/// The server's PONG.
+pub fn pong(ok: bool, reason: &str, server: &str, salt: &[u8], nonce: &[u8], shared_key: &str) -> Vec<u8> {
+    let digest = if ok { sha512_hex(&[salt, server.as_bytes(), nonce, shared_key.as_bytes()]) } else { String::new() };
+    let v = Value::Array(vec![
+        Value::from("PONG"),
+        Value::Boolean(ok),
+        Value::from(reason),
+        Value::from(server),
+        Value::from(digest),
+    ]);
+    let mut out = Vec::new();
+    let _ = rmpv::encode::write_value(&mut out, &v);
+    out
+}
+
+/// Checks a PONG: the server knows the key too. `Err` says why not.
+pub fn check_pong(v: &Value, salt: &str, nonce: &[u8], shared_key: &str) -> Result<(), String> {
+    let items = v.as_array().ok_or("PONG is not an array")?;
+    if items.len() < 5 || items[0].as_str() != Some("PONG") {
+        return Err("expected PONG".into());
+    }
+    if items[1].as_bool() != Some(true) {
+        let reason = bytes_of(&items[2]).map(|r| String::from_utf8_lossy(&r).into_owned()).unwrap_or_default();
+        return Err(format!("the server refused the shared key: {reason}"));
+    }
+    let server = bytes_of(&items[3]).unwrap_or_default();
+    let digest = bytes_of(&items[4]).unwrap_or_default();
+    if digest != sha512_hex(&[salt.as_bytes(), &server, nonce, shared_key.as_bytes()]).as_bytes() {
+        return Err("the server's PONG digest does not match the shared key".into());
+    }
+    Ok(())
+}
+
+/// Incremental reading of msgpack values from a byte stream.
+#[derive(Default)]
+pub struct ValueBuffer {
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum StreamError {
+    #[error("malformed MessagePack")]
+    Malformed,
+    #[error("a message larger than {0} bytes")]
+    Oversized(usize),
+}
+
+impl ValueBuffer {
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The next whole value, if the buffer holds one. `max` bounds a value's size.
+    pub fn next(&mut self, max: usize) -> Result<Option<Value>, StreamError> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let mut cursor = std::io::Cursor::new(self.buf.as_slice());
+        match rmpv::decode::read_value_with_max_depth(&mut cursor, 64) {
+            Ok(v) => {
+                let used = cursor.position() as usize;
+                self.buf.drain(..used);
+                Ok(Some(v))
+            }
+            Err(e) if is_eof(&e) => {
+                if self.buf.len() > max {
+                    Err(StreamError::Oversized(max))
+                } else {
+                    Ok(None)
+                }
+            }
+            Err(_) => Err(StreamError::Malformed),
+        }
+    }
+}
+
+fn is_eof(e: &rmpv::decode::Error) -> bool {
+    match e {
+        rmpv::decode::Error::InvalidMarkerRead(io) | rmpv::decode::Error::InvalidDataRead(io) => {
+            io.kind() == std::io::ErrorKind::UnexpectedEof
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64) -> Value {
+        Value::Map(vec![(Value::from("n"), Value::from(n))])
+    }
+
+    #[test]
+    fn packed_forward_round_trips_with_its_chunk() {
+        let bytes = packed_forward("monitor.alert", &[(1_700_000_000_123_456_789, record(1)), (5, record(2))], "c1");
+        let mut buf = ValueBuffer::default();
+        buf.extend(&bytes[..10]);
+        assert_eq!(buf.next(1 << 20), Ok(None), "incomplete");
+        buf.extend(&bytes[10..]);
+        let m = parse_message(buf.next(1 << 20).unwrap().unwrap()).unwrap();
+        assert_eq!(m.chunk.as_deref(), Some("c1"));
+        assert_eq!(m.entries.len(), 2);
+        assert_eq!(m.entries[0].time_ns, 1_700_000_000_123_456_789);
+        assert_eq!(m.entries[1].record, record(2));
+    }
+
+    #[test]
+    fn message_and_forward_modes() {
+        let msg = Value::Array(vec![Value::from("t"), Value::from(10u64), record(1)]);
+        let m = parse_message(msg).unwrap();
+        assert_eq!((m.entries[0].time_ns, m.chunk), (10_000_000_000, None));
+        let fwd = Value::Array(vec![
+            Value::from("t"),
+            Value::Array(vec![Value::Array(vec![event_time(7), record(3)])]),
+            Value::Map(vec![(Value::from("chunk"), Value::from("x"))]),
+        ]);
+        let m = parse_message(fwd).unwrap();
+        assert_eq!((m.entries[0].time_ns, m.chunk.as_deref()), (7, Some("x")));
+    }
+
+    #[test]
+    fn gzip_packed_forward() {
+        use std::io::Write as _;
+        let mut packed = Vec::new();
+        rmpv::encode::write_value(&mut packed, &Value::Array(vec![event_time(9), record(4)])).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&packed).unwrap();
+        let option = Value::Map(vec![(Value::from("compressed"), Value::from("gzip"))]);
+        let m =
+            parse_message(Value::Array(vec![Value::from("t"), Value::Binary(gz.finish().unwrap()), option])).unwrap();
+        assert_eq!(m.entries[0].record, record(4));
+        let bad = Value::Array(vec![
+            Value::from("t"),
+            Value::Binary(vec![1, 2, 3]),
+            Value::Map(vec![(Value::from("compressed"), Value::from("gzip"))]),
+        ]);
+        assert_eq!(parse_message(bad), Err(ProtocolError::Gzip));
+    }
+
+    #[test]
+    fn handshake_digests_check_both_ways() {
+        let nonce = [0xffu8, 0x00, 0x80];
+        let ping_bytes = ping("agent-1", "salt", &nonce, "k3y");
+        let mut buf = ValueBuffer::default();
+        buf.extend(&ping_bytes);
+        let ping = buf.next(1 << 20).unwrap().unwrap();
+        let (host, salt) = check_ping(&ping, &nonce, "k3y").unwrap();
+        assert_eq!(host, "agent-1");
+        assert_eq!(check_ping(&ping, &nonce, "wrong"), Err("shared key mismatch"));
+        buf.extend(&pong(true, "", "collector", &salt, &nonce, "k3y"));
+        let pong = buf.next(1 << 20).unwrap().unwrap();
+        assert_eq!(check_pong(&pong, "salt", &nonce, "k3y"), Ok(()));
+        assert!(check_pong(&pong, "salt", &nonce, "other").is_err());
+    }
+
+    #[test]
+    fn garbage_is_an_error_never_a_panic() {
+        for seed in 0..3000u32 {
+            let bytes: Vec<u8> =
+                (0..(seed % 200)).map(|i| (seed.wrapping_mul(2654435761).wrapping_add(i * 40503) >> 5) as u8).collect();
+            let mut buf = ValueBuffer::default();
+            buf.extend(&bytes);
+            while let Ok(Some(v)) = buf.next(1 << 16) {
+                let _ = parse_message(v);
+            }
+        }
+        let mut buf = ValueBuffer::default();
+        buf.extend(&[0xdb, 0xff, 0xff, 0xff, 0xff]); // a str claiming 4 GiB
+        buf.extend(&[0u8; 100]);
+        assert_eq!(buf.next(64), Err(StreamError::Oversized(64)));
+    }
+}
