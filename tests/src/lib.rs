@@ -14,6 +14,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod peers;
+
 /// How long any expected event or alert may take to show up.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
@@ -192,6 +194,11 @@ impl Agent {
 }
 
 impl Agent {
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the agent (SIGTERM) and waits for it: its outputs and trace are then complete.
     pub fn stop(&mut self) {
         if std::mem::replace(&mut self.stopped, true) {

