@@ -60,6 +60,10 @@ enum Task {
         #[arg(long, default_value = "", allow_hyphen_values = true)]
         agent_args: String,
 
+        /// Only these parts, comma-separated: exec, connect, open, tls, engine, replay, ingest, latency.
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+
         /// Where the JSON report goes.
         #[arg(long, default_value = "target/bench/report.json")]
         out: PathBuf,
@@ -96,11 +100,14 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Ci => test(None),
-        Task::Bench { execs, connects, opens, tls_requests, rounds, agent_args, out } => {
+        Task::Bench { execs, connects, opens, tls_requests, rounds, agent_args, only, out } => {
+            if let Some(unknown) = only.iter().flatten().find(|p| !bench::PARTS.contains(&p.as_str())) {
+                anyhow::bail!("--only: unknown part `{unknown}` (one of {})", bench::PARTS.join(", "));
+            }
             setup::run()?;
             build()?;
             let agent_args = agent_args.split_whitespace().map(str::to_string).collect();
-            bench::run(&root, bench::Sizes { execs, connects, opens, tls_requests, rounds, agent_args }, &out)
+            bench::run(&root, bench::Sizes { execs, connects, opens, tls_requests, rounds, agent_args, only }, &out)
         }
         Task::ConnectLoop { addr, count } => bench::connect_loop(addr, count),
         Task::OpenLoop { path, count } => bench::open_loop(&path, count),

@@ -129,16 +129,10 @@ async fn handshake(conn: &mut Box<dyn Stream>, buf: &mut ValueBuffer, key: &str,
     }
 }
 
-/// A received entry for the store: the record re-encoded as MessagePack, and its alert id.
+/// A received entry for the store, with its alert id when it is a monitor alert.
 fn incoming(e: protocol::Entry) -> Incoming {
-    let id = if e.tag.starts_with("monitor.") {
-        protocol::map_get(&e.record, "id").and_then(|v| v.as_str()).map(str::to_string)
-    } else {
-        None
-    };
-    let mut record = Vec::new();
-    let _ = rmpv::encode::write_value(&mut record, &e.record);
-    Incoming { tag: e.tag, time_ns: e.time_ns, id, record }
+    let id = if e.tag.starts_with("monitor.") { e.str_field("id") } else { None };
+    Incoming { tag: e.tag, time_ns: e.time_ns, id, record: e.record }
 }
 
 fn random16() -> [u8; 16] {

@@ -27,6 +27,9 @@ pub struct Stored {
     /// The record as received, MessagePack.
     #[serde(with = "serde_bytes_compat")]
     pub record: Vec<u8>,
+    /// When the collector stored it (wall clock, ns): delivery latency is this minus `time_ns`.
+    #[serde(default)]
+    pub stored_ns: u64,
 }
 
 /// Bytes as a msgpack bin (rmp-serde writes `Vec<u8>` as an array of integers otherwise).
@@ -102,13 +105,14 @@ impl Store {
     /// sequence number now durable.
     pub fn append(&mut self, batch: &[Incoming]) -> std::io::Result<u64> {
         let mut buf = Vec::new();
-        let mut new_ids = Vec::new();
+        let mut new_ids = HashSet::new();
+        let now = crate::agent::now_ns();
         for e in batch {
             if let Some(id) = &e.id {
                 if self.ids.contains(id) || new_ids.contains(id) {
                     continue;
                 }
-                new_ids.push(id.clone());
+                new_ids.insert(id.clone());
             }
             let stored = Stored {
                 seq: self.next_seq,
@@ -116,6 +120,7 @@ impl Store {
                 time_ns: e.time_ns,
                 id: e.id.clone(),
                 record: e.record.clone(),
+                stored_ns: now,
             };
             format::encode(&stored, &mut buf).map_err(std::io::Error::other)?;
             self.next_seq += 1;

@@ -30,12 +30,24 @@ pub fn time_ns(v: &Value) -> Option<u64> {
     }
 }
 
-/// One event received.
+/// One event received: its record as the MessagePack bytes the client sent (a map).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub tag: String,
     pub time_ns: u64,
-    pub record: Value,
+    pub record: Vec<u8>,
+}
+
+impl Entry {
+    /// The record, decoded.
+    pub fn value(&self) -> Value {
+        rmpv::decode::read_value(&mut self.record.as_slice()).unwrap_or(Value::Nil)
+    }
+
+    /// A top-level string field of the record (such as an alert's `id`), without decoding it.
+    pub fn str_field(&self, key: &str) -> Option<String> {
+        str_field(&self.record, key)
+    }
 }
 
 /// A decoded message from a client: its entries, and the chunk id to ack, if asked.
@@ -45,7 +57,7 @@ pub struct Message {
     pub chunk: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum ProtocolError {
     #[error("not a Forward message: {0}")]
     Shape(&'static str),
@@ -106,7 +118,9 @@ fn entry_of(tag: &str, v: Value) -> Result<Entry, ProtocolError> {
     if !record.is_map() {
         return Err(ProtocolError::Shape("record is not a map"));
     }
-    Ok(Entry { tag: tag.to_string(), time_ns, record })
+    let mut bytes = Vec::new();
+    let _ = rmpv::encode::write_value(&mut bytes, &record);
+    Ok(Entry { tag: tag.to_string(), time_ns, record: bytes })
 }
 
 /// The entries of a PackedForward stream (msgpack `[time, record]` values back to back).
@@ -122,14 +136,129 @@ fn unpack(tag: &str, bytes: Vec<u8>, gzip: bool) -> Result<Vec<Entry>, ProtocolE
     } else {
         bytes
     };
-    let mut cursor = std::io::Cursor::new(bytes.as_slice());
+    // Walked without decoding the records: each entry's record bytes are kept as sent.
     let mut entries = Vec::new();
-    while (cursor.position() as usize) < bytes.len() {
-        let v = rmpv::decode::read_value_with_max_depth(&mut cursor, 64)
-            .map_err(|_| ProtocolError::Shape("bad packed entry"))?;
-        entries.push(entry_of(tag, v)?);
+    let mut at = 0;
+    let bad = ProtocolError::Shape("bad packed entry");
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let (count, header) = array_header(rest).ok_or(ProtocolError::Shape("entry is not [time, record]"))?;
+        if count != 2 {
+            return Err(ProtocolError::Shape("entry is not [time, record]"));
+        }
+        let time_len = value_len(&rest[header..]).map_err(|_| bad.clone())?.ok_or(bad.clone())?;
+        let time = rmpv::decode::read_value(&mut &rest[header..header + time_len]).map_err(|_| bad.clone())?;
+        let time_ns = time_ns(&time).ok_or(ProtocolError::Shape("entry time is not a time"))?;
+        let start = header + time_len;
+        let record_len = value_len(&rest[start..]).map_err(|_| bad.clone())?.ok_or(bad.clone())?;
+        let record = &rest[start..start + record_len];
+        if map_header(record).is_none() {
+            return Err(ProtocolError::Shape("record is not a map"));
+        }
+        entries.push(Entry { tag: tag.to_string(), time_ns, record: record.to_vec() });
+        at += start + record_len;
     }
     Ok(entries)
+}
+
+/// The element count and header length of an array at the start of `b`.
+fn array_header(b: &[u8]) -> Option<(usize, usize)> {
+    match *b.first()? {
+        m @ 0x90..=0x9f => Some(((m & 0x0f) as usize, 1)),
+        0xdc => Some((u16::from_be_bytes([*b.get(1)?, *b.get(2)?]) as usize, 3)),
+        0xdd => Some((u32::from_be_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]) as usize, 5)),
+        _ => None,
+    }
+}
+
+/// The pair count and header length of a map at the start of `b`.
+fn map_header(b: &[u8]) -> Option<(usize, usize)> {
+    match *b.first()? {
+        m @ 0x80..=0x8f => Some(((m & 0x0f) as usize, 1)),
+        0xde => Some((u16::from_be_bytes([*b.get(1)?, *b.get(2)?]) as usize, 3)),
+        0xdf => Some((u32::from_be_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]) as usize, 5)),
+        _ => None,
+    }
+}
+
+/// The bytes of a string at the start of `b`, if it is one.
+fn str_at(b: &[u8]) -> Option<&[u8]> {
+    let (len, header) = match *b.first()? {
+        m @ 0xa0..=0xbf => ((m & 0x1f) as usize, 1),
+        0xd9 => (*b.get(1)? as usize, 2),
+        0xda => (u16::from_be_bytes([*b.get(1)?, *b.get(2)?]) as usize, 3),
+        0xdb => (u32::from_be_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]) as usize, 5),
+        _ => return None,
+    };
+    b.get(header..header + len)
+}
+
+/// A top-level string field of a MessagePack map, found without decoding the map.
+pub fn str_field(map: &[u8], key: &str) -> Option<String> {
+    let (pairs, mut at) = map_header(map)?;
+    for _ in 0..pairs {
+        let key_len = value_len(&map[at..]).ok()??;
+        let value_at = at + key_len;
+        let value_len = value_len(&map[value_at..]).ok()??;
+        if str_at(&map[at..]) == Some(key.as_bytes()) {
+            return str_at(&map[value_at..]).map(|v| String::from_utf8_lossy(v).into_owned());
+        }
+        at = value_at + value_len;
+    }
+    None
+}
+
+/// The length of the MessagePack value at the start of `b`, walked without allocating:
+/// `Ok(None)` if `b` holds only part of it, `Err` if it is not MessagePack.
+pub fn value_len(b: &[u8]) -> Result<Option<usize>, StreamError> {
+    let mut at = 0usize;
+    // Values still to walk: containers add their elements.
+    let mut pending: u64 = 1;
+    while pending > 0 {
+        pending -= 1;
+        let Some(&m) = b.get(at) else { return Ok(None) };
+        let be = |from: usize, n: usize| -> Option<u64> {
+            b.get(at + from..at + from + n).map(|s| s.iter().fold(0u64, |acc, x| acc << 8 | *x as u64))
+        };
+        let (header, body, elements): (usize, Option<u64>, u64) = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, Some(0), 0),
+            0x80..=0x8f => (1, Some(0), 2 * (m & 0x0f) as u64),
+            0x90..=0x9f => (1, Some(0), (m & 0x0f) as u64),
+            0xa0..=0xbf => (1, Some((m & 0x1f) as u64), 0),
+            0xc1 => return Err(StreamError::Malformed),
+            0xc4 | 0xd9 => (2, be(1, 1), 0),
+            0xc5 | 0xda => (3, be(1, 2), 0),
+            0xc6 | 0xdb => (5, be(1, 4), 0),
+            0xc7 => (3, be(1, 1), 0),
+            0xc8 => (4, be(1, 2), 0),
+            0xc9 => (6, be(1, 4), 0),
+            0xca => (1, Some(4), 0),
+            0xcb => (1, Some(8), 0),
+            0xcc | 0xd0 => (1, Some(1), 0),
+            0xcd | 0xd1 => (1, Some(2), 0),
+            0xce | 0xd2 => (1, Some(4), 0),
+            0xcf | 0xd3 => (1, Some(8), 0),
+            0xd4 => (2, Some(1), 0),
+            0xd5 => (2, Some(2), 0),
+            0xd6 => (2, Some(4), 0),
+            0xd7 => (2, Some(8), 0),
+            0xd8 => (2, Some(16), 0),
+            0xdc => (3, Some(0), be(1, 2).unwrap_or(u64::MAX)),
+            0xdd => (5, Some(0), be(1, 4).unwrap_or(u64::MAX)),
+            0xde => (3, Some(0), be(1, 2).map_or(u64::MAX, |n| 2 * n)),
+            0xdf => (5, Some(0), be(1, 4).map_or(u64::MAX, |n| 2 * n)),
+        };
+        let Some(body) = body else { return Ok(None) };
+        if elements == u64::MAX {
+            return Ok(None);
+        }
+        at = at.saturating_add(header).saturating_add(body as usize);
+        if at > b.len() {
+            return Ok(None);
+        }
+        pending += elements;
+    }
+    Ok(Some(at))
 }
 
 pub fn map_get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -309,31 +438,18 @@ impl ValueBuffer {
         if self.buf.is_empty() {
             return Ok(None);
         }
-        let mut cursor = std::io::Cursor::new(self.buf.as_slice());
-        match rmpv::decode::read_value_with_max_depth(&mut cursor, 64) {
-            Ok(v) => {
-                let used = cursor.position() as usize;
-                self.buf.drain(..used);
-                Ok(Some(v))
-            }
-            Err(e) if is_eof(&e) => {
-                if self.buf.len() > max {
-                    Err(StreamError::Oversized(max))
-                } else {
-                    Ok(None)
-                }
-            }
-            Err(_) => Err(StreamError::Malformed),
+        // Only a whole value is decoded: a large batch arriving in many reads is walked (cheap),
+        // not decoded again at every read.
+        let Some(len) = value_len(&self.buf)? else {
+            return if self.buf.len() > max { Err(StreamError::Oversized(max)) } else { Ok(None) };
+        };
+        if len > max {
+            return Err(StreamError::Oversized(max));
         }
-    }
-}
-
-fn is_eof(e: &rmpv::decode::Error) -> bool {
-    match e {
-        rmpv::decode::Error::InvalidMarkerRead(io) | rmpv::decode::Error::InvalidDataRead(io) => {
-            io.kind() == std::io::ErrorKind::UnexpectedEof
-        }
-        _ => false,
+        let value =
+            rmpv::decode::read_value_with_max_depth(&mut &self.buf[..len], 64).map_err(|_| StreamError::Malformed)?;
+        self.buf.drain(..len);
+        Ok(Some(value))
     }
 }
 
@@ -356,7 +472,8 @@ mod tests {
         assert_eq!(m.chunk.as_deref(), Some("c1"));
         assert_eq!(m.entries.len(), 2);
         assert_eq!(m.entries[0].time_ns, 1_700_000_000_123_456_789);
-        assert_eq!(m.entries[1].record, record(2));
+        assert_eq!(m.entries[1].value(), record(2));
+        assert_eq!(m.entries[1].str_field("n"), None);
     }
 
     #[test]
@@ -383,7 +500,7 @@ mod tests {
         let option = Value::Map(vec![(Value::from("compressed"), Value::from("gzip"))]);
         let m =
             parse_message(Value::Array(vec![Value::from("t"), Value::Binary(gz.finish().unwrap()), option])).unwrap();
-        assert_eq!(m.entries[0].record, record(4));
+        assert_eq!(m.entries[0].value(), record(4));
         let bad = Value::Array(vec![
             Value::from("t"),
             Value::Binary(vec![1, 2, 3]),
@@ -406,6 +523,24 @@ mod tests {
         let pong = buf.next(1 << 20).unwrap().unwrap();
         assert_eq!(check_pong(&pong, "salt", &nonce, "k3y"), Ok(()));
         assert!(check_pong(&pong, "salt", &nonce, "other").is_err());
+    }
+
+    #[test]
+    fn walks_values_without_decoding_them() {
+        let v = Value::Map(vec![
+            (Value::from("id"), Value::from("01ABC")),
+            (Value::from("nested"), Value::Array(vec![Value::from(1u64), Value::F64(2.5), Value::Ext(0, vec![0; 8])])),
+            (Value::from("big"), Value::Binary(vec![7; 70_000])),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &v).unwrap();
+        assert_eq!(value_len(&bytes), Ok(Some(bytes.len())));
+        for cut in [1, 5, bytes.len() / 2, bytes.len() - 1] {
+            assert_eq!(value_len(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(str_field(&bytes, "id").as_deref(), Some("01ABC"));
+        assert_eq!(str_field(&bytes, "nested"), None);
+        assert_eq!(value_len(&[0xc1]), Err(StreamError::Malformed));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 mod credentials;
+mod delivery;
 pub use credentials::{open_loop, timed};
 
 pub struct Sizes {
@@ -22,42 +23,160 @@ pub struct Sizes {
     pub rounds: u32,
     /// Extra arguments for the agent under test (e.g. `--disable-probe X`).
     pub agent_args: Vec<String>,
+    /// Only these parts (see PARTS).
+    pub only: Option<Vec<String>>,
 }
 
+/// The parts of the benchmark, in the order they run; `--only` picks some.
+pub const PARTS: &[&str] = &["exec", "connect", "open", "tls", "engine", "replay", "ingest", "latency"];
+
 pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
-    let Sizes { execs, connects, opens, tls_requests, rounds, agent_args } = sizes;
+    let Sizes { execs, connects, opens, tls_requests, rounds, agent_args, only } = sizes;
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
     let monitor = root.join("target/release/monitor");
+    let want = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
+    let mut report = serde_json::Map::new();
+    let mut rows: Vec<String> = Vec::new();
+    let row3 = |name: &str, a: String, b: String, ratio: String| format!("{name:<52} {a:>14} {b:>14} {ratio:>8}");
 
-    eprintln!("bench: exec overhead, {rounds} paired rounds of {execs} fork+exec+wait of /bin/true");
-    let mut without = Vec::new();
-    let mut with = Vec::new();
-    let mut ratios = Vec::new();
-    for round in 0..rounds {
-        // Alternate the order so drift on the machine does not favour one side.
-        let (a, b) = if round % 2 == 0 {
-            let a = exec_loop(execs)?;
-            let b = with_agent(&monitor, &dir, &agent_args, || exec_loop(execs))?;
-            (a, b)
-        } else {
-            let b = with_agent(&monitor, &dir, &agent_args, || exec_loop(execs))?;
-            let a = exec_loop(execs)?;
-            (a, b)
-        };
-        eprintln!("  round {round}: without {:.1} µs/exec, with {:.1} µs/exec", per_exec(a, execs), per_exec(b, execs));
-        without.push(a);
-        with.push(b);
-        ratios.push(b / a);
+    if want("exec") {
+        eprintln!("bench: exec overhead, {rounds} paired rounds of {execs} fork+exec+wait of /bin/true");
+        let p = Paired::run(&monitor, &dir, &agent_args, rounds, "µs/exec", execs, |agent| match agent {
+            None => exec_loop(execs),
+            Some(agent) => with_session_holder(&monitor, &dir, agent, || exec_loop(execs)),
+        })?;
+        rows.push(row3(
+            "exec of /bin/true, process outside sessions (median)",
+            format!("{:.1} µs", per_exec(p.without, execs)),
+            format!("{:.1} µs", per_exec(p.with, execs)),
+            format!("{:.3}", p.ratio),
+        ));
+        report.insert("exec_overhead".into(), p.json(execs, rounds, "us_per_exec", 1.03));
     }
-    let exec_without = median(&without);
-    let exec_with = median(&with);
-    let exec_ratio = median(&ratios);
+    if want("connect") {
+        let connect = connect_overhead(&monitor, &dir, &agent_args, connects, rounds)?;
+        rows.push(row3(
+            "TCP connect, process outside sessions (median)",
+            format!("{:.1} µs", per_exec(connect.none, connects)),
+            format!("{:.1} µs", per_exec(connect.outside, connects)),
+            format!("{:.3}", connect.outside_ratio),
+        ));
+        rows.push(row3(
+            "TCP connect, session process, in scope (median)",
+            format!("{:.1} µs", per_exec(connect.none, connects)),
+            format!("{:.1} µs", per_exec(connect.inside, connects)),
+            format!("{:.3}", connect.inside_ratio),
+        ));
+        report.insert(
+            "connect_overhead".into(),
+            json!({
+                "iterations": connects,
+                "rounds": rounds,
+                "no_agent_us_per_connect_median": per_exec(connect.none, connects),
+                "agent_outside_session_us_per_connect_median": per_exec(connect.outside, connects),
+                "agent_in_session_us_per_connect_median": per_exec(connect.inside, connects),
+                "ratio_outside_median_of_pairs": connect.outside_ratio,
+                "ratio_in_session_median_of_pairs": connect.inside_ratio,
+                "target_ratio_outside": 1.03,
+                "target_ratio_in_session": 1.15,
+            }),
+        );
+    }
+    if want("open") {
+        let p = credentials::open_overhead(&monitor, &dir, &agent_args, opens, rounds)?;
+        rows.push(row3(
+            "openat+close, process outside sessions (median)",
+            format!("{:.2} µs", per_exec(p.without, opens)),
+            format!("{:.2} µs", per_exec(p.with, opens)),
+            format!("{:.3}", p.ratio),
+        ));
+        report.insert("open_overhead".into(), p.json(opens, rounds, "us_per_open", 1.03));
+    }
+    if want("tls") {
+        let p = credentials::tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
+        rows.push(row3(
+            "HTTPS request with a token, session process (median)",
+            format!("{:.1} µs", per_exec(p.without, tls_requests)),
+            format!("{:.1} µs", per_exec(p.with, tls_requests)),
+            format!("{:.3}", p.ratio),
+        ));
+        report.insert("tls_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
+    }
+    if want("engine") {
+        let engine = engine_bench()?;
+        rows.push(format!(
+            "{:<52} {:>14} {:>11.0}/s",
+            "engine throughput, synthetic events (median)",
+            "",
+            engine["events_per_sec_median"].as_f64().unwrap_or(0.0)
+        ));
+        report.insert("engine".into(), engine);
+    }
+    if want("replay") {
+        let replay = replay_bench()?;
+        let f = |k: &str| replay[k].as_f64().unwrap_or(0.0);
+        rows.push(format!(
+            "{:<52} {:>14} {:>11.0}/s",
+            "trace recording, events written (median)",
+            "",
+            f("written_events_per_sec")
+        ));
+        rows.push(format!(
+            "{:<52} {:>14} {:>12.2} s",
+            "replay with detection, 1,000,000 events (median)",
+            "",
+            f("replay_detection_seconds")
+        ));
+        rows.push(format!(
+            "{:<52} {:>14} {:>12.2} s",
+            "replay with full report, 1,000,000 events (median)",
+            "",
+            f("replay_full_report_seconds")
+        ));
+        report.insert("trace_replay".into(), replay);
+    }
+    if want("ingest") {
+        let ingest = delivery::ingest(&monitor)?;
+        rows.push(format!(
+            "{:<52} {:>14} {:>11.0}/s",
+            "collector ingest, acknowledged durable alerts (median)",
+            "",
+            ingest["alerts_per_sec_median"].as_f64().unwrap_or(0.0)
+        ));
+        report.insert("collector_ingest".into(), ingest);
+    }
+    if want("latency") {
+        let latency = delivery::latency(&monitor, &dir)?;
+        rows.push(format!(
+            "{:<52} {:>14} {:>7.1} ms p50, {:.1} ms p99",
+            "syscall to alert in the collector's store",
+            "",
+            latency["p50_ms"].as_f64().unwrap_or(0.0),
+            latency["p99_ms"].as_f64().unwrap_or(0.0)
+        ));
+        report.insert("delivery_latency".into(), latency);
+    }
 
-    let connect = connect_overhead(&monitor, &dir, &agent_args, connects, rounds)?;
-    let open = credentials::open_overhead(&monitor, &dir, &agent_args, opens, rounds)?;
-    let tls = credentials::tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
+    println!();
+    println!("{:<52} {:>14} {:>14} {:>8}", "benchmark", "without agent", "with agent", "ratio");
+    for row in rows {
+        println!("{row}");
+    }
+    println!(
+        "targets: exec ratio <= 1.03; connect ratio <= 1.03 outside, <= 1.15 in a session; openat <= 1.03; HTTPS <= 1.10; \
+         engine >= 1,000,000 events/s; replay of 1M events <= 2 s; ingest >= 200,000/s; latency p50 <= 50 ms, p99 <= 250 ms"
+    );
+    let out = if out.is_absolute() { out.to_path_buf() } else { root.join(out) };
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(&out, serde_json::to_string_pretty(&serde_json::Value::Object(report))?)?;
+    println!("report: {}", out.display());
+    Ok(())
+}
 
+fn engine_bench() -> anyhow::Result<serde_json::Value> {
     eprintln!("bench: engine throughput on synthetic events (one core)");
     let engine_events = 1_000_000u64;
     let mut rates = Vec::new();
@@ -73,105 +192,9 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_slice(&output.stdout)?;
         rates.push(v["events_per_sec"].as_f64().unwrap_or(0.0));
     }
-    let engine_rate = median(&rates);
-    let replay = replay_bench()?;
-
-    println!();
-    println!("{:<52} {:>14} {:>14} {:>8}", "benchmark", "without agent", "with agent", "ratio");
-    println!(
-        "{:<52} {:>11.1} µs {:>11.1} µs {:>8.3}",
-        "exec of /bin/true, process outside sessions (median)",
-        per_exec(exec_without, execs),
-        per_exec(exec_with, execs),
-        exec_ratio
-    );
-    println!(
-        "{:<52} {:>11.1} µs {:>11.1} µs {:>8.3}",
-        "TCP connect, process outside sessions (median)",
-        per_exec(connect.none, connects),
-        per_exec(connect.outside, connects),
-        connect.outside_ratio
-    );
-    println!(
-        "{:<52} {:>11.1} µs {:>11.1} µs {:>8.3}",
-        "TCP connect, session process, in scope (median)",
-        per_exec(connect.none, connects),
-        per_exec(connect.inside, connects),
-        connect.inside_ratio
-    );
-    println!(
-        "{:<52} {:>11.2} µs {:>11.2} µs {:>8.3}",
-        "openat+close, process outside sessions (median)",
-        per_exec(open.without, opens),
-        per_exec(open.with, opens),
-        open.ratio
-    );
-    println!(
-        "{:<52} {:>11.1} µs {:>11.1} µs {:>8.3}",
-        "HTTPS request with a token, session process (median)",
-        per_exec(tls.without, tls_requests),
-        per_exec(tls.with, tls_requests),
-        tls.ratio
-    );
-    println!("{:<52} {:>14} {:>11.0}/s", "engine throughput, synthetic events (median)", "", engine_rate);
-    println!(
-        "{:<52} {:>14} {:>11.0}/s",
-        "trace recording, events written (median)",
-        "",
-        replay["written_events_per_sec"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "{:<52} {:>14} {:>12.2} s",
-        "replay with detection, 1,000,000 events (median)",
-        "",
-        replay["replay_detection_seconds"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "{:<52} {:>14} {:>12.2} s",
-        "replay with full report, 1,000,000 events (median)",
-        "",
-        replay["replay_full_report_seconds"].as_f64().unwrap_or(0.0)
-    );
-    println!("targets: exec ratio <= 1.03; connect ratio <= 1.03 outside, <= 1.15 in a session; openat <= 1.03; HTTPS <= 1.10; engine >= 1,000,000 events/s; replay of 1M events <= 2 s");
-
-    let report = json!({
-        "exec_overhead": {
-            "iterations": execs,
-            "rounds": rounds,
-            "without_agent_us_per_exec_median": per_exec(exec_without, execs),
-            "with_agent_us_per_exec_median": per_exec(exec_with, execs),
-            "ratio_median_of_pairs": exec_ratio,
-            "ratios": ratios,
-            "target_ratio": 1.03,
-        },
-        "connect_overhead": {
-            "iterations": connects,
-            "rounds": rounds,
-            "no_agent_us_per_connect_median": per_exec(connect.none, connects),
-            "agent_outside_session_us_per_connect_median": per_exec(connect.outside, connects),
-            "agent_in_session_us_per_connect_median": per_exec(connect.inside, connects),
-            "ratio_outside_median_of_pairs": connect.outside_ratio,
-            "ratio_in_session_median_of_pairs": connect.inside_ratio,
-            "target_ratio_outside": 1.03,
-            "target_ratio_in_session": 1.15,
-        },
-        "open_overhead": open.json(opens, rounds, "us_per_open", 1.03),
-        "tls_request_overhead": tls.json(tls_requests, rounds, "us_per_request", 1.10),
-        "trace_replay": replay,
-        "engine": {
-            "events": engine_events,
-            "events_per_sec_median": engine_rate,
-            "runs": rates,
-            "target_events_per_sec": 1_000_000,
-        },
-    });
-    let out = if out.is_absolute() { out.to_path_buf() } else { root.join(out) };
-    if let Some(parent) = out.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    fs::write(&out, serde_json::to_string_pretty(&report)?)?;
-    println!("report: {}", out.display());
-    Ok(())
+    Ok(
+        json!({ "events": engine_events, "events_per_sec_median": median(&rates), "runs": rates, "target_events_per_sec": 1_000_000 }),
+    )
 }
 
 /// Seconds for `n` fork+exec+wait of /bin/true.
@@ -204,14 +227,13 @@ pub(crate) fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Runs `measure` while an agent is loaded with a session active for another process.
-fn with_agent(
+/// Runs `measure` while the agent has a session active for another process.
+fn with_session_holder(
     monitor: &Path,
     dir: &Path,
-    agent_args: &[String],
+    agent: &BenchAgent,
     measure: impl FnOnce() -> anyhow::Result<f64>,
 ) -> anyhow::Result<f64> {
-    let agent = BenchAgent::start(monitor, dir, agent_args)?;
     let mut holder = Command::new("sleep").arg("600").spawn()?;
     let session = dir.join("bench-session.yaml");
     fs::write(&session, "principal: bench@example.com\nactor: svc:bench\ntask: benchmark\n")?;
@@ -228,7 +250,6 @@ fn with_agent(
     let result = measure();
     let _ = holder.kill();
     let _ = holder.wait();
-    drop(agent);
     result
 }
 

@@ -1,0 +1,99 @@
+//! Delivery benchmarks: collector ingest of acknowledged, durable alerts from concurrent senders,
+//! and the latency from the syscall to the alert in the collector's store.
+
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+
+use super::{median, BenchAgent};
+
+fn example(args: &[&str]) -> anyhow::Result<Value> {
+    let output = Command::new("cargo")
+        .args(["run", "--quiet", "--release", "--package", "monitor", "--example", "delivery_bench", "--"])
+        .args(args)
+        .output()
+        .context("running delivery_bench")?;
+    if !output.status.success() {
+        bail!("delivery_bench {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// 5 runs of 4 senders x 100,000 alerts; the median rate.
+pub fn ingest(monitor: &Path) -> anyhow::Result<Value> {
+    eprintln!("bench: collector ingest, 4 concurrent senders, 400,000 acknowledged durable alerts (5 runs)");
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let v = example(&["ingest", monitor.to_str().unwrap(), "4", "400000"])?;
+        eprintln!("  {v}");
+        runs.push(v);
+    }
+    let rates: Vec<f64> = runs.iter().map(|r| r["alerts_per_sec"].as_f64().unwrap_or(0.0)).collect();
+    Ok(
+        json!({ "senders": 4, "alerts": 400000, "alerts_per_sec_median": median(&rates), "target_alerts_per_sec": 200000, "runs": runs }),
+    )
+}
+
+/// An agent forwarding to a collector; a session process execs outside its scope every 20 ms,
+/// 250 times; each alert's time from the exec to the collector's store.
+pub fn latency(monitor: &Path, dir: &Path) -> anyhow::Result<Value> {
+    eprintln!("bench: end-to-end latency, exec syscall to alert synced in the collector's store (250 alerts)");
+    let store = dir.join("latency-store");
+    let _ = fs::remove_dir_all(&store);
+    let _ = fs::remove_dir_all(dir.join("latency-spool"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut collector = Command::new(monitor)
+        .args(["collector", "--log", "warn", "--listen", &format!("127.0.0.1:{port}"), "--store"])
+        .arg(&store)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the collector did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spool = dir.join("latency-spool");
+    let args: Vec<String> =
+        ["--output", &format!("forward://127.0.0.1:{port}"), "--spool-dir", spool.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let agent = BenchAgent::start(monitor, dir, &args)?;
+    let session = dir.join("latency-session.yaml");
+    fs::write(&session, "principal: bench@example.com\nactor: svc:bench\ntask: latency\nscope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\", \"/usr/bin/sleep\"]\n")?;
+    let status = Command::new(monitor)
+        .args(["run", "--file"])
+        .arg(&session)
+        .arg("--control")
+        .arg(&agent.control)
+        .args(["--", "/bin/sh", "-c", "i=0; while [ $i -lt 250 ]; do /bin/true; sleep 0.02; i=$((i+1)); done"])
+        .status()?;
+    if !status.success() {
+        bail!("the latency session failed");
+    }
+    // Wait until all 250 are stored (or a deadline), then read the store.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let result = loop {
+        let v = example(&["latency", store.to_str().unwrap()]).unwrap_or(Value::Null);
+        if v["alerts"].as_u64().unwrap_or(0) >= 250 || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(agent);
+    let _ = collector.kill();
+    let _ = collector.wait();
+    eprintln!("  {result}");
+    Ok(
+        json!({ "alerts": result["alerts"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "max_ms": result["max_ms"],
+               "target_p50_ms": 50, "target_p99_ms": 250 }),
+    )
+}
