@@ -85,7 +85,8 @@ fn ingest(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
                 .map(|b| {
                     let first = (s * per_sender + b * BATCH) as u64;
                     let count = BATCH.min(per_sender - b * BATCH) as u64;
-                    let entries: Vec<_> = (first..first + count).map(|n| (n, record_of(&alert(n)).unwrap())).collect();
+                    let records: Vec<_> = (first..first + count).map(|n| (n, record_of(&alert(n)).unwrap())).collect();
+                    let entries: Vec<(u64, &[u8])> = records.iter().map(|(n, r)| (*n, r.as_slice())).collect();
                     let chunk = format!("c{s}-{b}");
                     let bytes = protocol::packed_forward("monitor.alert", &entries, &chunk);
                     (chunk, bytes)

@@ -149,6 +149,10 @@ pub struct AgentArgs {
     /// Record session traces (every session event and alert) in DIR, for `monitor replay`.
     #[arg(long, value_name = "DIR")]
     pub trace_dir: Option<PathBuf>,
+    /// Also forward every trace record to a collector (`forward://HOST:PORT` or
+    /// `forward+tls://…`, options as for --output), so responders replay from the central store.
+    #[arg(long, value_name = "SPEC", requires = "trace_dir", value_parser = trace_target)]
+    pub trace_output: Option<crate::forward::ForwardTarget>,
     /// A trace segment is sealed and a new one begun past this size (bytes, or with K/M/G).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub trace_segment_size: u64,
@@ -242,6 +246,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 enabled_probes: args.enabled_probes,
                 spool: crate::sinks::SpoolSettings { dir: args.spool_dir, max_bytes: args.spool_max_bytes },
                 trace_dir: args.trace_dir,
+                trace_output: args.trace_output,
                 trace_limits: crate::trace::TraceLimits {
                     segment_bytes: args.trace_segment_size,
                     max_bytes: args.trace_max_bytes,
@@ -380,4 +385,13 @@ fn parse_size(text: &str) -> Result<u64, String> {
         _ => return Err(format!("`{text}`: unknown unit `{unit}` (use K, M, G or T)")),
     };
     n.checked_mul(1 << shift).filter(|n| *n > 0).ok_or_else(|| format!("`{text}` is out of range"))
+}
+
+/// A forward target for traces: tagged `monitor.trace` unless the spec names a tag.
+fn trace_target(spec: &str) -> Result<crate::forward::ForwardTarget, String> {
+    let mut target = crate::forward::ForwardTarget::parse(spec)?;
+    if !spec.contains("tag=") {
+        target.tag = "monitor.trace".into();
+    }
+    Ok(target)
 }

@@ -305,7 +305,10 @@ impl TestCgroup {
                 (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_string())
             })
             .expect("a cgroup2 mount");
-        let dir = Path::new(&root).join(format!("monitor-test-{name}-{}", std::process::id()));
+        // Unique per call: tests of one binary run in parallel in one process.
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = Path::new(&root).join(format!("monitor-test-{name}-{}-{n}", std::process::id()));
         let _ = fs::create_dir(&dir);
         Self(dir)
     }

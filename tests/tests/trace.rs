@@ -10,7 +10,7 @@ use std::{
     process::{Command, Output},
 };
 
-use monitor_tests::*;
+use monitor_tests::{peers::Collector, *};
 use serde_json::Value;
 
 fn replay(args: &[&str]) -> Output {
@@ -36,13 +36,23 @@ struct Recorded {
 /// Runs a session with an out-of-scope connect, an out-of-scope exec and a process that
 /// outlives the task, under an agent recording traces; stops the agent.
 fn record_session() -> Recorded {
+    record_session_with(&[])
+}
+
+fn record_session_with(extra: &[&str]) -> Recorded {
     let traces = Scratch::new("trace-dir");
     let cg = TestCgroup::new("trace");
     let trace_dir = traces.path("traces");
-    let mut agent = Agent::start_with(
-        "trace",
-        &["--cgroup", cg.0.to_str().unwrap(), "--trace-dir", trace_dir.to_str().unwrap(), "--trace-segment-size", "4K"],
-    );
+    let mut args = vec![
+        "--cgroup",
+        cg.0.to_str().unwrap(),
+        "--trace-dir",
+        trace_dir.to_str().unwrap(),
+        "--trace-segment-size",
+        "4K",
+    ];
+    args.extend_from_slice(extra);
+    let mut agent = Agent::start_with("trace", &args);
     let allowed = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
     let denied = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
     let (ok_port, bad_port) = (allowed.local_addr().unwrap().port(), denied.local_addr().unwrap().port());
@@ -256,4 +266,42 @@ fn html_report_opens_in_headless_chromium_with_the_session_and_its_alerts() {
         assert!(dom.contains(rule), "{rule} not on the page");
     }
     assert!(dom.contains("class=\"alert\""), "alerts are highlighted");
+}
+
+#[test]
+fn traces_forwarded_to_the_collector_replay_like_the_node_copy() {
+    let central = Scratch::new("trace-collector");
+    let collector = Collector::start(&central, &[]);
+    let output = format!("forward://127.0.0.1:{}", collector.port);
+    let spool = central.path("agent-spool");
+    let rec = record_session_with(&["--trace-output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let mut live: Vec<_> = rec.live.iter().map(key).collect();
+    live.sort();
+    // What the stopped agent had not delivered yet is in its spool: the next agent on this node
+    // delivers it.
+    let next_traces = rec.traces.path("next-traces");
+    let _next = Agent::start_with(
+        "trace-next",
+        &[
+            "--trace-dir",
+            next_traces.to_str().unwrap(),
+            "--trace-output",
+            &output,
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ],
+    );
+    let report = wait_for(
+        "the forwarded trace replayed from the collector's store",
+        || {
+            let o = replay(&[collector.store.to_str().unwrap(), "--session", "trace-1", "--format", "json"]);
+            let report: Value = serde_json::from_slice(&o.stdout).ok()?;
+            let mut replayed: Vec<_> = report["sessions"][0]["alerts"].as_array()?.iter().map(key).collect();
+            replayed.sort();
+            (replayed == live).then_some(report)
+        },
+        || collector.logs(),
+    );
+    assert_eq!(report["comparison"]["only_live"], serde_json::json!([]));
+    assert_eq!(report["sessions"][0]["session"]["principal"], "alice@example.com");
 }

@@ -45,6 +45,8 @@ pub struct AgentSettings {
     /// Where session traces go, and their bounds.
     pub trace_dir: Option<PathBuf>,
     pub trace_limits: crate::trace::TraceLimits,
+    /// Where trace records are also forwarded (tag `monitor.trace`).
+    pub trace_output: Option<crate::forward::ForwardTarget>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -84,8 +86,19 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 config: engine_config.clone(),
             };
-            let writer = crate::trace::TraceWriter::create(dir, settings.trace_limits.clone(), run)
+            let mut writer = crate::trace::TraceWriter::create(dir, settings.trace_limits.clone(), run)
                 .with_context(|| format!("trace directory {}", dir.display()))?;
+            if let Some(target) = &settings.trace_output {
+                let spool = settings.spool.dir.join(format!("trace-{}", target.spool_name()));
+                let output = crate::forward::ForwardOutput::open(
+                    target.clone(),
+                    spool,
+                    settings.spool.max_bytes,
+                    event_tx.clone(),
+                )?;
+                writer.forward_to(output);
+                tracing::info!(output = %target.display(), "forwarding session traces");
+            }
             tracing::info!(dir = %dir.display(), "recording session traces");
             Some(writer)
         }

@@ -85,6 +85,9 @@ impl SinkSpec {
     }
 }
 
+/// The tag of forwarded session traces.
+pub const TRACE_TAG: &str = "monitor.trace";
+
 /// A stored record as the sinks see it.
 pub enum Item {
     Alert(Box<Alert>),
@@ -242,7 +245,10 @@ fn read_from(dir: &Path, mut cursor: Cursor, max: usize) -> anyhow::Result<(Vec<
         let mut last = cursor;
         store::read_segment(&store::segment_path(dir, seg), cursor.offset, &mut |s, after| {
             if items.len() < max && s.seq > last.seq {
-                items.push(Item::of(&s));
+                // Session traces are kept for `monitor replay`, not streamed to SIEMs.
+                if s.tag != TRACE_TAG {
+                    items.push(Item::of(&s));
+                }
                 last = Cursor { segment: seg, offset: after, seq: s.seq };
             }
         })?;

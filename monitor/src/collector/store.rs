@@ -25,7 +25,7 @@ pub struct Stored {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The record as received, MessagePack.
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "bytes")]
     pub record: Vec<u8>,
     /// When the collector stored it (wall clock, ns): delivery latency is this minus `time_ns`.
     #[serde(default)]
@@ -33,7 +33,7 @@ pub struct Stored {
 }
 
 /// Bytes as a msgpack bin (rmp-serde writes `Vec<u8>` as an array of integers otherwise).
-mod serde_bytes_compat {
+pub mod bytes {
     pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
     }

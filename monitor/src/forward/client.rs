@@ -16,7 +16,10 @@ use tokio::{
     sync::{mpsc, Notify},
 };
 
-use super::{protocol, spool::Spool};
+use super::{
+    protocol,
+    spool::{Spool, SpoolRecord},
+};
 use crate::{alert::Alert, event::Event};
 
 /// Where and how to forward: from `forward://HOST:PORT` or `forward+tls://HOST:PORT`, with
@@ -119,9 +122,19 @@ impl ForwardOutput {
 
     /// Spools alerts (synced to disk) and wakes the sender.
     pub fn write(&mut self, alerts: &[Alert]) -> std::io::Result<()> {
+        let records = alerts
+            .iter()
+            .map(|a| Ok(SpoolRecord { ts: a.ts, record: record_of(a)? }))
+            .collect::<Result<Vec<_>, rmp_serde::encode::Error>>()
+            .map_err(std::io::Error::other)?;
+        self.write_records(&records)
+    }
+
+    /// Spools Forward records (synced to disk) and wakes the sender.
+    pub fn write_records(&mut self, records: &[SpoolRecord]) -> std::io::Result<()> {
         let dropped = {
             let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-            spool.append(alerts)?;
+            spool.append(records)?;
             std::mem::take(&mut spool.dropped)
         };
         self.wake.notify_one();
@@ -189,13 +202,12 @@ async fn deliver(
             let spool = spool.lock().unwrap_or_else(|p| p.into_inner());
             spool.read_batch(BATCH_ALERTS, BATCH_BYTES)?
         };
-        if batch.alerts.is_empty() {
+        if batch.records.is_empty() {
             // Drained: wait for new alerts (or look again in a while).
             let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
             continue;
         }
-        let entries: Vec<(u64, rmpv::Value)> =
-            batch.alerts.iter().map(|a| Ok((a.ts, record_of(&a.alert)?))).collect::<anyhow::Result<_>>()?;
+        let entries: Vec<(u64, &[u8])> = batch.records.iter().map(|r| (r.ts, r.record.as_slice())).collect();
         let chunk = chunk_id();
         let message = protocol::packed_forward(&target.tag, &entries, &chunk);
         conn.write_all(&message).await?;
@@ -211,10 +223,9 @@ async fn deliver(
     }
 }
 
-/// The alert as a Forward record: a map with the alert's fields (the same as its JSON).
-pub fn record_of(alert: &Alert) -> anyhow::Result<rmpv::Value> {
-    let bytes = rmp_serde::to_vec_named(alert)?;
-    Ok(rmpv::decode::read_value(&mut bytes.as_slice())?)
+/// The alert as a Forward record: a MessagePack map with the alert's fields (as in its JSON).
+pub fn record_of(alert: &Alert) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec_named(alert)
 }
 
 async fn read_value(conn: &mut Box<dyn Stream>, buf: &mut protocol::ValueBuffer) -> anyhow::Result<rmpv::Value> {

@@ -13,13 +13,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{
-    alert::Alert,
-    trace::{
-        format::{self, Frame},
-        TracedAlert,
-    },
-};
+use serde::{Deserialize, Serialize};
+
+use crate::trace::format::{self, Frame};
+
+/// One spooled record: its event time and the Forward record (a MessagePack map) as sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpoolRecord {
+    pub ts: u64,
+    #[serde(with = "crate::collector::store::bytes")]
+    pub record: Vec<u8>,
+}
 
 /// A position in the spool: segment number and byte offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,7 +48,7 @@ pub struct Spool {
 
 #[derive(Debug)]
 pub struct Batch {
-    pub alerts: Vec<TracedAlert>,
+    pub records: Vec<SpoolRecord>,
     /// Where the spool resumes once this batch is acknowledged.
     pub end: Position,
 }
@@ -62,12 +66,11 @@ impl Spool {
         Ok(Self { dir: dir.to_path_buf(), max_bytes, segment_bytes, head, file, head_len, cursor, dropped: 0 })
     }
 
-    /// Appends alerts and syncs them to disk.
-    pub fn append(&mut self, alerts: &[Alert]) -> std::io::Result<()> {
+    /// Appends records and syncs them to disk.
+    pub fn append(&mut self, records: &[SpoolRecord]) -> std::io::Result<()> {
         let mut buf = Vec::new();
-        for alert in alerts {
-            format::encode(&TracedAlert { ts: alert.ts, alert: alert.clone() }, &mut buf)
-                .map_err(std::io::Error::other)?;
+        for record in records {
+            format::encode(record, &mut buf).map_err(std::io::Error::other)?;
         }
         if self.head_len > 0 && self.head_len + buf.len() as u64 > self.segment_bytes {
             self.head += 1;
@@ -102,10 +105,10 @@ impl Spool {
 
     /// Up to `max` unacknowledged alerts from the cursor (none: the spool is drained).
     pub fn read_batch(&self, max: usize, max_bytes: usize) -> std::io::Result<Batch> {
-        let mut alerts = Vec::new();
+        let mut records = Vec::new();
         let mut pos = self.cursor;
         let mut bytes_read = 0;
-        while alerts.len() < max && bytes_read < max_bytes && pos.segment <= self.head {
+        while records.len() < max && bytes_read < max_bytes && pos.segment <= self.head {
             let path = segment_path(&self.dir, pos.segment);
             let mut data = Vec::new();
             match fs::File::open(&path) {
@@ -117,10 +120,10 @@ impl Spool {
                 Err(e) => return Err(e),
             }
             let mut at = 0;
-            while alerts.len() < max && bytes_read < max_bytes {
-                match format::decode::<TracedAlert>(&data[at..]) {
+            while records.len() < max && bytes_read < max_bytes {
+                match format::decode::<SpoolRecord>(&data[at..]) {
                     Frame::Record(a, len) => {
-                        alerts.push(*a);
+                        records.push(*a);
                         at += len;
                         bytes_read += len;
                     }
@@ -142,7 +145,7 @@ impl Spool {
             }
             pos = Position { segment: pos.segment + 1, offset: 0 };
         }
-        Ok(Batch { alerts, end: pos })
+        Ok(Batch { records, end: pos })
     }
 
     /// The receiver acknowledged everything before `end`.
@@ -190,7 +193,7 @@ fn count_frames(path: &Path, from: u64) -> u64 {
     let mut at = from as usize;
     let mut n = 0;
     while at < data.len() {
-        match format::decode::<TracedAlert>(&data[at..]) {
+        match format::decode::<SpoolRecord>(&data[at..]) {
             Frame::Record(_, len) => {
                 n += 1;
                 at += len;
@@ -220,25 +223,9 @@ fn write_cursor(dir: &Path, pos: Position) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alert::{Action, SessionRef, Severity};
 
-    fn alert(n: u64) -> Alert {
-        Alert {
-            id: format!("id-{n:06}"),
-            time: String::new(),
-            host: "h".into(),
-            rule: crate::rules::Rule::ExecOutOfScope,
-            severity: Severity::Medium,
-            summary: format!("alert {n}"),
-            session: SessionRef::default(),
-            process: None,
-            network: None,
-            credential: None,
-            action: Action::Observed,
-            mitre: vec![],
-            owasp_nhi: vec![],
-            ts: n,
-        }
+    fn alert(n: u64) -> SpoolRecord {
+        SpoolRecord { ts: n, record: format!("record {n:06} of some length, like an alert's").into_bytes() }
     }
 
     fn tempdir(name: &str) -> PathBuf {
@@ -253,17 +240,17 @@ mod tests {
         let mut spool = Spool::open(&dir, 1 << 20).unwrap();
         spool.append(&(0..10).map(alert).collect::<Vec<_>>()).unwrap();
         let batch = spool.read_batch(4, 1 << 20).unwrap();
-        assert_eq!(batch.alerts.iter().map(|a| a.ts).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(batch.records.iter().map(|a| a.ts).collect::<Vec<_>>(), [0, 1, 2, 3]);
         // Not acknowledged: a reopened spool (the agent restarted) starts over at alert 0.
         drop(spool);
         let mut spool = Spool::open(&dir, 1 << 20).unwrap();
         let batch = spool.read_batch(4, 1 << 20).unwrap();
-        assert_eq!(batch.alerts[0].ts, 0);
+        assert_eq!(batch.records[0].ts, 0);
         spool.commit(batch.end).unwrap();
         drop(spool);
         let mut spool = Spool::open(&dir, 1 << 20).unwrap();
         let rest = spool.read_batch(100, 1 << 20).unwrap();
-        assert_eq!(rest.alerts.iter().map(|a| a.ts).collect::<Vec<_>>(), [4, 5, 6, 7, 8, 9]);
+        assert_eq!(rest.records.iter().map(|a| a.ts).collect::<Vec<_>>(), [4, 5, 6, 7, 8, 9]);
         spool.commit(rest.end).unwrap();
         assert!(spool.is_drained());
         fs::remove_dir_all(dir).unwrap();
@@ -282,10 +269,10 @@ mod tests {
         let mut seen = 0;
         loop {
             let b = spool.read_batch(500, 4 << 20).unwrap();
-            if b.alerts.is_empty() {
+            if b.records.is_empty() {
                 break;
             }
-            seen += b.alerts.len() as u64;
+            seen += b.records.len() as u64;
             spool.commit(b.end).unwrap();
         }
         assert_eq!(seen + spool.dropped, 2000, "every alert either delivered or counted as dropped");

@@ -49,11 +49,25 @@ pub struct ReplaySettings {
 
 /// Runs `monitor replay`; returns the exit code (2 when the session is not in the trace).
 pub fn run(settings: ReplaySettings) -> anyhow::Result<i32> {
-    let all_files = reader::expand(&settings.traces)?;
-    let files = select_segments(all_files.clone(), settings.session.as_deref());
-    let mut progress = Progress::new(&files);
+    // Agents' trace directories and segment files, and collectors' stores (forwarded traces).
+    let (stores, traces): (Vec<PathBuf>, Vec<PathBuf>) =
+        settings.traces.iter().cloned().partition(|p| p.is_dir() && reader::is_collector_store(p));
+    let all_files = if traces.is_empty() { Vec::new() } else { reader::expand(&traces)? };
+    let mut sources: Vec<Source> =
+        select_segments(all_files.clone(), settings.session.as_deref()).into_iter().map(Source::File).collect();
+    for store in &stores {
+        let runs = reader::from_collector_store(store)?;
+        if runs.is_empty() {
+            anyhow::bail!(
+                "{}: this collector store holds no session traces (agents send them with --trace-output)",
+                store.display()
+            );
+        }
+        sources.extend(runs.into_iter().map(|(name, bytes)| Source::Bytes(name, bytes)));
+    }
+    let mut progress = Progress::new(&all_files);
     let detail = if settings.format == Format::Ocsf { Detail::Alerts } else { Detail::Timeline };
-    let report = replay_files(&files, settings.policy.as_ref(), detail, &mut progress)?;
+    let report = replay_sources(sources, settings.policy.as_ref(), detail, &mut progress)?;
     progress.done();
     for damage in &report.damage {
         eprintln!("warning: {damage}");
@@ -121,6 +135,21 @@ pub fn replay_files(
     detail: Detail,
     progress: &mut Progress,
 ) -> anyhow::Result<Report> {
+    replay_sources(files.iter().cloned().map(Source::File).collect(), policy, detail, progress)
+}
+
+/// Where trace records come from: a segment file, or a segment assembled in memory.
+pub enum Source {
+    File(PathBuf),
+    Bytes(PathBuf, Vec<u8>),
+}
+
+fn replay_sources(
+    sources: Vec<Source>,
+    policy: Option<&Policy>,
+    detail: Detail,
+    progress: &mut Progress,
+) -> anyhow::Result<Report> {
     enum Msg {
         Records(Vec<Record>),
         Damage(Damage),
@@ -129,9 +158,8 @@ pub fn replay_files(
     }
     const BATCH: usize = 4096;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(8);
-    let owned = files.to_vec();
     let decoder = std::thread::spawn(move || -> Result<(), reader::TraceError> {
-        for file in &owned {
+        for source in &sources {
             let mut batch = Vec::with_capacity(BATCH);
             let mut on_record = |record| {
                 batch.push(record);
@@ -141,7 +169,14 @@ pub fn replay_files(
             };
             let mut damage = Vec::new();
             let mut at = 0;
-            reader::read_segment(file, &mut on_record, &mut |d| damage.push(d), &mut |a| at = a)?;
+            match source {
+                Source::File(file) => {
+                    reader::read_segment(file, &mut on_record, &mut |d| damage.push(d), &mut |a| at = a)?
+                }
+                Source::Bytes(name, bytes) => {
+                    reader::read_bytes(name, bytes, &mut on_record, &mut |d| damage.push(d), &mut |a| at = a)?
+                }
+            }
             let _ = tx.send(Msg::Records(batch));
             for d in damage {
                 let _ = tx.send(Msg::Damage(d));

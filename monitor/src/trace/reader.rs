@@ -67,7 +67,18 @@ pub fn read_segment(
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), TraceError> {
     let bytes = std::fs::read(path).map_err(|source| TraceError::Read { path: path.display().to_string(), source })?;
-    format::check_header(&bytes).map_err(|source| TraceError::Header { path: path.display().to_string(), source })?;
+    read_bytes(path, &bytes, on_record, on_damage, progress)
+}
+
+/// Reads a segment held in memory (`path` names it in reports).
+pub fn read_bytes(
+    path: &Path,
+    bytes: &[u8],
+    on_record: &mut dyn FnMut(Record),
+    on_damage: &mut dyn FnMut(Damage),
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), TraceError> {
+    format::check_header(bytes).map_err(|source| TraceError::Header { path: path.display().to_string(), source })?;
     let mut at = format::HEADER_LEN;
     let mut last_progress = 0;
     while at < bytes.len() {
@@ -86,7 +97,7 @@ pub fn read_segment(
                 break;
             }
             Frame::Bad(reason) => {
-                let next = resync(&bytes, at + 1).unwrap_or(bytes.len());
+                let next = resync(bytes, at + 1).unwrap_or(bytes.len());
                 on_damage(Damage { file: path.to_path_buf(), offset: at as u64, reason, skipped: (next - at) as u64 });
                 at = next;
             }
@@ -109,4 +120,47 @@ fn resync(bytes: &[u8], mut from: usize) -> Option<usize> {
         from = candidate + 1;
     }
     None
+}
+
+/// The session traces agents forwarded to a collector (`--trace-output`), read from the
+/// collector's store directory: one in-memory segment per agent run, records in their order.
+pub fn from_collector_store(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, TraceError> {
+    use std::collections::BTreeMap;
+    let read_err = |source| TraceError::Read { path: dir.display().to_string(), source };
+    let mut runs: Vec<String> = Vec::new();
+    let mut frames: BTreeMap<String, BTreeMap<u64, Vec<u8>>> = BTreeMap::new();
+    for seg in crate::collector::store::segments(dir).map_err(read_err)? {
+        crate::collector::store::read_segment(&crate::collector::store::segment_path(dir, seg), 0, &mut |s, _| {
+            if s.tag != crate::collector::fanout::TRACE_TAG {
+                return;
+            }
+            let Ok(v) = rmpv::decode::read_value(&mut s.record.as_slice()) else { return };
+            let field = |k: &str| crate::forward::protocol::map_get(&v, k);
+            let (Some(run), Some(seq), Some(rmpv::Value::Binary(frame))) =
+                (field("run_id").and_then(|r| r.as_str()), field("seq").and_then(|n| n.as_u64()), field("frame"))
+            else {
+                return;
+            };
+            if !frames.contains_key(run) {
+                runs.push(run.to_string());
+            }
+            frames.entry(run.to_string()).or_default().insert(seq, frame.clone());
+        })
+        .map_err(read_err)?;
+    }
+    Ok(runs
+        .into_iter()
+        .map(|run| {
+            let mut bytes = format::header().to_vec();
+            for frame in frames.remove(&run).unwrap_or_default().into_values() {
+                bytes.extend_from_slice(&frame);
+            }
+            (dir.join(format!("run-{run}")), bytes)
+        })
+        .collect())
+}
+
+/// Whether `dir` is a collector's store (rather than an agent's trace directory).
+pub fn is_collector_store(dir: &Path) -> bool {
+    crate::collector::store::segments(dir).is_ok_and(|s| !s.is_empty())
 }

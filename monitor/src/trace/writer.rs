@@ -62,6 +62,9 @@ pub struct TraceWriter {
     /// Records written since start, and bytes: for the agent's metrics and the benchmark.
     pub total_records: u64,
     pub total_bytes: u64,
+    /// The central copy: every record also forwarded (tag `monitor.trace`) to a collector.
+    forward: Option<crate::forward::ForwardOutput>,
+    pending: Vec<crate::forward::spool::SpoolRecord>,
 }
 
 /// Buffered bytes are written out past this (and on every flush).
@@ -85,10 +88,24 @@ impl TraceWriter {
             ids: BTreeMap::new(),
             total_records: 0,
             total_bytes: 0,
+            forward: None,
+            pending: Vec::new(),
         };
         writer.open_segment()?;
         writer.apply_retention();
         Ok(writer)
+    }
+
+    /// Also sends every record to a collector (through its own spool), so responders can
+    /// replay from the central store.
+    pub fn forward_to(&mut self, output: crate::forward::ForwardOutput) {
+        // The central copy starts with the run record too (sequence 0, written at creation):
+        // without it a replay cannot tell this run's records from another's.
+        let mut frame = Vec::new();
+        if format::encode(&Record::Run(self.run.clone()), &mut frame).is_ok() {
+            self.pending.push(central_record(&self.run, 0, 0, frame));
+        }
+        self.forward = Some(output);
     }
 
     fn open_segment(&mut self) -> std::io::Result<()> {
@@ -130,6 +147,10 @@ impl TraceWriter {
         let before = self.buffer.len();
         format::encode(record, &mut self.buffer).map_err(std::io::Error::other)?;
         let len = (self.buffer.len() - before) as u64;
+        if self.forward.is_some() {
+            let frame = self.buffer[before..].to_vec();
+            self.pending.push(central_record(&self.run, self.total_records, ts, frame));
+        }
         self.written += len;
         self.total_bytes += len;
         self.total_records += 1;
@@ -152,8 +173,15 @@ impl TraceWriter {
         Ok(())
     }
 
-    /// Writes buffered records to the segment file (the core calls it after each batch).
+    /// Writes buffered records to the segment file (the core calls it after each batch), and
+    /// spools them for the collector.
     pub fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(forward) = &mut self.forward {
+            if !self.pending.is_empty() {
+                forward.write_records(&self.pending)?;
+                self.pending.clear();
+            }
+        }
         if let Some(file) = &mut self.file {
             if !self.buffer.is_empty() {
                 file.write_all(&self.buffer)?;
@@ -218,6 +246,23 @@ impl Drop for TraceWriter {
             tracing::warn!("sealing the trace segment {}: {e}", self.path.display());
         }
     }
+}
+
+/// A trace record as a Forward record: `{id, run_id, host, seq, frame}`, where `frame` is the
+/// record framed as in a segment file and `id` (`trace:RUN:SEQ`) lets the collector store it
+/// once however often it is resent.
+fn central_record(run: &RunInfo, seq: u64, ts: u64, frame: Vec<u8>) -> crate::forward::spool::SpoolRecord {
+    use rmpv::Value;
+    let map = Value::Map(vec![
+        (Value::from("id"), Value::from(format!("trace:{}:{seq}", run.run_id))),
+        (Value::from("run_id"), Value::from(run.run_id.as_str())),
+        (Value::from("host"), Value::from(run.host.as_str())),
+        (Value::from("seq"), Value::from(seq)),
+        (Value::from("frame"), Value::Binary(frame)),
+    ]);
+    let mut record = Vec::new();
+    let _ = rmpv::encode::write_value(&mut record, &map);
+    crate::forward::spool::SpoolRecord { ts, record }
 }
 
 fn remove_segment(path: &Path) {
