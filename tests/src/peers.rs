@@ -127,11 +127,15 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(dir: &Scratch, args: &[&str]) -> Self {
+        Self::start_with_store(dir, dir.path("store"), args)
+    }
+
+    pub fn start_with_store(dir: &Scratch, store: PathBuf, args: &[&str]) -> Self {
         let port = free_port();
         let mut c = Self {
             process: spawn(&mut Command::new("true"), dir.path("unused.log")),
             port,
-            store: dir.path("store"),
+            store,
             args: args.iter().map(|s| s.to_string()).collect(),
             dir: dir.0.clone(),
             starts: 0,
@@ -211,8 +215,11 @@ pub struct Rsyslog {
 
 impl Rsyslog {
     pub fn start(dir: &Scratch, tls: &TlsFiles) -> Self {
+        Self::start_on(dir, tls, free_port())
+    }
+
+    pub fn start_on(dir: &Scratch, tls: &TlsFiles, port: u16) -> Self {
         let (ca, cert, key) = (&tls.ca, &tls.cert, &tls.key);
-        let port = free_port();
         let out = dir.path("rsyslog-received.log");
         let work = dir.path("rsyslog-work");
         fs::create_dir_all(&work).unwrap();

@@ -335,14 +335,28 @@ fn through_collector(name: &str, dir: &Scratch, sinks: &[String], n: u32) -> (Co
 }
 
 #[test]
-fn syslog_tls_sink_into_rsyslog() {
+fn syslog_tls_sink_into_rsyslog_resumes_after_being_down() {
     let dir = Scratch::new("sink-rsyslog");
     let tls = tls_cert(&dir);
-    let rsyslog = Rsyslog::start(&dir, &tls);
-    let sink = format!("syslog+tls://127.0.0.1:{}?ca={}", rsyslog.port, tls.ca.display());
-    let (collector, _agent, ids) = through_collector("syslog-1", &dir, &[sink], 5);
+    // rsyslog is not there yet: the syslog sink waits, the jsonl sink and ingestion go on.
+    let port = free_port();
+    let jsonl = dir.path("sink.jsonl");
+    let sinks =
+        [format!("syslog+tls://127.0.0.1:{port}?ca={}", tls.ca.display()), format!("jsonl:{}", jsonl.display())];
+    let (collector, _agent, ids) = through_collector("syslog-1", &dir, &sinks, 5);
+    wait_for(
+        "the alerts in the jsonl sink while rsyslog is down",
+        || ids.iter().all(|id| id_counts(&jsonl).contains_key(id)).then_some(()),
+        || collector.logs(),
+    );
+    wait_for(
+        "the syslog sink retrying",
+        || collector.logs().contains("sink unavailable").then_some(()),
+        || collector.logs(),
+    );
+    let rsyslog = Rsyslog::start_on(&dir, &tls, port);
     let lines = wait_for(
-        "5 messages at rsyslog",
+        "5 messages at rsyslog once it is up",
         || {
             let lines = rsyslog.lines();
             ids.iter().all(|id| lines.iter().any(|l| l.contains(&format!("id=\"{id}\"")))).then_some(lines)
@@ -353,6 +367,30 @@ fn syslog_tls_sink_into_rsyslog() {
     assert!(line.starts_with("<"), "{line}");
     assert!(line.contains(" monitor - exec_out_of_scope [monitor@32473 "), "{line}");
     assert!(line.contains("session=\"syslog-1\"") && line.contains("principal=\"alice@example.com\""), "{line}");
+}
+
+#[test]
+fn a_full_spool_drops_the_oldest_and_says_so_in_monitor_blind() {
+    let dir = Scratch::new("spool-full");
+    // Nothing listens there: every alert stays spooled.
+    let output = format!("forward://127.0.0.1:{}", free_port());
+    let spool = dir.path("spool");
+    let agent = Agent::start_with(
+        "spool-full-agent",
+        &["--output", &output, "--spool-dir", spool.to_str().unwrap(), "--spool-max-bytes", "192K"],
+    );
+    raise_alerts(&agent, "full-1", 600);
+    let blind = agent.wait_alert("monitor_blind for the full spool", |a| {
+        a["rule"] == "monitor_blind" && a["summary"].as_str().unwrap_or("").contains("forward spool")
+    });
+    assert!(blind["summary"].as_str().unwrap().contains("oldest alerts dropped"), "{blind}");
+    let total: u64 = fs::read_dir(&spool)
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().filter_map(|e| e.ok()?.metadata().ok()))
+        .map(|m| m.len())
+        .sum();
+    assert!(total <= 192 * 1024 + 64 * 1024, "the spool holds {total} bytes");
 }
 
 #[test]
@@ -435,4 +473,61 @@ print(n)
         || collector.logs(),
     );
     assert!(cef_lines.lines().all(|l| l.starts_with("CEF:0|monitor|monitor|") && l.contains("|exec_out_of_scope|")));
+}
+
+/// A small tmpfs the test mounts (and unmounts on drop): a disk that fills up.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Self {
+        fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mount tmpfs: {}", stderr(&o));
+        Self(dir.to_path_buf())
+    }
+
+    fn grow(&self, size: &str) {
+        let o = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).output().unwrap();
+        assert!(o.status.success(), "remount: {}", stderr(&o));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_collector_disk_acknowledges_nothing_and_the_agents_keep_their_alerts() {
+    let dir = Scratch::new("coll-disk-full");
+    let disk = SmallDisk::mount(&dir.path("disk"), "256k");
+    let sink = dir.path("sink.jsonl");
+    let collector =
+        Collector::start_with_store(&dir, disk.0.join("store"), &["--sink", &format!("jsonl:{}", sink.display())]);
+    let output = format!("forward://127.0.0.1:{}", collector.port);
+    let spool = dir.path("spool");
+    let agent = Agent::start_with("disk-full-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    raise_alerts(&agent, "disk-1", 800);
+    let ids = wait_alert_count(&agent, "disk-1", 800);
+    wait_for(
+        "the collector refusing to ack",
+        || collector.logs().contains("batch not acknowledged").then_some(()),
+        || collector.logs(),
+    );
+    assert!(!spool_drained(&spool), "unacknowledged alerts stay in the agent's spool");
+    // Room again: the agent's retries go through, every alert stored exactly once.
+    disk.grow("16m");
+    let counts = wait_for(
+        "every alert stored once there is room",
+        || Some(id_counts(&sink)).filter(|c| ids.iter().all(|id| c.contains_key(id))),
+        || collector.logs(),
+    );
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    wait_for("the spool drained", || spool_drained(&spool).then_some(()), || agent.diagnostics());
 }

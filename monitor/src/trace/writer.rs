@@ -304,3 +304,35 @@ fn event_session(event: &Event) -> Option<SessionKey> {
     };
     (key != 0).then_some(key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_rotate_and_retention_bounds_the_directory() {
+        let dir = std::env::temp_dir().join(format!("monitor-trace-retention-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let run =
+            RunInfo { run_id: "r".into(), host: "h".into(), agent_version: "t".into(), config: Default::default() };
+        let limits = TraceLimits { segment_bytes: 2000, max_bytes: 10_000, max_age: Duration::from_secs(3600) };
+        let mut writer = TraceWriter::create(&dir, limits, run).unwrap();
+        for ts in 1..2000u64 {
+            writer.event(&Event::Tick { ts }).unwrap();
+        }
+        writer.flush().unwrap();
+        let segments = segments_in(&dir).unwrap();
+        let total: u64 = segments.iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+        assert!(segments.len() >= 3, "{segments:?}");
+        assert!(total <= 10_000 + 2_100, "{total} bytes kept");
+        // The oldest went first: the first segment left is not the first written.
+        assert!(!segments[0].to_string_lossy().ends_with("-000001.mtr"), "{segments:?}");
+        // Sealed segments have their index; removed ones took theirs along.
+        for s in &segments[..segments.len() - 1] {
+            assert!(index_path(s).exists(), "{} has no index", s.display());
+        }
+        assert!(!dir.join("trace-r-000001.idx.json").exists());
+        drop(writer);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
