@@ -47,7 +47,7 @@ enum Task {
         connects: u32,
 
         /// openat+close of an ordinary file per run.
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, default_value_t = 1_000_000)]
         opens: u32,
         /// HTTPS requests (one keep-alive connection) per run.
         #[arg(long, default_value_t = 2000)]
