@@ -18,15 +18,33 @@ use crate::{
 /// How long after a deadline the tick fires, so events already in the ring buffer (an exit just
 /// before the deadline) are applied first.
 const DEADLINE_SLACK: Duration = Duration::from_millis(100);
+/// How long a stopping agent waits for its forward spools to be acknowledged.
+pub const STOP_DRAIN: Duration = Duration::from_secs(3);
 /// Housekeeping tick (forgetting finished sessions) when nothing else happens.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 enum Command {
-    Start { session: Box<Session>, reply: oneshot::Sender<Result<SessionKey, String>> },
+    Start {
+        session: Box<Session>,
+        reply: oneshot::Sender<Result<SessionKey, String>>,
+    },
     Seen(Vec<Process>),
-    End { id: String, reason: EndReason, reply: oneshot::Sender<Result<SessionSummary, String>> },
-    List { reply: oneshot::Sender<Vec<SessionSummary>> },
-    Show { id: String, reply: oneshot::Sender<Result<SessionSummary, String>> },
+    End {
+        id: String,
+        reason: EndReason,
+        reply: oneshot::Sender<Result<SessionSummary, String>>,
+    },
+    List {
+        reply: oneshot::Sender<Vec<SessionSummary>>,
+    },
+    Show {
+        id: String,
+        reply: oneshot::Sender<Result<SessionSummary, String>>,
+    },
+    /// The agent is stopping: apply what is queued, write the trace out, end.
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The control plane's handle on the core task.
@@ -64,6 +82,16 @@ impl CoreHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Show { id, reply }).await?;
         rx.await.map_err(|_| GONE.to_string())?
+    }
+
+    /// Asks the core to finish: the events already queued are applied, the trace is written
+    /// out and its forward spool given a moment to drain, then the core ends (and with it the
+    /// alert channel, so the sinks finish too).
+    pub async fn stop(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.send(Command::Stop { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     async fn send(&self, command: Command) -> Result<(), String> {
@@ -105,7 +133,20 @@ impl Core {
                     Some(event) => self.apply(event).await,
                     None => break,
                 },
-                Some(command) = self.commands.recv() => self.command(command).await,
+                Some(command) = self.commands.recv() => {
+                    if let Command::Stop { reply } = command {
+                        while let Ok(event) = self.events.try_recv() {
+                            self.apply(event).await;
+                        }
+                        self.flush_trace();
+                        if let Some(trace) = &self.trace {
+                            trace.wait_forwarded(STOP_DRAIN).await;
+                        }
+                        let _ = reply.send(());
+                        break;
+                    }
+                    self.command(command).await
+                }
                 _ = tokio::time::sleep(wake) => self.apply(Event::Tick { ts: now_ns() }).await,
             }
             // The trace is written out whenever the core catches up, so it is current on disk
@@ -191,6 +232,7 @@ impl Core {
             Command::List { reply } => {
                 let _ = reply.send(self.engine.sessions(now_ns()));
             }
+            Command::Stop { .. } => {}
             Command::Show { id, reply } => {
                 let now = now_ns();
                 let _ = reply.send(self.engine.session(&id, now).ok_or_else(|| self.unknown(&id, now)));

@@ -11,7 +11,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, Mutex};
 
-pub use self::core::CoreHandle;
+pub use self::core::{CoreHandle, STOP_DRAIN};
 use crate::{
     alert::Alert,
     credentials::{self, CredentialIndex, Observer},
@@ -115,6 +115,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
     let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
 
+    let stopper = handle.clone();
     let listener = server::listen(&settings.control).await?;
     let plane = server::ControlPlane {
         core: handle,
@@ -143,12 +144,17 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     watcher.abort();
     let _ = std::fs::remove_file(&settings.control);
     drop(probes);
-    // The core ends when its event channel closes; the sinks when the core drops its sender.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    // The core applies what is queued and ends; the sinks end when it drops their channel. Both
+    // give their forward spools a moment to be acknowledged.
+    let finished = tokio::time::timeout(core::STOP_DRAIN * 2 + Duration::from_secs(2), async {
+        stopper.stop().await;
         let _ = core.await;
         let _ = sink_task.await;
     })
     .await;
+    if finished.is_err() {
+        tracing::warn!("stopping without waiting further for the core and the sinks");
+    }
     outcome
 }
 

@@ -130,6 +130,19 @@ impl ForwardOutput {
         self.write_records(&records)
     }
 
+    /// Waits (up to `limit`) until the receiver acknowledged everything spooled: a stopping
+    /// agent gives its sender that moment; what is left goes with the next start.
+    pub async fn wait_drained(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self.spool.lock().unwrap_or_else(|p| p.into_inner()).is_drained() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(output = %self.target.display(), "stopping with alerts still spooled: they go with the next start");
+    }
+
     /// Spools Forward records (synced to disk) and wakes the sender.
     pub fn write_records(&mut self, records: &[SpoolRecord]) -> std::io::Result<()> {
         let dropped = {

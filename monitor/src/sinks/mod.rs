@@ -130,6 +130,12 @@ pub async fn run(mut sinks: Vec<Sink>, mut alerts: mpsc::Receiver<Alert>) {
         }
         burst.clear();
     }
+    // The agent is stopping: give forward outputs a moment to deliver what they spooled.
+    for sink in sinks {
+        if let Out::Forward(forward) = sink.out {
+            forward.wait_drained(crate::agent::STOP_DRAIN).await;
+        }
+    }
 }
 
 impl Sink {

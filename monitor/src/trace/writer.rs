@@ -108,6 +108,13 @@ impl TraceWriter {
         self.forward = Some(output);
     }
 
+    /// Waits (up to `limit`) until the collector acknowledged every forwarded record.
+    pub async fn wait_forwarded(&self, limit: std::time::Duration) {
+        if let Some(forward) = &self.forward {
+            forward.wait_drained(limit).await;
+        }
+    }
+
     fn open_segment(&mut self) -> std::io::Result<()> {
         self.seq += 1;
         self.path = self.dir.join(format!("trace-{}-{:06}.mtr", self.run.run_id, self.seq));
