@@ -276,7 +276,10 @@ impl<'p> Replay<'p> {
             let run_id = self.run_id.clone().unwrap_or_default();
             self.sessions.push(SessionReport::new(&run_id, run, *key, session, *ts));
         }
-        self.learn_process(&event);
+        if self.timeline {
+            // Names for timeline lines only.
+            self.learn_process(&event);
+        }
         let alerts = self.engine.handle(&event);
         let own = report::session_of(&event).and_then(|k| self.keys.get(&(run, k)).copied());
         if let (Some(index), true) = (own, self.timeline) {
