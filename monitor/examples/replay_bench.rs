@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         config: EngineConfig::default(),
     };
     let start = Instant::now();
-    let mut writer = TraceWriter::create(&dir, TraceLimits { max_bytes: u64::MAX, ..Default::default() }, run)?;
+    let mut writer = TraceWriter::create(&dir, TraceLimits { max_bytes: u64::MAX, ..Default::default() }, run, None)?;
     for (event, raised) in events.iter().zip(&alerts) {
         writer.event(event)?;
         for alert in raised {

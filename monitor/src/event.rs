@@ -52,6 +52,25 @@ pub enum Event {
 }
 
 impl Event {
+    /// The session the event names (`None` for processes outside sessions, ticks, losses).
+    pub fn session_key(&self) -> Option<SessionKey> {
+        let key = match self {
+            Event::SessionStarted { key, .. } | Event::SessionEnded { key, .. } => *key,
+            Event::ProcessSeen(p) => p.session,
+            Event::Fork(f) => f.session,
+            Event::Exec(e) => e.session,
+            Event::Exit(e) => e.session,
+            Event::Connect(c) => c.session,
+            Event::ConnectResult(r) => r.session,
+            Event::Resolve(r) => r.session,
+            Event::CredentialOpen(o) => o.session,
+            Event::TokenUse(t) => t.session,
+            Event::CredChange(c) => c.session,
+            Event::Tick { .. } | Event::Lost { .. } => 0,
+        };
+        (key != 0).then_some(key)
+    }
+
     pub fn ts(&self) -> Nanos {
         match self {
             Event::SessionStarted { ts, .. }

@@ -86,19 +86,21 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 config: engine_config.clone(),
             };
-            let mut writer = crate::trace::TraceWriter::create(dir, settings.trace_limits.clone(), run)
+            let forward = match &settings.trace_output {
+                Some(target) => {
+                    let spool = settings.spool.dir.join(format!("trace-{}", target.spool_name()));
+                    tracing::info!(output = %target.display(), "forwarding session traces");
+                    Some(crate::forward::ForwardOutput::open(
+                        target.clone(),
+                        spool,
+                        settings.spool.max_bytes,
+                        event_tx.clone(),
+                    )?)
+                }
+                None => None,
+            };
+            let writer = crate::trace::TraceWriter::create(dir, settings.trace_limits.clone(), run, forward)
                 .with_context(|| format!("trace directory {}", dir.display()))?;
-            if let Some(target) = &settings.trace_output {
-                let spool = settings.spool.dir.join(format!("trace-{}", target.spool_name()));
-                let output = crate::forward::ForwardOutput::open(
-                    target.clone(),
-                    spool,
-                    settings.spool.max_bytes,
-                    event_tx.clone(),
-                )?;
-                writer.forward_to(output);
-                tracing::info!(output = %target.display(), "forwarding session traces");
-            }
             tracing::info!(dir = %dir.display(), "recording session traces");
             Some(writer)
         }

@@ -226,11 +226,7 @@ fn read_cursor(path: &Path) -> Cursor {
 }
 
 fn write_cursor(path: &Path, c: Cursor) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)?;
-    writeln!(f, "{} {} {}", c.segment, c.offset, c.seq)?;
-    f.sync_data()?;
-    fs::rename(tmp, path)
+    crate::forward::spool::replace_file(path, &format!("{} {} {}\n", c.segment, c.offset, c.seq))
 }
 
 /// Up to `max` records after the cursor, and the cursor after them.

@@ -78,7 +78,7 @@ fn writer(mut store: store::Store, mut requests: mpsc::Receiver<StoreRequest>, d
             }
         }
         let entries: Vec<store::Incoming> = group.iter_mut().flat_map(|r| std::mem::take(&mut r.entries)).collect();
-        let result = store.append(&entries).map_err(|e| e.to_string());
+        let result = store.append(entries).map_err(|e| e.to_string());
         match &result {
             Ok(last) => {
                 let _ = durable.send(*last);

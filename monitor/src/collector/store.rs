@@ -103,7 +103,7 @@ impl Store {
 
     /// Appends the batch (skipping alerts already stored) and syncs it. Returns the last
     /// sequence number now durable.
-    pub fn append(&mut self, batch: &[Incoming]) -> std::io::Result<u64> {
+    pub fn append(&mut self, batch: Vec<Incoming>) -> std::io::Result<u64> {
         let mut buf = Vec::new();
         let mut new_ids = HashSet::new();
         let now = crate::agent::now_ns();
@@ -116,10 +116,10 @@ impl Store {
             }
             let stored = Stored {
                 seq: self.next_seq,
-                tag: e.tag.clone(),
+                tag: e.tag,
                 time_ns: e.time_ns,
-                id: e.id.clone(),
-                record: e.record.clone(),
+                id: e.id,
+                record: e.record,
                 stored_ns: now,
             };
             format::encode(&stored, &mut buf).map_err(std::io::Error::other)?;
@@ -223,10 +223,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("monitor-store-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir).unwrap();
-        assert_eq!(store.append(&[incoming("a"), incoming("b"), incoming("a")]).unwrap(), 2);
+        assert_eq!(store.append(vec![incoming("a"), incoming("b"), incoming("a")]).unwrap(), 2);
         drop(store);
         let mut store = Store::open(&dir).unwrap();
-        assert_eq!(store.append(&[incoming("b"), incoming("c")]).unwrap(), 3);
+        assert_eq!(store.append(vec![incoming("b"), incoming("c")]).unwrap(), 3);
         let mut seen = Vec::new();
         read_segment(&segment_path(&dir, 1), 0, &mut |s, _| seen.push((s.seq, s.id.unwrap()))).unwrap();
         assert_eq!(seen, [(1, "a".into()), (2, "b".into()), (3, "c".into())]);

@@ -132,6 +132,9 @@ impl Observer {
         match decoded {
             Decoded::Event(Event::Exec(mut exec)) => {
                 let found = self.redact_argv(&mut exec.argv);
+                if found.is_empty() {
+                    return vec![Event::Exec(exec)];
+                }
                 let actor = Actor {
                     pid: exec.pid,
                     tid: exec.pid,

@@ -211,13 +211,18 @@ fn read_cursor(dir: &Path) -> Option<Position> {
     Some(Position { segment: segment.parse().ok()?, offset: offset.parse().ok()? })
 }
 
-/// Replaces the cursor file atomically (write, sync, rename).
 fn write_cursor(dir: &Path, pos: Position) -> std::io::Result<()> {
-    let tmp = dir.join("cursor.tmp");
+    replace_file(&dir.join("cursor"), &format!("{} {}\n", pos.segment, pos.offset))
+}
+
+/// Replaces a small file atomically (write a sibling, sync it, rename it over): a crash leaves
+/// the old contents or the new, never a mix. Used for the spool's and the sinks' positions.
+pub fn replace_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
     let mut f = fs::File::create(&tmp)?;
-    writeln!(f, "{} {}", pos.segment, pos.offset)?;
+    f.write_all(contents.as_bytes())?;
     f.sync_data()?;
-    fs::rename(tmp, dir.join("cursor"))
+    fs::rename(tmp, path)
 }
 
 #[cfg(test)]

@@ -281,7 +281,7 @@ impl<'p> Replay<'p> {
             self.learn_process(&event);
         }
         let alerts = self.engine.handle(&event);
-        let own = report::session_of(&event).and_then(|k| self.keys.get(&(run, k)).copied());
+        let own = event.session_key().and_then(|k| self.keys.get(&(run, k)).copied());
         if let (Some(index), true) = (own, self.timeline) {
             self.sessions[index].apply(&event, &self.procs);
         }
@@ -478,7 +478,7 @@ mod tests {
             config: EngineConfig::default(),
         };
         let mut writer =
-            TraceWriter::create(dir, TraceLimits { segment_bytes: 600, ..Default::default() }, run).unwrap();
+            TraceWriter::create(dir, TraceLimits { segment_bytes: 600, ..Default::default() }, run, None).unwrap();
         let mut engine = Engine::new(EngineConfig::default());
         for e in events {
             writer.event(e).unwrap();

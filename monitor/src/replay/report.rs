@@ -193,25 +193,6 @@ fn severity(alert: &Alert) -> String {
     serde_json::to_value(alert.severity).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
-/// The session key an event names (0 and ticks: none).
-pub fn session_of(event: &Event) -> Option<SessionKey> {
-    let key = match event {
-        Event::SessionStarted { key, .. } | Event::SessionEnded { key, .. } => *key,
-        Event::ProcessSeen(p) => p.session,
-        Event::Fork(f) => f.session,
-        Event::Exec(e) => e.session,
-        Event::Exit(e) => e.session,
-        Event::Connect(c) => c.session,
-        Event::ConnectResult(r) => r.session,
-        Event::Resolve(r) => r.session,
-        Event::CredentialOpen(o) => o.session,
-        Event::TokenUse(t) => t.session,
-        Event::CredChange(c) => c.session,
-        Event::Tick { .. } | Event::Lost { .. } => 0,
-    };
-    (key != 0).then_some(key)
-}
-
 /// The process names known so far in a run, by pid.
 pub type Names = HashMap<u32, (Arc<str>, u32)>;
 

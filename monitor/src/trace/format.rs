@@ -50,6 +50,23 @@ pub struct RunInfo {
     pub config: EngineConfig,
 }
 
+/// The same records, borrowed: what the agent writes without copying each event. Serializes
+/// exactly as [`Record`] (externally tagged by the same variant names; the enum's own name is
+/// not written).
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordRef<'a> {
+    Run(&'a RunInfo),
+    Event(&'a Event),
+    Alert(TracedAlertRef<'a>),
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TracedAlertRef<'a> {
+    pub ts: u64,
+    pub alert: &'a Alert,
+}
+
 /// An alert with its event time (the alert's own `ts` is not serialized in outputs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TracedAlert {
@@ -202,6 +219,15 @@ mod tests {
             let Frame::Record(back, _) = decode::<Record>(&buf) else { panic!() };
             assert_eq!(*back, record);
         }
+    }
+
+    #[test]
+    fn borrowed_records_encode_as_owned_ones() {
+        let event = Event::Tick { ts: 9 };
+        let (mut owned, mut borrowed) = (Vec::new(), Vec::new());
+        encode(&Record::Event(event.clone()), &mut owned).unwrap();
+        encode(&RecordRef::Event(&event), &mut borrowed).unwrap();
+        assert_eq!(owned, borrowed);
     }
 
     #[test]

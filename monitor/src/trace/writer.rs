@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{self, Record, RunInfo};
+use super::format::{self, RecordRef, RunInfo, TracedAlertRef};
 use crate::event::{Event, SessionKey};
 
 /// Size and retention bounds of a trace directory.
@@ -71,7 +71,14 @@ pub struct TraceWriter {
 const BUFFER_BYTES: usize = 256 << 10;
 
 impl TraceWriter {
-    pub fn create(dir: &Path, limits: TraceLimits, run: RunInfo) -> std::io::Result<Self> {
+    /// `forward`: also send every record to a collector (through its own spool), so
+    /// responders can replay from the central store.
+    pub fn create(
+        dir: &Path,
+        limits: TraceLimits,
+        run: RunInfo,
+        forward: Option<crate::forward::ForwardOutput>,
+    ) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
         // Traces name processes, hosts and sessions: root only.
         fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
@@ -88,24 +95,12 @@ impl TraceWriter {
             ids: BTreeMap::new(),
             total_records: 0,
             total_bytes: 0,
-            forward: None,
+            forward,
             pending: Vec::new(),
         };
         writer.open_segment()?;
         writer.apply_retention();
         Ok(writer)
-    }
-
-    /// Also sends every record to a collector (through its own spool), so responders can
-    /// replay from the central store.
-    pub fn forward_to(&mut self, output: crate::forward::ForwardOutput) {
-        // The central copy starts with the run record too (sequence 0, written at creation):
-        // without it a replay cannot tell this run's records from another's.
-        let mut frame = Vec::new();
-        if format::encode(&Record::Run(self.run.clone()), &mut frame).is_ok() {
-            self.pending.push(central_record(&self.run, 0, 0, frame));
-        }
-        self.forward = Some(output);
     }
 
     /// Waits (up to `limit`) until the collector acknowledged every forwarded record.
@@ -124,7 +119,8 @@ impl TraceWriter {
         self.file = Some(file);
         self.index = SegmentIndex { run_id: self.run.run_id.clone(), ..Default::default() };
         // Every segment names its run: session keys are only meaningful within one.
-        self.append(&Record::Run(self.run.clone()), 0, None)?;
+        let run = self.run.clone();
+        self.append(RecordRef::Run(&run), 0, None)?;
         Ok(())
     }
 
@@ -133,15 +129,14 @@ impl TraceWriter {
         if let Event::SessionStarted { key, session, .. } = event {
             self.ids.insert(*key, session.id.to_string());
         }
-        let session = event_session(event);
-        self.append(&Record::Event(event.clone()), event.ts(), session)
+        let session = event.session_key();
+        self.append(RecordRef::Event(event), event.ts(), session)
     }
 
     /// Records an alert the engine raised.
     pub fn alert(&mut self, alert: &crate::alert::Alert) -> std::io::Result<()> {
-        let record = Record::Alert(format::TracedAlert { ts: alert.ts, alert: alert.clone() });
         self.index_session_id(&alert.session.id);
-        self.append(&record, alert.ts, None)
+        self.append(RecordRef::Alert(TracedAlertRef { ts: alert.ts, alert }), alert.ts, None)
     }
 
     fn index_session_id(&mut self, id: &str) {
@@ -150,9 +145,9 @@ impl TraceWriter {
         }
     }
 
-    fn append(&mut self, record: &Record, ts: u64, session: Option<SessionKey>) -> std::io::Result<()> {
+    fn append(&mut self, record: RecordRef<'_>, ts: u64, session: Option<SessionKey>) -> std::io::Result<()> {
         let before = self.buffer.len();
-        format::encode(record, &mut self.buffer).map_err(std::io::Error::other)?;
+        format::encode(&record, &mut self.buffer).map_err(std::io::Error::other)?;
         let len = (self.buffer.len() - before) as u64;
         if self.forward.is_some() {
             let frame = self.buffer[before..].to_vec();
@@ -293,25 +288,6 @@ pub fn segments_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(segments)
 }
 
-/// The session an event belongs to, when it names one.
-fn event_session(event: &Event) -> Option<SessionKey> {
-    let key = match event {
-        Event::SessionStarted { key, .. } | Event::SessionEnded { key, .. } => *key,
-        Event::ProcessSeen(p) => p.session,
-        Event::Fork(f) => f.session,
-        Event::Exec(e) => e.session,
-        Event::Exit(e) => e.session,
-        Event::Connect(c) => c.session,
-        Event::ConnectResult(r) => r.session,
-        Event::Resolve(r) => r.session,
-        Event::CredentialOpen(o) => o.session,
-        Event::TokenUse(t) => t.session,
-        Event::CredChange(c) => c.session,
-        Event::Tick { .. } | Event::Lost { .. } => 0,
-    };
-    (key != 0).then_some(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,7 +299,7 @@ mod tests {
         let run =
             RunInfo { run_id: "r".into(), host: "h".into(), agent_version: "t".into(), config: Default::default() };
         let limits = TraceLimits { segment_bytes: 2000, max_bytes: 10_000, max_age: Duration::from_secs(3600) };
-        let mut writer = TraceWriter::create(&dir, limits, run).unwrap();
+        let mut writer = TraceWriter::create(&dir, limits, run, None).unwrap();
         for ts in 1..2000u64 {
             writer.event(&Event::Tick { ts }).unwrap();
         }

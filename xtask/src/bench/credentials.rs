@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use super::Paired;
+use super::{seconds_from, Paired};
 
 /// Paired runs of `count` openat+close of an ordinary (unwatched) file.
 pub fn open_overhead(
@@ -27,11 +27,7 @@ pub fn open_overhead(
     fs::write(&file, "not a credential\n")?;
     let xtask = std::env::current_exe()?;
     Paired::run(monitor, dir, agent_args, rounds, "µs/open", count, |_agent| {
-        let output = Command::new(&xtask).arg("open-loop").arg(&file).arg(count.to_string()).output()?;
-        if !output.status.success() {
-            bail!("open loop failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+        seconds_from(Command::new(&xtask).arg("open-loop").arg(&file).arg(count.to_string()), "open loop")
     })
 }
 
@@ -102,11 +98,7 @@ pub fn tls_overhead(
             }
             None => Command::new(&xtask),
         };
-        let output = cmd.arg("timed").arg("--").args(&curl).env("BENCH_TOKEN", &token).output()?;
-        if !output.status.success() {
-            bail!("HTTPS loop failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+        seconds_from(cmd.arg("timed").arg("--").args(&curl).env("BENCH_TOKEN", &token), "HTTPS loop")
     })
 }
 

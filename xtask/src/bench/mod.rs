@@ -340,11 +340,7 @@ fn connect_overhead(
             }
             None => Command::new(&xtask),
         };
-        let output = cmd.args(["connect-loop", &addr.to_string(), &count.to_string()]).output()?;
-        if !output.status.success() {
-            bail!("connect loop failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+        seconds_from(cmd.args(["connect-loop", &addr.to_string(), &count.to_string()]), "connect loop")
     };
     let (mut none, mut outside, mut inside, mut r_out, mut r_in) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
@@ -406,6 +402,15 @@ pub fn connect_loop(addr: std::net::SocketAddr, count: u32) -> anyhow::Result<()
     }
     println!("{:.6}", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Runs a benchmark client and reads the seconds it prints on stdout.
+pub(crate) fn seconds_from(cmd: &mut Command, what: &str) -> anyhow::Result<f64> {
+    let output = cmd.output().with_context(|| format!("running the {what}"))?;
+    if !output.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
 }
 
 /// Medians of paired runs without and with the agent.
