@@ -176,7 +176,8 @@ impl Core {
         }
     }
 
-    async fn apply(&mut self, event: Event) {
+    async fn apply(&mut self, mut event: Event) {
+        self.engine.attribute(&mut event);
         if let Some(log) = &mut self.event_log {
             log.write(&event);
         }

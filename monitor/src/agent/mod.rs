@@ -57,7 +57,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let sinks = sinks::open(&settings.outputs, &settings.spool, event_tx.clone())?;
     let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
 
-    let credentials = CredentialIndex::new(random_seed()?);
+    let credentials = CredentialIndex::new(random_seed()?, file_access_watch(&settings.enabled_probes));
     let observer = Observer::new(credentials.clone(), key.clone(), settings.policy.credentials.api_key_headers.clone());
     maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
     credentials::watch::refresh(&credentials, &mut maps, &settings.policy.credentials.watch);
@@ -168,6 +168,25 @@ async fn watch_credentials(index: Arc<CredentialIndex>, maps: Arc<Mutex<KernelMa
         tokio::time::sleep(WATCH_RESCAN).await;
         let mut maps = maps.lock().await;
         credentials::watch::refresh(&index, &mut maps, &extra);
+    }
+}
+
+/// The fanotify group that watches credential files, unless the opt-in openat tracepoints do
+/// (both would report each access twice) or this kernel has no fanotify.
+fn file_access_watch(enabled_probes: &[String]) -> Option<credentials::fanotify::FileAccessWatch> {
+    if enabled_probes.iter().any(|p| p.starts_with("sys_exit_open")) {
+        tracing::info!("credential files watched by the openat tracepoints (--enable-probe), not fanotify");
+        return None;
+    }
+    match credentials::fanotify::FileAccessWatch::new() {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(
+                "degraded: fanotify unavailable ({e}); credential files are not watched \
+                 (--enable-probe sys_exit_openat watches them through syscall tracepoints)"
+            );
+            None
+        }
     }
 }
 

@@ -34,6 +34,19 @@ pub async fn run(
             guard = fd.readable_mut() => guard?.clear_ready(),
             _ = tokio::time::sleep(DRAIN_INTERVAL) => {}
         }
+        // Credential file accesses first, the ring buffer second: an access was queued when it
+        // happened, so the fork or exec that made its process is already in the ring buffer,
+        // and read below; the process's exit may be too, and the access goes before it.
+        let now = crate::agent::now_ns();
+        let mut accesses = Vec::new();
+        let lost = observer.drain_file_accesses(now, &mut accesses);
+        if lost > 0 {
+            batch.push(Event::Lost {
+                ts: now,
+                source: "credential file events (fanotify queue overflow)".into(),
+                count: lost,
+            });
+        }
         let ring = fd.get_mut();
         while let Some(record) = ring.next() {
             // Credential observations are resolved here, while the record is borrowed: raw
@@ -44,12 +57,31 @@ pub async fn run(
             }
         }
 
+        for access in accesses {
+            place_before_exit(&mut batch, access);
+        }
         for mut event in batch.drain(..) {
             enrich(&mut event);
             if out.send(event).await.is_err() {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Puts a file access (a `CredentialOpen` from fanotify) into `batch` just before the exit of its
+/// process, if the batch holds it, so the engine still knows the process; else at the end.
+fn place_before_exit(batch: &mut Vec<Event>, mut access: Event) {
+    let Event::CredentialOpen(open) = &mut access else { return };
+    let exit = batch.iter().position(|e| matches!(e, Event::Exit(x) if x.pid == open.actor.pid));
+    match exit {
+        Some(at) => {
+            if let Event::Exit(x) = &batch[at] {
+                open.ts = open.ts.min(x.ts);
+            }
+            batch.insert(at, access);
+        }
+        None => batch.push(access),
     }
 }
 
@@ -67,7 +99,16 @@ fn enrich(event: &mut Event) {
             }
             return;
         }
-        Event::CredentialOpen(open) => &mut open.actor,
+        Event::CredentialOpen(open) => {
+            // Seen through fanotify: only the pid is known; the rest from /proc while it lives.
+            if open.actor.uid == u32::MAX {
+                if let Some(p) = crate::sessions::bind::snapshot(open.actor.pid, 0, 0) {
+                    open.actor.uid = p.creds.uid;
+                    open.actor.cgroup = p.cgroup;
+                }
+            }
+            &mut open.actor
+        }
         Event::TokenUse(token) => &mut token.actor,
         _ => return,
     };

@@ -7,6 +7,7 @@
 //! fingerprint before the request is dropped. Neither is ever logged, stored or sent.
 
 pub mod argv;
+pub mod fanotify;
 pub mod http;
 pub mod jwt;
 mod kernel;
@@ -17,6 +18,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use fanotify::FileAccessWatch;
 pub use http::CredentialKind;
 pub use jwt::JwtClaims;
 use monitor_common::token_hash;
@@ -29,10 +31,18 @@ use crate::{
 
 /// What the credential probes look for, shared by the control plane (which adds sessions), the
 /// watch task (which rescans files) and the reader (which resolves observations).
-#[derive(Debug)]
 pub struct CredentialIndex {
     seed: u64,
     inner: RwLock<Inner>,
+    /// Reads and writes of the watched files, when fanotify is in use (the default; the
+    /// `sys_exit_openat` tracepoints are the opt-in alternative).
+    files: Option<FileAccessWatch>,
+}
+
+impl std::fmt::Debug for CredentialIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialIndex").field("files", &self.files.is_some()).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -46,9 +56,10 @@ struct Inner {
 }
 
 impl CredentialIndex {
-    /// `seed` seeds the kernel's token hash (random per agent start).
-    pub fn new(seed: u64) -> Arc<Self> {
-        Arc::new(Self { seed, inner: RwLock::new(Inner::default()) })
+    /// `seed` seeds the kernel's token hash (random per agent start); `files` watches the
+    /// credential files (see fanotify.rs).
+    pub fn new(seed: u64, files: Option<FileAccessWatch>) -> Arc<Self> {
+        Arc::new(Self { seed, inner: RwLock::new(Inner::default()), files })
     }
 
     pub fn seed(&self) -> u64 {
@@ -91,9 +102,41 @@ impl CredentialIndex {
         self.read().paths.values().flatten().cloned().collect()
     }
 
-    /// Replaces the watched files (after a scan).
+    /// Replaces the watched files (after a scan) and moves the file marks to them.
     pub fn set_watched(&self, watched: HashMap<(u32, u64), String>) {
+        if let Some(files) = &self.files {
+            files.sync(&watched);
+        }
         self.write().watched = watched;
+    }
+
+    /// Reads and writes of watched files since the last call, as events of processes whose
+    /// session the engine fills in (`session` 0). Returns the events lost to a queue overflow.
+    pub fn drain_file_accesses(&self, ts: crate::event::Nanos, out: &mut Vec<Event>) -> u64 {
+        let Some(files) = &self.files else { return 0 };
+        let mut accesses = Vec::new();
+        let lost = files.drain(&mut accesses);
+        accesses.dedup();
+        for access in accesses {
+            let Some(path) = self.path_of(access.dev, access.ino) else { continue };
+            let actor = Actor {
+                pid: access.pid,
+                tid: access.pid,
+                comm: String::new(),
+                exe: String::new(),
+                uid: u32::MAX,
+                cgroup: 0,
+            };
+            out.push(Event::CredentialOpen(CredentialOpen {
+                ts,
+                session: 0,
+                actor,
+                path,
+                fd: -1,
+                write: access.write,
+            }));
+        }
+        lost
     }
 
     pub fn watched(&self) -> HashMap<(u32, u64), String> {
@@ -172,6 +215,12 @@ impl Observer {
             }
             Decoded::Payload { ts, session, actor, tls, dst, data } => self.payload(ts, session, actor, tls, dst, data),
         }
+    }
+
+    /// Reads and writes of watched credential files since the last call (see
+    /// [`CredentialIndex::drain_file_accesses`]).
+    pub fn drain_file_accesses(&self, ts: crate::event::Nanos, out: &mut Vec<Event>) -> u64 {
+        self.index.drain_file_accesses(ts, out)
     }
 
     /// Replaces the secrets in a command line by their fingerprints; returns what was found.

@@ -137,6 +137,30 @@ impl Engine {
         Self { config, ..Default::default() }
     }
 
+    /// Fills in the session of an observation made where the kernel's session tracking is not
+    /// (a credential file read seen through fanotify carries only a pid): the live session
+    /// process with that pid, else the latest session bound to the process's cgroup. Called
+    /// before the event is recorded, so traces and replays carry the session.
+    pub fn attribute(&self, event: &mut Event) {
+        let Event::CredentialOpen(open) = event else { return };
+        if open.session != 0 {
+            return;
+        }
+        let by_pid = self.procs.live(open.actor.pid).and_then(|s| self.procs.get(s)).map(|p| p.session);
+        let by_cgroup = || {
+            (open.actor.cgroup != 0)
+                .then(|| {
+                    self.sessions
+                        .iter()
+                        .filter(|(_, t)| t.session.binding.cgroup.as_ref().is_some_and(|c| c.id == open.actor.cgroup))
+                        .max_by_key(|(_, t)| t.started)
+                        .map(|(k, _)| *k)
+                })
+                .flatten()
+        };
+        open.session = by_pid.or_else(by_cgroup).unwrap_or(0);
+    }
+
     /// Feeds one event; returns the alerts it raises, in a deterministic order.
     pub fn handle(&mut self, event: &Event) -> Vec<Alert> {
         let mut alerts = Vec::new();

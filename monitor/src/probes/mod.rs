@@ -3,6 +3,7 @@
 
 mod btf;
 pub mod tracefs;
+mod uprobe_site;
 
 use std::path::Path;
 
@@ -74,9 +75,11 @@ pub enum AttachPoint {
     Libc {
         symbol: &'static str,
     },
-    /// A uprobe on a function of OpenSSL 3's libssl.so.3, attached to the library file.
+    /// An entry uprobe on a function of OpenSSL 3's libssl.so.3, attached to the library file,
+    /// for a program that reads the first `args` arguments (see uprobe_site.rs).
     Libssl {
         symbol: &'static str,
+        args: usize,
     },
     /// A cgroup skb egress hook on the agent's cgroup.
     CgroupSkbEgress,
@@ -88,7 +91,7 @@ impl std::fmt::Display for AttachPoint {
             AttachPoint::TracePoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
             AttachPoint::CgroupSockAddr { hook } => write!(f, "cgroup/{hook}"),
             AttachPoint::Libc { symbol } => write!(f, "uprobe/libc:{symbol}"),
-            AttachPoint::Libssl { symbol } => write!(f, "uprobe/libssl:{symbol}"),
+            AttachPoint::Libssl { symbol, .. } => write!(f, "uprobe/libssl:{symbol}"),
             AttachPoint::CgroupSkbEgress => write!(f, "cgroup_skb/egress"),
         }
     }
@@ -177,24 +180,25 @@ pub const PROBES: &[ProbeSpec] = &[
         program: "sys_exit_openat",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_openat" },
         required: false,
-        // A syscall tracepoint turns on the syscall-tracing slow path for every process; the
-        // openat benchmark measures what that costs.
-        provides: "opens of watched credential files",
-        opt_in: false,
+        // The alternative to fanotify (credentials/fanotify.rs), for kernels without it. A
+        // syscall tracepoint turns on the syscall-tracing slow path for every process, and this
+        // one runs for every open on the host: the openat benchmark measures what that costs.
+        provides: "opens of watched credential files (instead of fanotify)",
+        opt_in: true,
     },
     ProbeSpec {
         program: "sys_exit_openat2",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_openat2" },
         required: false,
-        provides: "opens of watched credential files through openat2",
-        opt_in: false,
+        provides: "opens of watched credential files through openat2 (instead of fanotify)",
+        opt_in: true,
     },
     ProbeSpec {
         program: "sys_exit_open",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_open" },
         required: false,
-        provides: "opens of watched credential files through open(2)",
-        opt_in: false,
+        provides: "opens of watched credential files through open(2) (instead of fanotify)",
+        opt_in: true,
     },
     ProbeSpec {
         program: "sys_exit_setuid",
@@ -226,14 +230,14 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         program: "ssl_write",
-        attach: AttachPoint::Libssl { symbol: "SSL_write" },
+        attach: AttachPoint::Libssl { symbol: "SSL_write", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3",
         opt_in: false,
     },
     ProbeSpec {
         program: "ssl_write_ex",
-        attach: AttachPoint::Libssl { symbol: "SSL_write_ex" },
+        attach: AttachPoint::Libssl { symbol: "SSL_write_ex", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3 (SSL_write_ex)",
         opt_in: false,
@@ -496,11 +500,20 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>)
             probe.load().map_err(err)?;
             probe.attach(symbol, &libc, UProbeScope::AllProcesses).map_err(err)?;
         }
-        AttachPoint::Libssl { symbol } => {
+        AttachPoint::Libssl { symbol, args } => {
             let libssl = libssl_path().ok_or(ProbeError::NoLibssl)?;
             let probe: &mut UProbe = program.try_into().map_err(err)?;
             probe.load().map_err(err)?;
-            probe.attach(symbol, &libssl, UProbeScope::AllProcesses).map_err(err)?;
+            match uprobe_site::entry_site(&libssl, symbol, args) {
+                Ok(site) => {
+                    tracing::debug!(symbol, past_entry = site.past_entry, emulated = site.emulated, "uprobe site");
+                    probe.attach(site.file_offset, &libssl, UProbeScope::AllProcesses).map_err(err)?;
+                }
+                Err(e) => {
+                    tracing::debug!(symbol, "no uprobe site found ({e}); probing the entry");
+                    probe.attach(symbol, &libssl, UProbeScope::AllProcesses).map_err(err)?;
+                }
+            }
         }
         AttachPoint::CgroupSkbEgress => {
             let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
