@@ -112,8 +112,13 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         core::Core::new(Engine::new(engine_config), event_rx, alert_tx, stamp, event_log, trace, effect_tx);
     let core = tokio::spawn(core.run());
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), effect_rx));
-    let watcher =
-        tokio::spawn(watch_credentials(credentials.clone(), maps.clone(), settings.policy.credentials.watch.clone()));
+    let probes = Arc::new(std::sync::Mutex::new(probes));
+    let watcher = tokio::spawn(watch_credentials(
+        credentials.clone(),
+        maps.clone(),
+        probes.clone(),
+        settings.policy.credentials.watch.clone(),
+    ));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
     let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
 
@@ -128,6 +133,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         clock: clock(),
         policy: Arc::new(settings.policy.clone()),
         credentials,
+        probes: probes.clone(),
     };
     let control = tokio::spawn(server::serve(listener, plane));
     tracing::info!(control = %settings.control.display(), "agent ready");
@@ -163,11 +169,21 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
 /// How often the credential watch list is rescanned (files appear, rotate, disappear).
 const WATCH_RESCAN: Duration = Duration::from_secs(10);
 
-async fn watch_credentials(index: Arc<CredentialIndex>, maps: Arc<Mutex<KernelMaps>>, extra: Vec<String>) {
+/// Rescans the credential watch list, and detaches the session-time probes once no process or
+/// cgroup is bound to a session any more (session start attaches them, under the same lock).
+async fn watch_credentials(
+    index: Arc<CredentialIndex>,
+    maps: Arc<Mutex<KernelMaps>>,
+    probes: Arc<std::sync::Mutex<probes::Probes>>,
+    extra: Vec<String>,
+) {
     loop {
         tokio::time::sleep(WATCH_RESCAN).await;
         let mut maps = maps.lock().await;
         credentials::watch::refresh(&index, &mut maps, &extra);
+        if !maps.any_binding() {
+            probes.lock().unwrap_or_else(|p| p.into_inner()).set_sessions_running(false);
+        }
     }
 }
 
@@ -201,7 +217,9 @@ fn random_seed() -> anyhow::Result<u64> {
 
 fn report(report: &probes::LoadReport) {
     for p in &report.probes {
-        if p.attached {
+        if p.while_sessions {
+            tracing::info!(probe = p.probe, attach = %p.attach, "loaded; attached while sessions run");
+        } else if p.attached {
             tracing::info!(probe = p.probe, attach = %p.attach, "attached");
         } else {
             tracing::warn!(probe = p.probe, attach = %p.attach, error = p.error.as_deref().unwrap_or(""), "degraded");

@@ -107,8 +107,21 @@ pub struct ProbeSpec {
     pub required: bool,
     /// What the agent loses without it, for the report.
     pub provides: &'static str,
-    /// Off unless asked for (`--enable-probe`): a probe whose cost falls on the whole host.
-    pub opt_in: bool,
+    pub when: When,
+}
+
+/// When a probe is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// From start to stop.
+    Always,
+    /// Only when asked for (`--enable-probe`): a probe whose cost falls on the whole host.
+    OptIn,
+    /// Only while some process or cgroup is bound to a session (see
+    /// [`Probes::set_sessions_running`]): syscall tracepoints that report on session processes
+    /// only, but whose mere presence puts every syscall of every process on the kernel's
+    /// slower syscall-tracing path (measured: +5% on an openat loop).
+    WhileSessions,
 }
 
 /// Every probe the agent knows about.
@@ -118,63 +131,63 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::TracePoint { category: "task", name: "task_newtask" },
         required: true,
         provides: "session inheritance at fork",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "sched_process_exec",
         attach: AttachPoint::TracePoint { category: "sched", name: "sched_process_exec" },
         required: true,
         provides: "exec events",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "sched_process_exit",
         attach: AttachPoint::TracePoint { category: "sched", name: "sched_process_exit" },
         required: true,
         provides: "exit events and session cleanup",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "connect4",
         attach: AttachPoint::CgroupSockAddr { hook: "connect4" },
         required: false,
         provides: "IPv4 connects and their enforcement",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "connect6",
         attach: AttachPoint::CgroupSockAddr { hook: "connect6" },
         required: false,
         provides: "IPv6 connects and their enforcement",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "sendmsg4",
         attach: AttachPoint::CgroupSockAddr { hook: "sendmsg4" },
         required: false,
         provides: "unconnected IPv4 UDP sends and their enforcement",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "sendmsg6",
         attach: AttachPoint::CgroupSockAddr { hook: "sendmsg6" },
         required: false,
         provides: "unconnected IPv6 UDP sends and their enforcement",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "getaddrinfo_enter",
         attach: AttachPoint::Libc { symbol: "getaddrinfo" },
         required: false,
         provides: "names resolved through libc (name scopes, dst_name)",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "getaddrinfo_exit",
         attach: AttachPoint::Libc { symbol: "getaddrinfo" },
         required: false,
         provides: "names resolved through libc (name scopes, dst_name)",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "sys_exit_openat",
@@ -184,70 +197,70 @@ pub const PROBES: &[ProbeSpec] = &[
         // syscall tracepoint turns on the syscall-tracing slow path for every process, and this
         // one runs for every open on the host: the openat benchmark measures what that costs.
         provides: "opens of watched credential files (instead of fanotify)",
-        opt_in: true,
+        when: When::OptIn,
     },
     ProbeSpec {
         program: "sys_exit_openat2",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_openat2" },
         required: false,
         provides: "opens of watched credential files through openat2 (instead of fanotify)",
-        opt_in: true,
+        when: When::OptIn,
     },
     ProbeSpec {
         program: "sys_exit_open",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_open" },
         required: false,
         provides: "opens of watched credential files through open(2) (instead of fanotify)",
-        opt_in: true,
+        when: When::OptIn,
     },
     ProbeSpec {
         program: "sys_exit_setuid",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setuid" },
         required: false,
         provides: "setuid by session processes",
-        opt_in: false,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_setreuid",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setreuid" },
         required: false,
         provides: "setreuid by session processes",
-        opt_in: false,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_setresuid",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setresuid" },
         required: false,
         provides: "setresuid by session processes",
-        opt_in: false,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_capset",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_capset" },
         required: false,
         provides: "capset by session processes",
-        opt_in: false,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "ssl_write",
         attach: AttachPoint::Libssl { symbol: "SSL_write", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "ssl_write_ex",
         attach: AttachPoint::Libssl { symbol: "SSL_write_ex", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3 (SSL_write_ex)",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "tcp_egress",
         attach: AttachPoint::CgroupSkbEgress,
         required: false,
         provides: "tokens in plaintext HTTP requests",
-        opt_in: false,
+        when: When::Always,
     },
     ProbeSpec {
         program: "sys_enter_connect",
@@ -256,14 +269,14 @@ pub const PROBES: &[ProbeSpec] = &[
         // Any syscall tracepoint turns on the syscall-tracing slow path for every syscall of
         // every process: measured +5-10% on a connect loop outside sessions.
         provides: "the socket fd of connects",
-        opt_in: true,
+        when: When::OptIn,
     },
     ProbeSpec {
         program: "sys_exit_connect",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_connect" },
         required: false,
         provides: "the outcome of connects",
-        opt_in: true,
+        when: When::OptIn,
     },
 ];
 
@@ -272,6 +285,9 @@ pub struct ProbeStatus {
     pub probe: &'static str,
     pub attach: String,
     pub attached: bool,
+    /// Loaded, and attached only while sessions run ([`When::WhileSessions`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub while_sessions: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -315,8 +331,38 @@ pub struct Handles {
 
 /// The loaded programs. Dropping this detaches every probe.
 pub struct Probes {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub report: LoadReport,
+    /// The [`When::WhileSessions`] probes that loaded, and their links while attached.
+    on_demand: Vec<(&'static ProbeSpec, Option<aya::programs::trace_point::TracePointLinkId>)>,
+}
+
+impl Probes {
+    /// Attaches the [`When::WhileSessions`] probes when sessions start running, detaches them
+    /// when none is left. A failure degrades what they provide and is logged.
+    pub fn set_sessions_running(&mut self, running: bool) {
+        for (spec, link) in &mut self.on_demand {
+            let AttachPoint::TracePoint { category, name } = spec.attach else { continue };
+            let Some(tp) = self.ebpf.program_mut(spec.program).and_then(|p| <&mut TracePoint>::try_from(p).ok()) else {
+                continue;
+            };
+            match (running, link.take()) {
+                (true, None) => match tp.attach(category, name) {
+                    Ok(id) => *link = Some(id),
+                    Err(e) => {
+                        tracing::warn!(probe = spec.program, "degraded (lost: {}): {}", spec.provides, error_chain(&e))
+                    }
+                },
+                (false, Some(id)) => {
+                    if let Err(e) = tp.detach(id) {
+                        tracing::warn!(probe = spec.program, "detaching: {e}");
+                    }
+                }
+                (_, current) => *link = current,
+            }
+        }
+        tracing::debug!(running, probes = self.on_demand.len(), "session-time probes");
+    }
 }
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -440,6 +486,7 @@ impl Loaded {
             return Err(ProbeError::Unknown { name: name.clone() });
         }
         let mut report = LoadReport { missing_offsets: self.missing_offsets.clone(), ..Default::default() };
+        let mut on_demand = Vec::new();
         let cgroup = cgroup.map(Path::to_path_buf).or_else(crate::sessions::bind::cgroup2_mount);
         let cgroup = match cgroup.as_deref().map(std::fs::File::open) {
             Some(Ok(dir)) => Some(dir),
@@ -451,29 +498,72 @@ impl Loaded {
         };
         for spec in PROBES {
             let attach = spec.attach.to_string();
-            let off = disabled.iter().any(|d| d == spec.program)
-                || (spec.opt_in && !enabled.iter().any(|e| e == spec.program));
+            let opt_in = spec.when == When::OptIn;
+            let off =
+                disabled.iter().any(|d| d == spec.program) || (opt_in && !enabled.iter().any(|e| e == spec.program));
             if off {
-                let why =
-                    if spec.opt_in { "opt-in, enable with --enable-probe" } else { "disabled by --disable-probe" };
+                let why = if opt_in { "opt-in, enable with --enable-probe" } else { "disabled by --disable-probe" };
                 let error = Some(format!("{why} (lost: {})", spec.provides));
-                report.probes.push(ProbeStatus { probe: spec.program, attach, attached: false, error });
+                report.probes.push(ProbeStatus {
+                    probe: spec.program,
+                    attach,
+                    attached: false,
+                    while_sessions: false,
+                    error,
+                });
+                continue;
+            }
+            if spec.when == When::WhileSessions {
+                match load_tracepoint(&mut self.ebpf, spec) {
+                    Ok(()) => {
+                        on_demand.push((spec, None));
+                        report.probes.push(ProbeStatus {
+                            probe: spec.program,
+                            attach,
+                            attached: true,
+                            while_sessions: true,
+                            error: None,
+                        });
+                    }
+                    Err(e) => report.probes.push(ProbeStatus {
+                        probe: spec.program,
+                        attach,
+                        attached: false,
+                        while_sessions: false,
+                        error: Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
+                    }),
+                }
                 continue;
             }
             let result = attach_one(&mut self.ebpf, spec, cgroup.as_ref());
             match result {
-                Ok(()) => report.probes.push(ProbeStatus { probe: spec.program, attach, attached: true, error: None }),
+                Ok(()) => report.probes.push(ProbeStatus {
+                    probe: spec.program,
+                    attach,
+                    attached: true,
+                    while_sessions: false,
+                    error: None,
+                }),
                 Err(e) if !spec.required => report.probes.push(ProbeStatus {
                     probe: spec.program,
                     attach,
                     attached: false,
+                    while_sessions: false,
                     error: Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
                 }),
                 Err(e) => return Err(e),
             }
         }
-        Ok(Probes { _ebpf: self.ebpf, report })
+        Ok(Probes { ebpf: self.ebpf, report, on_demand })
     }
+}
+
+/// Loads a tracepoint program without attaching it.
+fn load_tracepoint(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), ProbeError> {
+    let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
+    let err = |source| ProbeError::Program { probe: spec.program, source };
+    let tp: &mut TracePoint = program.try_into().map_err(err)?;
+    tp.load().map_err(err)
 }
 
 fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>) -> Result<(), ProbeError> {

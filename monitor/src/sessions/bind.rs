@@ -128,6 +128,11 @@ pub fn cgroup_members(dir: &Path) -> Vec<u32> {
 }
 
 impl KernelMaps {
+    /// Whether any process or cgroup is bound to a session (running or ended).
+    pub fn any_binding(&self) -> bool {
+        self.proc_sessions.keys().next().is_some() || self.cgroup_sessions.keys().next().is_some()
+    }
+
     /// Puts processes into a session; a process already in another session is moved.
     pub fn bind_pids(&mut self, pids: &[u32], key: SessionKey) -> Result<(), BindError> {
         for pid in pids {

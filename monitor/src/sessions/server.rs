@@ -29,6 +29,8 @@ pub struct ControlPlane {
     pub clock: crate::decode::Clock,
     pub policy: Arc<crate::policy::Policy>,
     pub credentials: Arc<crate::credentials::CredentialIndex>,
+    /// For the probes attached only while sessions run.
+    pub probes: Arc<std::sync::Mutex<crate::probes::Probes>>,
 }
 
 /// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
@@ -136,6 +138,8 @@ async fn start(
         let _ = plane.core.end(id.clone(), crate::event::EndReason::Requested).await;
         return Err(e);
     }
+    // Before any process is bound, so its first credential change is seen.
+    plane.probes.lock().unwrap_or_else(|p| p.into_inner()).set_sessions_running(true);
     // Snapshot first, bind second: a process's own events then always follow its snapshot.
     if let Some(pid) = bind.pid {
         let mut bound: Vec<u32> = Vec::new();

@@ -1,5 +1,6 @@
 //! Benchmarks of the credential probes: openat of ordinary files by a process outside sessions
-//! (the openat exit tracepoints run for every open on the host), and HTTPS requests carrying a
+//! (what the agent's presence costs every syscall; credential files are watched by fanotify
+//! inode marks, which cost other files nothing), and HTTPS requests carrying a
 //! session token by a session process (the SSL_write uprobe, the payload event, the parse and
 //! the fingerprint).
 
@@ -21,13 +22,20 @@ pub fn open_overhead(
     agent_args: &[String],
     count: u32,
     rounds: u32,
+    session_on_host: bool,
 ) -> anyhow::Result<Paired> {
-    eprintln!("bench: openat overhead, {rounds} paired rounds of {count} openat+close (CPU time), outside sessions");
+    let host = if session_on_host { "a session running on the host" } else { "no session on the host" };
+    eprintln!(
+        "bench: openat overhead, {rounds} paired rounds of {count} openat+close (CPU time), outside sessions, {host}"
+    );
     let file = dir.join("ordinary-file");
     fs::write(&file, "not a credential\n")?;
     let xtask = std::env::current_exe()?;
-    Paired::run(monitor, dir, agent_args, rounds, "µs/open", count, |_agent| {
-        seconds_from(Command::new(&xtask).arg("open-loop").arg(&file).arg(count.to_string()), "open loop")
+    let open_loop =
+        || seconds_from(Command::new(&xtask).arg("open-loop").arg(&file).arg(count.to_string()), "open loop");
+    Paired::run(monitor, dir, agent_args, rounds, "µs/open", count, |agent| match agent {
+        Some(agent) if session_on_host => super::with_session_holder(monitor, dir, agent, open_loop),
+        _ => open_loop(),
     })
 }
 
