@@ -338,6 +338,33 @@ fn watched_credential_files_read_directly_relatively_and_through_a_symlink() {
     assert_eq!(t.alerts_of("credential_out_of_scope").len(), 3);
 }
 
+/// Credential files are watched through fanotify, which names only the reading process: the
+/// agent finds its session. Here a shell joins a session's bound cgroup and reads the file with a
+/// builtin (no fork, no exec), so only its cgroup says which session it is in.
+#[test]
+fn a_credential_read_by_a_process_that_joined_a_bound_cgroup_is_its_sessions() {
+    let scratch = Scratch::new("cred-cgroup-data");
+    let secret = scratch.path("db.password");
+    fs::write(&secret, "not-a-real-password\n").unwrap();
+    let policy = scratch.write("policy.yaml", &format!("credentials:\n  watch: [\"{}\"]\n", secret.display()));
+    let t = Creds::start("cred-cgroup", &["--policy", policy.to_str().unwrap()]);
+    let bound = TestCgroup::new("cred-bound");
+    let session = session_file(&t.agent.dir, "pod-cred", "grace: 1s\n");
+    let o =
+        t.agent.cli(&["session", "start", "--file", session.to_str().unwrap(), "--cgroup", bound.0.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let script = format!("echo $$ > {}; read line < {}; exec sleep 30", bound.procs().display(), secret.display());
+    let mut member = Command::new("/bin/sh").args(["-c", &script]).spawn().unwrap();
+    let alert = t.agent.wait_alert("credential_out_of_scope by the cgroup member", |a| {
+        a["rule"] == "credential_out_of_scope" && a["process"]["pid"] == member.id()
+    });
+    assert_eq!(alert["session"]["id"], "pod-cred");
+    assert_eq!(alert["credential"]["path"], secret.display().to_string());
+    let _ = member.kill();
+    let _ = member.wait();
+}
+
 #[test]
 fn a_token_in_the_environment_of_a_detached_child_that_execs_after_the_end() {
     let t = Creds::start("cred-env", &[]);

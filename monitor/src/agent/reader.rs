@@ -123,3 +123,35 @@ fn enrich(event: &mut Event) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Actor, CredentialOpen, Exit};
+
+    fn access(pid: u32, ts: u64) -> Event {
+        let actor = Actor { pid, tid: pid, comm: String::new(), exe: String::new(), uid: u32::MAX, cgroup: 0 };
+        Event::CredentialOpen(CredentialOpen { ts, session: 0, actor, path: "/secret".into(), fd: -1, write: false })
+    }
+
+    fn exit(pid: u32, ts: u64) -> Event {
+        Event::Exit(Exit { ts, session: 1, pid, exit_code: 0 })
+    }
+
+    #[test]
+    fn a_file_access_goes_before_its_process_exit_else_last() {
+        let mut batch = vec![exit(7, 10), exit(8, 20), exit(9, 30)];
+        place_before_exit(&mut batch, access(8, 99));
+        place_before_exit(&mut batch, access(5, 99));
+        let order: Vec<(&str, u64)> = batch
+            .iter()
+            .map(|e| match e {
+                Event::Exit(x) => ("exit", x.ts),
+                Event::CredentialOpen(o) => ("access", o.ts),
+                _ => unreachable!(),
+            })
+            .collect();
+        // The access of pid 8 takes its exit's time: it happened no later.
+        assert_eq!(order, [("exit", 10), ("access", 20), ("exit", 20), ("exit", 30), ("access", 99)]);
+    }
+}

@@ -31,7 +31,7 @@ const MASK: u64 = libc::FAN_ACCESS | libc::FAN_MODIFY;
 const READ_BUFFER: usize = 16 * 1024;
 
 /// One read or write of a watched file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FileAccess {
     /// The process (thread group id).
     pub pid: u32,

@@ -116,7 +116,10 @@ impl CredentialIndex {
         let Some(files) = &self.files else { return 0 };
         let mut accesses = Vec::new();
         let lost = files.drain(&mut accesses);
-        accesses.dedup();
+        // One event per process, file and kind per drain: a shell's builtin `read` reads a
+        // byte at a time.
+        let mut seen = HashSet::new();
+        accesses.retain(|a| seen.insert(a.clone()));
         for access in accesses {
             let Some(path) = self.path_of(access.dev, access.ino) else { continue };
             let actor = Actor {

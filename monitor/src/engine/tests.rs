@@ -395,6 +395,31 @@ mod credentials {
         vec![start(0, with_token()), exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000))]
     }
 
+    /// File reads seen through fanotify carry only the reader's pid (and its cgroup while it
+    /// lives): the engine names the session, by live session process first, then by bound cgroup.
+    #[test]
+    fn file_reads_are_attributed_by_pid_then_by_bound_cgroup() {
+        let mut engine = Engine::default();
+        let mut bound = with_token();
+        bound.binding.cgroup = Some(crate::sessions::CgroupBinding { path: "/sys/fs/cgroup/pod".into(), id: 77 });
+        for e in [start(0, bound), exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000))] {
+            engine.handle(&e);
+        }
+        let read = |engine: &Engine, pid: u32, cgroup: u64| {
+            let mut e = open(2 * S, 0, pid, "/etc/other-secret", false);
+            if let Event::CredentialOpen(o) = &mut e {
+                o.actor.cgroup = cgroup;
+            }
+            engine.attribute(&mut e);
+            e.session_key()
+        };
+        assert_eq!(read(&engine, ROOT, 0), Some(KEY), "a live session process, by pid");
+        assert_eq!(read(&engine, 555, 77), Some(KEY), "an unknown pid in the bound cgroup");
+        assert_eq!(read(&engine, 555, 78), None, "neither: outside sessions");
+        engine.handle(&exit(3 * S, ROOT));
+        assert_eq!(read(&engine, ROOT, 0), None, "an exited process is no longer the session's");
+    }
+
     #[test]
     fn token_inside_its_active_session_is_only_observed() {
         let mut events = task();
