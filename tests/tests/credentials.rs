@@ -446,6 +446,42 @@ fn python_with_permitted_net_raw(dir: &Scratch) -> std::path::PathBuf {
     python
 }
 
+/// Probes the agent holds attached, each a BPF link descriptor it keeps open.
+fn bpf_links(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy() == "anon_inode:bpf_link")
+        .count()
+}
+
+/// The privilege-change tracepoints slow every syscall on the host, so they are attached only
+/// while a process or cgroup is bound to a session: four more BPF links while one runs, and
+/// back to the idle count once its processes are gone.
+#[test]
+fn privilege_change_probes_are_attached_only_while_sessions_run() {
+    let t = Creds::start("cred-ondemand", &[]);
+    let agent = t.agent.pid();
+    let idle = bpf_links(agent);
+    let session = session_file(&t.agent.dir, "ondemand-1", "grace: 1s\n");
+    let data = Scratch::new("cred-ondemand-data");
+    let done = data.path("done");
+    let script = format!("while [ ! -e {} ]; do sleep 0.05; done", done.display());
+    let mut task = t.spawn_session(&session, &script, &[]);
+    wait_for(
+        "the privilege-change probes attached",
+        || (bpf_links(agent) == idle + 4).then_some(()),
+        || format!("{} BPF links, {idle} idle\n{}", bpf_links(agent), t.agent.diagnostics()),
+    );
+    fs::write(&done, "").unwrap();
+    assert!(task.wait().unwrap().success());
+    wait_for(
+        "the privilege-change probes detached",
+        || (bpf_links(agent) == idle).then_some(()),
+        || format!("{} BPF links, {idle} idle\n{}", bpf_links(agent), t.agent.diagnostics()),
+    );
+}
+
 #[test]
 fn setuid_family_and_capset_raising_privileges_in_a_session() {
     let t = Creds::start("cred-priv", &[]);
