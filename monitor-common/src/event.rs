@@ -262,6 +262,9 @@ pub const CRED_SETREUID: u32 = 2;
 pub const CRED_SETRESUID: u32 = 3;
 pub const CRED_SETFSUID: u32 = 4;
 pub const CRED_CAPSET: u32 = 5;
+/// Seen at a capability check (`capability:cap_capable`): the effective set changed since the
+/// process's last exec, fork or check.
+pub const CRED_CAP_CHECK: u32 = 6;
 
 /// A session process changed its credentials (setuid family, capset) successfully.
 #[repr(C)]

@@ -35,6 +35,11 @@ pub static SCOPE_NETS: LpmTrie<ScopeNet, PortRanges> = LpmTrie::with_max_entries
 #[map]
 pub static CONNECT_FDS: LruHashMap<u32, [i32; 2]> = LruHashMap::with_max_entries(4_096, 0);
 
+/// The effective capabilities each session process was last seen with (at fork, exec or a
+/// capability check), by tgid: a capability check reports only a change.
+#[map]
+pub static LAST_CAPS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65_536, 0);
+
 /// Last time an unconnected UDP flow `(tgid, port, addr)` was reported, so a chatty UDP client
 /// emits one event per flow per interval instead of one per datagram.
 #[map]

@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use monitor_common::{
     ConnectEvent, ConnectResultEvent, CredChangeEvent, EnvTokenEvent, EventHeader, EventKind, ExecEvent, ExitEvent,
-    FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, CRED_CAPSET, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID,
-    HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED,
+    FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID,
+    CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED,
     VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
 
@@ -157,6 +157,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
                 CRED_SETREUID => CredCall::Setreuid,
                 CRED_SETRESUID => CredCall::Setresuid,
                 CRED_CAPSET => CredCall::Capset,
+                CRED_CAP_CHECK => CredCall::CapabilityCheck,
                 _ => CredCall::Setfsuid,
             };
             Event::CredChange(CredChange {

@@ -320,6 +320,11 @@ pub enum CredCall {
     Setresuid,
     Setfsuid,
     Capset,
+    /// A uid change reported by the kernel's process events connector: one of the setuid
+    /// family, which one is not said.
+    UidChange,
+    /// Effective capabilities seen changed at a capability check (after a capset, say).
+    CapabilityCheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -416,8 +416,8 @@ os.setresuid(0, 0, 0)
 "#;
 
 /// Run as `nobody` from an image whose file capabilities grant CAP_NET_RAW as permitted only (not
-/// effective): raises it into the effective set with capset. Restoring what the image was
-/// given at exec is not an escalation; this is.
+/// effective): raises it into the effective set with capset, then uses it. Restoring what the
+/// image was given at exec is not an escalation; this is.
 const CAPSET_RAISE: &str = r#"
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
@@ -430,6 +430,9 @@ assert libc.capget(ctypes.byref(header), data) == 0
 assert data[0].effective == 0 and data[0].permitted == 1 << 13, (data[0].effective, data[0].permitted)
 data[0].effective = data[0].permitted
 assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+# Use it: a raw socket (nothing is sent).
+import socket
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
 "#;
 
 /// A copy of python3 with the file capability `cap_net_raw=p` (a VFS_CAP_REVISION_2 xattr).
@@ -455,12 +458,16 @@ fn bpf_links(pid: u32) -> usize {
         .count()
 }
 
-/// The privilege-change tracepoints slow every syscall on the host, so they are attached only
-/// while a process or cgroup is bound to a session: four more BPF links while one runs, and
-/// back to the idle count once its processes are gone.
+/// The opt-in privilege-change syscall tracepoints slow every syscall on the host, so even when
+/// enabled they are attached only while a process or cgroup is bound to a session: four more
+/// BPF links while one runs, and back to the idle count once its processes are gone.
 #[test]
-fn privilege_change_probes_are_attached_only_while_sessions_run() {
-    let t = Creds::start("cred-ondemand", &[]);
+fn privilege_change_syscall_probes_are_attached_only_while_sessions_run() {
+    let mut args = Vec::new();
+    for probe in ["sys_exit_setuid", "sys_exit_setreuid", "sys_exit_setresuid", "sys_exit_capset"] {
+        args.extend(["--enable-probe", probe]);
+    }
+    let t = Creds::start("cred-ondemand", &args);
     let agent = t.agent.pid();
     let idle = bpf_links(agent);
     let session = session_file(&t.agent.dir, "ondemand-1", "grace: 1s\n");
@@ -500,11 +507,12 @@ fn setuid_family_and_capset_raising_privileges_in_a_session() {
     let o = t.run_session(&session, &script, &[]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let setuid = t.agent.wait_alert("privilege_escalation by setresuid", |a| {
-        a["rule"] == "privilege_escalation" && a["summary"].as_str().unwrap_or("").contains("setresuid made process")
+        a["rule"] == "privilege_escalation" && a["summary"].as_str().unwrap_or("").contains("root (euid 65534 -> 0)")
     });
     assert_eq!(setuid["session"]["id"], "priv-1");
     let capset = t.agent.wait_alert("privilege_escalation by capset", |a| {
-        a["rule"] == "privilege_escalation" && a["summary"].as_str().unwrap_or("").starts_with("capset raised")
+        a["rule"] == "privilege_escalation"
+            && a["summary"].as_str().unwrap_or("").contains("raised the effective capabilities")
     });
     assert!(capset["summary"].as_str().unwrap().contains("gained 0x2000"), "{capset}");
     assert_eq!(capset["process"]["uid"], 65534);

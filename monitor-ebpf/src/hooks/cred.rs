@@ -14,13 +14,13 @@ use aya_ebpf::{
 };
 use monitor_common::{
     token_hash_step, CredChangeEvent, EnvTokenEvent, EventKind, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
-    CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, CRED_CAPSET, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, ENV_NAME_CAP,
-    ENV_SCAN_CAP, TOKEN_MIN_LEN,
+    CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID,
+    ENV_NAME_CAP, ENV_SCAN_CAP, TOKEN_MIN_LEN,
 };
 
 use crate::{
     kernel,
-    maps::{config, count, submit_flags, ENV_SCRATCH, ENV_STATE, EVENTS, TOKEN_HASHES, WATCHED_INODES},
+    maps::{config, count, submit_flags, ENV_SCRATCH, ENV_STATE, EVENTS, LAST_CAPS, TOKEN_HASHES, WATCHED_INODES},
     session,
 };
 
@@ -285,6 +285,41 @@ fn on_cred_change(ctx: &TracePointContext, call: u32) {
     if ret != 0 {
         return;
     }
+    emit_cred_change(key, call);
+}
+
+/// A capability check by any task (not a syscall tracepoint: it costs nothing on the syscall
+/// path). For a session process whose effective capabilities changed since it was last seen
+/// (fork, exec, an earlier check), reports them: that is how a capset that raised them shows,
+/// when the process goes on to use what it raised. Everything else returns after one lookup.
+#[tracepoint(category = "capability", name = "cap_capable")]
+pub fn cap_capable(_ctx: TracePointContext) -> u32 {
+    let (_, tgid) = session::current_ids();
+    let Some(key) = session::of_current(tgid) else { return 0 };
+    let Some(caps) = kernel::cap_effective() else { return 0 };
+    match LAST_CAPS.get_ptr_mut(&tgid) {
+        // SAFETY: valid map value pointer for this program run.
+        Some(last) if unsafe { *last } == caps => return 0,
+        // SAFETY: as above.
+        Some(last) => unsafe { *last = caps },
+        None => {
+            let _ = LAST_CAPS.insert(&tgid, &caps, 0);
+        }
+    }
+    emit_cred_change(key, CRED_CAP_CHECK);
+    0
+}
+
+/// Records the current task's effective capabilities as the baseline of process `tgid`.
+#[inline(always)]
+pub fn remember_caps(tgid: u32) {
+    if let Some(caps) = kernel::cap_effective() {
+        let _ = LAST_CAPS.insert(&tgid, &caps, 0);
+    }
+}
+
+#[inline(always)]
+fn emit_cred_change(key: u32, call: u32) {
     let Some(mut entry) = EVENTS.reserve::<CredChangeEvent>(0) else {
         count(Stat::RingbufFull);
         return;

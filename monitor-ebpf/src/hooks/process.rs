@@ -16,7 +16,7 @@ use monitor_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP,
 use super::cred;
 use crate::{
     kernel,
-    maps::{count, submit_flags, EVENTS, PROC_SESSIONS},
+    maps::{count, submit_flags, EVENTS, LAST_CAPS, PROC_SESSIONS},
     session,
 };
 
@@ -46,6 +46,8 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
     if PROC_SESSIONS.insert(child, key, 0).is_err() {
         count(Stat::InheritFailed);
     }
+    // The child starts with the parent's credentials.
+    cred::remember_caps(child);
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
         count(Stat::RingbufFull);
         return Ok(());
@@ -72,6 +74,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     let key = session::of_current(tgid);
     if let Some(key) = key {
         emit_exec(ctx, key);
+        cred::remember_caps(tgid);
     }
     // Any process, in a session or not, may exec with a session's token in its environment.
     cred::scan_exec_env(key.unwrap_or(0));
@@ -148,6 +151,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     };
     // Dropped before anything else can fail: a later process reusing this pid must start clean.
     let _ = PROC_SESSIONS.remove(tgid);
+    let _ = LAST_CAPS.remove(&tgid);
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
         count(Stat::RingbufFull);
         return Ok(());

@@ -177,7 +177,9 @@ impl Core {
     }
 
     async fn apply(&mut self, mut event: Event) {
-        self.engine.attribute(&mut event);
+        if !self.engine.attribute(&mut event) {
+            return;
+        }
         if let Some(log) = &mut self.event_log {
             log.write(&event);
         }

@@ -64,7 +64,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
 
     let (alert_tx, alert_rx) = mpsc::channel(4096);
     // The reader starts before any probe is attached, so no early event waits unread.
-    let mut reader = tokio::spawn(reader::run(ring, clock(), observer, event_tx.clone()));
+    let uid_changes = proc_connector(&settings.enabled_probes);
+    let mut reader = tokio::spawn(reader::run(ring, clock(), observer, uid_changes, event_tx.clone()));
     let probes = loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
     report(&probes.report);
     if probes.report.is_attached("tcp_egress") {
@@ -200,6 +201,25 @@ fn file_access_watch(enabled_probes: &[String]) -> Option<credentials::fanotify:
             tracing::warn!(
                 "degraded: fanotify unavailable ({e}); credential files are not watched \
                  (--enable-probe sys_exit_openat watches them through syscall tracepoints)"
+            );
+            None
+        }
+    }
+}
+
+/// The subscription to uid changes (the setuid family), unless the opt-in syscall tracepoints
+/// report them.
+fn proc_connector(enabled_probes: &[String]) -> Option<credentials::proc_connector::ProcConnector> {
+    if enabled_probes.iter().any(|p| p.starts_with("sys_exit_set")) {
+        tracing::info!("uid changes reported by the setuid-family tracepoints (--enable-probe), not the connector");
+        return None;
+    }
+    match credentials::proc_connector::ProcConnector::subscribe() {
+        Ok(connector) => Some(connector),
+        Err(e) => {
+            tracing::warn!(
+                "degraded: no process events connector ({e}); uid changes of session processes are not seen \
+                 (--enable-probe sys_exit_setuid, sys_exit_setreuid, sys_exit_setresuid see them through syscall tracepoints)"
             );
             None
         }

@@ -6,9 +6,9 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
-    credentials::Observer,
+    credentials::{proc_connector::ProcConnector, Observer},
     decode::{decode, Clock},
-    event::Event,
+    event::{CredCall, CredChange, Event, Nanos},
 };
 
 /// How long an event may wait in the ring buffer when the probes did not wake the reader.
@@ -21,6 +21,7 @@ pub async fn run(
     ring: RingBuf<MapData>,
     clock: Clock,
     observer: Observer,
+    uid_changes: Option<ProcConnector>,
     out: mpsc::Sender<Event>,
 ) -> anyhow::Result<()> {
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while it is registered.
@@ -34,18 +35,35 @@ pub async fn run(
             guard = fd.readable_mut() => guard?.clear_ready(),
             _ = tokio::time::sleep(DRAIN_INTERVAL) => {}
         }
-        // Credential file accesses first, the ring buffer second: an access was queued when it
-        // happened, so the fork or exec that made its process is already in the ring buffer,
-        // and read below; the process's exit may be too, and the access goes before it.
+        // What comes from outside the ring buffer first (credential file accesses, uid
+        // changes), the ring buffer second: each was queued when it happened, so the fork or
+        // exec that made its process is already in the ring buffer, and read below; the
+        // process's exit may be too, and the observation goes before it.
         let now = crate::agent::now_ns();
-        let mut accesses = Vec::new();
-        let lost = observer.drain_file_accesses(now, &mut accesses);
+        let mut outside = Vec::new();
+        let lost = observer.drain_file_accesses(now, &mut outside);
         if lost > 0 {
-            batch.push(Event::Lost {
-                ts: now,
-                source: "credential file events (fanotify queue overflow)".into(),
-                count: lost,
-            });
+            let source = "credential file events (fanotify queue overflow)".into();
+            batch.push(Event::Lost { ts: now, source, count: lost });
+        }
+        if let Some(connector) = &uid_changes {
+            let mut changes = Vec::new();
+            if connector.drain(&mut changes) {
+                let source = "uid change events (process events connector overflow)".into();
+                batch.push(Event::Lost { ts: now, source, count: 1 });
+            }
+            // Every thread of a process reports the same change (glibc applies it to each).
+            changes.dedup_by_key(|c| (c.pid, c.ruid, c.euid));
+            outside.extend(changes.into_iter().map(|c| {
+                Event::CredChange(CredChange {
+                    ts: monotonic_to_wall(clock, c.monotonic_ns),
+                    session: 0,
+                    pid: c.pid,
+                    call: CredCall::UidChange,
+                    euid: Some(c.euid),
+                    cap_effective: None,
+                })
+            }));
         }
         let ring = fd.get_mut();
         while let Some(record) = ring.next() {
@@ -57,8 +75,8 @@ pub async fn run(
             }
         }
 
-        for access in accesses {
-            place_before_exit(&mut batch, access);
+        for event in outside {
+            place(&mut batch, event);
         }
         for mut event in batch.drain(..) {
             enrich(&mut event);
@@ -69,20 +87,45 @@ pub async fn run(
     }
 }
 
-/// Puts a file access (a `CredentialOpen` from fanotify) into `batch` just before the exit of its
-/// process, if the batch holds it, so the engine still knows the process; else at the end.
-fn place_before_exit(batch: &mut Vec<Event>, mut access: Event) {
-    let Event::CredentialOpen(open) = &mut access else { return };
-    let exit = batch.iter().position(|e| matches!(e, Event::Exit(x) if x.pid == open.actor.pid));
-    match exit {
+/// Puts an observation made outside the ring buffer (a file access, a uid change: they name a
+/// pid) into `batch` before the first event that is later, and before the exit of its process,
+/// so the engine still knows the process; else at the end.
+fn place(batch: &mut Vec<Event>, mut event: Event) {
+    let pid = match &event {
+        Event::CredentialOpen(open) => open.actor.pid,
+        Event::CredChange(change) => change.pid,
+        _ => return batch.push(event),
+    };
+    let ts = event.ts();
+    let at = batch.iter().position(|e| e.ts() > ts || matches!(e, Event::Exit(x) if x.pid == pid));
+    match at {
         Some(at) => {
             if let Event::Exit(x) = &batch[at] {
-                open.ts = open.ts.min(x.ts);
+                // It happened no later than the exit.
+                let exit_ts = x.ts;
+                match &mut event {
+                    Event::CredentialOpen(open) => open.ts = open.ts.min(exit_ts),
+                    Event::CredChange(change) => change.ts = change.ts.min(exit_ts),
+                    _ => {}
+                }
             }
-            batch.insert(at, access);
+            batch.insert(at, event);
         }
-        None => batch.push(access),
+        None => batch.push(event),
     }
+}
+
+/// A CLOCK_MONOTONIC time (the process events connector's) as wall-clock time.
+fn monotonic_to_wall(clock: Clock, monotonic_ns: u64) -> Nanos {
+    let now = |id| {
+        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(id, &mut t) };
+        t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
+    };
+    // BOOTTIME runs ahead of MONOTONIC by the time the host spent suspended.
+    let suspended = now(libc::CLOCK_BOOTTIME) - now(libc::CLOCK_MONOTONIC);
+    clock.wall((monotonic_ns as i128 + suspended).clamp(0, u64::MAX as i128) as u64)
 }
 
 /// Host facts the engine may not read itself (it is pure), recorded in the event instead.
@@ -139,10 +182,11 @@ mod tests {
     }
 
     #[test]
-    fn a_file_access_goes_before_its_process_exit_else_last() {
+    fn an_outside_observation_goes_by_its_time_and_before_its_process_exit() {
         let mut batch = vec![exit(7, 10), exit(8, 20), exit(9, 30)];
-        place_before_exit(&mut batch, access(8, 99));
-        place_before_exit(&mut batch, access(5, 99));
+        place(&mut batch, access(8, 99));
+        place(&mut batch, access(5, 99));
+        place(&mut batch, access(6, 15));
         let order: Vec<(&str, u64)> = batch
             .iter()
             .map(|e| match e {
@@ -152,6 +196,7 @@ mod tests {
             })
             .collect();
         // The access of pid 8 takes its exit's time: it happened no later.
-        assert_eq!(order, [("exit", 10), ("access", 20), ("exit", 20), ("exit", 30), ("access", 99)]);
+        // The access of pid 6 at 15 goes by its time.
+        assert_eq!(order, [("exit", 10), ("access", 15), ("access", 20), ("exit", 20), ("exit", 30), ("access", 99)]);
     }
 }

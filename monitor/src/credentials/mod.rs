@@ -11,6 +11,7 @@ pub mod fanotify;
 pub mod http;
 pub mod jwt;
 mod kernel;
+pub mod proc_connector;
 pub mod watch;
 
 use std::{

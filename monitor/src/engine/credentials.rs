@@ -199,7 +199,8 @@ impl Engine {
     pub(super) fn cred_change(&mut self, c: &CredChange, alerts: &mut Vec<Alert>) {
         let Some(serial) = self.procs.live(c.pid) else { return };
         let Some(p) = self.procs.get(serial) else { return };
-        let (before_euid, before_caps, exec_caps) = (p.creds.euid, p.caps, p.exec_caps.unwrap_or(0));
+        // A process first seen through a capability check compares with what its image got.
+        let (before_euid, before_caps, exec_caps) = (p.creds.euid, p.caps.or(p.exec_caps), p.exec_caps.unwrap_or(0));
         if let Some(p) = self.procs.get_mut(serial) {
             if c.euid.is_some() {
                 p.creds.euid = c.euid;
@@ -217,6 +218,8 @@ impl Engine {
             CredCall::Setresuid => "setresuid",
             CredCall::Setfsuid => "setfsuid",
             CredCall::Capset => "capset",
+            CredCall::UidChange => "a setuid-family call",
+            CredCall::CapabilityCheck => "a capset (seen when the process next used a capability)",
         };
         let gained_root = c.euid == Some(0) && before_euid.is_some_and(|u| u != 0);
         let gained_caps = match (before_caps, c.cap_effective) {

@@ -137,28 +137,39 @@ impl Engine {
         Self { config, ..Default::default() }
     }
 
-    /// Fills in the session of an observation made where the kernel's session tracking is not
-    /// (a credential file read seen through fanotify carries only a pid): the live session
-    /// process with that pid, else the latest session bound to the process's cgroup. Called
-    /// before the event is recorded, so traces and replays carry the session.
-    pub fn attribute(&self, event: &mut Event) {
-        let Event::CredentialOpen(open) = event else { return };
-        if open.session != 0 {
-            return;
+    /// Fills in the session of an observation made where the kernel's session tracking is not:
+    /// a credential file read seen through fanotify, a uid change from the process events
+    /// connector, both of which carry only a pid. The session is the live session process's
+    /// with that pid, else (for a file read) the latest session bound to the reader's cgroup.
+    /// Called before the event is recorded, so traces and replays carry the session. Returns
+    /// false for an event that concerns nothing the engine follows (a uid change outside
+    /// sessions), which is then dropped.
+    pub fn attribute(&self, event: &mut Event) -> bool {
+        let by_pid = |pid: u32| self.procs.live(pid).and_then(|s| self.procs.get(s)).map(|p| p.session);
+        match event {
+            Event::CredentialOpen(open) if open.session == 0 => {
+                let by_cgroup = || {
+                    (open.actor.cgroup != 0)
+                        .then(|| {
+                            self.sessions
+                                .iter()
+                                .filter(|(_, t)| {
+                                    t.session.binding.cgroup.as_ref().is_some_and(|c| c.id == open.actor.cgroup)
+                                })
+                                .max_by_key(|(_, t)| t.started)
+                                .map(|(k, _)| *k)
+                        })
+                        .flatten()
+                };
+                open.session = by_pid(open.actor.pid).or_else(by_cgroup).unwrap_or(0);
+                true
+            }
+            Event::CredChange(change) if change.session == 0 => {
+                change.session = by_pid(change.pid).unwrap_or(0);
+                change.session != 0
+            }
+            _ => true,
         }
-        let by_pid = self.procs.live(open.actor.pid).and_then(|s| self.procs.get(s)).map(|p| p.session);
-        let by_cgroup = || {
-            (open.actor.cgroup != 0)
-                .then(|| {
-                    self.sessions
-                        .iter()
-                        .filter(|(_, t)| t.session.binding.cgroup.as_ref().is_some_and(|c| c.id == open.actor.cgroup))
-                        .max_by_key(|(_, t)| t.started)
-                        .map(|(k, _)| *k)
-                })
-                .flatten()
-        };
-        open.session = by_pid.or_else(by_cgroup).unwrap_or(0);
     }
 
     /// Feeds one event; returns the alerts it raises, in a deterministic order.

@@ -410,7 +410,7 @@ mod credentials {
             if let Event::CredentialOpen(o) = &mut e {
                 o.actor.cgroup = cgroup;
             }
-            engine.attribute(&mut e);
+            assert!(engine.attribute(&mut e), "a file read is always kept");
             e.session_key()
         };
         assert_eq!(read(&engine, ROOT, 0), Some(KEY), "a live session process, by pid");

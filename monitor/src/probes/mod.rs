@@ -117,11 +117,11 @@ pub enum When {
     Always,
     /// Only when asked for (`--enable-probe`): a probe whose cost falls on the whole host.
     OptIn,
-    /// Only while some process or cgroup is bound to a session (see
-    /// [`Probes::set_sessions_running`]): syscall tracepoints that report on session processes
-    /// only, but whose mere presence puts every syscall of every process on the kernel's
-    /// slower syscall-tracing path (measured: +5% on an openat loop).
-    WhileSessions,
+    /// Only when asked for, and then only while some process or cgroup is bound to a session
+    /// (see [`Probes::set_sessions_running`]): syscall tracepoints that report on session
+    /// processes only, but whose mere presence puts every syscall of every process on the
+    /// kernel's slower syscall-tracing path (measured: +5% on an openat loop).
+    OptInWhileSessions,
 }
 
 /// Every probe the agent knows about.
@@ -214,32 +214,42 @@ pub const PROBES: &[ProbeSpec] = &[
         when: When::OptIn,
     },
     ProbeSpec {
+        program: "cap_capable",
+        attach: AttachPoint::TracePoint { category: "capability", name: "cap_capable" },
+        required: false,
+        provides: "capabilities raised by session processes (capset), seen when used",
+        when: When::Always,
+    },
+    ProbeSpec {
         program: "sys_exit_setuid",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setuid" },
         required: false,
-        provides: "setuid by session processes",
-        when: When::WhileSessions,
+        // The process events connector (credentials/proc_connector.rs) reports uid changes
+        // without a syscall tracepoint; this one adds which call made them.
+        provides: "which setuid-family call changed a session process's uid",
+        when: When::OptInWhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_setreuid",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setreuid" },
         required: false,
-        provides: "setreuid by session processes",
-        when: When::WhileSessions,
+        provides: "which setuid-family call changed a session process's uid (setreuid)",
+        when: When::OptInWhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_setresuid",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_setresuid" },
         required: false,
-        provides: "setresuid by session processes",
-        when: When::WhileSessions,
+        provides: "which setuid-family call changed a session process's uid (setresuid)",
+        when: When::OptInWhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_capset",
         attach: AttachPoint::TracePoint { category: "syscalls", name: "sys_exit_capset" },
         required: false,
-        provides: "capset by session processes",
-        when: When::WhileSessions,
+        // cap_capable sees raised capabilities when they are used, without a syscall tracepoint.
+        provides: "capset by session processes, when it happens rather than at the next capability use",
+        when: When::OptInWhileSessions,
     },
     ProbeSpec {
         program: "ssl_write",
@@ -285,7 +295,7 @@ pub struct ProbeStatus {
     pub probe: &'static str,
     pub attach: String,
     pub attached: bool,
-    /// Loaded, and attached only while sessions run ([`When::WhileSessions`]).
+    /// Loaded, and attached only while sessions run ([`When::OptInWhileSessions`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub while_sessions: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -333,12 +343,12 @@ pub struct Handles {
 pub struct Probes {
     ebpf: Ebpf,
     pub report: LoadReport,
-    /// The [`When::WhileSessions`] probes that loaded, and their links while attached.
+    /// The [`When::OptInWhileSessions`] probes that loaded, and their links while attached.
     on_demand: Vec<(&'static ProbeSpec, Option<aya::programs::trace_point::TracePointLinkId>)>,
 }
 
 impl Probes {
-    /// Attaches the [`When::WhileSessions`] probes when sessions start running, detaches them
+    /// Attaches the [`When::OptInWhileSessions`] probes when sessions start running, detaches them
     /// when none is left. A failure degrades what they provide and is logged.
     pub fn set_sessions_running(&mut self, running: bool) {
         for (spec, link) in &mut self.on_demand {
@@ -498,7 +508,7 @@ impl Loaded {
         };
         for spec in PROBES {
             let attach = spec.attach.to_string();
-            let opt_in = spec.when == When::OptIn;
+            let opt_in = matches!(spec.when, When::OptIn | When::OptInWhileSessions);
             let off =
                 disabled.iter().any(|d| d == spec.program) || (opt_in && !enabled.iter().any(|e| e == spec.program));
             if off {
@@ -513,7 +523,7 @@ impl Loaded {
                 });
                 continue;
             }
-            if spec.when == When::WhileSessions {
+            if spec.when == When::OptInWhileSessions {
                 match load_tracepoint(&mut self.ebpf, spec) {
                     Ok(()) => {
                         on_demand.push((spec, None));
