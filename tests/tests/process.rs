@@ -262,6 +262,18 @@ fn exec_and_privilege_rules_on_the_real_kernel() {
     // /bin/sh and setpriv were in scope: only the one out-of-scope exec.
     let n = agent.alerts().iter().filter(|a| a["rule"] == "exec_out_of_scope").count();
     assert_eq!(n, 1, "{}", agent.diagnostics());
+
+    // The setuid binary's exec also changed the process's uid, which the process events
+    // connector reports: that is the exec's escalation, not a second one. A later alert marks
+    // the point by which a second one would have been written.
+    let marker = session_file(&agent.dir, "rules-2", "scope:\n  exec: [\"/bin/sh\"]\n");
+    let o = agent.run(&marker, &["/bin/sh", "-c", "/usr/bin/true marker"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    agent.wait_alert("the marker's exec_out_of_scope", |a| {
+        a["rule"] == "exec_out_of_scope" && a["session"]["id"] == "rules-2"
+    });
+    let n = agent.alerts().iter().filter(|a| a["rule"] == "privilege_escalation").count();
+    assert_eq!(n, 1, "{}", agent.diagnostics());
 }
 
 #[test]

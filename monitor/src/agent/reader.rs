@@ -28,6 +28,8 @@ pub async fn run(
     let mut fd =
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("ring buffer fd: {}", e.into_parts().1))?;
     let mut batch = Vec::new();
+    let mut uid_changes_held = Vec::new();
+    let mut recent_execs = RecentExecs::default();
     loop {
         // The probes wake this task only when a lot is waiting (see submit_flags in
         // monitor-ebpf); otherwise it drains on a short timer.
@@ -46,6 +48,7 @@ pub async fn run(
             let source = "credential file events (fanotify queue overflow)".into();
             batch.push(Event::Lost { ts: now, source, count: lost });
         }
+        let mut new_uid_changes = Vec::new();
         if let Some(connector) = &uid_changes {
             let mut changes = Vec::new();
             if connector.drain(&mut changes) {
@@ -54,15 +57,13 @@ pub async fn run(
             }
             // Every thread of a process reports the same change (glibc applies it to each).
             changes.dedup_by_key(|c| (c.pid, c.ruid, c.euid));
-            outside.extend(changes.into_iter().map(|c| {
-                Event::CredChange(CredChange {
-                    ts: monotonic_to_wall(clock, c.monotonic_ns),
-                    session: 0,
-                    pid: c.pid,
-                    call: CredCall::UidChange,
-                    euid: Some(c.euid),
-                    cap_effective: None,
-                })
+            new_uid_changes.extend(changes.into_iter().map(|c| CredChange {
+                ts: monotonic_to_wall(clock, c.monotonic_ns),
+                session: 0,
+                pid: c.pid,
+                call: CredCall::UidChange,
+                euid: Some(c.euid),
+                cap_effective: None,
             }));
         }
         let ring = fd.get_mut();
@@ -75,6 +76,14 @@ pub async fn run(
             }
         }
 
+        // A uid change waits one round, for the exec that may have made it (a setuid binary:
+        // the exec reports it, and alerts on it, itself) to be read from the ring buffer.
+        recent_execs.note(&batch, now);
+        for change in std::mem::replace(&mut uid_changes_held, new_uid_changes) {
+            if !recent_execs.made(&change) {
+                outside.push(Event::CredChange(change));
+            }
+        }
         for event in outside {
             place(&mut batch, event);
         }
@@ -112,6 +121,40 @@ fn place(batch: &mut Vec<Event>, mut event: Event) {
             batch.insert(at, event);
         }
         None => batch.push(event),
+    }
+}
+
+/// Execs read lately, to tell the uid change a setuid binary's exec makes from a setuid-family
+/// call.
+#[derive(Default)]
+struct RecentExecs {
+    /// (pid, exec time, effective uid after it, when it was read).
+    execs: Vec<(u32, Nanos, Option<u32>, Nanos)>,
+}
+
+/// How long an exec is remembered; a held uid change is at most two drains old.
+const RECENT_EXEC: Nanos = 2_000_000_000;
+/// An exec's uid change comes microseconds before the exec's own event.
+const EXEC_UID_CHANGE_WINDOW: Nanos = 50_000_000;
+
+impl RecentExecs {
+    fn note(&mut self, batch: &[Event], now: Nanos) {
+        self.execs.retain(|e| e.3 + RECENT_EXEC > now);
+        for event in batch {
+            if let Event::Exec(exec) = event {
+                self.execs.push((exec.pid, exec.ts, exec.creds.euid, now));
+            }
+        }
+    }
+
+    /// Whether `change` is the one an exec of its process made.
+    fn made(&self, change: &CredChange) -> bool {
+        self.execs.iter().any(|(pid, ts, euid, _)| {
+            *pid == change.pid
+                && *ts >= change.ts
+                && *ts - change.ts <= EXEC_UID_CHANGE_WINDOW
+                && (euid.is_none() || *euid == change.euid)
+        })
     }
 }
 
@@ -179,6 +222,41 @@ mod tests {
 
     fn exit(pid: u32, ts: u64) -> Event {
         Event::Exit(Exit { ts, session: 1, pid, exit_code: 0 })
+    }
+
+    #[test]
+    fn a_uid_change_made_by_an_exec_is_told_from_a_setuid_call() {
+        let exec = |pid: u32, ts: u64, euid: u32| {
+            Event::Exec(crate::event::Exec {
+                ts,
+                session: 1,
+                pid,
+                ppid: 1,
+                exe: "/usr/bin/sudo".into(),
+                exe_real: None,
+                argv: vec![],
+                argv_truncated: false,
+                creds: crate::event::Creds { uid: 1000, gid: 1000, euid: Some(euid), egid: Some(euid) },
+                cgroup: 0,
+                cap_effective: None,
+            })
+        };
+        let change = |pid: u32, ts: u64, euid: u32| CredChange {
+            ts,
+            session: 0,
+            pid,
+            call: CredCall::UidChange,
+            euid: Some(euid),
+            cap_effective: None,
+        };
+        let mut recent = RecentExecs::default();
+        recent.note(&[exec(7, 1_000_000, 0)], 1_000_000);
+        assert!(recent.made(&change(7, 999_000, 0)), "just before its exec, to the exec's uid");
+        assert!(!recent.made(&change(7, 1_000_001, 0)), "after the exec: a call");
+        assert!(!recent.made(&change(8, 999_000, 0)), "another process");
+        assert!(!recent.made(&change(7, 999_000, 65534)), "another uid");
+        recent.note(&[], 1_000_000 + RECENT_EXEC);
+        assert!(!recent.made(&change(7, 999_000, 0)), "forgotten");
     }
 
     #[test]

@@ -197,7 +197,7 @@ impl Engine {
     }
 
     pub(super) fn cred_change(&mut self, c: &CredChange, alerts: &mut Vec<Alert>) {
-        let Some(serial) = self.procs.live(c.pid) else { return };
+        let Some(serial) = self.procs.at(c.pid, c.ts) else { return };
         let Some(p) = self.procs.get(serial) else { return };
         // A process first seen through a capability check compares with what its image got.
         let (before_euid, before_caps, exec_caps) = (p.creds.euid, p.caps.or(p.exec_caps), p.exec_caps.unwrap_or(0));

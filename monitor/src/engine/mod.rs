@@ -165,7 +165,8 @@ impl Engine {
                 true
             }
             Event::CredChange(change) if change.session == 0 => {
-                change.session = by_pid(change.pid).unwrap_or(0);
+                let at = self.procs.at(change.pid, change.ts).and_then(|s| self.procs.get(s));
+                change.session = at.map_or(0, |p| p.session);
                 change.session != 0
             }
             _ => true,

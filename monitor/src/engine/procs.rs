@@ -45,6 +45,20 @@ impl ProcTable {
         self.live.get(&pid).copied()
     }
 
+    /// The process that had `pid` at time `ts`: the live one if it had started by then, else
+    /// one that has since exited. For observations that reach the engine after their process's
+    /// exit (uid changes from the process events connector carry their own time).
+    pub fn at(&self, pid: u32, ts: Nanos) -> Option<Serial> {
+        if let Some(serial) = self.live(pid).filter(|s| self.procs.get(s).is_some_and(|p| p.started <= ts)) {
+            return Some(serial);
+        }
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.pid == pid && p.started <= ts && p.exited.is_some_and(|e| e >= ts))
+            .map(|(s, _)| *s)
+            .max()
+    }
+
     pub fn get(&self, serial: Serial) -> Option<&Proc> {
         self.procs.get(&serial)
     }
