@@ -39,18 +39,18 @@ enum Task {
     },
     /// Benchmarks: exec overhead with and without the agent, engine throughput.
     Bench {
-        /// Fork+exec iterations per run.
-        #[arg(long, default_value_t = 2000)]
+        /// Fork+exec iterations per run (each side of a pair is the best of 3 runs).
+        #[arg(long, default_value_t = 1000)]
         execs: u32,
         /// TCP connects per run.
-        #[arg(long, default_value_t = 20000)]
+        #[arg(long, default_value_t = 10000)]
         connects: u32,
 
         /// openat+close of an ordinary file per run.
-        #[arg(long, default_value_t = 1_000_000)]
+        #[arg(long, default_value_t = 400_000)]
         opens: u32,
         /// HTTPS requests (one keep-alive connection) per run.
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 1000)]
         tls_requests: u32,
 
         /// Paired runs (without / with the agent) per benchmark.

@@ -2,6 +2,8 @@
 //! When the core falls behind, the channel fills, this task waits, the ring buffer fills, and
 //! the kernel counts what it drops: loss is always visible as `monitor_blind`.
 
+use std::collections::HashMap;
+
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
@@ -87,8 +89,11 @@ pub async fn run(
         for event in outside {
             place(&mut batch, event);
         }
+        // One /proc read per process and round, however many events it made: a request loop
+        // makes hundreds a round, and readlink of /proc/PID/exe walks a path each time.
+        let mut procs = ProcFacts::default();
         for mut event in batch.drain(..) {
-            enrich(&mut event);
+            enrich(&mut event, &mut procs);
             if out.send(event).await.is_err() {
                 return Ok(());
             }
@@ -171,8 +176,27 @@ fn monotonic_to_wall(clock: Clock, monotonic_ns: u64) -> Nanos {
     clock.wall((monotonic_ns as i128 + suspended).clamp(0, u64::MAX as i128) as u64)
 }
 
+/// What /proc said about a process during one drain round (read at most once each).
+#[derive(Default)]
+struct ProcFacts {
+    exe: HashMap<u32, Option<String>>,
+    comm: HashMap<u32, Option<String>>,
+}
+
+impl ProcFacts {
+    fn exe(&mut self, pid: u32) -> Option<String> {
+        let read = || std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.display().to_string());
+        self.exe.entry(pid).or_insert_with(read).clone()
+    }
+
+    fn comm(&mut self, pid: u32) -> Option<String> {
+        let read = || std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_string());
+        self.comm.entry(pid).or_insert_with(read).clone()
+    }
+}
+
 /// Host facts the engine may not read itself (it is pure), recorded in the event instead.
-fn enrich(event: &mut Event) {
+fn enrich(event: &mut Event, procs: &mut ProcFacts) {
     let actor = match event {
         Event::Exec(exec) => {
             if exec.exe.starts_with('/') {
@@ -199,13 +223,13 @@ fn enrich(event: &mut Event) {
         _ => return,
     };
     // Best effort: a short-lived process may be gone; its comm still names it.
-    if let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", actor.pid)) {
-        actor.exe = exe.display().to_string();
+    if let Some(exe) = procs.exe(actor.pid) {
+        actor.exe = exe;
     }
     if actor.comm.is_empty() {
         // The plaintext hook may run in softirq context, where the task name is not the sender's.
-        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{}/comm", actor.pid)) {
-            actor.comm = comm.trim_end().to_string();
+        if let Some(comm) = procs.comm(actor.pid) {
+            actor.comm = comm;
         }
     }
 }
