@@ -33,14 +33,18 @@ fn jwt(exp_in_secs: i64, jti: &str) -> String {
 struct Creds {
     agent: Agent,
     cg: TestCgroup,
+    /// The agent's session traces (`--trace-dir`): searched for secrets like every output.
+    traces: Scratch,
 }
 
 impl Creds {
     fn start(name: &str, extra: &[&str]) -> Self {
         let cg = TestCgroup::new(name);
-        let mut args = vec!["--cgroup", cg.0.to_str().unwrap()];
+        let traces = Scratch::new(&format!("{name}-traces"));
+        let trace_dir = traces.0.to_str().unwrap().to_string();
+        let mut args = vec!["--cgroup", cg.0.to_str().unwrap(), "--trace-dir", &trace_dir];
         args.extend_from_slice(extra);
-        Self { agent: Agent::start_with(name, &args), cg }
+        Self { agent: Agent::start_with(name, &args), cg, traces }
     }
 
     /// `sh -c SCRIPT` moved into the test cgroup first, with `env` added.
@@ -93,6 +97,26 @@ impl Creds {
             assert!(!text.is_empty() || file != &self.agent.log, "{} is empty", file.display());
             assert!(!text.contains(secret) && !text.contains(tail), "the raw token leaked into {}", file.display());
         }
+        // The trace is MessagePack: searched as bytes, every segment and index. It must hold
+        // the token's uses (by fingerprint, as the alerts name it), or the search proves nothing.
+        let contains = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        let fingerprints: Vec<String> = self
+            .agent
+            .alerts()
+            .iter()
+            .filter_map(|a| a["credential"]["fingerprint"].as_str().map(str::to_string))
+            .collect();
+        assert!(!fingerprints.is_empty(), "no alert names a credential fingerprint");
+        let mut recorded = false;
+        for entry in fs::read_dir(&self.traces.0).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = fs::read(&path).unwrap();
+            for needle in [secret.as_bytes(), tail.as_bytes()] {
+                assert!(!contains(&bytes, needle), "the raw token leaked into {}", path.display());
+            }
+            recorded |= fingerprints.iter().any(|f| contains(&bytes, f.as_bytes()));
+        }
+        assert!(recorded, "the trace in {} records no use of the token", self.traces.0.display());
     }
 }
 
