@@ -38,7 +38,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let want = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
     let mut report = serde_json::Map::new();
     let mut rows: Vec<String> = Vec::new();
-    let row3 = |name: &str, a: String, b: String, ratio: String| format!("{name:<52} {a:>14} {b:>14} {ratio:>8}");
+    let row3 = |name: &str, a: String, b: String, ratio: String| format!("{name:<52} {a:>14} {b:>14} {ratio:>22}");
 
     if want("exec") {
         eprintln!("bench: exec overhead, {rounds} paired rounds of {execs} fork+exec+wait of /bin/true");
@@ -50,7 +50,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             "exec of /bin/true, process outside sessions (median)",
             format!("{:.1} µs", per_exec(p.without, execs)),
             format!("{:.1} µs", per_exec(p.with, execs)),
-            format!("{:.3}", p.ratio),
+            ratio_cell(p.ratio, &p.ratios),
         ));
         report.insert("exec_overhead".into(), p.json(execs, rounds, "us_per_exec", 1.03));
     }
@@ -60,13 +60,13 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             "TCP connect, process outside sessions (median)",
             format!("{:.1} µs", per_exec(connect.none, connects)),
             format!("{:.1} µs", per_exec(connect.outside, connects)),
-            format!("{:.3}", connect.outside_ratio),
+            ratio_cell(connect.outside_ratio, &connect.outside_ratios),
         ));
         rows.push(row3(
             "TCP connect, session process, in scope (median)",
             format!("{:.1} µs", per_exec(connect.none, connects)),
             format!("{:.1} µs", per_exec(connect.inside, connects)),
-            format!("{:.3}", connect.inside_ratio),
+            ratio_cell(connect.inside_ratio, &connect.inside_ratios),
         ));
         report.insert(
             "connect_overhead".into(),
@@ -95,7 +95,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
                 &format!("{name} (median)"),
                 format!("{:.2} µs", per_exec(p.without, opens)),
                 format!("{:.2} µs", per_exec(p.with, opens)),
-                format!("{:.3}", p.ratio),
+                ratio_cell(p.ratio, &p.ratios),
             ));
             report.insert(key.into(), p.json(opens, rounds, "us_per_open", 1.03));
         }
@@ -106,7 +106,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             "HTTPS request with a token, session process (median)",
             format!("{:.1} µs", per_exec(p.without, tls_requests)),
             format!("{:.1} µs", per_exec(p.with, tls_requests)),
-            format!("{:.3}", p.ratio),
+            ratio_cell(p.ratio, &p.ratios),
         ));
         report.insert("tls_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
     }
@@ -166,7 +166,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     }
 
     println!();
-    println!("{:<52} {:>14} {:>14} {:>8}", "benchmark", "without agent", "with agent", "ratio");
+    println!("{:<52} {:>14} {:>14} {:>22}", "benchmark", "without agent", "with agent", "ratio (middle half)");
     for row in rows {
         println!("{row}");
     }
@@ -218,6 +218,18 @@ fn exec_loop(n: u32) -> anyhow::Result<f64> {
 
 pub(crate) fn per_exec(secs: f64, n: u32) -> f64 {
     secs * 1e6 / n as f64
+}
+
+/// The median ratio and the middle half of the pairs' ratios (25th to 75th percentile): on a
+/// shared machine the spread says how far a single figure can be trusted.
+fn ratio_cell(ratio: f64, ratios: &[f64]) -> String {
+    let mut v = ratios.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return format!("{ratio:.3}");
+    }
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!("{ratio:.3} ({:.2}-{:.2})", at(0.25), at(0.75))
 }
 
 pub(crate) fn median(values: &[f64]) -> f64 {
@@ -306,6 +318,8 @@ struct ConnectResults {
     inside: f64,
     outside_ratio: f64,
     inside_ratio: f64,
+    outside_ratios: Vec<f64>,
+    inside_ratios: Vec<f64>,
 }
 
 /// Paired rounds of `count` TCP connects to a loopback listener: (a) no agent, (b) agent loaded,
@@ -383,6 +397,8 @@ fn connect_overhead(
         inside: median(&inside),
         outside_ratio: median(&r_out),
         inside_ratio: median(&r_in),
+        outside_ratios: r_out,
+        inside_ratios: r_in,
     })
 }
 
