@@ -234,26 +234,34 @@ pub const PAYLOAD_SSL_WRITE_EX: u8 = 2;
 pub const PAYLOAD_TCP: u8 = 3;
 
 pub const PAYLOAD_CAP: usize = 4096;
+/// The data capacity of the short payload record: most requests, a bearer JWT included, fit
+/// in it, and a quarter of the ring buffer per event means a quarter of the reader's wakeups.
+pub const PAYLOAD_SMALL_CAP: usize = 1024;
 
 /// The first bytes of an outbound request that starts like HTTP/1.x: TLS plaintext given to
 /// OpenSSL, or a plaintext TCP segment. Userspace parses it and keeps only fingerprints.
+/// Two sizes share this layout ([`PayloadEvent`], [`SmallPayloadEvent`]); `header.size` says
+/// which, and the data sits at the same offset in both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct PayloadEvent {
+pub struct PayloadRecord<const N: usize> {
     pub header: EventHeader,
     /// One of the `PAYLOAD_*` values.
     pub source: u8,
     pub _pad0: u8,
     /// Destination port, host byte order (0 when unknown: TLS).
     pub port: u16,
-    /// Length of the whole write or segment (`data` holds at most [`PAYLOAD_CAP`] bytes of it).
+    /// Length of the whole write or segment (`data` holds at most `N` bytes of it).
     pub total_len: u32,
     /// Destination address, IPv4-mapped for IPv4; all zero when unknown (TLS).
     pub addr: [u8; 16],
     pub comm: [u8; COMM_CAP],
     pub _pad1: u32,
-    pub data: Bytes<PAYLOAD_CAP>,
+    pub data: Bytes<N>,
 }
+pub type PayloadEvent = PayloadRecord<PAYLOAD_CAP>;
+pub type SmallPayloadEvent = PayloadRecord<PAYLOAD_SMALL_CAP>;
+const _: () = assert!(core::mem::size_of::<SmallPayloadEvent>() == 48 + 8 + 16 + COMM_CAP + 4 + 4 + PAYLOAD_SMALL_CAP);
 const _: () = assert!(core::mem::size_of::<PayloadEvent>() == 48 + 8 + 16 + COMM_CAP + 4 + 4 + PAYLOAD_CAP);
 
 /// Which credential-changing call succeeded.
@@ -311,5 +319,6 @@ mod pod {
     unsafe impl aya::Pod for super::FileOpenEvent {}
     unsafe impl aya::Pod for super::EnvTokenEvent {}
     unsafe impl aya::Pod for super::PayloadEvent {}
+    unsafe impl aya::Pod for super::SmallPayloadEvent {}
     unsafe impl aya::Pod for super::CredChangeEvent {}
 }

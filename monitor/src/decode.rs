@@ -125,7 +125,9 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
         }
         EventKind::Payload => {
             // Read in place: the data is sliced from the record, not copied around.
-            let want = core::mem::size_of::<PayloadEvent>();
+            // Either size of payload record: everything up to the data is common, and the
+            // data is bounded by what the record holds.
+            let want = core::mem::offset_of!(PayloadEvent, data) + 4;
             if record.len() < want {
                 return Err(DecodeError::Size { kind, got: record.len(), want });
             }
@@ -137,7 +139,8 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
             let comm_at = core::mem::offset_of!(PayloadEvent, comm);
             let data_at = core::mem::offset_of!(PayloadEvent, data);
             let len = u32::from_ne_bytes(record[data_at..data_at + 4].try_into().unwrap_or([0; 4])) as usize;
-            let data = &record[data_at + 4..data_at + 4 + len.min(PAYLOAD_CAP)];
+            let held = (record.len() - data_at - 4).min(PAYLOAD_CAP);
+            let data = &record[data_at + 4..data_at + 4 + len.min(held)];
             let tls = source != PAYLOAD_TCP;
             let dst = (!tls && port != 0).then(|| std::net::SocketAddr::new(unmap(addr), port));
             return Ok(Decoded::Payload { ts, session, actor: actor(&record[comm_at..comm_at + 16]), tls, dst, data });
@@ -292,7 +295,7 @@ fn split_argv(area: &[u8], full: bool) -> (Vec<String>, bool) {
 
 #[cfg(test)]
 mod tests {
-    use monitor_common::{Bytes, ARGV_CAP, FILENAME_CAP};
+    use monitor_common::{Bytes, SmallPayloadEvent, ARGV_CAP, FILENAME_CAP, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE_EX};
 
     use crate::event::Event;
 
@@ -379,6 +382,29 @@ mod tests {
         let record = bytes_of(&e);
         let Decoded::Payload { data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
         assert_eq!(data.len(), PAYLOAD_CAP);
+
+        // The short record: same layout, less room; a corrupt length is bounded by the record.
+        let mut small = SmallPayloadEvent {
+            header: header(EventKind::Payload, size_of::<SmallPayloadEvent>()),
+            source: PAYLOAD_SSL_WRITE_EX,
+            _pad0: 0,
+            port: 0,
+            total_len: 18,
+            addr: [0; 16],
+            comm,
+            _pad1: 0,
+            data: buf(b"GET / HTTP/1.1\r\n\r\n"),
+        };
+        let record = bytes_of(&small);
+        let Decoded::Payload { tls, dst, data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
+        assert!(tls && dst.is_none());
+        assert_eq!(data, b"GET / HTTP/1.1\r\n\r\n");
+        small.data.len = u32::MAX;
+        let record = bytes_of(&small);
+        let Decoded::Payload { data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
+        assert_eq!(data.len(), PAYLOAD_SMALL_CAP);
+        let data_at = core::mem::offset_of!(SmallPayloadEvent, data);
+        assert!(decode(&record[..data_at + 2], CLOCK).is_err(), "a record cut before its data is refused");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use aya_ebpf::{
     programs::{ProbeContext, SkBuffContext},
 };
 use monitor_common::{
-    EventKind, PayloadEvent, Stat, TcpOwner, PAYLOAD_CAP, PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP,
+    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, PAYLOAD_CAP, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE,
+    PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP,
 };
 
 use super::cred::comm;
@@ -59,19 +60,30 @@ fn on_ssl_write(ctx: &ProbeContext, source: u8) {
     }
     let (_, tgid) = session::current_ids();
     let key = session::of_current(tgid).unwrap_or(0);
-    let Some(mut entry) = EVENTS.reserve::<PayloadEvent>(0) else {
+    if num as usize <= PAYLOAD_SMALL_CAP {
+        emit_ssl_write::<PAYLOAD_SMALL_CAP>(buf, num, source, key);
+    } else {
+        emit_ssl_write::<PAYLOAD_CAP>(buf, num, source, key);
+    }
+}
+
+/// One payload record with room for `N` bytes: the smallest that holds the write, so the ring
+/// buffer fills (and wakes the reader) at the rate of the data, not of the largest record.
+#[inline(always)]
+fn emit_ssl_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32) {
+    let Some(mut entry) = EVENTS.reserve::<PayloadRecord<N>>(0) else {
         count(Stat::RingbufFull);
         return;
     };
     let event = entry.as_mut_ptr();
     let mut len = num as usize;
-    if len > PAYLOAD_CAP {
-        len = PAYLOAD_CAP;
+    if len > N {
+        len = N;
     }
-    // SAFETY: `event` points to a reservation of size_of::<PayloadEvent>() bytes; `len` is at
-    // most the buffer's size.
+    // SAFETY: `event` points to a reservation of size_of::<PayloadRecord<N>>() bytes; `len` is
+    // at most the buffer's size.
     unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Payload, core::mem::size_of::<PayloadEvent>(), key);
+        kernel::fill_header(&mut (*event).header, EventKind::Payload, core::mem::size_of::<PayloadRecord<N>>(), key);
         (*event).source = source;
         (*event)._pad0 = 0;
         (*event).port = 0;
