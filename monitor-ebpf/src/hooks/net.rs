@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use monitor_common::{
     ConnectEvent, ConnectResultEvent, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner,
-    CONFIG_TCP_OWNERS, HOOK_CONNECT, HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE,
-    VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
+    CONFIG_TCP_OWNERS, CONFIG_TOKEN_COUNT, HOOK_CONNECT, HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED,
+    POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
 };
 
 use crate::{
@@ -73,7 +73,13 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
             read_volatile(&(*sa).protocol),
         )
     };
-    if hook == HOOK_CONNECT && sock_type == SOCK_STREAM && config(CONFIG_TCP_OWNERS) != 0 {
+    // Outside sessions, a request matters only for the tokens sessions hold: while there are
+    // none, connects of other processes cost one config read.
+    if hook == HOOK_CONNECT
+        && sock_type == SOCK_STREAM
+        && config(CONFIG_TCP_OWNERS) != 0
+        && (key.is_some() || config(CONFIG_TOKEN_COUNT) != 0)
+    {
         record_tcp_owner(sa, tgid, key.unwrap_or(0), port, &addr);
     }
     let Some(key) = key else {

@@ -12,14 +12,14 @@ use aya_ebpf::{
     programs::{ProbeContext, SkBuffContext},
 };
 use monitor_common::{
-    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, PAYLOAD_CAP, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE,
-    PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP,
+    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, CONFIG_TOKEN_COUNT, PAYLOAD_CAP, PAYLOAD_SMALL_CAP,
+    PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP,
 };
 
 use super::cred::comm;
 use crate::{
     kernel,
-    maps::{count, submit_flags, EVENTS, TCP_OWNERS},
+    maps::{config, count, submit_flags, EVENTS, TCP_OWNERS},
     session,
 };
 
@@ -53,13 +53,18 @@ fn on_ssl_write(ctx: &ProbeContext, source: u8) {
     if buf == 0 || num < 4 {
         return;
     }
+    let (_, tgid) = session::current_ids();
+    let key = session::of_current(tgid).unwrap_or(0);
+    // Outside sessions a request matters only for the tokens sessions hold: while there are
+    // none, other processes' TLS writes stay in the kernel.
+    if key == 0 && config(CONFIG_TOKEN_COUNT) == 0 {
+        return;
+    }
     // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
     let Ok(head) = (unsafe { bpf_probe_read_user(buf as *const [u8; 4]) }) else { return };
     if !is_http_request(head) {
         return;
     }
-    let (_, tgid) = session::current_ids();
-    let key = session::of_current(tgid).unwrap_or(0);
     if num as usize <= PAYLOAD_SMALL_CAP {
         emit_ssl_write::<PAYLOAD_SMALL_CAP>(buf, num, source, key);
     } else {
