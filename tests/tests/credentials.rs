@@ -482,6 +482,30 @@ fn bpf_links(pid: u32) -> usize {
         .count()
 }
 
+/// The plaintext payload hook runs for every packet the host sends, so it is attached only once
+/// a session holds a token: a session without tokens leaves the agent's BPF links as they were,
+/// one with a token adds the hook's.
+#[test]
+fn plaintext_capture_is_attached_only_once_a_session_holds_a_token() {
+    let t = Creds::start("cred-token-time", &[]);
+    let agent = t.agent.pid();
+    let idle = bpf_links(agent);
+    let data = Scratch::new("cred-token-time-data");
+    let links_while = |id: &str, extra: &str, env: &[(&str, &str)]| {
+        let session = session_file(&t.agent.dir, id, extra);
+        let out = data.path(&format!("{id}.links"));
+        // The session's registration is done before its command runs: counted from inside.
+        let script = format!("ls -l /proc/{agent}/fd | grep -c anon_inode:bpf_link > {}", out.display());
+        let o = t.run_session(&session, &script, env);
+        assert!(o.status.success(), "{}", stderr(&o));
+        fs::read_to_string(&out).unwrap().trim().parse::<usize>().unwrap()
+    };
+    assert_eq!(links_while("no-tokens-1", "grace: 1s\n", &[]), idle, "no token: the hook stays detached");
+    let token = "t0k3n-for-the-plaintext-hook-4f9a2c";
+    let with_token = links_while("with-token-1", SESSION, &[("BOT_TOKEN", token)]);
+    assert_eq!(with_token, idle + 1, "a session token attaches the plaintext hook");
+}
+
 /// The opt-in privilege-change syscall tracepoints slow every syscall on the host, so even when
 /// enabled they are attached only while a process or cgroup is bound to a session: four more
 /// BPF links while one runs, and back to the idle count once its processes are gone.

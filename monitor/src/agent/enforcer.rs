@@ -5,9 +5,18 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, Mutex};
 
-use crate::{credentials::CredentialIndex, engine::Effect, probes::KernelMaps};
+use crate::{
+    credentials::CredentialIndex,
+    engine::Effect,
+    probes::{KernelMaps, Probes},
+};
 
-pub async fn run(maps: Arc<Mutex<KernelMaps>>, credentials: Arc<CredentialIndex>, mut effects: mpsc::Receiver<Effect>) {
+pub async fn run(
+    maps: Arc<Mutex<KernelMaps>>,
+    credentials: Arc<CredentialIndex>,
+    probes: Arc<std::sync::Mutex<Probes>>,
+    mut effects: mpsc::Receiver<Effect>,
+) {
     while let Some(effect) = effects.recv().await {
         match effect {
             Effect::SessionEnded(key) => maps.lock().await.mark_ended(key),
@@ -17,7 +26,8 @@ pub async fn run(maps: Arc<Mutex<KernelMaps>>, credentials: Arc<CredentialIndex>
                 credentials.forget_session(key);
                 let mut maps = maps.lock().await;
                 maps.forget(key);
-                maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
+                let tokens_known = maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
+                probes.lock().unwrap_or_else(|p| p.into_inner()).set_tokens_known(tokens_known);
             }
             Effect::Kill { session, pid } => {
                 // SAFETY: sending a signal; the engine saw no exit of this pid, so it is still

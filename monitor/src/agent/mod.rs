@@ -112,8 +112,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (core, handle) =
         core::Core::new(Engine::new(engine_config), event_rx, alert_tx, stamp, event_log, trace, effect_tx);
     let core = tokio::spawn(core.run());
-    let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), effect_rx));
     let probes = Arc::new(std::sync::Mutex::new(probes));
+    let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
     let watcher = tokio::spawn(watch_credentials(
         credentials.clone(),
         maps.clone(),

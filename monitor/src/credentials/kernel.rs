@@ -8,7 +8,8 @@ use crate::probes::KernelMaps;
 
 impl KernelMaps {
     /// Makes `TOKEN_HASHES` hold exactly `hashes`; the count tells every exec whether to scan.
-    pub fn sync_token_hashes(&mut self, seed: u64, hashes: &HashSet<u64>) {
+    /// Returns whether any token is now looked for.
+    pub fn sync_token_hashes(&mut self, seed: u64, hashes: &HashSet<u64>) -> bool {
         let _ = self.config.set(CONFIG_TOKEN_SEED, seed, 0);
         let stale: Vec<u64> = self.token_hashes.keys().filter_map(Result::ok).filter(|h| !hashes.contains(h)).collect();
         for hash in stale {
@@ -22,6 +23,7 @@ impl KernelMaps {
             }
         }
         let _ = self.config.set(CONFIG_TOKEN_COUNT, count, 0);
+        count > 0
     }
 
     /// Makes `WATCHED_INODES` hold exactly the files of `watched`.

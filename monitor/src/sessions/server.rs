@@ -131,7 +131,7 @@ async fn start(
     let expires_at = plane.clock.boot(now.saturating_add(session.ttl_ns));
     let mut maps = plane.maps.lock().await;
     // The session's tokens and credential files are watched before any process is bound.
-    maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
+    let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
     crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.credentials.watch);
     if let Err(e) = maps.install_policy(key, &session, expires_at, &plane.policy.never_alert.connect) {
         drop(maps);
@@ -139,7 +139,11 @@ async fn start(
         return Err(e);
     }
     // Before any process is bound, so its first credential change is seen.
-    plane.probes.lock().unwrap_or_else(|p| p.into_inner()).set_sessions_running(true);
+    {
+        let mut probes = plane.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.set_sessions_running(true);
+        probes.set_tokens_known(tokens_known);
+    }
     // Snapshot first, bind second: a process's own events then always follow its snapshot.
     if let Some(pid) = bind.pid {
         let mut bound: Vec<u32> = Vec::new();
