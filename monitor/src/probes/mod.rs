@@ -299,7 +299,8 @@ pub struct ProbeStatus {
     pub probe: &'static str,
     pub attach: String,
     pub attached: bool,
-    /// Loaded, and attached only while sessions run ([`When::OptInWhileSessions`]).
+    /// Loaded, and attached only while sessions need it: while they run
+    /// ([`When::OptInWhileSessions`]) or while they hold tokens ([`When::WhileTokens`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub while_sessions: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -560,52 +561,31 @@ impl Loaded {
                 });
                 continue;
             }
-            if spec.when == When::OptInWhileSessions {
-                match load_tracepoint(&mut self.ebpf, spec) {
-                    Ok(()) => {
-                        on_demand.push((spec, None));
-                        report.probes.push(ProbeStatus {
-                            probe: spec.program,
-                            attach,
-                            attached: true,
-                            while_sessions: true,
-                            error: None,
-                        });
-                    }
-                    Err(e) => report.probes.push(ProbeStatus {
-                        probe: spec.program,
-                        attach,
-                        attached: false,
-                        while_sessions: false,
-                        error: Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
-                    }),
-                }
-                continue;
-            }
-            if spec.when == When::WhileTokens {
-                let loaded = match cgroup {
+            // Loaded now, attached while they are needed (see `Probes`).
+            let on_demand_load = match spec.when {
+                When::OptInWhileSessions => Some(load_tracepoint(&mut self.ebpf, spec)),
+                When::WhileTokens => Some(match cgroup {
                     Some(_) => load_cgroup_skb(&mut self.ebpf, spec),
                     None => Err(ProbeError::NoCgroup2),
-                };
-                match loaded {
-                    Ok(()) => {
-                        token_time.push((spec, None));
-                        report.probes.push(ProbeStatus {
-                            probe: spec.program,
-                            attach,
-                            attached: true,
-                            while_sessions: true,
-                            error: None,
-                        });
+                }),
+                When::Always | When::OptIn => None,
+            };
+            if let Some(loaded) = on_demand_load {
+                let error = loaded.err().map(|e| format!("{} (lost: {})", error_chain(&e), spec.provides));
+                if error.is_none() {
+                    match spec.when {
+                        When::WhileTokens => token_time.push((spec, None)),
+                        _ => on_demand.push((spec, None)),
                     }
-                    Err(e) => report.probes.push(ProbeStatus {
-                        probe: spec.program,
-                        attach,
-                        attached: false,
-                        while_sessions: false,
-                        error: Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
-                    }),
                 }
+                let attached = error.is_none();
+                report.probes.push(ProbeStatus {
+                    probe: spec.program,
+                    attach,
+                    attached,
+                    while_sessions: attached,
+                    error,
+                });
                 continue;
             }
             let result = attach_one(&mut self.ebpf, spec, cgroup.as_ref());
