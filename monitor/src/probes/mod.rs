@@ -365,20 +365,7 @@ impl Probes {
             let Some(tp) = self.ebpf.program_mut(spec.program).and_then(|p| <&mut TracePoint>::try_from(p).ok()) else {
                 continue;
             };
-            match (running, link.take()) {
-                (true, None) => match tp.attach(category, name) {
-                    Ok(id) => *link = Some(id),
-                    Err(e) => {
-                        tracing::warn!(probe = spec.program, "degraded (lost: {}): {}", spec.provides, error_chain(&e))
-                    }
-                },
-                (false, Some(id)) => {
-                    if let Err(e) = tp.detach(id) {
-                        tracing::warn!(probe = spec.program, "detaching: {e}");
-                    }
-                }
-                (_, current) => *link = current,
-            }
+            set_link(spec, link, running, tp, |tp| tp.attach(category, name), |tp, id| tp.detach(id));
         }
         tracing::debug!(running, probes = self.on_demand.len(), "session-time probes");
     }
@@ -393,22 +380,35 @@ impl Probes {
             else {
                 continue;
             };
-            match (known, link.take()) {
-                (true, None) => match hook.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::default()) {
-                    Ok(id) => *link = Some(id),
-                    Err(e) => {
-                        tracing::warn!(probe = spec.program, "degraded (lost: {}): {}", spec.provides, error_chain(&e))
-                    }
-                },
-                (false, Some(id)) => {
-                    if let Err(e) = hook.detach(id) {
-                        tracing::warn!(probe = spec.program, "detaching: {e}");
-                    }
-                }
-                (_, current) => *link = current,
-            }
+            let attach =
+                |hook: &mut CgroupSkb| hook.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::default());
+            set_link(spec, link, known, hook, attach, |hook, id| hook.detach(id));
         }
         tracing::debug!(known, probes = self.token_time.len(), "token-time probes");
+    }
+}
+
+/// Brings an on-demand probe's link to `want`: attached when wanted, detached when not. A
+/// failure to attach degrades what the probe provides; both failures are logged.
+fn set_link<P, Id>(
+    spec: &ProbeSpec,
+    link: &mut Option<Id>,
+    want: bool,
+    program: &mut P,
+    attach: impl FnOnce(&mut P) -> Result<Id, aya::programs::ProgramError>,
+    detach: impl FnOnce(&mut P, Id) -> Result<(), aya::programs::ProgramError>,
+) {
+    match (want, link.take()) {
+        (true, None) => match attach(program) {
+            Ok(id) => *link = Some(id),
+            Err(e) => tracing::warn!(probe = spec.program, "degraded (lost: {}): {}", spec.provides, error_chain(&e)),
+        },
+        (false, Some(id)) => {
+            if let Err(e) = detach(program, id) {
+                tracing::warn!(probe = spec.program, "detaching: {e}");
+            }
+        }
+        (_, current) => *link = current,
     }
 }
 
