@@ -1,7 +1,7 @@
 //! Ring-buffer events. Each starts with [`EventHeader`]; `kind` says which struct follows.
 
 /// Bumped whenever the layout of any event changes; userspace refuses other versions.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// Which event follows the header. Numbers are fixed and never reused.
 #[repr(u32)]
@@ -233,13 +233,18 @@ pub const PAYLOAD_SSL_WRITE: u8 = 1;
 pub const PAYLOAD_SSL_WRITE_EX: u8 = 2;
 pub const PAYLOAD_TCP: u8 = 3;
 
+/// `PayloadRecord::flags`: the data belongs to an HTTP/2 connection (from its client preface on),
+/// to be decoded as a frame stream in order, not as a request of its own.
+pub const PAYLOAD_FLAG_H2: u8 = 1;
+
 pub const PAYLOAD_CAP: usize = 4096;
 /// The data capacity of the short payload record: most requests, a bearer JWT included, fit
 /// in it, and a quarter of the ring buffer per event means a quarter of the reader's wakeups.
 pub const PAYLOAD_SMALL_CAP: usize = 1024;
 
-/// The first bytes of an outbound request that starts like HTTP/1.x: TLS plaintext given to
-/// OpenSSL, or a plaintext TCP segment. Userspace parses it and keeps only fingerprints.
+/// The first bytes of an outbound request that starts like HTTP/1.x, or of a write on an HTTP/2
+/// connection: TLS plaintext given to OpenSSL, or a plaintext TCP segment. Userspace parses it
+/// and keeps only fingerprints.
 /// Two sizes share this layout ([`PayloadEvent`], [`SmallPayloadEvent`]); `header.size` says
 /// which, and the data sits at the same offset in both.
 #[repr(C)]
@@ -248,21 +253,26 @@ pub struct PayloadRecord<const N: usize> {
     pub header: EventHeader,
     /// One of the `PAYLOAD_*` values.
     pub source: u8,
-    pub _pad0: u8,
+    /// `PAYLOAD_FLAG_*`.
+    pub flags: u8,
     /// Destination port, host byte order (0 when unknown: TLS).
     pub port: u16,
     /// Length of the whole write or segment (`data` holds at most `N` bytes of it).
     pub total_len: u32,
     /// Destination address, IPv4-mapped for IPv4; all zero when unknown (TLS).
     pub addr: [u8; 16],
+    /// The connection within the process: the `SSL *` for TLS, the socket cookie for TCP.
+    pub conn: u64,
     pub comm: [u8; COMM_CAP],
-    pub _pad1: u32,
+    /// TCP: the segment's sequence number (retransmissions repeat one); TLS: 0.
+    pub seq: u32,
     pub data: Bytes<N>,
 }
 pub type PayloadEvent = PayloadRecord<PAYLOAD_CAP>;
 pub type SmallPayloadEvent = PayloadRecord<PAYLOAD_SMALL_CAP>;
-const _: () = assert!(core::mem::size_of::<SmallPayloadEvent>() == 48 + 8 + 16 + COMM_CAP + 4 + 4 + PAYLOAD_SMALL_CAP);
-const _: () = assert!(core::mem::size_of::<PayloadEvent>() == 48 + 8 + 16 + COMM_CAP + 4 + 4 + PAYLOAD_CAP);
+const _: () =
+    assert!(core::mem::size_of::<SmallPayloadEvent>() == 48 + 8 + 16 + 8 + COMM_CAP + 4 + 4 + PAYLOAD_SMALL_CAP);
+const _: () = assert!(core::mem::size_of::<PayloadEvent>() == 48 + 8 + 16 + 8 + COMM_CAP + 4 + 4 + PAYLOAD_CAP);
 
 /// Which credential-changing call succeeded.
 pub const CRED_SETUID: u32 = 1;

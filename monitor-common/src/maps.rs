@@ -56,12 +56,30 @@ pub struct TcpOwner {
     pub port: u16,
     /// How many payload segments were looked at; the hook stops after a few that are not HTTP.
     pub segments: u16,
-    pub _pad0: u32,
+    /// `TCP_OWNER_*` flags.
+    pub flags: u32,
     pub addr: [u8; 16],
     /// The connecting task's name.
     pub comm: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<TcpOwner>() == 48);
+
+/// The connection sent the HTTP/2 client preface: every later segment that may hold a header
+/// block is reported (HPACK needs each block of the connection, in order).
+pub const TCP_OWNER_H2: u32 = 1;
+
+/// Key of an HTTP/2 connection over TLS: the process and its `SSL *`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsConnKey {
+    pub tgid: u32,
+    pub _pad0: u32,
+    pub ssl: u64,
+}
+const _: () = assert!(core::mem::size_of::<TlsConnKey>() == 16);
+
+/// HTTP/2 connections over TLS that the probes follow.
+pub const H2_TLS_CAPACITY: u32 = 16_384;
 
 pub const CGROUP_SESSIONS_CAPACITY: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 4 * 1024 * 1024;
@@ -210,6 +228,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortRanges {}
     unsafe impl aya::Pod for super::WatchedDevs {}
     unsafe impl aya::Pod for super::TcpOwner {}
+    unsafe impl aya::Pod for super::TlsConnKey {}
 }
 
 /// Index of each value in the `CONFIG` array.

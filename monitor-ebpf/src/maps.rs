@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, WatchedDevs,
-    CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, ENV_SCAN_CAP, EVENTS_BYTES, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY,
-    SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT, TOKEN_HASHES_CAPACITY,
-    WATCHED_INODES_CAPACITY,
+    NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, TlsConnKey, WatchedDevs,
+    CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, ENV_SCAN_CAP, EVENTS_BYTES, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY,
+    RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
+    TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
 };
 
 #[map]
@@ -68,6 +68,11 @@ pub static TOKEN_HASHES: HashMap<u64, u32> = HashMap::with_max_entries(TOKEN_HAS
 /// socket's entry needs no cleanup when it closes.
 #[map]
 pub static TCP_OWNERS: LruHashMap<u64, TcpOwner> = LruHashMap::with_max_entries(65_536, 0);
+
+/// TLS connections (`tgid`, `SSL *`) that sent the HTTP/2 client preface: their later writes
+/// are reported too (see hooks/payload.rs). LRU: a freed `SSL *` needs no cleanup.
+#[map]
+pub static H2_TLS_CONNS: LruHashMap<TlsConnKey, u8> = LruHashMap::with_max_entries(H2_TLS_CAPACITY, 0);
 
 /// Per-CPU room for an exec's environment while it is scanned for tokens (too big for the stack).
 #[map]

@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use monitor_common::{
     ConnectEvent, ConnectResultEvent, CredChangeEvent, EnvTokenEvent, EventHeader, EventKind, ExecEvent, ExitEvent,
     FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID,
-    CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED,
-    VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
+    CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_FLAG_H2, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED,
+    VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
 
 use crate::event::{
@@ -45,6 +45,14 @@ pub enum Decoded<'a> {
         actor: Actor,
         tls: bool,
         dst: Option<std::net::SocketAddr>,
+        /// The connection within the process (`SSL *` or socket cookie).
+        conn: u64,
+        /// A write on an HTTP/2 connection: part of a frame stream, not a request of its own.
+        h2: bool,
+        /// TCP: the sequence number of the segment's first byte.
+        seq: Option<u32>,
+        /// The whole write's length; `data` may hold only its start.
+        total_len: usize,
         data: &'a [u8],
     },
 }
@@ -143,7 +151,24 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
             let data = &record[data_at + 4..data_at + 4 + len.min(held)];
             let tls = source != PAYLOAD_TCP;
             let dst = (!tls && port != 0).then(|| std::net::SocketAddr::new(unmap(addr), port));
-            return Ok(Decoded::Payload { ts, session, actor: actor(&record[comm_at..comm_at + 16]), tls, dst, data });
+            let u32_at = |at: usize| u32::from_ne_bytes(record[at..at + 4].try_into().unwrap_or([0; 4]));
+            let conn_at = core::mem::offset_of!(PayloadEvent, conn);
+            let conn = u64::from_ne_bytes(record[conn_at..conn_at + 8].try_into().unwrap_or([0; 8]));
+            let h2 = record[core::mem::offset_of!(PayloadEvent, flags)] & PAYLOAD_FLAG_H2 != 0;
+            let seq = (!tls).then(|| u32_at(core::mem::offset_of!(PayloadEvent, seq)));
+            let total_len = (u32_at(core::mem::offset_of!(PayloadEvent, total_len)) as usize).max(data.len());
+            return Ok(Decoded::Payload {
+                ts,
+                session,
+                actor: actor(&record[comm_at..comm_at + 16]),
+                tls,
+                dst,
+                conn,
+                h2,
+                seq,
+                total_len,
+                data,
+            });
         }
         _ => {}
     }
@@ -365,19 +390,23 @@ mod tests {
         let mut e = PayloadEvent {
             header: header(EventKind::Payload, size_of::<PayloadEvent>()),
             source: PAYLOAD_TCP,
-            _pad0: 0,
+            flags: PAYLOAD_FLAG_H2,
             port: 8080,
             total_len: 100,
             addr: std::net::Ipv4Addr::new(127, 0, 0, 3).to_ipv6_mapped().octets(),
+            conn: 0xc00c1e,
             comm,
-            _pad1: 0,
+            seq: 12345,
             data: buf(b"GET / HTTP/1.1\r\n\r\n"),
         };
         let record = bytes_of(&e);
-        let Decoded::Payload { tls, dst, data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
+        let Decoded::Payload { tls, dst, data, conn, h2, seq, total_len, .. } = decode(&record, CLOCK).unwrap() else {
+            panic!()
+        };
         assert!(!tls);
         assert_eq!(dst, Some("127.0.0.3:8080".parse().unwrap()));
         assert_eq!(data, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!((conn, h2, seq, total_len), (0xc00c1e, true, Some(12345), 100));
         e.data.len = u32::MAX; // corrupt: bounded by the buffer
         let record = bytes_of(&e);
         let Decoded::Payload { data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
@@ -387,17 +416,18 @@ mod tests {
         let mut small = SmallPayloadEvent {
             header: header(EventKind::Payload, size_of::<SmallPayloadEvent>()),
             source: PAYLOAD_SSL_WRITE_EX,
-            _pad0: 0,
+            flags: 0,
             port: 0,
             total_len: 18,
             addr: [0; 16],
+            conn: 0x7f00_0000_1000,
             comm,
-            _pad1: 0,
+            seq: 0,
             data: buf(b"GET / HTTP/1.1\r\n\r\n"),
         };
         let record = bytes_of(&small);
-        let Decoded::Payload { tls, dst, data, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
-        assert!(tls && dst.is_none());
+        let Decoded::Payload { tls, dst, data, seq, h2, .. } = decode(&record, CLOCK).unwrap() else { panic!() };
+        assert!(tls && dst.is_none() && seq.is_none() && !h2);
         assert_eq!(data, b"GET / HTTP/1.1\r\n\r\n");
         small.data.len = u32::MAX;
         let record = bytes_of(&small);

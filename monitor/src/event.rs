@@ -271,9 +271,11 @@ pub enum TokenVia {
     Env { name: String },
     /// On the command line of an exec, as argument `index` (redacted there).
     Argv { index: usize },
-    /// In an HTTP/1.x request, over TLS (OpenSSL) or in plaintext.
+    /// In an HTTP request (HTTP/1.x, or HTTP/2 when `http2`), over TLS or in plaintext.
     Http {
         tls: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        http2: bool,
         method: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         host: Option<String>,

@@ -15,6 +15,7 @@ use std::{
 use serde_json::Value;
 
 pub mod peers;
+pub mod wire;
 
 /// How long any expected event or alert may take to show up.
 pub const DEADLINE: Duration = Duration::from_secs(20);

@@ -4,201 +4,10 @@
 //! workloads run inside it. Traffic goes to 127.0.0.0/8 only. Every test ends by searching the
 //! agent's outputs (alerts, event log, debug log) for the raw token.
 
-use std::{
-    fs,
-    path::Path,
-    process::{Child, Command, Output, Stdio},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{fs, process::Command};
 
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
-use monitor_tests::*;
-use serde_json::{json, Value};
-
-/// A JWT for the task: principal alice, acting through the test bot (RFC 8693 `act`). Unsigned
-/// for the test's purpose; the agent decodes, it never verifies.
-fn jwt(exp_in_secs: i64, jti: &str) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let claims = json!({
-        "iss": "https://idp.test", "sub": "alice@example.com", "jti": jti,
-        "exp": now + exp_in_secs, "scope": "refunds:write",
-        "act": {"sub": "svc:test-bot", "act": {"sub": "svc:orchestrator"}},
-    });
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    // A random signature, so each test's token is unique.
-    let sig = URL_SAFE_NO_PAD.encode(format!("sig-{jti}-{}-{}", std::process::id(), now).as_bytes());
-    format!("{header}.{}.{sig}", URL_SAFE_NO_PAD.encode(claims.to_string()))
-}
-
-struct Creds {
-    agent: Agent,
-    cg: TestCgroup,
-    /// The agent's session traces (`--trace-dir`): searched for secrets like every output.
-    traces: Scratch,
-}
-
-impl Creds {
-    fn start(name: &str, extra: &[&str]) -> Self {
-        let cg = TestCgroup::new(name);
-        let traces = Scratch::new(&format!("{name}-traces"));
-        let trace_dir = traces.0.to_str().unwrap().to_string();
-        let mut args = vec!["--cgroup", cg.0.to_str().unwrap(), "--trace-dir", &trace_dir];
-        args.extend_from_slice(extra);
-        Self { agent: Agent::start_with(name, &args), cg, traces }
-    }
-
-    /// `sh -c SCRIPT` moved into the test cgroup first, with `env` added.
-    fn command(&self, script: &str, env: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", &format!("{} /bin/sh -c '{}'", self.cg.enter(), script.replace('\'', "'\\''"))])
-            .env("MONITOR_CONTROL", &self.agent.control)
-            .env("MONITOR_LOG", "warn");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd
-    }
-
-    fn sh(&self, script: &str, env: &[(&str, &str)]) -> Output {
-        self.command(script, env).output().unwrap()
-    }
-
-    /// `monitor run --file SESSION -- /bin/sh -c SCRIPT` in the test cgroup.
-    fn run_session(&self, session: &Path, script: &str, env: &[(&str, &str)]) -> Output {
-        let line = format!(
-            "{} run --file {} -- /bin/sh -c '{}'",
-            monitor_bin().display(),
-            session.display(),
-            script.replace('\'', "'\\''")
-        );
-        self.sh(&line, env)
-    }
-
-    fn spawn_session(&self, session: &Path, script: &str, env: &[(&str, &str)]) -> Child {
-        let line = format!(
-            "{} run --file {} -- /bin/sh -c '{}'",
-            monitor_bin().display(),
-            session.display(),
-            script.replace('\'', "'\\''")
-        );
-        self.command(&line, env).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
-    }
-
-    fn alerts_of(&self, rule: &str) -> Vec<Value> {
-        self.agent.alerts().into_iter().filter(|a| a["rule"] == rule).collect()
-    }
-
-    /// The raw secret appears in none of the agent's outputs.
-    fn assert_never_output(&self, secret: &str) {
-        // The token's signature part is checked too: a partial leak is a leak.
-        let tail = &secret[secret.len() - 16..];
-        for file in [&self.agent.alerts, &self.agent.events, &self.agent.log] {
-            let text = fs::read_to_string(file).unwrap_or_default();
-            assert!(!text.is_empty() || file != &self.agent.log, "{} is empty", file.display());
-            assert!(!text.contains(secret) && !text.contains(tail), "the raw token leaked into {}", file.display());
-        }
-        // The trace is MessagePack: searched as bytes, every segment and index. It must hold
-        // the token's uses (by fingerprint, as the alerts name it), or the search proves nothing.
-        let contains = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-        let fingerprints: Vec<String> = self
-            .agent
-            .alerts()
-            .iter()
-            .filter_map(|a| a["credential"]["fingerprint"].as_str().map(str::to_string))
-            .collect();
-        assert!(!fingerprints.is_empty(), "no alert names a credential fingerprint");
-        let mut recorded = false;
-        for entry in fs::read_dir(&self.traces.0).unwrap() {
-            let path = entry.unwrap().path();
-            let bytes = fs::read(&path).unwrap();
-            for needle in [secret.as_bytes(), tail.as_bytes()] {
-                assert!(!contains(&bytes, needle), "the raw token leaked into {}", path.display());
-            }
-            recorded |= fingerprints.iter().any(|f| contains(&bytes, f.as_bytes()));
-        }
-        assert!(recorded, "the trace in {} records no use of the token", self.traces.0.display());
-    }
-}
-
-/// A self-signed certificate for 127.0.0.2, and `openssl s_server -www` on it.
-struct TlsServer {
-    child: Child,
-    port: u16,
-}
-
-impl TlsServer {
-    fn start(dir: &Scratch) -> Self {
-        let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
-        let o = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.2"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "openssl req: {}", stderr(&o));
-        let port = free_port("127.0.0.2");
-        let log = fs::File::create(dir.path("s_server.log")).unwrap();
-        let child = Command::new("openssl")
-            .args(["s_server", "-quiet", "-www", "-accept"])
-            .arg(format!("127.0.0.2:{port}"))
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        wait_for(
-            "openssl s_server listening",
-            || std::net::TcpStream::connect(("127.0.0.2", port)).ok(),
-            || fs::read_to_string(dir.path("s_server.log")).unwrap_or_default(),
-        );
-        Self { child, port }
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A plaintext HTTP server (Python's http.server) on 127.0.0.3.
-struct HttpServer {
-    child: Child,
-    port: u16,
-}
-
-impl HttpServer {
-    fn start(dir: &Scratch) -> Self {
-        let port = free_port("127.0.0.3");
-        let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.3", &port.to_string()])
-            .current_dir(&dir.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("http.server listening", || std::net::TcpStream::connect(("127.0.0.3", port)).ok(), String::new);
-        Self { child, port }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port(addr: &str) -> u16 {
-    std::net::TcpListener::bind((addr, 0)).unwrap().local_addr().unwrap().port()
-}
+use monitor_tests::{wire::*, *};
+use serde_json::json;
 
 const SESSION: &str = "grace: 1s\ntokens:\n  - env: BOT_TOKEN\n";
 
@@ -286,7 +95,7 @@ fn wire_scenario(t: &Creds, url: &str, seen_in: &str, token: &str) {
 #[test]
 fn tokens_over_tls_in_session_outside_and_after_the_end() {
     let t = Creds::start("cred-tls", &[]);
-    let server = TlsServer::start(&t.agent.dir);
+    let server = tls_server(&t.agent.dir);
     let token = jwt(3600, "tls");
     wire_scenario(&t, &format!("https://127.0.0.2:{}/refunds/4711?access_token=x", server.port), "https", &token);
     let alerts = t.alerts_of("token_outside_session");
@@ -302,7 +111,7 @@ fn tokens_over_tls_in_session_outside_and_after_the_end() {
 #[test]
 fn tokens_over_plaintext_http_in_session_outside_and_after_the_end() {
     let t = Creds::start("cred-http", &[]);
-    let server = HttpServer::start(&t.agent.dir);
+    let server = http_server(&t.agent.dir);
     let token = jwt(3600, "http");
     wire_scenario(&t, &format!("http://127.0.0.3:{}/refunds", server.port), "http", &token);
     let alerts = t.alerts_of("token_outside_session");

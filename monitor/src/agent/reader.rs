@@ -22,7 +22,7 @@ const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(40)
 pub async fn run(
     ring: RingBuf<MapData>,
     clock: Clock,
-    observer: Observer,
+    mut observer: Observer,
     uid_changes: Option<ProcConnector>,
     out: mpsc::Sender<Event>,
 ) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
-//! HTTP/1.x requests captured on the wire: the request line, the host, and the credentials in
-//! its headers. The raw values are handed to the fingerprinting step and go no further.
+//! HTTP requests captured on the wire: the request line (or HTTP/2 pseudo-headers), the host,
+//! and the credentials in its headers. The raw values are handed to the fingerprinting step and
+//! go no further.
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 
@@ -113,19 +114,53 @@ fn build<'a>(data: &'a [u8], parsed: &[u8], req: &httparse::Request, api_key_hea
         let value = trim(in_data(h.value));
         if name == "host" {
             host = Some(String::from_utf8_lossy(value).into_owned());
-        } else if name == "authorization" || name == "proxy-authorization" {
-            if let Some(c) = authorization(name, value) {
-                credentials.push(c);
-            }
-        } else if !value.is_empty()
-            && (DEFAULT_API_KEY_HEADERS.contains(&name.as_str()) || api_key_headers.iter().any(|k| k == &name))
-        {
-            credentials.push(RawCredential { kind: CredentialKind::ApiKey, header: name, value, key_id: None });
+        } else if let Some(c) = header_credential(name, value, api_key_headers) {
+            credentials.push(c);
         }
     }
     let target = req.path.unwrap_or("");
-    let path = target.split(['?', '#']).next().unwrap_or("").to_string();
-    Request { method: req.method.unwrap_or("").to_string(), path, host, credentials }
+    Request { method: req.method.unwrap_or("").to_string(), path: without_query(target), host, credentials }
+}
+
+/// The request an HTTP/2 header block describes (`:method`, `:authority`, `:path` and the
+/// credential headers; HTTP/2 field names are lowercase already). gRPC metadata is the same.
+pub fn from_h2_fields<'a>(fields: &'a [(Vec<u8>, Vec<u8>)], api_key_headers: &[String]) -> Request<'a> {
+    let mut request = Request { method: String::new(), path: String::new(), host: None, credentials: Vec::new() };
+    for (name, value) in fields {
+        let text = || String::from_utf8_lossy(value).into_owned();
+        match name.as_slice() {
+            b":method" => request.method = text(),
+            b":path" => request.path = without_query(&text()),
+            b":authority" => request.host = Some(text()),
+            // HTTP/1.1 style, allowed by RFC 9113 §8.3.1 when :authority is absent.
+            b"host" if request.host.is_none() => request.host = Some(text()),
+            _ => {
+                let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+                if let Some(c) = header_credential(name, trim(value), api_key_headers) {
+                    request.credentials.push(c);
+                }
+            }
+        }
+    }
+    request
+}
+
+/// The credential a header carries, for a lowercased header name.
+fn header_credential<'a>(name: String, value: &'a [u8], api_key_headers: &[String]) -> Option<RawCredential<'a>> {
+    if name == "authorization" || name == "proxy-authorization" {
+        authorization(name, value)
+    } else if !value.is_empty()
+        && (DEFAULT_API_KEY_HEADERS.contains(&name.as_str()) || api_key_headers.iter().any(|k| k == &name))
+    {
+        Some(RawCredential { kind: CredentialKind::ApiKey, header: name, value, key_id: None })
+    } else {
+        None
+    }
+}
+
+/// A request target without its query string and fragment (which may carry secrets).
+fn without_query(target: &str) -> String {
+    target.split(['?', '#']).next().unwrap_or("").to_string()
 }
 
 fn authorization(header: String, value: &[u8]) -> Option<RawCredential<'_>> {
@@ -240,6 +275,26 @@ mod tests {
         assert_eq!(r.credentials[0].value, b"abc");
         let r = parse_str("GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer ab").unwrap();
         assert!(r.credentials.is_empty());
+    }
+
+    #[test]
+    fn http2_fields_give_the_same_request() {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = [
+            (":method", "POST"),
+            (":authority", "api.example:8443"),
+            (":path", "/pkg.Service/Call?token=zzz"),
+            ("authorization", "Bearer abc.def.ghi"),
+            ("x-custom-key", "key-2"),
+            ("content-type", "application/grpc"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+        let r = from_h2_fields(&fields, &["x-custom-key".to_string()]);
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/pkg.Service/Call"));
+        assert_eq!(r.host.as_deref(), Some("api.example:8443"));
+        let found: Vec<_> = r.credentials.iter().map(|c| (c.kind, c.value)).collect();
+        assert_eq!(found, [(CredentialKind::Bearer, &b"abc.def.ghi"[..]), (CredentialKind::ApiKey, &b"key-2"[..])]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod argv;
 pub mod fanotify;
+pub mod h2;
 pub mod http;
 pub mod jwt;
 mod kernel;
@@ -165,17 +166,19 @@ pub struct Observer {
     index: Arc<CredentialIndex>,
     key: Arc<FingerprintKey>,
     api_key_headers: Vec<String>,
+    /// The HTTP/2 connections followed, each with its HPACK decoder.
+    h2: h2::Connections,
 }
 
 impl Observer {
     pub fn new(index: Arc<CredentialIndex>, key: Arc<FingerprintKey>, api_key_headers: Vec<String>) -> Self {
         let api_key_headers = api_key_headers.into_iter().map(|h| h.to_ascii_lowercase()).collect();
-        Self { index, key, api_key_headers }
+        Self { index, key, api_key_headers, h2: h2::Connections::default() }
     }
 
     /// The events an observation gives: none for what concerns no session (an unknown token in
     /// a process outside sessions), one per credential otherwise.
-    pub fn observe(&self, decoded: Decoded<'_>) -> Vec<Event> {
+    pub fn observe(&mut self, decoded: Decoded<'_>) -> Vec<Event> {
         match decoded {
             Decoded::Event(Event::Exec(mut exec)) => {
                 let found = self.redact_argv(&mut exec.argv);
@@ -217,7 +220,31 @@ impl Observer {
                     SeenCredential { kind: CredentialKind::Env, fingerprint, header: None, key_id: None, jwt: None };
                 vec![Event::TokenUse(TokenUse { ts, session, actor, credential, via: TokenVia::Env { name } })]
             }
-            Decoded::Payload { ts, session, actor, tls, dst, data } => self.payload(ts, session, actor, tls, dst, data),
+            Decoded::Payload { ts, session, actor, tls, dst, conn, h2, seq, total_len, data } => {
+                let wire = Wire { ts, session, actor, tls, dst };
+                let id = h2::ConnId { pid: wire.actor.pid, conn };
+                if !h2 {
+                    // A request line: whatever the connection was before, it is HTTP/1.x now.
+                    self.h2.forget(id);
+                    let Some(request) = http::parse(data, &self.api_key_headers) else { return Vec::new() };
+                    return self.request_events(&wire, false, &request);
+                }
+                let feed = self.h2.feed(id, seq, data, total_len);
+                let mut events = Vec::new();
+                for block in &feed.blocks {
+                    let request = http::from_h2_fields(block, &self.api_key_headers);
+                    events.extend(self.request_events(&wire, true, &request));
+                }
+                if let Some(why) = feed.lost {
+                    // Only connections that concern a session: outside them, unknown tokens are
+                    // dropped anyway, and this would report every busy client on the host.
+                    if wire.session != 0 {
+                        let source = format!("HTTP/2 requests of pid {} on one connection: {why}", wire.actor.pid);
+                        events.push(Event::Lost { ts: wire.ts, source, count: 1 });
+                    }
+                }
+                events
+            }
         }
     }
 
@@ -232,16 +259,9 @@ impl Observer {
         argv::redact(argv, &self.key, &self.api_key_headers, &|fp| self.index.is_session_token(fp))
     }
 
-    fn payload(
-        &self,
-        ts: u64,
-        session: SessionKey,
-        actor: Actor,
-        tls: bool,
-        dst: Option<std::net::SocketAddr>,
-        data: &[u8],
-    ) -> Vec<Event> {
-        let Some(request) = http::parse(data, &self.api_key_headers) else { return Vec::new() };
+    /// One event per credential of a request that concerns a session.
+    fn request_events(&self, wire: &Wire, http2: bool, request: &http::Request<'_>) -> Vec<Event> {
+        let Wire { ts, session, ref actor, tls, dst } = *wire;
         let mut events = Vec::new();
         for raw in &request.credentials {
             let secret: std::borrow::Cow<[u8]> = match raw.kind {
@@ -270,6 +290,7 @@ impl Observer {
             };
             let via = TokenVia::Http {
                 tls,
+                http2,
                 method: request.method.clone(),
                 host: request.host.clone(),
                 path: request.path.clone(),
@@ -279,4 +300,13 @@ impl Observer {
         }
         events
     }
+}
+
+/// Where a captured write was seen: the process, the session it belongs to, and the socket.
+struct Wire {
+    ts: u64,
+    session: SessionKey,
+    actor: Actor,
+    tls: bool,
+    dst: Option<std::net::SocketAddr>,
 }

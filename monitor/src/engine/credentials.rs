@@ -63,9 +63,10 @@ impl Engine {
         let (seen_in, carrier, request, network) = match &t.via {
             TokenVia::Env { name } => ("env", Some(name.clone()), None, None),
             TokenVia::Argv { index } => ("argv", Some(format!("argv[{index}]")), None, None),
-            TokenVia::Http { tls, method, host, path, dst } => {
+            TokenVia::Http { tls, http2, method, host, path, dst } => {
                 let scheme = if *tls { "https" } else { "http" };
-                let request = format!("{method} {scheme}://{}{path}", host.as_deref().unwrap_or("?"));
+                let version = if *http2 { " HTTP/2" } else { "" };
+                let request = format!("{method} {scheme}://{}{path}{version}", host.as_deref().unwrap_or("?"));
                 let network = match dst {
                     Some(dst) => Some(NetworkRef {
                         dst_ip: dst.ip().to_string(),

@@ -379,6 +379,7 @@ mod credentials {
             },
             via: TokenVia::Http {
                 tls: true,
+                http2: false,
                 method: "GET".into(),
                 host: Some("127.0.0.2:8443".into()),
                 path: "/refunds".into(),

@@ -207,6 +207,7 @@ mod tests {
             },
             via: crate::event::TokenVia::Http {
                 tls: false,
+                http2: false,
                 method: "GET".into(),
                 host: Some("h".into()),
                 path: "/".into(),
