@@ -17,6 +17,7 @@ pub enum EventKind {
     EnvToken = 8,
     Payload = 9,
     CredChange = 10,
+    Executable = 11,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -34,6 +35,7 @@ impl TryFrom<u32> for EventKind {
             8 => Ok(Self::EnvToken),
             9 => Ok(Self::Payload),
             10 => Ok(Self::CredChange),
+            11 => Ok(Self::Executable),
             other => Err(other),
         }
     }
@@ -232,6 +234,10 @@ const _: () = assert!(core::mem::size_of::<EnvTokenEvent>() == 48 + 8 + COMM_CAP
 pub const PAYLOAD_SSL_WRITE: u8 = 1;
 pub const PAYLOAD_SSL_WRITE_EX: u8 = 2;
 pub const PAYLOAD_TCP: u8 = 3;
+/// Go's `crypto/tls.(*Conn).Write`, in the executable.
+pub const PAYLOAD_GO_TLS: u8 = 4;
+/// GnuTLS `gnutls_record_send`.
+pub const PAYLOAD_GNUTLS: u8 = 5;
 
 /// `PayloadRecord::flags`: the data belongs to an HTTP/2 connection (from its client preface on),
 /// to be decoded as a frame stream in order, not as a request of its own.
@@ -273,6 +279,22 @@ pub type SmallPayloadEvent = PayloadRecord<PAYLOAD_SMALL_CAP>;
 const _: () =
     assert!(core::mem::size_of::<SmallPayloadEvent>() == 48 + 8 + 16 + 8 + COMM_CAP + 4 + 4 + PAYLOAD_SMALL_CAP);
 const _: () = assert!(core::mem::size_of::<PayloadEvent>() == 48 + 8 + 16 + 8 + COMM_CAP + 4 + 4 + PAYLOAD_CAP);
+
+/// An executable file exec'd for the first time since the agent started (any process): userspace
+/// looks in it once for TLS code to probe (Go's crypto/tls, a statically linked OpenSSL).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecutableEvent {
+    pub header: EventHeader,
+    /// `sb->s_dev` in the kernel's encoding (major << 20 | minor).
+    pub dev: u32,
+    pub _pad0: u32,
+    pub ino: u64,
+    /// The path given to exec (may be relative to the caller's directory).
+    pub filename: Bytes<FILENAME_CAP>,
+    pub _pad1: u32,
+}
+const _: () = assert!(core::mem::size_of::<ExecutableEvent>() == 48 + 16 + 4 + FILENAME_CAP + 4);
 
 /// Which credential-changing call succeeded.
 pub const CRED_SETUID: u32 = 1;
@@ -331,4 +353,5 @@ mod pod {
     unsafe impl aya::Pod for super::PayloadEvent {}
     unsafe impl aya::Pod for super::SmallPayloadEvent {}
     unsafe impl aya::Pod for super::CredChangeEvent {}
+    unsafe impl aya::Pod for super::ExecutableEvent {}
 }

@@ -78,6 +78,9 @@ pub struct TlsConnKey {
 }
 const _: () = assert!(core::mem::size_of::<TlsConnKey>() == 16);
 
+/// Executables (device, inode) already reported at exec.
+pub const EXECUTABLES_SEEN_CAPACITY: u32 = 16_384;
+
 /// HTTP/2 connections over TLS that the probes follow.
 pub const H2_TLS_CAPACITY: u32 = 16_384;
 
@@ -262,6 +265,7 @@ pub mod globals {
     pub const MM_ARG_END: &str = "MM_ARG_END_OFF";
     pub const MM_ENV_START: &str = "MM_ENV_START_OFF";
     pub const MM_ENV_END: &str = "MM_ENV_END_OFF";
+    pub const MM_EXE_FILE: &str = "MM_EXE_FILE_OFF";
     pub const CRED_CAP_EFFECTIVE: &str = "CRED_CAP_EFFECTIVE_OFF";
     pub const TASK_FILES: &str = "TASK_FILES_OFF";
     pub const FILES_FDT: &str = "FILES_FDT_OFF";

@@ -25,6 +25,7 @@ offset_global!(MM_ARG_START_OFF);
 offset_global!(MM_ARG_END_OFF);
 offset_global!(MM_ENV_START_OFF);
 offset_global!(MM_ENV_END_OFF);
+offset_global!(MM_EXE_FILE_OFF);
 offset_global!(CRED_CAP_EFFECTIVE_OFF);
 offset_global!(TASK_FILES_OFF);
 offset_global!(FILES_FDT_OFF);
@@ -149,6 +150,16 @@ pub fn fd_inode(fd: u32) -> Option<(u64, u64, u64)> {
 pub fn inode_dev(inode: u64) -> Option<u32> {
     let sb: u64 = read_at(inode, global(&INODE_SB_OFF))?;
     read_at(sb, global(&SB_DEV_OFF))
+}
+
+/// The device and inode of the current task's executable (`mm->exe_file`), set by exec.
+#[inline(always)]
+pub fn exe_inode() -> Option<(u32, u64)> {
+    let mm: u64 = read_at(current_task(), global(&TASK_MM_OFF))?;
+    let file: u64 = read_at(mm, global(&MM_EXE_FILE_OFF))?;
+    let inode: u64 = read_at(file, global(&FILE_INODE_OFF))?;
+    let ino: u64 = read_at(inode, global(&INODE_INO_OFF))?;
+    Some((inode_dev(inode)?, ino))
 }
 
 /// `file->f_flags`.

@@ -6,9 +6,9 @@ use aya_ebpf::{
 };
 use monitor_common::{
     NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, TlsConnKey, WatchedDevs,
-    CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, ENV_SCAN_CAP, EVENTS_BYTES, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY,
-    RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
-    TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
+    CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, ENV_SCAN_CAP, EVENTS_BYTES, EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY,
+    PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY,
+    STAT_COUNT, TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
 };
 
 #[map]
@@ -73,6 +73,11 @@ pub static TCP_OWNERS: LruHashMap<u64, TcpOwner> = LruHashMap::with_max_entries(
 /// are reported too (see hooks/payload.rs). LRU: a freed `SSL *` needs no cleanup.
 #[map]
 pub static H2_TLS_CONNS: LruHashMap<TlsConnKey, u8> = LruHashMap::with_max_entries(H2_TLS_CAPACITY, 0);
+
+/// Executables `[dev, ino]` already reported at exec (hooks/process.rs): each is looked at once by
+/// userspace. LRU: one evicted is reported again, which userspace's own cache absorbs.
+#[map]
+pub static EXECUTABLES_SEEN: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(EXECUTABLES_SEEN_CAPACITY, 0);
 
 /// Per-CPU room for an exec's environment while it is scanned for tokens (too big for the stack).
 #[map]

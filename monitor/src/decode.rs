@@ -3,10 +3,10 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, CredChangeEvent, EnvTokenEvent, EventHeader, EventKind, ExecEvent, ExitEvent,
-    FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID,
-    CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_FLAG_H2, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED,
-    VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
+    ConnectEvent, ConnectResultEvent, CredChangeEvent, EnvTokenEvent, EventHeader, EventKind, ExecEvent,
+    ExecutableEvent, ExitEvent, FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, CRED_CAPSET, CRED_CAP_CHECK,
+    CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_FLAG_H2, PAYLOAD_TCP, RESOLVE_ADDRS,
+    VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
 
 use crate::event::{
@@ -55,6 +55,13 @@ pub enum Decoded<'a> {
         total_len: usize,
         data: &'a [u8],
     },
+    /// An executable file exec'd for the first time (by any process): one to look at for TLS
+    /// code to probe. Not an event of the engine.
+    Executable {
+        pid: u32,
+        file: crate::probes::executables::FileId,
+        filename: String,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -98,7 +105,8 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
     let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
     let ts = clock.wall(header.ts_ns);
     // Credential observations come from any process; everything else only from session ones.
-    let any_process = matches!(kind, EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload);
+    let any_process =
+        matches!(kind, EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload | EventKind::Executable);
     if header.session == 0 && !any_process {
         return Err(DecodeError::NoSession);
     }
@@ -170,12 +178,17 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
                 data,
             });
         }
+        EventKind::Executable => {
+            let e: ExecutableEvent = read_sized(record, kind)?;
+            let file = crate::probes::executables::FileId { dev: e.dev, ino: e.ino };
+            return Ok(Decoded::Executable { pid: header.tgid, file, filename: lossy(e.filename.as_slice()) });
+        }
         _ => {}
     }
     let creds = |euid: Option<u32>, egid: Option<u32>| Creds { uid: header.uid, gid: header.gid, euid, egid };
     Ok(Decoded::Event(match kind {
         // Returned above; listed so the match stays exhaustive without a panic path.
-        EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload => {
+        EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload | EventKind::Executable => {
             return Err(DecodeError::UnknownKind(header.kind))
         }
         EventKind::CredChange => {

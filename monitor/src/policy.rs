@@ -28,6 +28,19 @@ pub struct Policy {
     pub never_alert: NeverAlert,
     #[serde(default)]
     pub credentials: CredentialsPolicy,
+    #[serde(default)]
+    pub tls: TlsPolicy,
+}
+
+/// Where the TLS probes look for executables with TLS code of their own (Go, a static OpenSSL)
+/// before they first run, besides the executables' own first exec.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPolicy {
+    /// More directories to look through at start (the defaults: /usr/local/bin, /usr/bin,
+    /// /usr/sbin, /bin, /sbin, /opt, /snap/bin).
+    #[serde(default)]
+    pub executable_dirs: Vec<std::path::PathBuf>,
 }
 
 /// What the credential probes look for besides the built-in list.

@@ -1,7 +1,9 @@
 //! Tokens on the wire from the clients delegated actors actually run, on the real kernel: curl
-//! over HTTP/2 (h2 with TLS, h2c in cleartext) to Debian's nghttpd. The token is read from a
-//! file by the client (`curl -H @file`), never handed in an environment or on a command line,
-//! so only the wire can be what catches it. Traffic goes to 127.0.0.0/8 only.
+//! over HTTP/2 (h2 with TLS, h2c in cleartext) to Debian's nghttpd, a Go net/http client built
+//! here (Go's own crypto/tls, HTTP/2 and HTTP/1.1, plain and stripped), and wget (GnuTLS). The
+//! token is read from a file by the client (`curl -H @file`, a wgetrc, the Go client itself),
+//! never handed in an environment or on a command line, so only the wire can be what catches
+//! it. Traffic goes to 127.0.0.0/8 only.
 
 use std::{fs, path::PathBuf, process::Command};
 
@@ -41,35 +43,52 @@ fn token_files(dir: &Scratch, name: &str) -> TokenFiles {
     TokenFiles { token, session_extra, headers }
 }
 
+/// How a client's request is expected on the wire.
+struct Wire<'a> {
+    /// `https` or `http`.
+    seen_in: &'a str,
+    http2: bool,
+    /// The executable's file name.
+    exe: &'a str,
+}
+
 /// In a session, a request with the token raises nothing; after the task ended, the same
 /// request from a process the task left in the background raises `token_after_task_end`, seen
-/// on the wire as an HTTP/2 request.
-fn http2_after_the_end(t: &Creds, files: &TokenFiles, curl: &str, seen_in: &str, name: &str) -> Value {
+/// on the wire as `wire` says.
+fn after_the_end(t: &Creds, files: &TokenFiles, client: &str, wire: &Wire, name: &str) -> Value {
     let dir = &t.agent.dir;
     let inside = session_file(dir, &format!("{name}-inside"), &files.session_extra);
-    let o = t.run_session(&inside, curl, &[]);
-    assert!(o.status.success(), "curl in the session: {}", stderr(&o));
-    let used = t.agent.wait_event("the in-session HTTP/2 token use", |e| {
-        e["type"] == "token_use" && e["via"] == "http" && e["http2"] == true && e["session"] != 0
+    let o = t.run_session(&inside, client, &[]);
+    assert!(o.status.success(), "{client} in the session: {}{}", stdout(&o), stderr(&o));
+    let started = t.agent.wait_event("the session's start", |e| {
+        e["type"] == "session_started" && e["session"]["id"] == format!("{name}-inside")
     });
-    assert_eq!(used["tls"], seen_in == "https");
+    let used = t.agent.wait_event(&format!("the in-session token use by {}", wire.exe), |e| {
+        e["type"] == "token_use"
+            && e["via"] == "http"
+            && e["session"] == started["key"]
+            // The task name: the process may be gone before its exe could be read.
+            && e["actor"]["comm"] == wire.exe
+    });
+    assert_eq!(used["tls"], wire.seen_in == "https", "{used}");
+    assert_eq!(used["http2"].as_bool().unwrap_or(false), wire.http2, "{used}");
     let fingerprint = used["credential"]["fingerprint"].clone();
     assert!(fingerprint.as_str().unwrap().starts_with("hmac-sha256:"));
     let in_session_pid = used["actor"]["pid"].clone();
 
     let ended = session_file(dir, &format!("{name}-ended"), &files.session_extra);
-    let o = t.run_session(&ended, &format!("(sleep 2; {curl}) > /dev/null 2>&1 &"), &[]);
+    let o = t.run_session(&ended, &format!("(sleep 2; {client}) > /dev/null 2>&1 &"), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let alert = t.agent.wait_alert(&format!("token_after_task_end over {seen_in} HTTP/2"), |a| {
+    let alert = t.agent.wait_alert(&format!("token_after_task_end from {} over {}", wire.exe, wire.seen_in), |a| {
         a["rule"] == "token_after_task_end"
             && a["session"]["id"] == format!("{name}-ended")
-            && a["credential"]["seen_in"] == seen_in
+            && a["credential"]["seen_in"] == wire.seen_in
     });
     assert_eq!(alert["session"]["state"], "ended");
     assert_eq!(alert["credential"]["fingerprint"], fingerprint, "the same token, by fingerprint");
     assert_eq!(alert["credential"]["kind"], "bearer");
     assert_eq!(alert["credential"]["jwt"]["sub"], "alice@example.com");
-    assert!(alert["process"]["exe"].as_str().unwrap().ends_with("curl"), "{alert}");
+    assert!(alert["process"]["exe"].as_str().unwrap().ends_with(wire.exe), "{alert}");
     assert!(
         t.agent
             .alerts()
@@ -81,6 +100,9 @@ fn http2_after_the_end(t: &Creds, files: &TokenFiles, curl: &str, seen_in: &str,
     alert
 }
 
+const CURL_H2: Wire = Wire { seen_in: "https", http2: true, exe: "curl" };
+const CURL_H2C: Wire = Wire { seen_in: "http", http2: true, exe: "curl" };
+
 #[test]
 fn tokens_in_http2_requests_over_tls_after_the_end() {
     let t = Creds::start("clients-h2", &[]);
@@ -88,7 +110,7 @@ fn tokens_in_http2_requests_over_tls_after_the_end() {
     let files = token_files(&t.agent.dir, "h2-tls");
     let url = format!("https://127.0.0.2:{}/refunds?access_token=not-logged", server.port);
     let curl = format!("curl -sk --http2 -o /dev/null -H @{} {url}", files.headers.display());
-    let alert = http2_after_the_end(&t, &files, &curl, "https", "h2");
+    let alert = after_the_end(&t, &files, &curl, &CURL_H2, "h2");
     assert_eq!(
         alert["credential"]["request"],
         format!("GET https://127.0.0.2:{}/refunds HTTP/2", server.port),
@@ -104,7 +126,7 @@ fn tokens_in_h2c_requests_after_the_end_and_outside_the_session() {
     let files = token_files(&t.agent.dir, "h2c");
     let url = format!("http://127.0.0.3:{}/refunds", server.port);
     let curl = format!("curl -s --http2-prior-knowledge -o /dev/null -H @{} {url}", files.headers.display());
-    let alert = http2_after_the_end(&t, &files, &curl, "http", "h2c");
+    let alert = after_the_end(&t, &files, &curl, &CURL_H2C, "h2c");
     assert_eq!(alert["network"]["dst_ip"], "127.0.0.3");
     assert_eq!(alert["network"]["dst_port"], server.port);
     assert_eq!(alert["credential"]["request"], format!("GET http://127.0.0.3:{}/refunds HTTP/2", server.port));
@@ -125,5 +147,135 @@ fn tokens_in_h2c_requests_after_the_end_and_outside_the_session() {
     assert_eq!(alert["credential"]["seen_in"], "http");
     fs::write(&done, "").unwrap();
     assert!(root.wait().unwrap().success());
+    t.assert_never_output(&files.token);
+}
+
+/// A Go `net/http` client (Go's own crypto/tls, HTTP/2 when `H2` is set and the server offers
+/// it), built once per test run with Debian's Go, plain and stripped (`-ldflags=-s -w`: no
+/// `.symtab`, the probe finds crypto/tls through `.gopclntab`). It reads the token from the file
+/// named by its second argument.
+fn go_client(stripped: bool) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-go-client");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("go.mod"), "module client\n\ngo 1.19\n").unwrap();
+        fs::write(dir.join("main.go"), GO_CLIENT).unwrap();
+        for (out, flags) in [("client", ""), ("client-stripped", "-s -w")] {
+            let o = Command::new("go")
+                .args(["build", "-o", out, &format!("-ldflags={flags}"), "."])
+                .current_dir(&dir)
+                .env("CGO_ENABLED", "0")
+                .output()
+                .expect("go (Debian golang-go, installed by cargo xtask test)");
+            assert!(o.status.success(), "go build: {}", stderr(&o));
+        }
+        dir
+    });
+    dir.join(if stripped { "client-stripped" } else { "client" })
+}
+
+const GO_CLIENT: &str = r#"package main
+
+import (
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+)
+
+func main() {
+	if len(os.Args) < 3 {
+		fmt.Fprintln(os.Stderr, "usage: client URL TOKEN_FILE")
+		os.Exit(2)
+	}
+	token, err := os.ReadFile(os.Args[2])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
+		ForceAttemptHTTP2: os.Getenv("H2") != "",
+	}
+	req, _ := http.NewRequest("GET", os.Args[1], nil)
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	io.Copy(io.Discard, resp.Body)
+	fmt.Println(resp.Proto, resp.Status)
+}
+"#;
+
+/// Waits until the agent says it probed the TLS code of `exe` (at start, for the tool
+/// directories; or at its first exec).
+fn wait_probe_attached(t: &Creds, exe: &std::path::Path) {
+    let line = format!("TLS probe attached path={}", exe.display());
+    wait_for(
+        &format!("the TLS probe on {}", exe.display()),
+        || fs::read_to_string(&t.agent.log).unwrap_or_default().contains(&line).then_some(()),
+        || t.agent.diagnostics(),
+    );
+}
+
+/// The Go client is in a directory the policy lists (`tls.executable_dirs`): probed when the
+/// agent starts, before it ever runs.
+#[test]
+fn tokens_from_a_go_client_over_http2_and_http1_after_the_end() {
+    let client = go_client(false);
+    let scratch = Scratch::new("clients-go-policy");
+    let policy = scratch
+        .write("policy.yaml", &format!("tls:\n  executable_dirs: [\"{}\"]\n", client.parent().unwrap().display()));
+    let t = Creds::start("clients-go", &["--policy", policy.to_str().unwrap()]);
+    wait_probe_attached(&t, &client);
+    let h2 = nghttpd(&t.agent.dir, "127.0.0.2", true);
+    let files = token_files(&t.agent.dir, "go");
+    let token_path = t.agent.dir.path("go.token");
+    let go_h2 = format!("H2=1 {} https://127.0.0.2:{}/refunds {}", client.display(), h2.port, token_path.display());
+    let wire = Wire { seen_in: "https", http2: true, exe: "client" };
+    let alert = after_the_end(&t, &files, &go_h2, &wire, "go-h2");
+    assert_eq!(alert["credential"]["request"], format!("GET https://127.0.0.2:{}/refunds HTTP/2", h2.port));
+
+    let h1 = tls_server(&t.agent.dir);
+    let go_h1 = format!("{} https://127.0.0.2:{}/refunds {}", client.display(), h1.port, token_path.display());
+    let wire = Wire { seen_in: "https", http2: false, exe: "client" };
+    let alert = after_the_end(&t, &files, &go_h1, &wire, "go-h1");
+    assert_eq!(alert["credential"]["request"], format!("GET https://127.0.0.2:{}/refunds", h1.port));
+    t.assert_never_output(&files.token);
+}
+
+/// The stripped Go binary is a copy in a directory nothing lists: probed at its first exec.
+#[test]
+fn tokens_from_a_stripped_go_binary_and_from_wget_over_gnutls_after_the_end() {
+    let t = Creds::start("clients-go-stripped", &[]);
+    let client = t.agent.dir.path("client-stripped");
+    fs::copy(go_client(true), &client).unwrap();
+    let server = tls_server(&t.agent.dir);
+    let files = token_files(&t.agent.dir, "stripped");
+    let token_path = t.agent.dir.path("stripped.token");
+    // Its first run is where the agent learns of it (it asks for nothing here).
+    let o = Command::new(&client).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "the client without arguments: {}", stderr(&o));
+    wait_probe_attached(&t, &client);
+    let go = format!("{} https://127.0.0.2:{}/refunds {}", client.display(), server.port, token_path.display());
+    let wire = Wire { seen_in: "https", http2: false, exe: "client-stripped" };
+    after_the_end(&t, &files, &go, &wire, "go-stripped");
+
+    // wget links GnuTLS; its header comes from a config file (`header = ...` in a wgetrc).
+    let wgetrc =
+        t.agent.dir.write("wgetrc", &format!("header = {}\n", fs::read_to_string(&files.headers).unwrap().trim()));
+    let wget = format!(
+        "WGETRC={} wget -q --no-check-certificate -O /dev/null https://127.0.0.2:{}/refunds",
+        wgetrc.display(),
+        server.port
+    );
+    let wire = Wire { seen_in: "https", http2: false, exe: "wget" };
+    let alert = after_the_end(&t, &files, &wget, &wire, "wget");
+    assert_eq!(alert["credential"]["request"], format!("GET https://127.0.0.2:{}/refunds", server.port));
     t.assert_never_output(&files.token);
 }

@@ -1,6 +1,8 @@
 //! The first bytes of outbound HTTP requests, where credentials travel: TLS plaintext from
-//! uprobes on OpenSSL's `SSL_write`/`SSL_write_ex` (attached to the libssl file, so every process
-//! that loads it is covered), and plaintext TCP segments from a cgroup skb egress hook.
+//! uprobes on the write functions of TLS libraries (OpenSSL's `SSL_write`/`SSL_write_ex` and
+//! GnuTLS's `gnutls_record_send`, attached to the library file so every process that loads it is
+//! covered; OpenSSL linked into an executable and Go's `crypto/tls.(*Conn).Write`, attached to
+//! each executable that has them), and plaintext TCP segments from a cgroup skb egress hook.
 //!
 //! Only data that starts like an HTTP/1.x request leaves the kernel, and on a connection that
 //! sent the HTTP/2 client preface, every write (or segment) that may carry a header block: HPACK
@@ -17,7 +19,8 @@ use aya_ebpf::{
 };
 use monitor_common::{
     EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, TlsConnKey, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
-    PAYLOAD_FLAG_H2, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP, TCP_OWNER_H2,
+    PAYLOAD_FLAG_H2, PAYLOAD_GNUTLS, PAYLOAD_GO_TLS, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX,
+    PAYLOAD_TCP, TCP_OWNER_H2,
 };
 
 use super::cred::comm;
@@ -52,25 +55,62 @@ fn is_http_request(head: [u8; 4]) -> bool {
 
 // ---- TLS plaintext ----------------------------------------------------------------------------
 
-/// `int SSL_write(SSL *ssl, const void *buf, int num)`
+/// `int SSL_write(SSL *ssl, const void *buf, int num)`, in libssl or linked into an executable.
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
-    on_ssl_write(&ctx, PAYLOAD_SSL_WRITE);
+    // SSL_write's `num` is an int: keep the low 32 bits.
+    on_c_write(&ctx, PAYLOAD_SSL_WRITE, |num| num as u32 as i32);
     0
 }
 
 /// `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`
 #[uprobe]
 pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
-    on_ssl_write(&ctx, PAYLOAD_SSL_WRITE_EX);
+    on_c_write(&ctx, PAYLOAD_SSL_WRITE_EX, clamp_len);
     0
 }
 
+/// `ssize_t gnutls_record_send(gnutls_session_t session, const void *data, size_t data_size)`
+#[uprobe]
+pub fn gnutls_record_send(ctx: ProbeContext) -> u32 {
+    on_c_write(&ctx, PAYLOAD_GNUTLS, clamp_len);
+    0
+}
+
+/// `func (c *crypto/tls.Conn) Write(b []byte) (int, error)` in a Go executable. Go's register ABI
+/// (Go >= 1.17 on amd64): the receiver in RAX, the slice's pointer and length in RBX and RCX.
+/// Attached past the function's stack check (see probes/go.rs), so a call that grows its stack
+/// and starts over is reported once.
+#[uprobe]
+pub fn go_tls_write(ctx: ProbeContext) -> u32 {
+    // SAFETY: `regs` is the probed task's saved registers, valid for this program run.
+    let (conn, buf, len) = unsafe { ((*ctx.regs).rax, (*ctx.regs).rbx, (*ctx.regs).rcx) };
+    on_tls_write(conn, buf, clamp_len(len), PAYLOAD_GO_TLS);
+    0
+}
+
+/// A `size_t` length as the `int` the capture works with (a write over 2 GiB is reported as
+/// one of 2 GiB: only its start is read).
 #[inline(always)]
-fn on_ssl_write(ctx: &ProbeContext, source: u8) {
-    let (Some(ssl), Some(buf), Some(num)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) else { return };
-    // SSL_write's `num` is an int: keep the low 32 bits for both.
-    let num = num as u32 as i32;
+fn clamp_len(len: u64) -> i32 {
+    if len > i32::MAX as u64 {
+        i32::MAX
+    } else {
+        len as i32
+    }
+}
+
+/// A C TLS library's write: (connection, buffer, length) in the first three argument registers.
+#[inline(always)]
+fn on_c_write(ctx: &ProbeContext, source: u8, len: impl Fn(u64) -> i32) {
+    let (Some(conn), Some(buf), Some(num)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) else {
+        return;
+    };
+    on_tls_write(conn, buf, len(num), source);
+}
+
+#[inline(always)]
+fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
     if buf == 0 || num < 4 {
         return;
     }
@@ -83,7 +123,7 @@ fn on_ssl_write(ctx: &ProbeContext, source: u8) {
     }
     // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
     let Ok(head) = (unsafe { bpf_probe_read_user(buf as *const [u8; 4]) }) else { return };
-    let conn = TlsConnKey { tgid: session::current_ids().1, _pad0: 0, ssl };
+    let conn = TlsConnKey { tgid: session::current_ids().1, _pad0: 0, ssl: conn_ptr };
     // A request line first: an `SSL *` freed by an HTTP/2 connection may be reused by an
     // HTTP/1.x one (a frame cannot start like a method: that would be a length over 4 MiB).
     let flags = if is_http_request(head) {
@@ -104,25 +144,29 @@ fn on_ssl_write(ctx: &ProbeContext, source: u8) {
         return;
     };
     if num as usize <= PAYLOAD_SMALL_CAP {
-        emit_ssl_write::<PAYLOAD_SMALL_CAP>(buf, num, source, key, ssl, flags);
+        emit_tls_write::<PAYLOAD_SMALL_CAP>(buf, num, source, key, conn_ptr, flags);
     } else {
-        emit_ssl_write::<PAYLOAD_CAP>(buf, num, source, key, ssl, flags);
+        emit_tls_write::<PAYLOAD_CAP>(buf, num, source, key, conn_ptr, flags);
     }
 }
 
 /// One payload record with room for `N` bytes: the smallest that holds the write, so the ring
 /// buffer fills (and wakes the reader) at the rate of the data, not of the largest record.
 #[inline(always)]
-fn emit_ssl_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32, ssl: u64, flags: u8) {
+fn emit_tls_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32, conn: u64, flags: u8) {
     let Some(mut entry) = EVENTS.reserve::<PayloadRecord<N>>(0) else {
         count(Stat::RingbufFull);
         return;
     };
     let event = entry.as_mut_ptr();
-    let mut len = num as usize;
+    let mut len = num as u32 as usize;
     if len > N {
         len = N;
     }
+    // 1..=N in a form the verifier keeps whatever register the compiler reuses for `num` (it
+    // once passed the sign-extended one: "R2 min value is negative, either use unsigned or
+    // 'var &= const'"). N is a power of two; the callers checked num >= 4.
+    let len = ((len.wrapping_sub(1)) & (N - 1)) + 1;
     // SAFETY: `event` points to a reservation of size_of::<PayloadRecord<N>>() bytes; `len` is
     // at most the buffer's size.
     unsafe {
@@ -132,11 +176,11 @@ fn emit_ssl_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32, ssl:
         (*event).port = 0;
         (*event).total_len = num as u32;
         (*event).addr = [0; 16];
-        (*event).conn = ssl;
+        (*event).conn = conn;
         (*event).comm = comm();
         (*event).seq = 0;
         (*event).data.len = 0;
-        if len > 0 && bpf_probe_read_user_buf(buf as *const u8, &mut (&mut (*event).data.buf)[..len]).is_ok() {
+        if bpf_probe_read_user_buf(buf as *const u8, &mut (&mut (*event).data.buf)[..len]).is_ok() {
             (*event).data.len = len as u32;
         }
     }

@@ -11,12 +11,12 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use monitor_common::{EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, FILENAME_CAP};
+use monitor_common::{EventKind, ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP};
 
 use super::cred;
 use crate::{
     kernel,
-    maps::{count, submit_flags, EVENTS, LAST_CAPS, PROC_SESSIONS},
+    maps::{count, submit_flags, EVENTS, EXECUTABLES_SEEN, LAST_CAPS, PROC_SESSIONS},
     session,
 };
 
@@ -78,7 +78,43 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // Any process, in a session or not, may exec with a session's token in its environment.
     cred::scan_exec_env(key.unwrap_or(0));
+    note_executable(ctx, key.unwrap_or(0));
     Ok(())
+}
+
+/// Reports an executable file the first time it is exec'd, so userspace can probe the TLS code
+/// linked into it (Go's crypto/tls, a static OpenSSL). Every later exec of it costs one lookup.
+#[inline(always)]
+fn note_executable(ctx: &TracePointContext, key: u32) {
+    let Some((dev, ino)) = kernel::exe_inode() else { return };
+    let id = [dev as u64, ino];
+    if EXECUTABLES_SEEN.get_ptr(&id).is_some() {
+        return;
+    }
+    let _ = EXECUTABLES_SEEN.insert(&id, &0u8, 0);
+    let Some(mut entry) = EVENTS.reserve::<ExecutableEvent>(0) else {
+        count(Stat::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<ExecutableEvent>() bytes.
+    unsafe {
+        kernel::fill_header(&mut (*event).header, EventKind::Executable, core::mem::size_of::<ExecutableEvent>(), key);
+        (*event).dev = dev;
+        (*event)._pad0 = 0;
+        (*event).ino = ino;
+        (*event)._pad1 = 0;
+        (*event).filename.len = 0;
+        if let Ok(loc) = ctx.read_at::<u32>(kernel::exec_filename_off()) {
+            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+            if let Ok(name) = bpf_probe_read_kernel_str_bytes(src, &mut (*event).filename.buf) {
+                (*event).filename.len = name.len() as u32;
+            }
+        }
+    }
+    // Woken at once: the process is starting, and its first TLS write should find the probe
+    // attached.
+    entry.submit(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64);
 }
 
 fn emit_exec(ctx: &TracePointContext, key: u32) {
@@ -125,7 +161,6 @@ fn emit_exec(ctx: &TracePointContext, key: u32) {
             count(Stat::ReadFailed);
         }
     }
-    let _ = FILENAME_CAP;
     entry.submit(submit_flags());
 }
 

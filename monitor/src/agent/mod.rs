@@ -3,6 +3,7 @@
 
 mod core;
 mod enforcer;
+mod executables;
 mod reader;
 mod stats;
 
@@ -65,7 +66,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (alert_tx, alert_rx) = mpsc::channel(4096);
     // The reader starts before any probe is attached, so no early event waits unread.
     let uid_changes = proc_connector(&settings.enabled_probes);
-    let mut reader = tokio::spawn(reader::run(ring, clock(), observer, uid_changes, event_tx.clone()));
+    let (executable_tx, executable_rx) = mpsc::channel(executables::QUEUE);
+    let mut reader = tokio::spawn(reader::run(ring, clock(), observer, uid_changes, executable_tx, event_tx.clone()));
     let probes = loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
     report(&probes.report);
     if probes.report.is_attached("tcp_egress") {
@@ -113,6 +115,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         core::Core::new(Engine::new(engine_config), event_rx, alert_tx, stamp, event_log, trace, effect_tx);
     let core = tokio::spawn(core.run());
     let probes = Arc::new(std::sync::Mutex::new(probes));
+    let executable_task =
+        tokio::spawn(executables::run(probes.clone(), settings.policy.tls.executable_dirs.clone(), executable_rx));
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
     let watcher = tokio::spawn(watch_credentials(
         credentials.clone(),
@@ -151,6 +155,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     reader.abort();
     enforcer.abort();
     watcher.abort();
+    executable_task.abort();
     let _ = std::fs::remove_file(&settings.control);
     drop(probes);
     // The core applies what is queued and ends; the sinks end when it drops their channel. Both

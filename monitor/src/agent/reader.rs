@@ -9,7 +9,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
     credentials::{proc_connector::ProcConnector, Observer},
-    decode::{decode, Clock},
+    decode::{decode, Clock, Decoded},
     event::{CredCall, CredChange, Event, Nanos},
 };
 
@@ -24,6 +24,7 @@ pub async fn run(
     clock: Clock,
     mut observer: Observer,
     uid_changes: Option<ProcConnector>,
+    executables: mpsc::Sender<super::executables::NewExecutable>,
     out: mpsc::Sender<Event>,
 ) -> anyhow::Result<()> {
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while it is registered.
@@ -73,6 +74,18 @@ pub async fn run(
             // Credential observations are resolved here, while the record is borrowed: raw
             // request bytes never outlive it.
             match decode(&record, clock) {
+                Ok(Decoded::Executable { pid, file, filename }) => {
+                    // Never waits: the exec path must not stall behind ELF reads. One dropped
+                    // is an executable left unprobed, and says so.
+                    let new = super::executables::NewExecutable { pid, file, filename };
+                    if executables.try_send(new).is_err() {
+                        batch.push(Event::Lost {
+                            ts: now,
+                            source: "new executables to look at for TLS code (queue full)".into(),
+                            count: 1,
+                        });
+                    }
+                }
                 Ok(decoded) => batch.extend(observer.observe(decoded)),
                 Err(e) => tracing::warn!("dropping undecodable kernel record: {e}"),
             }

@@ -209,6 +209,8 @@ impl Observer {
                 events
             }
             Decoded::Event(event) => vec![event],
+            // The reader hands these to the executable probes (agent/executables.rs).
+            Decoded::Executable { .. } => Vec::new(),
             Decoded::FileOpen { ts, session, actor, dev, ino, fd, write } => {
                 // An inode no longer watched (the list changed since the kernel saw it) is dropped.
                 let Some(path) = self.index.path_of(dev, ino) else { return Vec::new() };

@@ -2,6 +2,8 @@
 //! kernel and the caller allow, and a report of what is attached and what is degraded.
 
 mod btf;
+pub mod executables;
+mod go;
 pub mod tracefs;
 mod uprobe_site;
 
@@ -51,8 +53,8 @@ pub enum ProbeError {
     Unknown { name: String },
     #[error("no C library found in this agent's own memory map to attach uprobes to")]
     NoLibc,
-    #[error("no OpenSSL 3 library (libssl.so.3) found to attach the TLS uprobes to")]
-    NoLibssl,
+    #[error("no {0} found in the library directories to attach the TLS uprobes to")]
+    NoLibrary(&'static str),
     #[error("no cgroup v2 hierarchy to attach the connect hooks to")]
     NoCgroup2,
     #[error("map {0}: {1}")]
@@ -75,11 +77,18 @@ pub enum AttachPoint {
     Libc {
         symbol: &'static str,
     },
-    /// An entry uprobe on a function of OpenSSL 3's libssl.so.3, attached to the library file,
-    /// for a program that reads the first `args` arguments (see uprobe_site.rs).
-    Libssl {
+    /// An entry uprobe on a function of a shared library (OpenSSL 3's libssl.so.3, GnuTLS's
+    /// libgnutls.so.30), attached to the library file, for a program that reads the first
+    /// `args` arguments (see uprobe_site.rs).
+    Library {
+        file: &'static str,
         symbol: &'static str,
         args: usize,
+    },
+    /// An entry uprobe loaded at start and attached to each executable that defines `symbol`,
+    /// when it is first exec'd (see executables.rs).
+    Executables {
+        symbol: &'static str,
     },
     /// A cgroup skb egress hook on the agent's cgroup.
     CgroupSkbEgress,
@@ -91,7 +100,8 @@ impl std::fmt::Display for AttachPoint {
             AttachPoint::TracePoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
             AttachPoint::CgroupSockAddr { hook } => write!(f, "cgroup/{hook}"),
             AttachPoint::Libc { symbol } => write!(f, "uprobe/libc:{symbol}"),
-            AttachPoint::Libssl { symbol, .. } => write!(f, "uprobe/libssl:{symbol}"),
+            AttachPoint::Library { file, symbol, .. } => write!(f, "uprobe/{file}:{symbol}"),
+            AttachPoint::Executables { symbol } => write!(f, "uprobe/<each executable>:{symbol}"),
             AttachPoint::CgroupSkbEgress => write!(f, "cgroup_skb/egress"),
         }
     }
@@ -127,6 +137,8 @@ pub enum When {
     /// request can carry one (measured: +7% on a loopback connect loop with it attached).
     WhileTokens,
 }
+
+const LIBSSL: &str = "libssl.so.3";
 
 /// Every probe the agent knows about.
 pub const PROBES: &[ProbeSpec] = &[
@@ -257,16 +269,30 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         program: "ssl_write",
-        attach: AttachPoint::Libssl { symbol: "SSL_write", args: 3 },
+        attach: AttachPoint::Library { file: LIBSSL, symbol: "SSL_write", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3",
         when: When::Always,
     },
     ProbeSpec {
         program: "ssl_write_ex",
-        attach: AttachPoint::Libssl { symbol: "SSL_write_ex", args: 3 },
+        attach: AttachPoint::Library { file: LIBSSL, symbol: "SSL_write_ex", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3 (SSL_write_ex)",
+        when: When::Always,
+    },
+    ProbeSpec {
+        program: "gnutls_record_send",
+        attach: AttachPoint::Library { file: "libgnutls.so.30", symbol: "gnutls_record_send", args: 3 },
+        required: false,
+        provides: "tokens in TLS requests made with GnuTLS (wget, apt)",
+        when: When::Always,
+    },
+    ProbeSpec {
+        program: "go_tls_write",
+        attach: AttachPoint::Executables { symbol: executables::GO_TLS_WRITE },
+        required: false,
+        provides: "tokens in TLS requests made by Go programs (crypto/tls)",
         when: When::Always,
     },
     ProbeSpec {
@@ -368,6 +394,20 @@ impl Probes {
             set_link(spec, link, running, tp, |tp| tp.attach(category, name), |tp, id| tp.detach(id));
         }
         tracing::debug!(running, probes = self.on_demand.len(), "session-time probes");
+    }
+
+    /// Attaches one of the executable probes (see executables.rs) to the file behind `target` (a
+    /// path the kernel resolves when attaching, e.g. `/proc/self/fd/N`), for every process.
+    pub fn attach_to_executable(
+        &mut self,
+        probe: &executables::ExecutableProbe,
+        target: &Path,
+    ) -> Result<(), ProbeError> {
+        let program = self.ebpf.program_mut(probe.program).ok_or(ProbeError::Missing(probe.program))?;
+        let err = |source| ProbeError::Program { probe: probe.program, source };
+        let uprobe: &mut UProbe = program.try_into().map_err(err)?;
+        uprobe.attach(probe.file_offset, target, UProbeScope::AllProcesses).map_err(err)?;
+        Ok(())
     }
 
     /// Attaches the [`When::WhileTokens`] probes while some session's tokens are looked for,
@@ -472,6 +512,7 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         (globals::SYS_EXIT_RET, sys_exit_ret),
         (globals::MM_ENV_START, o(offsets.mm_env_start)),
         (globals::MM_ENV_END, o(offsets.mm_env_end)),
+        (globals::MM_EXE_FILE, o(offsets.mm_exe_file)),
         (globals::CRED_CAP_EFFECTIVE, o(offsets.cred_cap_effective)),
         (globals::TASK_FILES, o(offsets.task_files)),
         (globals::FILES_FDT, o(offsets.files_fdt)),
@@ -650,10 +691,12 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>)
             probe.load().map_err(err)?;
             probe.attach(symbol, &libc, UProbeScope::AllProcesses).map_err(err)?;
         }
-        AttachPoint::Libssl { symbol, args } => {
-            let libssl = libssl_path().ok_or(ProbeError::NoLibssl)?;
+        AttachPoint::Library { file, symbol, args } => {
             let probe: &mut UProbe = program.try_into().map_err(err)?;
+            // Loaded first: the same program also attaches to executables that link the
+            // library statically (see `Probes::attach_to_executable`).
             probe.load().map_err(err)?;
+            let libssl = library_path(file).ok_or(ProbeError::NoLibrary(file))?;
             match uprobe_site::entry_site(&libssl, symbol, args) {
                 Ok(site) => {
                     tracing::debug!(symbol, past_entry = site.past_entry, emulated = site.emulated, "uprobe site");
@@ -664,6 +707,10 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>)
                     probe.attach(symbol, &libssl, UProbeScope::AllProcesses).map_err(err)?;
                 }
             }
+        }
+        AttachPoint::Executables { .. } => {
+            let probe: &mut UProbe = program.try_into().map_err(err)?;
+            probe.load().map_err(err)?;
         }
         AttachPoint::CgroupSkbEgress => {
             let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
@@ -707,9 +754,9 @@ fn libc_path() -> Option<std::path::PathBuf> {
     })
 }
 
-/// OpenSSL 3's libssl, from the usual library directories, symlinks resolved (a uprobe attaches
-/// to the file, so /lib and /usr/lib on a merged-/usr system are the same one).
-fn libssl_path() -> Option<std::path::PathBuf> {
+/// A shared library (`libssl.so.3`) from the usual library directories, symlinks resolved (a
+/// uprobe attaches to the file, so /lib and /usr/lib on a merged-/usr system are the same one).
+fn library_path(file: &str) -> Option<std::path::PathBuf> {
     const DIRS: &[&str] = &[
         "/usr/lib/x86_64-linux-gnu",
         "/usr/lib/aarch64-linux-gnu",
@@ -720,5 +767,5 @@ fn libssl_path() -> Option<std::path::PathBuf> {
         "/usr/local/lib64",
         "/usr/local/lib",
     ];
-    DIRS.iter().map(|d| Path::new(d).join("libssl.so.3")).find_map(|p| std::fs::canonicalize(p).ok())
+    DIRS.iter().map(|d| Path::new(d).join(file)).find_map(|p| std::fs::canonicalize(p).ok())
 }
