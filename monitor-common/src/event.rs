@@ -18,6 +18,8 @@ pub enum EventKind {
     Payload = 9,
     CredChange = 10,
     Executable = 11,
+    DnsAnswer = 12,
+    TlsPeer = 13,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -36,6 +38,8 @@ impl TryFrom<u32> for EventKind {
             9 => Ok(Self::Payload),
             10 => Ok(Self::CredChange),
             11 => Ok(Self::Executable),
+            12 => Ok(Self::DnsAnswer),
+            13 => Ok(Self::TlsPeer),
             other => Err(other),
         }
     }
@@ -238,6 +242,9 @@ pub const PAYLOAD_TCP: u8 = 3;
 pub const PAYLOAD_GO_TLS: u8 = 4;
 /// GnuTLS `gnutls_record_send`.
 pub const PAYLOAD_GNUTLS: u8 = 5;
+/// Data a session process read with OpenSSL's `SSL_read`/`SSL_read_ex` on a connection whose
+/// last request was a POST (a token endpoint's response, RFC 6749 §5.1).
+pub const PAYLOAD_SSL_READ: u8 = 6;
 
 /// `PayloadRecord::flags`: the data belongs to an HTTP/2 connection (from its client preface on),
 /// to be decoded as a frame stream in order, not as a request of its own.
@@ -295,6 +302,38 @@ pub struct ExecutableEvent {
     pub _pad1: u32,
 }
 const _: () = assert!(core::mem::size_of::<ExecutableEvent>() == 48 + 16 + 4 + FILENAME_CAP + 4);
+
+pub const DNS_CAP: usize = 1024;
+
+/// A DNS message received from port 53 by a socket a session process sent a query from (UDP, or
+/// one TCP segment that holds a whole message): userspace reads the names and addresses in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsAnswerEvent {
+    pub header: EventHeader,
+    /// IPPROTO_UDP (17) or IPPROTO_TCP (6).
+    pub transport: u8,
+    pub _pad0: [u8; 3],
+    /// Length of the whole message (`data` holds at most [`DNS_CAP`] bytes of it).
+    pub total_len: u32,
+    pub data: Bytes<DNS_CAP>,
+    pub _pad1: u32,
+}
+const _: () = assert!(core::mem::size_of::<DnsAnswerEvent>() == 48 + 8 + 4 + DNS_CAP + 4);
+
+/// The TCP peer of a TLS connection (`conn` as in [`PayloadRecord::conn`]): seen when the first
+/// segment a reported TLS write made leaves the host, from the same thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TlsPeerEvent {
+    pub header: EventHeader,
+    pub conn: u64,
+    /// IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad0: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<TlsPeerEvent>() == 48 + 8 + 16 + 8);
 
 /// Which credential-changing call succeeded.
 pub const CRED_SETUID: u32 = 1;
@@ -354,4 +393,6 @@ mod pod {
     unsafe impl aya::Pod for super::SmallPayloadEvent {}
     unsafe impl aya::Pod for super::CredChangeEvent {}
     unsafe impl aya::Pod for super::ExecutableEvent {}
+    unsafe impl aya::Pod for super::DnsAnswerEvent {}
+    unsafe impl aya::Pod for super::TlsPeerEvent {}
 }

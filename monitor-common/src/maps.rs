@@ -78,6 +78,18 @@ pub struct TlsConnKey {
 }
 const _: () = assert!(core::mem::size_of::<TlsConnKey>() == 16);
 
+/// Who sent a DNS query from a socket (by socket cookie): its answers are that session's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DnsSocket {
+    pub tgid: u32,
+    pub session: u32,
+}
+const _: () = assert!(core::mem::size_of::<DnsSocket>() == 8);
+
+/// Sockets of session processes that sent to port 53.
+pub const DNS_SOCKETS_CAPACITY: u32 = 8_192;
+
 /// Executables (device, inode) already reported at exec.
 pub const EXECUTABLES_SEEN_CAPACITY: u32 = 16_384;
 

@@ -172,6 +172,33 @@ pub fn exit_code() -> Option<u32> {
     read_at(current_task(), global(&TASK_EXIT_CODE_OFF))
 }
 
+/// Fills the common header for an event about a socket, which a cgroup skb hook may see in
+/// softirq context: the socket's owner, not the current task, is the process.
+#[inline(always)]
+pub fn fill_socket_header(
+    header: &mut EventHeader,
+    kind: monitor_common::EventKind,
+    size: usize,
+    session: u32,
+    tgid: u32,
+    uid: u32,
+) {
+    *header = EventHeader {
+        kind: kind as u32,
+        version: monitor_common::WIRE_VERSION,
+        _pad0: 0,
+        size: size as u32,
+        session,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() },
+        pid: tgid,
+        tgid,
+        uid,
+        gid: u32::MAX,
+        cgroup_id: 0,
+    };
+}
+
 /// Fills the common header for the current task.
 #[inline(always)]
 pub fn fill_header(header: &mut EventHeader, kind: monitor_common::EventKind, size: usize, session: u32) {

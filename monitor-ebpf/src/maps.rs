@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, TlsConnKey, WatchedDevs,
-    CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, ENV_SCAN_CAP, EVENTS_BYTES, EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY,
-    PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY,
-    STAT_COUNT, TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
+    DnsSocket, NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, TlsConnKey,
+    WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_SCAN_CAP, EVENTS_BYTES,
+    EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY,
+    SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT, TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
 };
 
 #[map]
@@ -74,10 +74,30 @@ pub static TCP_OWNERS: LruHashMap<u64, TcpOwner> = LruHashMap::with_max_entries(
 #[map]
 pub static H2_TLS_CONNS: LruHashMap<TlsConnKey, u8> = LruHashMap::with_max_entries(H2_TLS_CAPACITY, 0);
 
+/// `socket cookie -> DnsSocket`: sockets a session process sent a DNS query from (written by
+/// the sock_addr hooks), whose answers the DNS ingress hook reports. LRU: no cleanup at close.
+#[map]
+pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(DNS_SOCKETS_CAPACITY, 0);
+
 /// Executables `[dev, ino]` already reported at exec (hooks/process.rs): each is looked at once by
 /// userspace. LRU: one evicted is reported again, which userspace's own cache absorbs.
 #[map]
 pub static EXECUTABLES_SEEN: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(EXECUTABLES_SEEN_CAPACITY, 0);
+
+/// `pid_tgid -> conn`: a TLS write was reported and the thread's next TCP segment out says where
+/// the connection goes (hooks/payload.rs, tcp_egress).
+#[map]
+pub static TLS_PENDING_PEER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4_096, 0);
+
+/// TLS connections (`tgid`, `SSL *`) of session processes whose last request was a POST: what
+/// they read next may be a token response (hooks/payload.rs). LRU: no cleanup at free.
+#[map]
+pub static TLS_POSTS: LruHashMap<TlsConnKey, u8> = LruHashMap::with_max_entries(4_096, 0);
+
+/// `pid_tgid -> [ssl, buf, readbytes]`: SSL_read(_ex)'s arguments, from its entry to its return,
+/// for reads on [`TLS_POSTS`] connections.
+#[map]
+pub static TLS_READS: LruHashMap<u64, [u64; 3]> = LruHashMap::with_max_entries(4_096, 0);
 
 /// Per-CPU room for an exec's environment while it is scanned for tokens (too big for the stack).
 #[map]

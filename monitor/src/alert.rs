@@ -107,6 +107,10 @@ pub struct CredentialRef {
     /// The request, for `http`/`https`: method, host and path (without the query string).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
+    /// A token no session declared, that the agent learnt from what a session process sent or
+    /// received during its task.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

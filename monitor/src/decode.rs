@@ -3,10 +3,11 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, CredChangeEvent, EnvTokenEvent, EventHeader, EventKind, ExecEvent,
-    ExecutableEvent, ExitEvent, FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, CRED_CAPSET, CRED_CAP_CHECK,
-    CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP, PAYLOAD_FLAG_H2, PAYLOAD_TCP, RESOLVE_ADDRS,
-    VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
+    ConnectEvent, ConnectResultEvent, CredChangeEvent, DnsAnswerEvent, EnvTokenEvent, EventHeader, EventKind,
+    ExecEvent, ExecutableEvent, ExitEvent, FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, TlsPeerEvent,
+    CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP,
+    PAYLOAD_FLAG_H2, PAYLOAD_SSL_READ, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED,
+    VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
 
 use crate::event::{
@@ -55,6 +56,14 @@ pub enum Decoded<'a> {
         total_len: usize,
         data: &'a [u8],
     },
+    /// What a session process read on a TLS connection whose last request was a POST: maybe a
+    /// token response. Raw like `Payload`.
+    Received {
+        ts: Nanos,
+        session: SessionKey,
+        actor: Actor,
+        data: &'a [u8],
+    },
     /// An executable file exec'd for the first time (by any process): one to look at for TLS
     /// code to probe. Not an event of the engine.
     Executable {
@@ -62,6 +71,14 @@ pub enum Decoded<'a> {
         file: crate::probes::executables::FileId,
         filename: String,
     },
+    /// Where a TLS connection of `pid` goes (see [`Decoded::Payload`]'s `conn`).
+    TlsPeer {
+        pid: u32,
+        conn: u64,
+        dst: std::net::SocketAddr,
+    },
+    /// A record that carries nothing for the engine (a DNS message without an answer).
+    Nothing,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -105,8 +122,10 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
     let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
     let ts = clock.wall(header.ts_ns);
     // Credential observations come from any process; everything else only from session ones.
-    let any_process =
-        matches!(kind, EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload | EventKind::Executable);
+    let any_process = matches!(
+        kind,
+        EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload | EventKind::Executable | EventKind::TlsPeer
+    );
     if header.session == 0 && !any_process {
         return Err(DecodeError::NoSession);
     }
@@ -158,6 +177,9 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
             let held = (record.len() - data_at - 4).min(PAYLOAD_CAP);
             let data = &record[data_at + 4..data_at + 4 + len.min(held)];
             let tls = source != PAYLOAD_TCP;
+            if source == PAYLOAD_SSL_READ {
+                return Ok(Decoded::Received { ts, session, actor: actor(&record[comm_at..comm_at + 16]), data });
+            }
             let dst = (!tls && port != 0).then(|| std::net::SocketAddr::new(unmap(addr), port));
             let u32_at = |at: usize| u32::from_ne_bytes(record[at..at + 4].try_into().unwrap_or([0; 4]));
             let conn_at = core::mem::offset_of!(PayloadEvent, conn);
@@ -178,6 +200,24 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
                 data,
             });
         }
+        EventKind::TlsPeer => {
+            let e: TlsPeerEvent = read_sized(record, kind)?;
+            let dst = std::net::SocketAddr::new(unmap(e.addr), e.port);
+            return Ok(Decoded::TlsPeer { pid: header.tgid, conn: e.conn, dst });
+        }
+        EventKind::DnsAnswer => {
+            let e: DnsAnswerEvent = read_sized(record, kind)?;
+            let Some(answer) = crate::dns::answer(e.data.as_slice()) else { return Ok(Decoded::Nothing) };
+            return Ok(Decoded::Event(Event::Resolve(Resolve {
+                ts,
+                session,
+                pid: header.tgid,
+                name: answer.name,
+                addrs: answer.addrs,
+                source: crate::event::NameSource::Dns,
+                ttl_secs: Some(answer.ttl_secs),
+            })));
+        }
         EventKind::Executable => {
             let e: ExecutableEvent = read_sized(record, kind)?;
             let file = crate::probes::executables::FileId { dev: e.dev, ino: e.ino };
@@ -188,9 +228,12 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
     let creds = |euid: Option<u32>, egid: Option<u32>| Creds { uid: header.uid, gid: header.gid, euid, egid };
     Ok(Decoded::Event(match kind {
         // Returned above; listed so the match stays exhaustive without a panic path.
-        EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload | EventKind::Executable => {
-            return Err(DecodeError::UnknownKind(header.kind))
-        }
+        EventKind::FileOpen
+        | EventKind::EnvToken
+        | EventKind::Payload
+        | EventKind::Executable
+        | EventKind::DnsAnswer
+        | EventKind::TlsPeer => return Err(DecodeError::UnknownKind(header.kind)),
         EventKind::CredChange => {
             let e: CredChangeEvent = read_sized(record, kind)?;
             let call = match e.call {
@@ -274,6 +317,8 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
             let e: ResolveEvent = read_sized(record, kind)?;
             let count = (e.count as usize).min(RESOLVE_ADDRS);
             Event::Resolve(Resolve {
+                source: crate::event::NameSource::Getaddrinfo,
+                ttl_secs: None,
                 ts,
                 session: header.session,
                 pid: header.tgid,

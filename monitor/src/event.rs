@@ -223,14 +223,33 @@ pub struct ConnectResult {
     pub ret: i32,
 }
 
-/// A name a session process resolved (getaddrinfo), and the addresses it got.
+/// A name a session process resolved, and the addresses it got.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resolve {
     pub ts: Nanos,
     pub session: SessionKey,
+    /// The resolving process (0 for names the agent read for the session: the hosts file).
     pub pid: u32,
     pub name: String,
     pub addrs: Vec<std::net::IpAddr>,
+    #[serde(default)]
+    pub source: NameSource,
+    /// How long the answer holds (the DNS TTL), when the source says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u32>,
+}
+
+/// Where a name came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NameSource {
+    /// libc's getaddrinfo(3), returning.
+    #[default]
+    Getaddrinfo,
+    /// A DNS answer received by the process (any resolver: Go's, musl's, a static one).
+    Dns,
+    /// The hosts file the session's processes see, read when the session started.
+    Hosts,
 }
 
 /// The process behind a credential event. It may be outside every session, so the event carries
@@ -285,6 +304,10 @@ pub enum TokenVia {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dst: Option<std::net::SocketAddr>,
     },
+    /// Received by a session process in a token response over TLS (OAuth 2.0, RFC 6749; token
+    /// exchange, RFC 8693), as the JSON member `field` (`access_token`, `id_token`,
+    /// `refresh_token`): the session learns it.
+    Received { field: String },
 }
 
 /// A credential as the agent keeps it: a keyed fingerprint and what can be said without the

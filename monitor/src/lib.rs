@@ -11,6 +11,7 @@ pub mod cli;
 pub mod collector;
 pub mod credentials;
 pub mod decode;
+pub mod dns;
 pub mod encode;
 pub mod engine;
 pub mod event;

@@ -44,7 +44,7 @@ pub struct TlsPolicy {
 }
 
 /// What the credential probes look for besides the built-in list.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsPolicy {
     /// More credential files or directories to watch (absolute paths).
@@ -53,6 +53,20 @@ pub struct CredentialsPolicy {
     /// More request headers that carry API keys (besides X-API-Key, Api-Key, X-Auth-Token, ...).
     #[serde(default)]
     pub api_key_headers: Vec<String>,
+    /// Whether a credential a session process sends or receives during its task, that no
+    /// session declared, becomes that session's (on by default).
+    #[serde(default = "yes")]
+    pub learn_tokens: bool,
+}
+
+impl Default for CredentialsPolicy {
+    fn default() -> Self {
+        Self { watch: Vec::new(), api_key_headers: Vec::new(), learn_tokens: true }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

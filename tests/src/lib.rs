@@ -14,6 +14,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod go;
 pub mod peers;
 pub mod wire;
 

@@ -45,6 +45,19 @@ impl Creds {
         Self { agent: Agent::start_with(name, &args), cg, traces }
     }
 
+    /// Waits until the agent has probed, in advance, the executables with TLS code of their own
+    /// (at start, in the background): each adds BPF links, which some tests count.
+    pub fn wait_executables_probed(&self) {
+        wait_for(
+            "the start-up probing of executables",
+            || {
+                let log = fs::read_to_string(&self.agent.log).unwrap_or_default();
+                log.contains("executables with their own TLS code probed in advance").then_some(())
+            },
+            || self.agent.diagnostics(),
+        );
+    }
+
     /// `sh -c SCRIPT` moved into the test cgroup first, with `env` added.
     pub fn command(&self, script: &str, env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new("/bin/sh");

@@ -89,6 +89,10 @@ fn after_the_end(t: &Creds, files: &TokenFiles, client: &str, wire: &Wire, name:
     assert_eq!(alert["credential"]["kind"], "bearer");
     assert_eq!(alert["credential"]["jwt"]["sub"], "alice@example.com");
     assert!(alert["process"]["exe"].as_str().unwrap().ends_with(wire.exe), "{alert}");
+    // The destination of the socket, for TLS (paired with the write in the kernel) as for
+    // plaintext.
+    assert!(alert["network"]["dst_ip"].as_str().is_some_and(|ip| ip.starts_with("127.0.0.")), "{alert}");
+    assert!(alert["network"]["dst_port"].as_u64().is_some_and(|p| p > 0), "{alert}");
     assert!(
         t.agent
             .alerts()
@@ -151,28 +155,14 @@ fn tokens_in_h2c_requests_after_the_end_and_outside_the_session() {
 }
 
 /// A Go `net/http` client (Go's own crypto/tls, HTTP/2 when `H2` is set and the server offers
-/// it), built once per test run with Debian's Go, plain and stripped (`-ldflags=-s -w`: no
-/// `.symtab`, the probe finds crypto/tls through `.gopclntab`). It reads the token from the file
-/// named by its second argument.
+/// it), plain or stripped (`-ldflags=-s -w`: no `.symtab`, the probe finds crypto/tls through
+/// `.gopclntab`). It reads the token from the file named by its second argument.
 fn go_client(stripped: bool) -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-go-client");
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("go.mod"), "module client\n\ngo 1.19\n").unwrap();
-        fs::write(dir.join("main.go"), GO_CLIENT).unwrap();
-        for (out, flags) in [("client", ""), ("client-stripped", "-s -w")] {
-            let o = Command::new("go")
-                .args(["build", "-o", out, &format!("-ldflags={flags}"), "."])
-                .current_dir(&dir)
-                .env("CGO_ENABLED", "0")
-                .output()
-                .expect("go (Debian golang-go, installed by cargo xtask test)");
-            assert!(o.status.success(), "go build: {}", stderr(&o));
-        }
-        dir
-    });
-    dir.join(if stripped { "client-stripped" } else { "client" })
+    if stripped {
+        go::build("client-stripped", GO_CLIENT, "-s -w")
+    } else {
+        go::build("client", GO_CLIENT, "")
+    }
 }
 
 const GO_CLIENT: &str = r#"package main
@@ -278,4 +268,81 @@ fn tokens_from_a_stripped_go_binary_and_from_wget_over_gnutls_after_the_end() {
     let alert = after_the_end(&t, &files, &wget, &wire, "wget");
     assert_eq!(alert["credential"]["request"], format!("GET https://127.0.0.2:{}/refunds", server.port));
     t.assert_never_output(&files.token);
+}
+
+/// A token endpoint (RFC 6749 §5.1) over TLS on 127.0.0.2: POST gives a fresh access token as
+/// JSON (and writes it where the test can read it, to search the outputs for it); any other
+/// request is answered 200.
+const TOKEN_ENDPOINT: &str = r#"
+import http.server, json, secrets, ssl, sys
+port, cert, key, issued = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        token = "at-" + secrets.token_urlsafe(24)
+        with open(issued, "a") as f:
+            f.write(token + "\n")
+        body = json.dumps({"access_token": token, "token_type": "Bearer", "expires_in": 3600}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.2", port), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// A job that reads the token the task saved and calls the API with it (Python's ssl: OpenSSL).
+const USE_SAVED_TOKEN: &str = r#"
+import json, ssl, sys, urllib.request
+token = json.load(open(sys.argv[2]))["access_token"]
+request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + token})
+urllib.request.urlopen(request, context=ssl._create_unverified_context()).read()
+"#;
+
+/// The task obtains a token from a token endpoint (and never sends it); a job it leaves behind
+/// uses it after the end: the token was learnt from the response, so that use is caught.
+#[test]
+fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
+    let t = Creds::start("clients-oauth", &[]);
+    let dir = &t.agent.dir;
+    let (cert, key) = self_signed(dir, "token-endpoint", "127.0.0.2");
+    let port = free_port_on("127.0.0.2");
+    let issued = dir.path("issued.tokens");
+    let endpoint = dir.write("token_endpoint.py", TOKEN_ENDPOINT);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&endpoint).arg(port.to_string()).arg(&cert).arg(&key).arg(&issued);
+    let _server = Server::spawn(dir, "token-endpoint.log", cmd, "127.0.0.2", port);
+    let job = dir.write("use_saved_token.py", USE_SAVED_TOKEN);
+    let saved = dir.path("token.json");
+    let session = session_file(dir, "oauth", "grace: 1s\n");
+    let script = format!(
+        "curl -sk -X POST -d grant_type=client_credentials -o {saved} https://127.0.0.2:{port}/token && \
+         (sleep 2; python3 {job} https://127.0.0.2:{port}/refunds {saved}) > /dev/null 2>&1 &",
+        saved = saved.display(),
+        job = job.display()
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let received = t.agent.wait_event("the token response", |e| e["type"] == "token_use" && e["via"] == "received");
+    assert_eq!(received["field"], "access_token");
+    let alert = t.agent.wait_alert("token_after_task_end for the learnt token", |a| {
+        a["rule"] == "token_after_task_end" && a["session"]["id"] == "oauth" && a["credential"]["seen_in"] == "https"
+    });
+    assert_eq!(alert["credential"]["learned"], true, "{alert}");
+    assert_eq!(alert["credential"]["fingerprint"], received["credential"]["fingerprint"]);
+    assert_eq!(alert["credential"]["request"], format!("GET https://127.0.0.2:{port}/refunds"));
+    let token = fs::read_to_string(&issued).unwrap().trim().to_string();
+    t.assert_never_output(&token);
 }

@@ -105,6 +105,9 @@ fn tokens_over_tls_in_session_outside_and_after_the_end() {
         format!("GET https://127.0.0.2:{}/refunds/4711", server.port),
         "method, host and path, without the query string"
     );
+    // The socket's peer, paired with the TLS write in the kernel.
+    assert_eq!(alert["network"]["dst_ip"], "127.0.0.2", "{alert}");
+    assert_eq!(alert["network"]["dst_port"], server.port);
     t.assert_never_output(&token);
 }
 
@@ -292,11 +295,12 @@ fn bpf_links(pid: u32) -> usize {
 }
 
 /// The plaintext payload hook runs for every packet the host sends, so it is attached only once
-/// a session holds a token: a session without tokens leaves the agent's BPF links as they were,
-/// one with a token adds the hook's.
+/// a session holds a token: a session without tokens adds only the session-time DNS hook,
+/// one with a token adds the plaintext hook too.
 #[test]
 fn plaintext_capture_is_attached_only_once_a_session_holds_a_token() {
     let t = Creds::start("cred-token-time", &[]);
+    t.wait_executables_probed();
     let agent = t.agent.pid();
     let idle = bpf_links(agent);
     let data = Scratch::new("cred-token-time-data");
@@ -309,15 +313,18 @@ fn plaintext_capture_is_attached_only_once_a_session_holds_a_token() {
         assert!(o.status.success(), "{}", stderr(&o));
         fs::read_to_string(&out).unwrap().trim().parse::<usize>().unwrap()
     };
-    assert_eq!(links_while("no-tokens-1", "grace: 1s\n", &[]), idle, "no token: the hook stays detached");
+    // While a session runs, the DNS answer hook (dns_ingress) is attached whatever its tokens.
+    let while_sessions = idle + 1;
+    assert_eq!(links_while("no-tokens-1", "grace: 1s\n", &[]), while_sessions, "no token: the hook stays detached");
     let token = "t0k3n-for-the-plaintext-hook-4f9a2c";
     let with_token = links_while("with-token-1", SESSION, &[("BOT_TOKEN", token)]);
-    assert_eq!(with_token, idle + 1, "a session token attaches the plaintext hook");
+    assert_eq!(with_token, while_sessions + 1, "a session token attaches the plaintext hook");
 }
 
 /// The opt-in privilege-change syscall tracepoints slow every syscall on the host, so even when
 /// enabled they are attached only while a process or cgroup is bound to a session: four more
-/// BPF links while one runs, and back to the idle count once its processes are gone.
+/// BPF links while one runs (and the DNS answer hook, a fifth), and back to the idle count once
+/// its processes are gone.
 #[test]
 fn privilege_change_syscall_probes_are_attached_only_while_sessions_run() {
     let mut args = Vec::new();
@@ -325,6 +332,7 @@ fn privilege_change_syscall_probes_are_attached_only_while_sessions_run() {
         args.extend(["--enable-probe", probe]);
     }
     let t = Creds::start("cred-ondemand", &args);
+    t.wait_executables_probed();
     let agent = t.agent.pid();
     let idle = bpf_links(agent);
     let session = session_file(&t.agent.dir, "ondemand-1", "grace: 1s\n");
@@ -334,7 +342,7 @@ fn privilege_change_syscall_probes_are_attached_only_while_sessions_run() {
     let mut task = t.spawn_session(&session, &script, &[]);
     wait_for(
         "the privilege-change probes attached",
-        || (bpf_links(agent) == idle + 4).then_some(()),
+        || (bpf_links(agent) == idle + 5).then_some(()),
         || format!("{} BPF links, {idle} idle\n{}", bpf_links(agent), t.agent.diagnostics()),
     );
     fs::write(&done, "").unwrap();

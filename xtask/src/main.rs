@@ -105,6 +105,8 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("--only: unknown part `{unknown}` (one of {})", bench::PARTS.join(", "));
             }
             setup::run()?;
+            // The peers the client benchmarks drive (nghttpd, Go) are the tests' own.
+            setup::test_peers(&root)?;
             build()?;
             let agent_args = agent_args.split_whitespace().map(str::to_string).collect();
             bench::run(&root, bench::Sizes { execs, connects, opens, tls_requests, rounds, agent_args, only }, &out)

@@ -10,7 +10,8 @@ const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libs
 /// What the real-kernel tests drive: curl and openssl (TLS peers), Debian's Chromium, which
 /// opens the replay's HTML report headless, rsyslog (a syslog-over-TLS receiver), Node.js for
 /// the Fluent project's own Forward server, nghttpd (an HTTP/2 server, h2 and h2c), Go (the
-/// tests build Go clients: crypto/tls and Go's own resolver) and wget (GnuTLS).
+/// tests build Go clients: crypto/tls and Go's own resolver), wget (GnuTLS) and dnsmasq (a DNS
+/// server for the resolver tests).
 const TEST_APT_PACKAGES: &[&str] = &[
     "curl",
     "openssl",
@@ -21,6 +22,7 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "nodejs",
     "npm",
     "nghttp2-server",
+    "dnsmasq-base",
     "golang-go",
     "wget",
 ];

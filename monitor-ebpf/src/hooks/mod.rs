@@ -1,5 +1,6 @@
 pub mod cred;
 pub mod dns;
+pub mod dns_answer;
 pub mod net;
 pub mod payload;
 pub mod process;

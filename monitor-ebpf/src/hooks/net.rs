@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner,
+    ConnectEvent, ConnectResultEvent, DnsSocket, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner,
     CONFIG_TCP_OWNERS, CONFIG_TOKEN_COUNT, HOOK_CONNECT, HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED,
     POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
 };
@@ -23,7 +23,8 @@ use monitor_common::{
 use crate::{
     kernel,
     maps::{
-        config, count, submit_flags, CONNECT_FDS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY, TCP_OWNERS, UDP_FLOWS,
+        config, count, submit_flags, CONNECT_FDS, DNS_SOCKETS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY,
+        TCP_OWNERS, UDP_FLOWS,
     },
     session,
 };
@@ -33,6 +34,7 @@ const DENY: i32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const SOCK_STREAM: u32 = 1;
+const DNS_PORT: u16 = 53;
 /// An unconnected UDP flow is reported again after this long.
 const UDP_FLOW_INTERVAL_NS: u64 = 10_000_000_000;
 
@@ -85,6 +87,12 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(key) = key else {
         return ALLOW;
     };
+    if port == DNS_PORT {
+        // Its answers tell which names this session's addresses have, whatever the resolver.
+        // SAFETY: the cookie helper is valid for sock_addr programs and takes their context.
+        let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sa as *mut _) };
+        let _ = DNS_SOCKETS.insert(&cookie, &DnsSocket { tgid, session: key }, 0);
+    }
     let sock_type = sock_type as u16;
     let verdict = verdict(key, &addr, port);
 

@@ -14,19 +14,19 @@
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
-    macros::{cgroup_skb, uprobe},
-    programs::{ProbeContext, SkBuffContext},
+    macros::{cgroup_skb, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, SkBuffContext},
 };
 use monitor_common::{
-    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, TlsConnKey, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
-    PAYLOAD_FLAG_H2, PAYLOAD_GNUTLS, PAYLOAD_GO_TLS, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX,
-    PAYLOAD_TCP, TCP_OWNER_H2,
+    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, TlsConnKey, TlsPeerEvent, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
+    PAYLOAD_FLAG_H2, PAYLOAD_GNUTLS, PAYLOAD_GO_TLS, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_READ, PAYLOAD_SSL_WRITE,
+    PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP, TCP_OWNER_H2,
 };
 
 use super::cred::comm;
 use crate::{
     kernel,
-    maps::{config, count, submit_flags, EVENTS, H2_TLS_CONNS, TCP_OWNERS},
+    maps::{config, count, submit_flags, EVENTS, H2_TLS_CONNS, TCP_OWNERS, TLS_PENDING_PEER, TLS_POSTS, TLS_READS},
     session,
 };
 
@@ -89,6 +89,84 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
     0
 }
 
+// ---- TLS responses to token requests ------------------------------------------------------
+
+/// `int SSL_read(SSL *ssl, void *buf, int num)`: where the data goes, for the return probe.
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    on_read_entry(&ctx, false);
+    0
+}
+
+/// `int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)`
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    on_read_entry(&ctx, true);
+    0
+}
+
+#[uretprobe]
+pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    let ret: i64 = ctx.ret::<i32>() as i64;
+    on_read_return(ret, false);
+    0
+}
+
+#[uretprobe]
+pub fn ssl_read_ex_ret(ctx: RetProbeContext) -> u32 {
+    let ret: i64 = ctx.ret::<i32>() as i64;
+    on_read_return(ret, true);
+    0
+}
+
+/// Only session processes, and only on a connection whose last request was a POST: every other
+/// read costs the trap and one lookup.
+#[inline(always)]
+fn on_read_entry(ctx: &ProbeContext, ex: bool) {
+    let (_, tgid) = session::current_ids();
+    if session::of_current(tgid).is_none() {
+        return;
+    }
+    let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else { return };
+    if TLS_POSTS.get_ptr(&TlsConnKey { tgid, _pad0: 0, ssl }).is_none() {
+        return;
+    }
+    let readbytes = if ex { ctx.arg::<u64>(3).unwrap_or(0) } else { 0 };
+    let _ = TLS_READS.insert(&aya_ebpf::helpers::bpf_get_current_pid_tgid(), &[ssl, buf, readbytes], 0);
+}
+
+#[inline(always)]
+fn on_read_return(ret: i64, ex: bool) {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let Some(args) = TLS_READS.get_ptr(&id) else { return };
+    // SAFETY: valid map value pointer for this program run.
+    let [ssl, buf, readbytes] = unsafe { *args };
+    let _ = TLS_READS.remove(&id);
+    // SSL_read returns the bytes read; SSL_read_ex 1, with the count in *readbytes.
+    let len = if ex {
+        if ret != 1 || readbytes == 0 {
+            return;
+        }
+        // SAFETY: bpf_probe_read_user reports faults as errors.
+        match unsafe { bpf_probe_read_user(readbytes as *const u64) } {
+            Ok(n) => clamp_len(n),
+            Err(_) => return,
+        }
+    } else {
+        ret as i32
+    };
+    if len < 4 || buf == 0 {
+        return;
+    }
+    let (_, tgid) = session::current_ids();
+    let Some(key) = session::of_current(tgid) else { return };
+    if len as usize <= PAYLOAD_SMALL_CAP {
+        emit_tls_write::<PAYLOAD_SMALL_CAP>(buf, len, PAYLOAD_SSL_READ, key, ssl, 0);
+    } else {
+        emit_tls_write::<PAYLOAD_CAP>(buf, len, PAYLOAD_SSL_READ, key, ssl, 0);
+    }
+}
+
 /// A `size_t` length as the `int` the capture works with (a write over 2 GiB is reported as
 /// one of 2 GiB: only its start is read).
 #[inline(always)]
@@ -127,6 +205,14 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
     // A request line first: an `SSL *` freed by an HTTP/2 connection may be reused by an
     // HTTP/1.x one (a frame cannot start like a method: that would be a length over 4 MiB).
     let flags = if is_http_request(head) {
+        if key != 0 && (source == PAYLOAD_SSL_WRITE || source == PAYLOAD_SSL_WRITE_EX) {
+            // Token requests are POSTs (RFC 6749 §3.2): the response is read (see ssl_read).
+            if head == *b"POST" {
+                let _ = TLS_POSTS.insert(&conn, &0u8, 0);
+            } else if TLS_POSTS.get_ptr(&conn).is_some() {
+                let _ = TLS_POSTS.remove(&conn);
+            }
+        }
         0
     } else if head == H2_PREFACE_HEAD {
         let _ = H2_TLS_CONNS.insert(&conn, &0u8, 0);
@@ -148,6 +234,8 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
     } else {
         emit_tls_write::<PAYLOAD_CAP>(buf, num, source, key, conn_ptr, flags);
     }
+    // The thread's next TCP segment out is this write's: it names the peer (see tcp_egress).
+    let _ = TLS_PENDING_PEER.insert(&aya_ebpf::helpers::bpf_get_current_pid_tgid(), &conn_ptr, 0);
 }
 
 /// One payload record with room for `N` bytes: the smallest that holds the write, so the ring
@@ -211,6 +299,7 @@ fn on_egress(ctx: &SkBuffContext) {
     let Some(owner) = TCP_OWNERS.get_ptr_mut(cookie) else { return };
     // SAFETY: valid map value pointer for this program run.
     let owner = unsafe { &mut *owner };
+    report_tls_peer(owner);
     let h2 = owner.flags & TCP_OWNER_H2 != 0;
     if !h2 && owner.segments >= SEGMENTS_LOOKED_AT {
         return;
@@ -248,19 +337,9 @@ fn on_egress(ctx: &SkBuffContext) {
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reservation of size_of::<PayloadEvent>() bytes.
     unsafe {
-        let header = &mut (*event).header;
-        header.kind = EventKind::Payload as u32;
-        header.version = monitor_common::WIRE_VERSION;
-        header._pad0 = 0;
-        header.size = core::mem::size_of::<PayloadEvent>() as u32;
-        header.session = owner.session;
-        header.ts_ns = aya_ebpf::helpers::bpf_ktime_get_boot_ns();
-        // This may run in softirq context: the socket's owner, not the current task.
-        header.pid = owner.tgid;
-        header.tgid = owner.tgid;
-        header.uid = ctx.get_socket_uid();
-        header.gid = u32::MAX;
-        header.cgroup_id = 0;
+        let size = core::mem::size_of::<PayloadEvent>();
+        let uid = ctx.get_socket_uid();
+        kernel::fill_socket_header(&mut (*event).header, EventKind::Payload, size, owner.session, owner.tgid, uid);
         (*event).source = PAYLOAD_TCP;
         (*event).flags = flags;
         (*event).port = owner.port;
@@ -291,6 +370,40 @@ fn on_egress(ctx: &SkBuffContext) {
                 (*event).data.len = len as u32;
             }
         }
+    }
+    entry.submit(submit_flags());
+}
+
+/// The first segment out after a reported TLS write, sent in the writer's own context (the write
+/// syscall transmits it): the socket's peer is that connection's. Softirq sends (a delayed
+/// segment) are not the writer's and are left alone: the pid check fails for them.
+#[inline(always)]
+fn report_tls_peer(owner: &TcpOwner) {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    if (id >> 32) as u32 != owner.tgid {
+        return;
+    }
+    let Some(conn) = TLS_PENDING_PEER.get_ptr(&id) else { return };
+    // SAFETY: valid map value pointer for this program run.
+    let conn = unsafe { *conn };
+    let _ = TLS_PENDING_PEER.remove(&id);
+    let Some(mut entry) = EVENTS.reserve::<TlsPeerEvent>(0) else {
+        count(Stat::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reservation of size_of::<TlsPeerEvent>() bytes.
+    unsafe {
+        kernel::fill_header(
+            &mut (*event).header,
+            EventKind::TlsPeer,
+            core::mem::size_of::<TlsPeerEvent>(),
+            owner.session,
+        );
+        (*event).conn = conn;
+        (*event).addr = owner.addr;
+        (*event).port = owner.port;
+        (*event)._pad0 = [0; 6];
     }
     entry.submit(submit_flags());
 }

@@ -29,6 +29,8 @@ enum Command {
         reply: oneshot::Sender<Result<SessionKey, String>>,
     },
     Seen(Vec<Process>),
+    /// Names the agent learnt for a session itself (its hosts file), applied as events.
+    Names(Vec<crate::event::Resolve>),
     End {
         id: String,
         reason: EndReason,
@@ -64,6 +66,10 @@ impl CoreHandle {
 
     pub async fn seen(&self, processes: Vec<Process>) {
         let _ = self.send(Command::Seen(processes)).await;
+    }
+
+    pub async fn names(&self, names: Vec<crate::event::Resolve>) {
+        let _ = self.send(Command::Names(names)).await;
     }
 
     pub async fn end(&self, id: String, reason: EndReason) -> Result<SessionSummary, String> {
@@ -215,6 +221,11 @@ impl Core {
             Command::Seen(processes) => {
                 for p in processes {
                     self.apply(Event::ProcessSeen(p)).await;
+                }
+            }
+            Command::Names(names) => {
+                for r in names {
+                    self.apply(Event::Resolve(r)).await;
                 }
             }
             Command::End { id, reason, reply } => {

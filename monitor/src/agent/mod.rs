@@ -59,7 +59,12 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
 
     let credentials = CredentialIndex::new(random_seed()?, file_access_watch(&settings.enabled_probes));
-    let observer = Observer::new(credentials.clone(), key.clone(), settings.policy.credentials.api_key_headers.clone());
+    let observer = Observer::new(
+        credentials.clone(),
+        key.clone(),
+        settings.policy.credentials.api_key_headers.clone(),
+        settings.policy.credentials.learn_tokens,
+    );
     maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
     credentials::watch::refresh(&credentials, &mut maps, &settings.policy.credentials.watch);
 
@@ -187,8 +192,12 @@ async fn watch_credentials(
         tokio::time::sleep(WATCH_RESCAN).await;
         let mut maps = maps.lock().await;
         credentials::watch::refresh(&index, &mut maps, &extra);
+        // Tokens sessions learnt since (see CredentialIndex::learn) are looked for in the kernel.
+        let tokens_known = maps.sync_token_hashes(index.seed(), &index.token_hashes());
+        let mut probes = probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.set_tokens_known(tokens_known);
         if !maps.any_binding() {
-            probes.lock().unwrap_or_else(|p| p.into_inner()).set_sessions_running(false);
+            probes.set_sessions_running(false);
         }
     }
 }

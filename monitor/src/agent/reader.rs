@@ -90,6 +90,7 @@ pub async fn run(
                 Err(e) => tracing::warn!("dropping undecodable kernel record: {e}"),
             }
         }
+        batch.extend(observer.take_awaiting_peer());
 
         // A uid change waits one round, for the exec that may have made it (a setuid binary:
         // the exec reports it, and alerts on it, itself) to be read from the ring buffer.

@@ -13,6 +13,7 @@ pub mod http;
 pub mod jwt;
 mod kernel;
 pub mod proc_connector;
+pub mod token_response;
 pub mod watch;
 
 use std::{
@@ -86,6 +87,21 @@ impl CredentialIndex {
         let mut inner = self.write();
         inner.tokens.insert(key, tokens);
         inner.paths.insert(key, paths);
+    }
+
+    /// Adds a credential a session learnt (see engine/credentials.rs) to what the probes look
+    /// for; false when it was known already or the session has learnt too many.
+    pub fn learn(&self, key: SessionKey, hash: u64, fingerprint: String) -> bool {
+        let mut inner = self.write();
+        if inner.tokens.values().flatten().any(|(_, f)| *f == fingerprint) {
+            return false;
+        }
+        let tokens = inner.tokens.entry(key).or_default();
+        if tokens.len() >= crate::engine::LEARNED_PER_SESSION {
+            return false;
+        }
+        tokens.push((hash, fingerprint));
+        true
     }
 
     pub fn forget_session(&self, key: SessionKey) {
@@ -166,14 +182,38 @@ pub struct Observer {
     index: Arc<CredentialIndex>,
     key: Arc<FingerprintKey>,
     api_key_headers: Vec<String>,
+    /// Whether credentials session processes send or receive are learnt (the policy's
+    /// `credentials.learn_tokens`).
+    learn_tokens: bool,
     /// The HTTP/2 connections followed, each with its HPACK decoder.
     h2: h2::Connections,
+    /// Where each TLS connection goes, by (pid, conn), once the probes said.
+    tls_peers: HashMap<(u32, u64), std::net::SocketAddr>,
+    /// Token uses from TLS writes whose connection's peer is not known yet: it follows the write
+    /// in the ring buffer, from the first segment the write sends.
+    awaiting_peer: Vec<((u32, u64), Event)>,
 }
 
+/// TLS connections whose peer is remembered; past this the table starts over.
+const TLS_PEERS: usize = 16_384;
+
 impl Observer {
-    pub fn new(index: Arc<CredentialIndex>, key: Arc<FingerprintKey>, api_key_headers: Vec<String>) -> Self {
+    pub fn new(
+        index: Arc<CredentialIndex>,
+        key: Arc<FingerprintKey>,
+        api_key_headers: Vec<String>,
+        learn_tokens: bool,
+    ) -> Self {
         let api_key_headers = api_key_headers.into_iter().map(|h| h.to_ascii_lowercase()).collect();
-        Self { index, key, api_key_headers, h2: h2::Connections::default() }
+        Self {
+            index,
+            key,
+            api_key_headers,
+            learn_tokens,
+            h2: h2::Connections::default(),
+            tls_peers: HashMap::new(),
+            awaiting_peer: Vec::new(),
+        }
     }
 
     /// The events an observation gives: none for what concerns no session (an unknown token in
@@ -210,7 +250,18 @@ impl Observer {
             }
             Decoded::Event(event) => vec![event],
             // The reader hands these to the executable probes (agent/executables.rs).
-            Decoded::Executable { .. } => Vec::new(),
+            Decoded::Executable { .. } | Decoded::Nothing => Vec::new(),
+            Decoded::TlsPeer { pid, conn, dst } => {
+                if self.tls_peers.len() >= TLS_PEERS {
+                    self.tls_peers.clear();
+                }
+                self.tls_peers.insert((pid, conn), dst);
+                let (ready, waiting): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut self.awaiting_peer).into_iter().partition(|(id, _)| *id == (pid, conn));
+                self.awaiting_peer = waiting;
+                ready.into_iter().map(|(_, event)| with_dst(event, dst)).collect()
+            }
+            Decoded::Received { ts, session, actor, data } => self.received(ts, session, actor, data),
             Decoded::FileOpen { ts, session, actor, dev, ino, fd, write } => {
                 // An inode no longer watched (the list changed since the kernel saw it) is dropped.
                 let Some(path) = self.index.path_of(dev, ino) else { return Vec::new() };
@@ -223,31 +274,51 @@ impl Observer {
                 vec![Event::TokenUse(TokenUse { ts, session, actor, credential, via: TokenVia::Env { name } })]
             }
             Decoded::Payload { ts, session, actor, tls, dst, conn, h2, seq, total_len, data } => {
+                let peer = (actor.pid, conn);
+                let dst = dst.or_else(|| tls.then(|| self.tls_peers.get(&peer).copied()).flatten());
                 let wire = Wire { ts, session, actor, tls, dst };
-                let id = h2::ConnId { pid: wire.actor.pid, conn };
-                if !h2 {
-                    // A request line: whatever the connection was before, it is HTTP/1.x now.
-                    self.h2.forget(id);
-                    let Some(request) = http::parse(data, &self.api_key_headers) else { return Vec::new() };
-                    return self.request_events(&wire, false, &request);
-                }
-                let feed = self.h2.feed(id, seq, data, total_len);
-                let mut events = Vec::new();
-                for block in &feed.blocks {
-                    let request = http::from_h2_fields(block, &self.api_key_headers);
-                    events.extend(self.request_events(&wire, true, &request));
-                }
-                if let Some(why) = feed.lost {
-                    // Only connections that concern a session: outside them, unknown tokens are
-                    // dropped anyway, and this would report every busy client on the host.
-                    if wire.session != 0 {
-                        let source = format!("HTTP/2 requests of pid {} on one connection: {why}", wire.actor.pid);
-                        events.push(Event::Lost { ts: wire.ts, source, count: 1 });
-                    }
+                let events = self.payload(&wire, conn, h2, seq, total_len, data);
+                if tls && dst.is_none() && !events.is_empty() {
+                    // Held until the connection's peer is known (or the end of the round).
+                    self.awaiting_peer.extend(events.into_iter().map(|e| (peer, e)));
+                    return Vec::new();
                 }
                 events
             }
         }
+    }
+
+    /// The token uses still waiting for their connection's peer, without it: called at the end
+    /// of each reading round, so nothing waits longer than one.
+    pub fn take_awaiting_peer(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.awaiting_peer).into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// The token uses in one captured write: an HTTP/1.x request, or part of an HTTP/2
+    /// connection's frame stream.
+    fn payload(&mut self, wire: &Wire, conn: u64, h2: bool, seq: Option<u32>, total: usize, data: &[u8]) -> Vec<Event> {
+        let id = h2::ConnId { pid: wire.actor.pid, conn };
+        if !h2 {
+            // A request line: whatever the connection was before, it is HTTP/1.x now.
+            self.h2.forget(id);
+            let Some(request) = http::parse(data, &self.api_key_headers) else { return Vec::new() };
+            return self.request_events(wire, false, &request);
+        }
+        let feed = self.h2.feed(id, seq, data, total);
+        let mut events = Vec::new();
+        for block in &feed.blocks {
+            let request = http::from_h2_fields(block, &self.api_key_headers);
+            events.extend(self.request_events(wire, true, &request));
+        }
+        if let Some(why) = feed.lost {
+            // Only connections that concern a session: outside them, unknown tokens are
+            // dropped anyway, and this would report every busy client on the host.
+            if wire.session != 0 {
+                let source = format!("HTTP/2 requests of pid {} on one connection: {why}", wire.actor.pid);
+                events.push(Event::Lost { ts: wire.ts, source, count: 1 });
+            }
+        }
+        events
     }
 
     /// Reads and writes of watched credential files since the last call (see
@@ -259,6 +330,29 @@ impl Observer {
     /// Replaces the secrets in a command line by their fingerprints; returns what was found.
     pub fn redact_argv(&self, argv: &mut [String]) -> Vec<argv::ArgvCredential> {
         argv::redact(argv, &self.key, &self.api_key_headers, &|fp| self.index.is_session_token(fp))
+    }
+
+    /// The tokens of a token response a session process received: each becomes the session's.
+    fn received(&self, ts: u64, session: SessionKey, actor: Actor, data: &[u8]) -> Vec<Event> {
+        if session == 0 || !self.learn_tokens {
+            return Vec::new();
+        }
+        token_response::tokens(data)
+            .into_iter()
+            .map(|(field, value)| {
+                let fingerprint = self.key.fingerprint(value.as_bytes());
+                self.index.learn(session, self.index.token_hash(value.as_bytes()), fingerprint.clone());
+                let credential = SeenCredential {
+                    kind: CredentialKind::Bearer,
+                    fingerprint,
+                    header: None,
+                    key_id: None,
+                    jwt: jwt::decode(&value),
+                };
+                let via = TokenVia::Received { field: field.to_string() };
+                Event::TokenUse(TokenUse { ts, session, actor: actor.clone(), credential, via })
+            })
+            .collect()
     }
 
     /// One event per credential of a request that concerns a session.
@@ -282,6 +376,11 @@ impl Observer {
                 jwt.as_ref().and_then(|j| j.exp).is_some_and(|exp| exp.saturating_mul(1_000_000_000) < ts as i64);
             if session == 0 && !expired && !self.index.is_session_token(&fingerprint) {
                 continue;
+            }
+            if session != 0 && self.learn_tokens {
+                // Looked for from now on: by other processes, in exec environments (the kernel's
+                // hash is synced by the credential watch), after the task.
+                self.index.learn(session, self.index.token_hash(&secret), fingerprint.clone());
             }
             let credential = SeenCredential {
                 kind: raw.kind,
@@ -311,4 +410,12 @@ struct Wire {
     actor: Actor,
     tls: bool,
     dst: Option<std::net::SocketAddr>,
+}
+
+/// A token use from a TLS write, with its connection's peer.
+fn with_dst(mut event: Event, peer: std::net::SocketAddr) -> Event {
+    if let Event::TokenUse(TokenUse { via: TokenVia::Http { dst, .. }, .. }) = &mut event {
+        *dst = Some(peer);
+    }
+    event
 }

@@ -4,18 +4,52 @@
 use super::{Engine, Tracked};
 use crate::{
     alert::{Alert, CredentialRef, NetworkRef, ProcessRef},
+    credentials::CredentialKind,
     event::{Actor, CredCall, CredChange, CredentialOpen, Nanos, SessionKey, TokenUse, TokenVia},
     rules::Rule,
 };
 
+/// Credentials a session learns at most (a client that mints a token per request must not grow
+/// the engine without bound).
+pub const LEARNED_PER_SESSION: usize = 256;
+
 impl Engine {
-    /// The sessions a token fingerprint was granted to.
+    /// The sessions a token fingerprint was granted to, or that learnt it.
     fn token_owners(&self, fingerprint: &str) -> Vec<SessionKey> {
         self.sessions
             .iter()
-            .filter(|(_, t)| t.session.tokens.iter().any(|tok| tok.fingerprint.as_deref() == Some(fingerprint)))
+            .filter(|(_, t)| {
+                t.session.tokens.iter().any(|tok| tok.fingerprint.as_deref() == Some(fingerprint))
+                    || t.learned.contains(fingerprint)
+            })
             .map(|(k, _)| *k)
             .collect()
+    }
+
+    /// A credential a process of an active session sent or received that no session holds
+    /// becomes that session's: its use after the task, or by another process, is then caught
+    /// like a declared one's (the delegation's "token transformation": a token exchanged or
+    /// minted during the task). Returns whether it was learnt now.
+    fn learn_token(&mut self, t: &TokenUse) -> bool {
+        let learnable = matches!(
+            t.credential.kind,
+            CredentialKind::Bearer | CredentialKind::Basic | CredentialKind::ApiKey | CredentialKind::Authorization
+        );
+        if !self.config.learn_tokens || !learnable || self.authority_over(t.session, t.ts) {
+            return false;
+        }
+        if !self.token_owners(&t.credential.fingerprint).is_empty() {
+            return false;
+        }
+        let Some(tracked) = self.sessions.get_mut(&t.session) else { return false };
+        if tracked.learned.len() >= LEARNED_PER_SESSION {
+            return false;
+        }
+        tracked.learned.insert(t.credential.fingerprint.clone())
+    }
+
+    fn is_learned(&self, session: SessionKey, fingerprint: &str) -> bool {
+        self.sessions.get(&session).is_some_and(|t| t.learned.contains(fingerprint))
     }
 
     /// Whether a session's authority is over at `ts`: its task ended and the grace ran out, or its
@@ -60,6 +94,10 @@ impl Engine {
     }
 
     pub(super) fn token_use(&mut self, t: &TokenUse, alerts: &mut Vec<Alert>) {
+        if self.learn_token(t) || matches!(t.via, TokenVia::Received { .. }) {
+            // Learnt now, or received (a token response): nothing to alert on yet.
+            return;
+        }
         let (seen_in, carrier, request, network) = match &t.via {
             TokenVia::Env { name } => ("env", Some(name.clone()), None, None),
             TokenVia::Argv { index } => ("argv", Some(format!("argv[{index}]")), None, None),
@@ -83,6 +121,7 @@ impl Engine {
                 };
                 (scheme, t.credential.header.clone(), Some(request), network)
             }
+            TokenVia::Received { field, .. } => ("https", Some(field.clone()), None, None),
         };
         let credential = CredentialRef {
             kind: t.credential.kind.as_str().to_string(),
@@ -93,6 +132,7 @@ impl Engine {
             carrier: carrier.clone(),
             key_id: t.credential.key_id.clone(),
             request,
+            learned: false,
         };
         let how = match (&t.via, &carrier) {
             (TokenVia::Env { .. }, Some(name)) => format!("in the environment (${name}) of an exec"),
@@ -102,8 +142,9 @@ impl Engine {
         let who = if t.actor.exe.is_empty() { t.actor.comm.clone() } else { t.actor.exe.clone() };
         let owners = self.token_owners(&t.credential.fingerprint);
         let mut push = |engine: &Self, rule, session, summary: String| {
-            let mut alert =
-                engine.credential_alert(rule, session, t.session, &t.actor, t.ts, summary, credential.clone());
+            let mut credential = credential.clone();
+            credential.learned = engine.is_learned(session, &t.credential.fingerprint);
+            let mut alert = engine.credential_alert(rule, session, t.session, &t.actor, t.ts, summary, credential);
             alert.network = network.clone();
             alerts.push(alert);
         };
@@ -151,6 +192,7 @@ impl Engine {
             carrier: None,
             key_id: None,
             request: None,
+            learned: false,
         };
         let who = if o.actor.exe.is_empty() { o.actor.comm.clone() } else { o.actor.exe.clone() };
         let names = |t: &Tracked| t.session.scope.credentials.contains(&o.path) || token_file(t, &o.path);

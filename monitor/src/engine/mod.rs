@@ -3,16 +3,14 @@
 //! recorded trace replays to the same alerts.
 
 mod credentials;
+mod names;
+
+pub use credentials::LEARNED_PER_SESSION;
 mod procs;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
-
-use monitor_common::RESOLVED_TTL_NS;
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,11 +32,19 @@ pub struct EngineConfig {
     pub severity: BTreeMap<Rule, Severity>,
     /// Destinations that never raise out_of_scope_connect (the policy's `never_alert`).
     pub never_alert: Vec<crate::sessions::Destination>,
+    /// Credentials session processes send or receive that no session declared become theirs
+    /// (the policy's `credentials.learn_tokens`). Off in traces recorded before it existed.
+    #[serde(default)]
+    pub learn_tokens: bool,
 }
 
 impl EngineConfig {
     pub fn from_policy(policy: &crate::policy::Policy) -> Self {
-        Self { severity: policy.severity.clone(), never_alert: policy.never_alert.connect.clone() }
+        Self {
+            severity: policy.severity.clone(),
+            never_alert: policy.never_alert.connect.clone(),
+            learn_tokens: policy.credentials.learn_tokens,
+        }
     }
 }
 
@@ -67,8 +73,11 @@ struct Tracked {
     ended: Option<(Nanos, EndReason)>,
     /// Set once process_outlived_task has been evaluated after end + grace.
     outlived_checked: bool,
-    /// The name each address was last resolved from by a process of the session, and when.
-    names: HashMap<IpAddr, (String, Nanos)>,
+    /// The names each address was learnt under by the session (resolved, or in its hosts file).
+    names: names::Names,
+    /// Fingerprints of the credentials the session learnt during its task (see
+    /// credentials.rs), bounded by [`credentials::LEARNED_PER_SESSION`].
+    learned: std::collections::BTreeSet<String>,
 }
 
 impl Tracked {
@@ -188,7 +197,8 @@ impl Engine {
                         started: *ts,
                         ended: None,
                         outlived_checked: false,
-                        names: HashMap::new(),
+                        names: names::Names::default(),
+                        learned: Default::default(),
                     },
                 );
             }
@@ -202,9 +212,7 @@ impl Engine {
             Event::ConnectResult(_) => {}
             Event::Resolve(r) => {
                 if let Some(t) = self.sessions.get_mut(&r.session) {
-                    for addr in &r.addrs {
-                        t.names.insert(*addr, (r.name.clone(), r.ts));
-                    }
+                    t.names.learn(r);
                 }
             }
             Event::CredentialOpen(o) => self.credential_open(o, &mut alerts),
@@ -450,15 +458,8 @@ impl Engine {
         let serial = self.live_or_first_seen(c.session, c.pid, 0, c.creds, c.cgroup, c.ts);
         let Some(t) = self.sessions.get(&c.session) else { return };
 
-        // The name this address was resolved from, while that resolution is fresh; the kernel
-        // allows resolved addresses for as long (RESOLVED_TTL_NS).
-        let names: Vec<String> = t
-            .names
-            .get(&c.addr)
-            .filter(|(_, at)| c.ts.saturating_sub(*at) < RESOLVED_TTL_NS)
-            .map(|(name, _)| name.clone())
-            .into_iter()
-            .collect();
+        // The names this address was learnt under that still hold, the most recent first.
+        let names = t.names.of(c.addr, c.ts);
         let rule = match c.verdict {
             Verdict::BlockedScope => Some(Rule::OutOfScopeConnect),
             Verdict::BlockedEnded => Some(Rule::ActivityAfterTaskEnd),

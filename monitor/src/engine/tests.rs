@@ -536,4 +536,52 @@ mod credentials {
         events.push(change(3 * S, full));
         assert_eq!(rules(&run(&events)), []);
     }
+
+    /// A token no session declared, sent or received by a session process during its task,
+    /// becomes that session's: its use after the task, or by a process outside it, is caught and
+    /// marked `learned`. With learning off, nothing is.
+    #[test]
+    fn tokens_obtained_during_the_task_are_learnt() {
+        const MINTED: &str = "hmac-sha256:99999999999999999999999999999999";
+        const RECEIVED: &str = "hmac-sha256:88888888888888888888888888888888";
+        let received = Event::TokenUse(TokenUse {
+            ts: 2 * S,
+            session: KEY,
+            actor: actor(ROOT),
+            credential: SeenCredential {
+                kind: CredentialKind::Bearer,
+                fingerprint: RECEIVED.into(),
+                header: None,
+                key_id: None,
+                jwt: None,
+            },
+            via: TokenVia::Received { field: "access_token".into() },
+        });
+        let mut events = task();
+        events.push(http(2 * S, KEY, ROOT, MINTED, None));
+        events.push(received);
+        events.push(Event::SessionEnded { ts: 3 * S, key: KEY, reason: EndReason::Requested });
+        // After the grace, from a process the task left behind, and from outside.
+        events.push(http(10 * S, KEY, ROOT, MINTED, None));
+        events.push(http(11 * S, 0, 900, RECEIVED, None));
+        let mut engine = Engine::new(EngineConfig { learn_tokens: true, ..Default::default() });
+        let alerts: Vec<Alert> = events.iter().flat_map(|e| engine.handle(e)).collect();
+        let token_alerts: Vec<&Alert> = alerts.iter().filter(|a| a.rule == Rule::TokenAfterTaskEnd).collect();
+        assert_eq!(token_alerts.len(), 2, "{alerts:#?}");
+        for a in &token_alerts {
+            let credential = a.credential.as_ref().unwrap();
+            assert!(credential.learned, "{a:#?}");
+            assert_eq!(a.session.id, session(None).id.to_string());
+        }
+        assert!(rules(&run(&events)).iter().all(|r| *r != Rule::TokenAfterTaskEnd), "learning off: nothing learnt");
+        // A token first seen after the end is not learnt: it is the session's activity after
+        // its end (another rule), not a credential of its task.
+        let mut late = task();
+        late.push(Event::SessionEnded { ts: 3 * S, key: KEY, reason: EndReason::Requested });
+        late.push(http(10 * S, KEY, ROOT, MINTED, None));
+        late.push(http(11 * S, 0, 900, MINTED, None));
+        let mut engine = Engine::new(EngineConfig { learn_tokens: true, ..Default::default() });
+        let alerts: Vec<Alert> = late.iter().flat_map(|e| engine.handle(e)).collect();
+        assert!(alerts.iter().all(|a| a.rule != Rule::TokenAfterTaskEnd), "{alerts:#?}");
+    }
 }

@@ -85,6 +85,11 @@ pub enum AttachPoint {
         symbol: &'static str,
         args: usize,
     },
+    /// A uretprobe on a function of a shared library, on its entry (where the return address is).
+    LibraryReturn {
+        file: &'static str,
+        symbol: &'static str,
+    },
     /// An entry uprobe loaded at start and attached to each executable that defines `symbol`,
     /// when it is first exec'd (see executables.rs).
     Executables {
@@ -92,6 +97,8 @@ pub enum AttachPoint {
     },
     /// A cgroup skb egress hook on the agent's cgroup.
     CgroupSkbEgress,
+    /// A cgroup skb ingress hook on the agent's cgroup.
+    CgroupSkbIngress,
 }
 
 impl std::fmt::Display for AttachPoint {
@@ -101,8 +108,10 @@ impl std::fmt::Display for AttachPoint {
             AttachPoint::CgroupSockAddr { hook } => write!(f, "cgroup/{hook}"),
             AttachPoint::Libc { symbol } => write!(f, "uprobe/libc:{symbol}"),
             AttachPoint::Library { file, symbol, .. } => write!(f, "uprobe/{file}:{symbol}"),
+            AttachPoint::LibraryReturn { file, symbol } => write!(f, "uretprobe/{file}:{symbol}"),
             AttachPoint::Executables { symbol } => write!(f, "uprobe/<each executable>:{symbol}"),
             AttachPoint::CgroupSkbEgress => write!(f, "cgroup_skb/egress"),
+            AttachPoint::CgroupSkbIngress => write!(f, "cgroup_skb/ingress"),
         }
     }
 }
@@ -132,6 +141,10 @@ pub enum When {
     /// processes only, but whose mere presence puts every syscall of every process on the
     /// kernel's slower syscall-tracing path (measured: +5% on an openat loop).
     OptInWhileSessions,
+    /// Attached only while some process or cgroup is bound to a session (see
+    /// [`Probes::set_sessions_running`]): a cgroup skb program that runs for every packet the host
+    /// receives, and reports only for session processes.
+    WhileSessions,
     /// Attached only while sessions hold tokens (see [`Probes::set_tokens_known`]): a cgroup skb
     /// program runs for every packet the host sends, and until some session holds a token no
     /// request can carry one (measured: +7% on a loopback connect loop with it attached).
@@ -282,6 +295,34 @@ pub const PROBES: &[ProbeSpec] = &[
         when: When::Always,
     },
     ProbeSpec {
+        program: "ssl_read",
+        attach: AttachPoint::Library { file: LIBSSL, symbol: "SSL_read", args: 3 },
+        required: false,
+        provides: "tokens session processes receive from token endpoints over OpenSSL 3 (SSL_read)",
+        when: When::Always,
+    },
+    ProbeSpec {
+        program: "ssl_read_ret",
+        attach: AttachPoint::LibraryReturn { file: LIBSSL, symbol: "SSL_read" },
+        required: false,
+        provides: "tokens session processes receive from token endpoints over OpenSSL 3 (SSL_read)",
+        when: When::Always,
+    },
+    ProbeSpec {
+        program: "ssl_read_ex",
+        attach: AttachPoint::Library { file: LIBSSL, symbol: "SSL_read_ex", args: 4 },
+        required: false,
+        provides: "tokens session processes receive from token endpoints over OpenSSL 3 (SSL_read_ex)",
+        when: When::Always,
+    },
+    ProbeSpec {
+        program: "ssl_read_ex_ret",
+        attach: AttachPoint::LibraryReturn { file: LIBSSL, symbol: "SSL_read_ex" },
+        required: false,
+        provides: "tokens session processes receive from token endpoints over OpenSSL 3 (SSL_read_ex)",
+        when: When::Always,
+    },
+    ProbeSpec {
         program: "gnutls_record_send",
         attach: AttachPoint::Library { file: "libgnutls.so.30", symbol: "gnutls_record_send", args: 3 },
         required: false,
@@ -301,6 +342,13 @@ pub const PROBES: &[ProbeSpec] = &[
         required: false,
         provides: "tokens in plaintext HTTP requests",
         when: When::WhileTokens,
+    },
+    ProbeSpec {
+        program: "dns_ingress",
+        attach: AttachPoint::CgroupSkbIngress,
+        required: false,
+        provides: "names from DNS answers to session processes, for any resolver (name scopes, dst_name)",
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "sys_enter_connect",
@@ -378,6 +426,8 @@ pub struct Probes {
     on_demand: Vec<(&'static ProbeSpec, Option<aya::programs::trace_point::TracePointLinkId>)>,
     /// The [`When::WhileTokens`] probes that loaded, and their links while attached.
     token_time: Vec<(&'static ProbeSpec, Option<aya::programs::cgroup_skb::CgroupSkbLinkId>)>,
+    /// The [`When::WhileSessions`] probes that loaded, and their links while attached.
+    session_skb: Vec<(&'static ProbeSpec, Option<aya::programs::cgroup_skb::CgroupSkbLinkId>)>,
     /// The cgroup the cgroup hooks attach to.
     cgroup: Option<std::fs::File>,
 }
@@ -393,7 +443,10 @@ impl Probes {
             };
             set_link(spec, link, running, tp, |tp| tp.attach(category, name), |tp, id| tp.detach(id));
         }
-        tracing::debug!(running, probes = self.on_demand.len(), "session-time probes");
+        if let Some(cgroup) = &self.cgroup {
+            set_skb_links(&mut self.ebpf, &mut self.session_skb, cgroup, running);
+        }
+        tracing::debug!(running, probes = self.on_demand.len() + self.session_skb.len(), "session-time probes");
     }
 
     /// Attaches one of the executable probes (see executables.rs) to the file behind `target` (a
@@ -415,16 +468,28 @@ impl Probes {
     /// are written, so a session's processes are bound only once its tokens are watched for.
     pub fn set_tokens_known(&mut self, known: bool) {
         let Some(cgroup) = &self.cgroup else { return };
-        for (spec, link) in &mut self.token_time {
-            let Some(hook) = self.ebpf.program_mut(spec.program).and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
-            else {
-                continue;
-            };
-            let attach =
-                |hook: &mut CgroupSkb| hook.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::default());
-            set_link(spec, link, known, hook, attach, |hook, id| hook.detach(id));
-        }
+        set_skb_links(&mut self.ebpf, &mut self.token_time, cgroup, known);
         tracing::debug!(known, probes = self.token_time.len(), "token-time probes");
+    }
+}
+
+/// Brings on-demand cgroup skb probes to `want` (see [`set_link`]).
+fn set_skb_links(
+    ebpf: &mut Ebpf,
+    links: &mut [(&'static ProbeSpec, Option<aya::programs::cgroup_skb::CgroupSkbLinkId>)],
+    cgroup: &std::fs::File,
+    want: bool,
+) {
+    for (spec, link) in links {
+        let Some(hook) = ebpf.program_mut(spec.program).and_then(|p| <&mut CgroupSkb>::try_from(p).ok()) else {
+            continue;
+        };
+        let direction = match spec.attach {
+            AttachPoint::CgroupSkbIngress => CgroupSkbAttachType::Ingress,
+            _ => CgroupSkbAttachType::Egress,
+        };
+        let attach = |hook: &mut CgroupSkb| hook.attach(cgroup, direction, CgroupAttachMode::default());
+        set_link(spec, link, want, hook, attach, |hook, id| hook.detach(id));
     }
 }
 
@@ -576,6 +641,7 @@ impl Loaded {
         let mut report = LoadReport { missing_offsets: self.missing_offsets.clone(), ..Default::default() };
         let mut on_demand = Vec::new();
         let mut token_time = Vec::new();
+        let mut session_skb = Vec::new();
         let cgroup = cgroup.map(Path::to_path_buf).or_else(crate::sessions::bind::cgroup2_mount);
         let cgroup = match cgroup.as_deref().map(std::fs::File::open) {
             Some(Ok(dir)) => Some(dir),
@@ -605,7 +671,7 @@ impl Loaded {
             // Loaded now, attached while they are needed (see `Probes`).
             let on_demand_load = match spec.when {
                 When::OptInWhileSessions => Some(load_tracepoint(&mut self.ebpf, spec)),
-                When::WhileTokens => Some(match cgroup {
+                When::WhileTokens | When::WhileSessions => Some(match cgroup {
                     Some(_) => load_cgroup_skb(&mut self.ebpf, spec),
                     None => Err(ProbeError::NoCgroup2),
                 }),
@@ -616,6 +682,7 @@ impl Loaded {
                 if error.is_none() {
                     match spec.when {
                         When::WhileTokens => token_time.push((spec, None)),
+                        When::WhileSessions => session_skb.push((spec, None)),
                         _ => on_demand.push((spec, None)),
                     }
                 }
@@ -648,7 +715,7 @@ impl Loaded {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Probes { ebpf: self.ebpf, report, on_demand, token_time, cgroup })
+        Ok(Probes { ebpf: self.ebpf, report, on_demand, token_time, session_skb, cgroup })
     }
 }
 
@@ -708,15 +775,25 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>)
                 }
             }
         }
+        AttachPoint::LibraryReturn { file, symbol } => {
+            let probe: &mut UProbe = program.try_into().map_err(err)?;
+            probe.load().map_err(err)?;
+            let library = library_path(file).ok_or(ProbeError::NoLibrary(file))?;
+            probe.attach(symbol, &library, UProbeScope::AllProcesses).map_err(err)?;
+        }
         AttachPoint::Executables { .. } => {
             let probe: &mut UProbe = program.try_into().map_err(err)?;
             probe.load().map_err(err)?;
         }
-        AttachPoint::CgroupSkbEgress => {
+        AttachPoint::CgroupSkbEgress | AttachPoint::CgroupSkbIngress => {
             let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
             let hook: &mut CgroupSkb = program.try_into().map_err(err)?;
             hook.load().map_err(err)?;
-            hook.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::default()).map_err(err)?;
+            let direction = match spec.attach {
+                AttachPoint::CgroupSkbIngress => CgroupSkbAttachType::Ingress,
+                _ => CgroupSkbAttachType::Egress,
+            };
+            hook.attach(cgroup, direction, CgroupAttachMode::default()).map_err(err)?;
         }
     }
     Ok(())

@@ -258,6 +258,7 @@ pub fn describe(event: &Event) -> (&'static str, String) {
                     if *tls { "https" } else { "http" },
                     host.as_deref().unwrap_or("?")
                 ),
+                TokenVia::Received { field } => format!("received as `{field}` in a token response"),
             };
             let jwt = t
                 .credential

@@ -4,6 +4,7 @@
 pub mod bind;
 pub mod client;
 pub mod fingerprint;
+pub mod hosts;
 pub mod kernel_policy;
 pub mod protocol;
 mod scope;

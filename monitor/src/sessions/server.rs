@@ -122,6 +122,12 @@ async fn start(
     let id = session.id.to_string();
     let cgroup = session.binding.cgroup.clone();
     let key = plane.core.start(session.clone()).await?;
+    // The names its processes will find in their hosts file, before any of them runs.
+    let hosts_file = match bind.pid {
+        Some(pid) => std::path::PathBuf::from(format!("/proc/{pid}/root/etc/hosts")),
+        None => std::path::PathBuf::from("/etc/hosts"),
+    };
+    plane.core.names(super::hosts::names(&hosts_file, key, crate::agent::now_ns())).await;
     let mut paths = session.scope.credentials.clone();
     paths.extend(session.tokens.iter().filter_map(|t| t.source.strip_prefix("file:").map(str::to_string)));
     plane.credentials.add_session(key, token_hashes, paths);

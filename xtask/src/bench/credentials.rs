@@ -83,38 +83,23 @@ pub fn tls_overhead(
 ) -> anyhow::Result<Paired> {
     eprintln!("bench: HTTPS requests, {rounds} paired rounds of {count} requests with a bearer token, session process");
     let server = TlsServer::start(dir)?;
-    let session = dir.join("bench-tls-session.yaml");
-    fs::write(
-        &session,
-        "principal: bench@example.com\nactor: svc:bench\ntask: https benchmark\ntokens:\n  - env: BENCH_TOKEN\n",
-    )?;
-    let xtask = std::env::current_exe()?;
-    // A random token per run, so nothing of value is ever in a benchmark artefact.
-    let mut random = [0u8; 16];
-    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut random)?;
-    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let session = super::clients::token_session(dir)?;
+    let token = super::clients::random_token()?;
     let url = format!("https://127.0.0.9:{}/bench/[1-{count}]", server.port);
     let curl = ["curl", "-sk", "--http1.1", "-o", "/dev/null", "-H", &format!("Authorization: Bearer {token}"), &url]
         .map(String::from);
     Paired::run(monitor, dir, agent_args, rounds, "µs/request", count, |agent| {
-        let mut cmd = match agent {
-            Some(agent) => {
-                let mut c = Command::new(monitor);
-                c.arg("run").arg("--file").arg(&session).arg("--control").arg(&agent.control).arg("--");
-                c.arg(&xtask);
-                c
-            }
-            None => Command::new(&xtask),
-        };
-        seconds_from(cmd.arg("timed").arg("--").args(&curl).env("BENCH_TOKEN", &token), "HTTPS loop")
+        super::clients::timed_in_session(monitor, &session, agent, &curl, &token)
     })
 }
 
 /// An HTTP/1.1 keep-alive server over TLS (Python's http.server and ssl) with a self-signed
 /// certificate, answering every GET with a short body.
-struct TlsServer {
-    child: Child,
-    port: u16,
+pub(crate) struct TlsServer {
+    /// Kept for its drop: the server is killed with it.
+    #[allow(dead_code)]
+    server: Server,
+    pub port: u16,
 }
 
 const SERVER: &str = r#"
@@ -134,37 +119,37 @@ server.socket = context.wrap_socket(server.socket, server_side=True)
 server.serve_forever()
 "#;
 
-impl TlsServer {
-    fn start(dir: &Path) -> anyhow::Result<Self> {
-        let (cert, key) = (dir.join("bench-cert.pem"), dir.join("bench-key.pem"));
-        let o = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.9"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .context("openssl req")?;
-        if !o.status.success() {
-            bail!("openssl req: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        let port = std::net::TcpListener::bind("127.0.0.9:0")?.local_addr()?.port();
-        let script = dir.join("bench-tls-server.py");
-        fs::write(&script, SERVER)?;
-        let child = Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(&cert)
-            .arg(&key)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("bench-tls-server.log"))?)
-            .spawn()
-            .context("python3")?;
-        let server = Self { child, port };
+/// A self-signed certificate and key for 127.0.0.9 under `dir` (`{name}-cert.pem`, `-key.pem`).
+pub(crate) fn self_signed(dir: &Path, name: &str) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (cert, key) = (dir.join(format!("{name}-cert.pem")), dir.join(format!("{name}-key.pem")));
+    let o = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.9"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("openssl req")?;
+    if !o.status.success() {
+        bail!("openssl req: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok((cert, key))
+}
+
+/// A benchmark's server process on 127.0.0.9, killed on drop.
+pub(crate) struct Server {
+    child: Child,
+}
+
+impl Server {
+    /// Spawns `cmd` (stderr to `dir/log`) and waits until it accepts connections on `port`.
+    pub fn spawn(dir: &Path, log: &str, mut cmd: Command, port: u16) -> anyhow::Result<Self> {
+        let child = cmd.stdout(Stdio::null()).stderr(fs::File::create(dir.join(log))?).spawn().context("server")?;
+        let server = Self { child };
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.9", port)).is_err() {
             if start.elapsed() > Duration::from_secs(10) {
-                bail!("the TLS server did not start: {}", fs::read_to_string(dir.join("bench-tls-server.log"))?);
+                bail!("the server did not start: {}", fs::read_to_string(dir.join(log))?);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -172,9 +157,21 @@ impl TlsServer {
     }
 }
 
-impl Drop for TlsServer {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl TlsServer {
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<Self> {
+        let (cert, key) = self_signed(dir, "bench")?;
+        let port = std::net::TcpListener::bind("127.0.0.9:0")?.local_addr()?.port();
+        let script = dir.join("bench-tls-server.py");
+        fs::write(&script, SERVER)?;
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).arg(port.to_string()).arg(&cert).arg(&key);
+        Ok(Self { server: Server::spawn(dir, "bench-tls-server.log", cmd, port)?, port })
     }
 }

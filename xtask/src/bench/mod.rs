@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
+mod clients;
 mod credentials;
 mod delivery;
 pub use credentials::{open_loop, timed};
@@ -28,7 +29,7 @@ pub struct Sizes {
 }
 
 /// The parts of the benchmark, in the order they run; `--only` picks some.
-pub const PARTS: &[&str] = &["exec", "connect", "open", "tls", "engine", "replay", "ingest", "latency"];
+pub const PARTS: &[&str] = &["exec", "connect", "open", "tls", "clients", "engine", "replay", "ingest", "latency"];
 
 pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let Sizes { execs, connects, opens, tls_requests, rounds, agent_args, only } = sizes;
@@ -109,6 +110,33 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             ratio_cell(p.ratio, &p.ratios),
         ));
         report.insert("tls_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
+    }
+    if want("clients") {
+        let p = clients::h2_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
+        rows.push(row3(
+            "HTTP/2 request (curl) with a token, session (median)",
+            format!("{:.1} µs", per_exec(p.without, tls_requests)),
+            format!("{:.1} µs", per_exec(p.with, tls_requests)),
+            ratio_cell(p.ratio, &p.ratios),
+        ));
+        report.insert("h2_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
+        let p = clients::go_tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
+        rows.push(row3(
+            "HTTPS request (Go client) with a token, session (median)",
+            format!("{:.1} µs", per_exec(p.without, tls_requests)),
+            format!("{:.1} µs", per_exec(p.with, tls_requests)),
+            ratio_cell(p.ratio, &p.ratios),
+        ));
+        report.insert("go_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
+        let go_execs = execs / 2;
+        let p = clients::go_exec_overhead(&monitor, &dir, &agent_args, go_execs, rounds)?;
+        rows.push(row3(
+            "exec of a Go binary, outside sessions (median)",
+            format!("{:.1} µs", per_exec(p.without, go_execs)),
+            format!("{:.1} µs", per_exec(p.with, go_execs)),
+            ratio_cell(p.ratio, &p.ratios),
+        ));
+        report.insert("go_exec_overhead".into(), p.json(go_execs, rounds, "us_per_exec", 1.03));
     }
     if want("engine") {
         let engine = engine_bench()?;
@@ -206,11 +234,16 @@ fn engine_bench() -> anyhow::Result<serde_json::Value> {
 
 /// Seconds for `n` fork+exec+wait of /bin/true.
 fn exec_loop(n: u32) -> anyhow::Result<f64> {
+    exec_loop_of(Path::new("/bin/true"), n)
+}
+
+/// Seconds for `n` fork+exec+wait of `program` (without arguments).
+pub(crate) fn exec_loop_of(program: &Path, n: u32) -> anyhow::Result<f64> {
     let start = Instant::now();
     for _ in 0..n {
-        let status = Command::new("/bin/true").status()?;
+        let status = Command::new(program).status()?;
         if !status.success() {
-            bail!("/bin/true failed");
+            bail!("{} failed", program.display());
         }
     }
     Ok(start.elapsed().as_secs_f64())
@@ -295,7 +328,10 @@ impl BenchAgent {
             .spawn()?;
         let agent = Self { child, control };
         let start = Instant::now();
-        while !fs::read_to_string(&log).unwrap_or_default().contains("agent ready") {
+        // Ready, and done probing executables in advance (at start, in the background): a
+        // measurement must not run beside that.
+        let ready = |log: &str| log.contains("agent ready") && log.contains("probed in advance");
+        while !ready(&fs::read_to_string(&log).unwrap_or_default()) {
             if start.elapsed() > Duration::from_secs(30) {
                 bail!("agent not ready: {}", fs::read_to_string(&log).unwrap_or_default());
             }

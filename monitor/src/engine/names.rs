@@ -1,0 +1,151 @@
+//! The names a session learnt for addresses: from getaddrinfo, from DNS answers its processes
+//! received, and from the hosts file they see. A connect to an address is in a name scope when
+//! one of the address's names that still holds is.
+//!
+//! - A numeric "name" (getaddrinfo("127.0.0.2"), which connection pools and happy-eyeballs code
+//!   call on an address they already resolved) teaches nothing and replaces nothing.
+//! - Several names may share an address (virtual hosts, a CDN): all of them count.
+//! - A name holds for its DNS TTL, at least [`MIN_HOLD_NS`] (a TTL of 0 still covers the connect
+//!   right after the answer), or [`RESOLVED_TTL_NS`] where the source has no TTL, the same time
+//!   the kernel allows the addresses of an enforcing session's names.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use monitor_common::RESOLVED_TTL_NS;
+
+use crate::event::{Nanos, Resolve};
+
+/// The least time a DNS answer's name holds for its addresses.
+pub const MIN_HOLD_NS: Nanos = 30 * 1_000_000_000;
+/// Names kept per address (the most recent).
+const NAMES_PER_ADDRESS: usize = 8;
+/// Addresses kept per session; past this, names that no longer hold are dropped, then the
+/// oldest address.
+const ADDRESSES: usize = 16_384;
+
+#[derive(Debug, Default)]
+pub struct Names {
+    by_addr: HashMap<IpAddr, Vec<Learnt>>,
+}
+
+#[derive(Debug, Clone)]
+struct Learnt {
+    name: String,
+    at: Nanos,
+    until: Nanos,
+}
+
+impl Names {
+    pub fn learn(&mut self, r: &Resolve) {
+        let name = r.name.trim_end_matches('.').to_ascii_lowercase();
+        if name.is_empty() || name.parse::<IpAddr>().is_ok() {
+            return;
+        }
+        let hold = match r.ttl_secs {
+            Some(ttl) => (ttl as Nanos * 1_000_000_000).max(MIN_HOLD_NS),
+            None => RESOLVED_TTL_NS,
+        };
+        let until = r.ts.saturating_add(hold);
+        for addr in &r.addrs {
+            if !self.by_addr.contains_key(addr) && self.by_addr.len() >= ADDRESSES {
+                self.make_room(r.ts);
+            }
+            let names = self.by_addr.entry(*addr).or_default();
+            names.retain(|l| l.name != name);
+            names.push(Learnt { name: name.clone(), at: r.ts, until });
+            if names.len() > NAMES_PER_ADDRESS {
+                names.remove(0);
+            }
+        }
+    }
+
+    /// The names of `addr` that hold at `ts`, the most recently learnt first.
+    pub fn of(&self, addr: IpAddr, ts: Nanos) -> Vec<String> {
+        let Some(names) = self.by_addr.get(&addr) else { return Vec::new() };
+        names.iter().rev().filter(|l| ts < l.until).map(|l| l.name.clone()).collect()
+    }
+
+    fn make_room(&mut self, ts: Nanos) {
+        self.by_addr.retain(|_, names| {
+            names.retain(|l| ts < l.until);
+            !names.is_empty()
+        });
+        if self.by_addr.len() >= ADDRESSES {
+            let oldest = self
+                .by_addr
+                .iter()
+                .min_by_key(|(_, names)| names.iter().map(|l| l.at).max().unwrap_or(0))
+                .map(|(addr, _)| *addr);
+            if let Some(addr) = oldest {
+                self.by_addr.remove(&addr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::NameSource;
+
+    const S: Nanos = 1_000_000_000;
+
+    fn resolve(ts: Nanos, name: &str, addr: &str, ttl_secs: Option<u32>) -> Resolve {
+        Resolve {
+            ts,
+            session: 1,
+            pid: 7,
+            name: name.into(),
+            addrs: vec![addr.parse().unwrap()],
+            source: if ttl_secs.is_some() { NameSource::Dns } else { NameSource::Getaddrinfo },
+            ttl_secs,
+        }
+    }
+
+    #[test]
+    fn a_numeric_lookup_never_replaces_a_learnt_name() {
+        let mut names = Names::default();
+        names.learn(&resolve(S, "api.example.test", "127.0.0.2", None));
+        names.learn(&resolve(2 * S, "127.0.0.2", "127.0.0.2", None));
+        names.learn(&resolve(2 * S, "::ffff:127.0.0.2", "127.0.0.2", None));
+        assert_eq!(names.of("127.0.0.2".parse().unwrap(), 3 * S), ["api.example.test"]);
+    }
+
+    #[test]
+    fn several_names_share_an_address_most_recent_first() {
+        let mut names = Names::default();
+        names.learn(&resolve(S, "a.example.test", "127.0.0.2", None));
+        names.learn(&resolve(2 * S, "B.Example.Test.", "127.0.0.2", None));
+        names.learn(&resolve(3 * S, "a.example.test", "127.0.0.2", None));
+        assert_eq!(names.of("127.0.0.2".parse().unwrap(), 4 * S), ["a.example.test", "b.example.test"]);
+        assert!(names.of("127.0.0.3".parse().unwrap(), 4 * S).is_empty());
+    }
+
+    #[test]
+    fn a_dns_name_holds_for_its_ttl_with_a_floor() {
+        let mut names = Names::default();
+        let addr: IpAddr = "10.0.0.1".parse().unwrap();
+        names.learn(&resolve(S, "ttl300.example.test", "10.0.0.1", Some(300)));
+        names.learn(&resolve(S, "ttl0.example.test", "10.0.0.1", Some(0)));
+        assert_eq!(names.of(addr, S + MIN_HOLD_NS - 1), ["ttl0.example.test", "ttl300.example.test"]);
+        assert_eq!(names.of(addr, S + MIN_HOLD_NS), ["ttl300.example.test"]);
+        assert!(names.of(addr, S + 300 * S).is_empty());
+        // getaddrinfo gives no TTL: the kernel's hold for resolved addresses.
+        names.learn(&resolve(S, "gai.example.test", "10.0.0.1", None));
+        assert_eq!(names.of(addr, S + RESOLVED_TTL_NS - 1), ["gai.example.test"]);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let mut names = Names::default();
+        for i in 0..(ADDRESSES as u32 + 100) {
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            names.learn(&resolve(S + i as Nanos, "many.example.test", &addr, Some(1)));
+        }
+        assert!(names.by_addr.len() <= ADDRESSES);
+        for i in 0..20 {
+            names.learn(&resolve(S, &format!("n{i}.example.test"), "127.0.0.9", None));
+        }
+        assert_eq!(names.of("127.0.0.9".parse().unwrap(), 2 * S).len(), NAMES_PER_ADDRESS);
+    }
+}
