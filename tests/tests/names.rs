@@ -159,3 +159,27 @@ fn names_in_the_sessions_hosts_file_and_resolve_then_connect_by_address() {
     );
     assert_eq!(out_of_scope(&t, "hosts-go").len(), 1, "only the out-of-scope name: {}", t.agent.diagnostics());
 }
+
+/// An enforcing session whose tool resolves through the hosts file itself (Go): the in-scope
+/// name's address is allowed from the start (the agent put it in the kernel when the session
+/// started), the out-of-scope one refused.
+#[test]
+fn an_enforcing_session_reaches_in_scope_names_from_its_hosts_file_without_getaddrinfo() {
+    let t = Creds::start("names-enforce", &[]);
+    let (allowed, denied) = (tcp_listener("127.0.0.7"), tcp_listener("127.0.0.8"));
+    let dial = go::build("dial", DIAL, "");
+    let scope = format!("grace: 1s\nenforce: true\nscope:\n  connect: [\"static.example.test:{allowed}\"]\n");
+    let session = session_file(&t.agent.dir, "hosts-enforce", &scope);
+    let hosts = "127.0.0.1 localhost\n127.0.0.7 static.example.test\n127.0.0.8 other.example.test\n";
+    let script =
+        format!("{dial} static.example.test:{allowed} && ! {dial} other.example.test:{denied}", dial = dial.display());
+    let o = run_namespaced(&t, &session, "127.0.0.55", hosts, &script);
+    assert!(o.status.success(), "the in-scope dial must pass and the other be refused: {}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("operation not permitted"), "the refusal is EPERM: {}", stderr(&o));
+    let alert = t.agent.wait_alert("the refused connect", |a| {
+        a["rule"] == "out_of_scope_connect" && a["session"]["id"] == "hosts-enforce"
+    });
+    assert_eq!(alert["action"], "blocked");
+    assert_eq!(alert["network"]["dst_name"], "other.example.test");
+    assert_eq!(out_of_scope(&t, "hosts-enforce").len(), 1, "{}", t.agent.diagnostics());
+}

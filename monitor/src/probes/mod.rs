@@ -18,9 +18,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use monitor_common::{
-    globals, NameKey, PortRanges, ScopeNet, SessionPolicy, WatchedDevs, MAP_CGROUP_SESSIONS, MAP_CONFIG, MAP_EVENTS,
-    MAP_PROC_SESSIONS, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY, MAP_STATS, MAP_TOKEN_HASHES,
-    MAP_WATCHED_INODES,
+    globals, NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, WatchedDevs, MAP_CGROUP_SESSIONS,
+    MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS, MAP_RESOLVED, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY,
+    MAP_STATS, MAP_TOKEN_HASHES, MAP_WATCHED_INODES,
 };
 use serde::Serialize;
 
@@ -409,6 +409,9 @@ pub struct KernelMaps {
     pub scope_names: HashMap<MapData, NameKey, PortRanges>,
     pub watched_inodes: HashMap<MapData, u64, WatchedDevs>,
     pub token_hashes: HashMap<MapData, u64, u32>,
+    /// Addresses an enforcing session may connect to because a name of its scope resolved to
+    /// them (the getaddrinfo probe writes most; the agent the hosts file's).
+    pub resolved: HashMap<MapData, ResolvedKey, Resolved>,
 }
 
 /// Everything userspace takes from the loaded object.
@@ -602,6 +605,7 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         scope_names: take(&mut ebpf, MAP_SCOPE_NAMES)?,
         watched_inodes: take(&mut ebpf, MAP_WATCHED_INODES)?,
         token_hashes: take(&mut ebpf, MAP_TOKEN_HASHES)?,
+        resolved: take(&mut ebpf, MAP_RESOLVED)?,
     };
     let handles = Handles { maps, events: take(&mut ebpf, MAP_EVENTS)?, stats: take(&mut ebpf, MAP_STATS)? };
     let mut missing_offsets = offsets.missing();

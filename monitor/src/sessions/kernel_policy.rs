@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use aya::maps::lpm_trie::Key;
 use monitor_common::{name_hash, NameKey, NAME_EXACT, NAME_SUFFIX};
 use monitor_common::{
-    PortRanges, ScopeNet, SessionPolicy, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE, PORT_RANGES,
+    PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE,
+    PORT_RANGES,
 };
 
 use super::{mapped, mapped_prefix, Host, Session};
@@ -129,6 +130,37 @@ impl KernelMaps {
             self.scope_nets.insert(&k, ports, 0).map_err(|e| err("SCOPE_NETS", e))?;
         }
         self.session_policy.insert(key, policy(session, expires_at), 0).map_err(|e| err("SESSION_POLICY", e))
+    }
+
+    /// Lets an enforcing session connect to the addresses of the names in its scope that the
+    /// agent learnt for it (its hosts file): its processes find them without getaddrinfo, whose
+    /// probe would otherwise allow them (Go's resolver reads the file itself). They are allowed
+    /// until the session's authority ends (`expires_at`, boot-clock ns).
+    pub fn allow_named_addresses(
+        &mut self,
+        key: SessionKey,
+        session: &Session,
+        names: &[crate::event::Resolve],
+        expires_at: u64,
+    ) -> Result<(), String> {
+        if !session.enforce {
+            return Ok(());
+        }
+        for r in names {
+            let mut ports: Vec<(u16, u16)> =
+                session.scope.connect.iter().flatten().filter(|d| d.names(&r.name)).map(|d| d.ports).collect();
+            if ports.is_empty() {
+                continue;
+            }
+            ports.sort();
+            let ports = port_ranges(session, merge(ports))?;
+            for addr in &r.addrs {
+                let k = ResolvedKey { session: key, addr: mapped(*addr) };
+                let v = Resolved { ports, _pad0: 0, expires_at };
+                self.resolved.insert(k, v, 0).map_err(|e| format!("kernel map RESOLVED: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// The task ended: an enforcing session refuses every further connect.

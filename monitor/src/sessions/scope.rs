@@ -37,13 +37,21 @@ impl Destination {
         }
         match &self.host {
             Host::Net { addr: net, prefix } => in_prefix(addr, *net, *prefix),
-            Host::Name(name) => names.iter().any(|n| n.eq_ignore_ascii_case(name)),
-            Host::Suffix(suffix) => names.iter().any(|n| {
-                let n = n.to_ascii_lowercase();
+            Host::Name(_) | Host::Suffix(_) => names.iter().any(|n| self.names(n)),
+        }
+    }
+
+    /// Whether this is a name destination (`NAME` or `*.SUFFIX`) that `name` falls under.
+    pub fn names(&self, name: &str) -> bool {
+        match &self.host {
+            Host::Net { .. } => false,
+            Host::Name(exact) => name.eq_ignore_ascii_case(exact),
+            Host::Suffix(suffix) => {
+                let n = name.to_ascii_lowercase();
                 n.len() > suffix.len() + 1
                     && n.ends_with(suffix.as_str())
                     && n.as_bytes()[n.len() - suffix.len() - 1] == b'.'
-            }),
+            }
         }
     }
 }

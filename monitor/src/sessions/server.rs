@@ -127,7 +127,8 @@ async fn start(
         Some(pid) => std::path::PathBuf::from(format!("/proc/{pid}/root/etc/hosts")),
         None => std::path::PathBuf::from("/etc/hosts"),
     };
-    plane.core.names(super::hosts::names(&hosts_file, key, crate::agent::now_ns())).await;
+    let hosts_names = super::hosts::names(&hosts_file, key, crate::agent::now_ns());
+    plane.core.names(hosts_names.clone()).await;
     let mut paths = session.scope.credentials.clone();
     paths.extend(session.tokens.iter().filter_map(|t| t.source.strip_prefix("file:").map(str::to_string)));
     plane.credentials.add_session(key, token_hashes, paths);
@@ -139,7 +140,10 @@ async fn start(
     // The session's tokens and credential files are watched before any process is bound.
     let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
     crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.credentials.watch);
-    if let Err(e) = maps.install_policy(key, &session, expires_at, &plane.policy.never_alert.connect) {
+    let installed = maps
+        .install_policy(key, &session, expires_at, &plane.policy.never_alert.connect)
+        .and_then(|()| maps.allow_named_addresses(key, &session, &hosts_names, expires_at));
+    if let Err(e) = installed {
         drop(maps);
         let _ = plane.core.end(id.clone(), crate::event::EndReason::Requested).await;
         return Err(e);
