@@ -79,6 +79,10 @@ pub static H2_TLS_CONNS: LruHashMap<TlsConnKey, u8> = LruHashMap::with_max_entri
 #[map]
 pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(DNS_SOCKETS_CAPACITY, 0);
 
+/// Per-CPU room for the DNS answer hook's parse (hooks/dns_answer.rs).
+#[map]
+pub static DNS_SCRATCH: PerCpuArray<crate::hooks::dns_answer::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Executables `[dev, ino]` already reported at exec (hooks/process.rs): each is looked at once by
 /// userspace. LRU: one evicted is reported again, which userspace's own cache absorbs.
 #[map]
@@ -88,6 +92,11 @@ pub static EXECUTABLES_SEEN: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_ent
 /// the connection goes (hooks/payload.rs, tcp_egress).
 #[map]
 pub static TLS_PENDING_PEER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4_096, 0);
+
+/// `(tgid, conn) -> socket cookie` of the TLS connections whose peer was reported: a write on
+/// the same socket again reports nothing; one on another (a reused `SSL *`) reports anew.
+#[map]
+pub static TLS_PEER_SOCKETS: LruHashMap<TlsConnKey, u64> = LruHashMap::with_max_entries(16_384, 0);
 
 /// TLS connections (`tgid`, `SSL *`) of session processes whose last request was a POST: what
 /// they read next may be a token response (hooks/payload.rs). LRU: no cleanup at free.

@@ -183,3 +183,29 @@ fn an_enforcing_session_reaches_in_scope_names_from_its_hosts_file_without_getad
     assert_eq!(alert["network"]["dst_name"], "other.example.test");
     assert_eq!(out_of_scope(&t, "hosts-enforce").len(), 1, "{}", t.agent.diagnostics());
 }
+
+/// An enforcing session whose tool asks a DNS server itself (Go): the kernel allows the
+/// addresses the answer gives for the in-scope name before the tool can connect; the
+/// out-of-scope name's address stays refused.
+#[test]
+fn an_enforcing_session_reaches_the_in_scope_names_its_resolver_answers() {
+    let t = Creds::start("names-enforce-dns", &[]);
+    let (allowed, denied) = (tcp_listener("127.0.0.9"), tcp_listener("127.0.0.10"));
+    let _dns =
+        dnsmasq(&t.agent.dir, "127.0.0.56", &[("api.example.test", "127.0.0.9"), ("evil.example.test", "127.0.0.10")]);
+    let dial = go::build("dial", DIAL, "");
+    let scope =
+        format!("grace: 1s\nenforce: true\nscope:\n  connect: [\"api.example.test:{allowed}\", \"127.0.0.56:53\"]\n");
+    let session = session_file(&t.agent.dir, "dns-enforce", &scope);
+    let script =
+        format!("{dial} api.example.test:{allowed} && ! {dial} evil.example.test:{denied}", dial = dial.display());
+    let o = run_namespaced(&t, &session, "127.0.0.56", "127.0.0.1 localhost\n", &script);
+    assert!(o.status.success(), "the in-scope dial must pass and the other be refused: {}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("operation not permitted"), "the refusal is EPERM: {}", stderr(&o));
+    let alert = t.agent.wait_alert("the refused connect", |a| {
+        a["rule"] == "out_of_scope_connect" && a["session"]["id"] == "dns-enforce"
+    });
+    assert_eq!(alert["action"], "blocked");
+    assert_eq!(alert["network"]["dst_ip"], "127.0.0.10");
+    assert_eq!(out_of_scope(&t, "dns-enforce").len(), 1, "{}", t.agent.diagnostics());
+}

@@ -130,7 +130,7 @@ unsafe fn read_entry(ai: u64) -> Option<[u8; 16]> {
 }
 
 /// The ports an enforcing session's scope grants to `name`, exactly or through a `*.suffix`.
-fn granted_ports(key: u32, name: &[u8; NAME_CAP], len: usize) -> Option<PortRanges> {
+pub(crate) fn granted_ports(key: u32, name: &[u8; NAME_CAP], len: usize) -> Option<PortRanges> {
     // SAFETY: valid map value pointer for this program run.
     let policy: SessionPolicy = unsafe { *SESSION_POLICY.get_ptr(key)? };
     if policy.flags & POLICY_ENFORCE == 0 {
@@ -161,7 +161,7 @@ fn granted_ports(key: u32, name: &[u8; NAME_CAP], len: usize) -> Option<PortRang
     granted
 }
 
-fn allow_addresses(key: u32, ports: &PortRanges, addrs: &[[u8; 16]; RESOLVE_ADDRS], count: u32) {
+pub(crate) fn allow_addresses(key: u32, ports: &PortRanges, addrs: &[[u8; 16]; RESOLVE_ADDRS], count: u32) {
     // SAFETY: helper without preconditions.
     let expires_at = unsafe { bpf_ktime_get_boot_ns() } + RESOLVED_TTL_NS;
     let value = Resolved { ports: *ports, _pad0: 0, expires_at };

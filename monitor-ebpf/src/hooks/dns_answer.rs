@@ -1,16 +1,22 @@
 //! Names from DNS answers, whatever the resolver (Go's, musl's, a static one, a script that
 //! speaks DNS itself): a cgroup skb ingress hook reports the messages that come from port 53 to
 //! a socket a session process sent a query from (the sock_addr hooks record those sockets, see
-//! hooks/net.rs). Userspace reads the names and addresses. Attached only while sessions run: it
-//! runs for every packet the host receives, and for all but DNS answers it returns after
-//! reading two header fields. It never changes what the kernel does: it always returns 1.
+//! hooks/net.rs). Userspace reads the names and addresses. For an enforcing session the hook
+//! also allows, right here, the addresses an answer gives for a name its scope grants (the
+//! question's name, directly or through CNAME records), before the process can read the answer
+//! and connect: Go's resolver and the like never call getaddrinfo, whose probe does the same.
+//! Attached only while sessions run: it runs for every packet the host receives, and for all but
+//! DNS answers it returns after reading two header fields. It never changes what the kernel does:
+//! it always returns 1.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use monitor_common::{DnsAnswerEvent, DnsSocket, EventKind, Stat, DNS_CAP};
+use monitor_common::{DnsAnswerEvent, DnsSocket, EventKind, Stat, DNS_CAP, NAME_CAP, RESOLVE_ADDRS};
+
+use super::dns::{allow_addresses, granted_ports};
 
 use crate::{
     kernel,
-    maps::{count, submit_flags, DNS_SOCKETS, EVENTS},
+    maps::{count, submit_flags, DNS_SCRATCH, DNS_SOCKETS, EVENTS},
 };
 
 const PASS: i32 = 1;
@@ -82,9 +88,150 @@ fn on_ingress(ctx: &SkBuffContext) {
             aya_ebpf::helpers::generated::bpf_skb_load_bytes(ctx.skb.skb as *const _, start as u32, dst, len as u32);
         if ret == 0 {
             (*event).data.len = len as u32;
+            allow_answered(owner.session, &(*event).data.buf, len);
         }
     }
     entry.submit(submit_flags());
+}
+
+/// Per-CPU room for the question's name and the addresses found, and the walk's position: the
+/// verifier tracks stack values exactly and, with them, every path through the loops ("Argument
+/// list too long": over a million instructions processed); map values are opaque to it, so each
+/// loop body is verified about once (the same trick as the environment scan in cred.rs).
+#[repr(C)]
+pub struct Scratch {
+    /// Room before `name`: granted_ports reads `name[i - 1]` only for i > 0, but the compiler
+    /// forms the address `&name[i] - 1` first, which at offset 0 of a map value the verifier
+    /// refuses ("invalid access to map value, value_size=312 off=-1 size=1").
+    _before_name: u64,
+    pub name: [u8; NAME_CAP],
+    pub addrs: [[u8; 16]; RESOLVE_ADDRS],
+    pos: u64,
+    name_len: u64,
+    label_left: u64,
+    count: u64,
+    /// Offsets of the names followed besides the question's (CNAME targets), 0 when unused.
+    alias1: u64,
+    alias2: u64,
+    done: u64,
+}
+
+/// Answer records looked at.
+const MAX_ANSWERS: usize = 8;
+const DNS_MASK: usize = DNS_CAP - 1;
+const TYPE_A: u16 = 1;
+const TYPE_CNAME: u16 = 5;
+const TYPE_AAAA: u16 = 28;
+/// The question's name starts right after the 12-byte header; answers point back to it there.
+const QUESTION_AT: u64 = 12;
+
+/// For an enforcing session, allows the addresses a DNS answer gives for a name its scope
+/// grants. Only records owned by the question's name, or by a name a CNAME of it points to
+/// (compression pointers, as every resolver writes them), count.
+#[inline(always)]
+fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
+    if len < QUESTION_AT as usize || be16(msg, 4) != 1 || be16(msg, 6) == 0 {
+        return;
+    }
+    let Some(scratch) = DNS_SCRATCH.get_ptr_mut(0) else { return };
+    let len = len as u64;
+    // SAFETY: this CPU's entry, used by this program run only; every access goes through the
+    // pointer, so the verifier sees map memory, not tracked stack values.
+    unsafe {
+        (*scratch).pos = QUESTION_AT;
+        (*scratch).name_len = 0;
+        (*scratch).label_left = 0;
+        (*scratch).done = 0;
+        for _ in 0..NAME_CAP + 2 {
+            if (*scratch).done != 0 || (*scratch).pos >= len {
+                break;
+            }
+            let b = msg[(*scratch).pos as usize & DNS_MASK];
+            (*scratch).pos += 1;
+            let n = (*scratch).name_len as usize;
+            if (*scratch).label_left > 0 {
+                if n >= NAME_CAP {
+                    return;
+                }
+                (*scratch).name[n & (NAME_CAP - 1)] = b.to_ascii_lowercase();
+                (*scratch).name_len += 1;
+                (*scratch).label_left -= 1;
+            } else if b == 0 {
+                (*scratch).done = 1;
+            } else if b & 0xc0 != 0 || n >= NAME_CAP {
+                return;
+            } else {
+                if n > 0 {
+                    (*scratch).name[n & (NAME_CAP - 1)] = b'.';
+                    (*scratch).name_len += 1;
+                }
+                (*scratch).label_left = b as u64;
+            }
+        }
+        if (*scratch).done == 0 {
+            return;
+        }
+        // granted_ports returns None unless the session enforces.
+        let name_len = ((*scratch).name_len as usize).min(NAME_CAP);
+        let Some(ports) = granted_ports(session, &(*scratch).name, name_len) else { return };
+        (*scratch).pos += 4; // QTYPE, QCLASS
+        (*scratch).count = 0;
+        (*scratch).alias1 = 0;
+        (*scratch).alias2 = 0;
+        for _ in 0..MAX_ANSWERS {
+            let pos = (*scratch).pos;
+            if pos + 12 > len || (*scratch).count >= RESOLVE_ADDRS as u64 {
+                break;
+            }
+            // The owner: resolvers write it as a pointer; a record that does not ends the walk.
+            let first = msg[pos as usize & DNS_MASK];
+            if first & 0xc0 != 0xc0 {
+                break;
+            }
+            let owner = (((first & 0x3f) as u64) << 8) | msg[(pos as usize + 1) & DNS_MASK] as u64;
+            let kind = be16(msg, pos as usize + 2);
+            let rdlen = be16(msg, pos as usize + 10) as u64;
+            let data = pos + 12;
+            (*scratch).pos = data + rdlen;
+            let (a1, a2) = ((*scratch).alias1, (*scratch).alias2);
+            if owner != QUESTION_AT && (a1 == 0 || owner != a1) && (a2 == 0 || owner != a2) {
+                continue;
+            }
+            let slot = ((*scratch).count as usize) & (RESOLVE_ADDRS - 1);
+            if kind == TYPE_A && rdlen == 4 && data + 4 <= len {
+                let addr = &mut (*scratch).addrs[slot];
+                *addr = [0; 16];
+                addr[10] = 0xff;
+                addr[11] = 0xff;
+                for i in 0..4 {
+                    addr[12 + i] = msg[(data as usize + i) & DNS_MASK];
+                }
+                (*scratch).count += 1;
+            } else if kind == TYPE_AAAA && rdlen == 16 && data + 16 <= len {
+                let addr = &mut (*scratch).addrs[slot];
+                for i in 0..16 {
+                    addr[i] = msg[(data as usize + i) & DNS_MASK];
+                }
+                (*scratch).count += 1;
+            } else if kind == TYPE_CNAME {
+                // The alias's name is this record's data: later records point there.
+                if a1 == 0 {
+                    (*scratch).alias1 = data;
+                } else if a2 == 0 {
+                    (*scratch).alias2 = data;
+                }
+            }
+        }
+        let count = (*scratch).count as u32;
+        if count > 0 {
+            allow_addresses(session, &ports, &(*scratch).addrs, count);
+        }
+    }
+}
+
+#[inline(always)]
+fn be16(msg: &[u8; DNS_CAP], at: usize) -> u16 {
+    ((msg[at & DNS_MASK] as u16) << 8) | msg[(at + 1) & DNS_MASK] as u16
 }
 
 /// The transport protocol (UDP or TCP) and where its header starts, or `None` for anything else.

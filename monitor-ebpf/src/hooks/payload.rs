@@ -26,7 +26,10 @@ use monitor_common::{
 use super::cred::comm;
 use crate::{
     kernel,
-    maps::{config, count, submit_flags, EVENTS, H2_TLS_CONNS, TCP_OWNERS, TLS_PENDING_PEER, TLS_POSTS, TLS_READS},
+    maps::{
+        config, count, submit_flags, EVENTS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS, TLS_PENDING_PEER, TLS_POSTS,
+        TLS_READS,
+    },
     session,
 };
 
@@ -299,7 +302,7 @@ fn on_egress(ctx: &SkBuffContext) {
     let Some(owner) = TCP_OWNERS.get_ptr_mut(cookie) else { return };
     // SAFETY: valid map value pointer for this program run.
     let owner = unsafe { &mut *owner };
-    report_tls_peer(owner);
+    report_tls_peer(owner, cookie);
     let h2 = owner.flags & TCP_OWNER_H2 != 0;
     if !h2 && owner.segments >= SEGMENTS_LOOKED_AT {
         return;
@@ -378,7 +381,7 @@ fn on_egress(ctx: &SkBuffContext) {
 /// syscall transmits it): the socket's peer is that connection's. Softirq sends (a delayed
 /// segment) are not the writer's and are left alone: the pid check fails for them.
 #[inline(always)]
-fn report_tls_peer(owner: &TcpOwner) {
+fn report_tls_peer(owner: &TcpOwner, cookie: u64) {
     let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     if (id >> 32) as u32 != owner.tgid {
         return;
@@ -387,6 +390,12 @@ fn report_tls_peer(owner: &TcpOwner) {
     // SAFETY: valid map value pointer for this program run.
     let conn = unsafe { *conn };
     let _ = TLS_PENDING_PEER.remove(&id);
+    // Once per connection and socket: later writes on it go to the same peer.
+    let key = TlsConnKey { tgid: owner.tgid, _pad0: 0, ssl: conn };
+    if TLS_PEER_SOCKETS.get_ptr(&key).is_some_and(|known| unsafe { *known } == cookie) {
+        return;
+    }
+    let _ = TLS_PEER_SOCKETS.insert(&key, &cookie, 0);
     let Some(mut entry) = EVENTS.reserve::<TlsPeerEvent>(0) else {
         count(Stat::RingbufFull);
         return;

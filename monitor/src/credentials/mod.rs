@@ -274,13 +274,13 @@ impl Observer {
                 vec![Event::TokenUse(TokenUse { ts, session, actor, credential, via: TokenVia::Env { name } })]
             }
             Decoded::Payload { ts, session, actor, tls, dst, conn, h2, seq, total_len, data } => {
-                let peer = (actor.pid, conn);
-                let dst = dst.or_else(|| tls.then(|| self.tls_peers.get(&peer).copied()).flatten());
                 let wire = Wire { ts, session, actor, tls, dst };
                 let events = self.payload(&wire, conn, h2, seq, total_len, data);
-                if tls && dst.is_none() && !events.is_empty() {
-                    // Held until the connection's peer is known (or the end of the round).
-                    self.awaiting_peer.extend(events.into_iter().map(|e| (peer, e)));
+                if tls && !events.is_empty() {
+                    // Held until the probes name the connection's peer, which they do right after
+                    // the write when it is new (or its `SSL *` was reused for another socket);
+                    // else, at the end of the round, the peer already known for it.
+                    self.awaiting_peer.extend(events.into_iter().map(|e| ((wire.actor.pid, conn), e)));
                     return Vec::new();
                 }
                 events
@@ -288,10 +288,17 @@ impl Observer {
         }
     }
 
-    /// The token uses still waiting for their connection's peer, without it: called at the end
-    /// of each reading round, so nothing waits longer than one.
+    /// The token uses still waiting for their connection's peer, with the peer known for it
+    /// (if any): called at the end of each reading round, so nothing waits longer than one.
     pub fn take_awaiting_peer(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.awaiting_peer).into_iter().map(|(_, e)| e).collect()
+        let awaiting = std::mem::take(&mut self.awaiting_peer);
+        awaiting
+            .into_iter()
+            .map(|(peer, e)| match self.tls_peers.get(&peer) {
+                Some(dst) => with_dst(e, *dst),
+                None => e,
+            })
+            .collect()
     }
 
     /// The token uses in one captured write: an HTTP/1.x request, or part of an HTTP/2
