@@ -312,10 +312,15 @@ urllib.request.urlopen(request, context=ssl._create_unverified_context()).read()
 "#;
 
 /// The task obtains a token from a token endpoint (and never sends it); a job it leaves behind
-/// uses it after the end: the token was learnt from the response, so that use is caught.
+/// uses it after the end: the token was learnt from the response (the opt-in SSL_read probes),
+/// so that use is caught.
 #[test]
 fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
-    let t = Creds::start("clients-oauth", &[]);
+    let mut args = Vec::new();
+    for probe in ["ssl_read", "ssl_read_ret", "ssl_read_ex", "ssl_read_ex_ret"] {
+        args.extend(["--enable-probe", probe]);
+    }
+    let t = Creds::start("clients-oauth", &args);
     let dir = &t.agent.dir;
     let (cert, key) = self_signed(dir, "token-endpoint", "127.0.0.2");
     let port = free_port_on("127.0.0.2");
