@@ -22,10 +22,15 @@ pub fn build(name: &str, source: &str, ldflags: &str) -> PathBuf {
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join("go.mod"), format!("module {name}\n\ngo 1.19\n")).unwrap();
     fs::write(dir.join("main.go"), source).unwrap();
+    let go_home = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-go");
     let o = Command::new("go")
         .args(["build", "-o", name, &format!("-ldflags={ldflags}"), "."])
         .current_dir(&dir)
         .env("CGO_ENABLED", "0")
+        // Under target/, whatever HOME is (CI may have none); no module is fetched.
+        .env("GOCACHE", go_home.join("cache"))
+        .env("GOPATH", go_home.join("gopath"))
+        .env("GOPROXY", "off")
         .output()
         .expect("go (Debian golang-go, installed by cargo xtask test)");
     assert!(o.status.success(), "go build {name}: {}", String::from_utf8_lossy(&o.stderr));

@@ -53,6 +53,9 @@ pub fn go_bench_binary(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         .args(["build", "-o", "gobench", "."])
         .current_dir(&src)
         .env("CGO_ENABLED", "0")
+        .env("GOCACHE", dir.join("go-cache"))
+        .env("GOPATH", dir.join("gopath"))
+        .env("GOPROXY", "off")
         .output()
         .context("go build (Debian golang-go)")?;
     if !o.status.success() {
