@@ -242,7 +242,7 @@ pub const PAYLOAD_TCP: u8 = 3;
 pub const PAYLOAD_GO_TLS: u8 = 4;
 /// GnuTLS `gnutls_record_send`.
 pub const PAYLOAD_GNUTLS: u8 = 5;
-/// Data a session process read with OpenSSL's `SSL_read`/`SSL_read_ex` on a connection whose
+/// Data a session process read (OpenSSL `SSL_read`/`SSL_read_ex`, Go `(*tls.Conn).Read`) on a connection whose
 /// last request was a POST (a token endpoint's response, RFC 6749 §5.1).
 pub const PAYLOAD_SSL_READ: u8 = 6;
 

@@ -98,6 +98,12 @@ pub static TLS_PENDING_PEER: LruHashMap<u64, u64> = LruHashMap::with_max_entries
 #[map]
 pub static TLS_PEER_SOCKETS: LruHashMap<TlsConnKey, u64> = LruHashMap::with_max_entries(16_384, 0);
 
+/// `[tgid, g] -> [conn, buf]`: a Go `(*tls.Conn).Read`'s receiver and buffer, from its entry to
+/// its returns, keyed by goroutine (R14 holds `g` in Go's register ABI): a read that blocks may
+/// resume on another thread.
+#[map]
+pub static GO_READS: LruHashMap<[u64; 2], [u64; 2]> = LruHashMap::with_max_entries(4_096, 0);
+
 /// TLS connections (`tgid`, `SSL *`) of session processes whose last request was a POST: what
 /// they read next may be a token response (hooks/payload.rs). LRU: no cleanup at free.
 #[map]

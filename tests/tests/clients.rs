@@ -205,7 +205,7 @@ func main() {
 /// Waits until the agent says it probed the TLS code of `exe` (at start, for the tool
 /// directories; or at its first exec).
 fn wait_probe_attached(t: &Creds, exe: &std::path::Path) {
-    let line = format!("TLS probe attached path={}", exe.display());
+    let line = format!("executable probed path={}", exe.display());
     wait_for(
         &format!("the TLS probe on {}", exe.display()),
         || fs::read_to_string(&t.agent.log).unwrap_or_default().contains(&line).then_some(()),
@@ -348,6 +348,73 @@ fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
     assert_eq!(alert["credential"]["learned"], true, "{alert}");
     assert_eq!(alert["credential"]["fingerprint"], received["credential"]["fingerprint"]);
     assert_eq!(alert["credential"]["request"], format!("GET https://127.0.0.2:{port}/refunds"));
+    let token = fs::read_to_string(&issued).unwrap().trim().to_string();
+    t.assert_never_output(&token);
+}
+
+/// `gettoken URL OUT`: a Go client of a token endpoint (client credentials grant) that saves the
+/// response body; without arguments it exits at once.
+const GO_GET_TOKEN: &str = r#"package main
+
+import (
+	"crypto/tls"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+)
+
+func main() {
+	if len(os.Args) < 3 {
+		os.Exit(2)
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	resp, err := client.PostForm(os.Args[1], url.Values{"grant_type": {"client_credentials"}})
+	if err != nil {
+		os.Exit(1)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	os.WriteFile(os.Args[2], body, 0o600)
+}
+"#;
+
+/// The same with a Go client of the token endpoint: its response is read at the returns of
+/// `(*crypto/tls.Conn).Read` (opt-in probes, no uretprobe).
+#[test]
+fn a_token_a_go_client_obtained_during_the_task_and_used_after_the_end_is_learnt() {
+    let t = Creds::start("clients-oauth-go", &["--enable-probe", "go_tls_read", "--enable-probe", "go_tls_read_ret"]);
+    let dir = &t.agent.dir;
+    let gettoken = dir.path("gettoken");
+    fs::copy(go::build("gettoken", GO_GET_TOKEN, ""), &gettoken).unwrap();
+    // Its first run is where the agent learns of it.
+    assert_eq!(Command::new(&gettoken).status().unwrap().code(), Some(2));
+    wait_probe_attached(&t, &gettoken);
+    let (cert, key) = self_signed(dir, "token-endpoint", "127.0.0.2");
+    let port = free_port_on("127.0.0.2");
+    let issued = dir.path("issued.tokens");
+    let endpoint = dir.write("token_endpoint.py", TOKEN_ENDPOINT);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&endpoint).arg(port.to_string()).arg(&cert).arg(&key).arg(&issued);
+    let _server = Server::spawn(dir, "token-endpoint.log", cmd, "127.0.0.2", port);
+    let job = dir.write("use_saved_token.py", USE_SAVED_TOKEN);
+    let saved = dir.path("token.json");
+    let session = session_file(dir, "oauth-go", "grace: 1s\n");
+    let script = format!(
+        "{gettoken} https://127.0.0.2:{port}/token {saved} && \
+         (sleep 2; python3 {job} https://127.0.0.2:{port}/refunds {saved}) > /dev/null 2>&1 &",
+        gettoken = gettoken.display(),
+        saved = saved.display(),
+        job = job.display()
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let received =
+        t.agent.wait_event("the token response read by Go", |e| e["type"] == "token_use" && e["via"] == "received");
+    assert_eq!(received["actor"]["comm"], "gettoken");
+    let alert = t.agent.wait_alert("token_after_task_end for the token the Go client got", |a| {
+        a["rule"] == "token_after_task_end" && a["session"]["id"] == "oauth-go" && a["credential"]["seen_in"] == "https"
+    });
+    assert_eq!(alert["credential"]["learned"], true, "{alert}");
     let token = fs::read_to_string(&issued).unwrap().trim().to_string();
     t.assert_never_output(&token);
 }

@@ -27,8 +27,8 @@ use super::cred::comm;
 use crate::{
     kernel,
     maps::{
-        config, count, submit_flags, EVENTS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS, TLS_PENDING_PEER, TLS_POSTS,
-        TLS_READS,
+        config, count, submit_flags, EVENTS, GO_READS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS, TLS_PENDING_PEER,
+        TLS_POSTS, TLS_READS,
     },
     session,
 };
@@ -122,6 +122,36 @@ pub fn ssl_read_ex_ret(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// `func (c *crypto/tls.Conn) Read(b []byte) (int, error)`, past its stack check: where the data
+/// goes, for the probes at its returns (Go's register ABI: the receiver in RAX, the buffer in
+/// RBX; `g` in R14).
+#[uprobe]
+pub fn go_tls_read(ctx: ProbeContext) -> u32 {
+    // SAFETY: `regs` is the probed task's saved registers, valid for this program run.
+    let (conn, buf, g) = unsafe { ((*ctx.regs).rax, (*ctx.regs).rbx, (*ctx.regs).r14) };
+    let (_, tgid) = session::current_ids();
+    if session::of_current(tgid).is_none() || TLS_POSTS.get_ptr(&TlsConnKey { tgid, _pad0: 0, ssl: conn }).is_none() {
+        return 0;
+    }
+    let _ = GO_READS.insert(&[tgid as u64, g], &[conn, buf], 0);
+    0
+}
+
+/// At each `ret` of `(*crypto/tls.Conn).Read`: the bytes read (`n`) are in RAX.
+#[uprobe]
+pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
+    // SAFETY: as above.
+    let (n, g) = unsafe { ((*ctx.regs).rax, (*ctx.regs).r14) };
+    let (_, tgid) = session::current_ids();
+    let id = [tgid as u64, g];
+    let Some(args) = GO_READS.get_ptr(&id) else { return 0 };
+    // SAFETY: valid map value pointer for this program run.
+    let [conn, buf] = unsafe { *args };
+    let _ = GO_READS.remove(&id);
+    emit_read(conn, buf, clamp_len(n));
+    0
+}
+
 /// Only session processes, and only on a connection whose last request was a POST: every other
 /// read costs the trap and one lookup.
 #[inline(always)]
@@ -158,15 +188,21 @@ fn on_read_return(ret: i64, ex: bool) {
     } else {
         ret as i32
     };
+    emit_read(ssl, buf, len);
+}
+
+/// Reports what a session process read on a connection whose last request was a POST.
+#[inline(always)]
+fn emit_read(conn: u64, buf: u64, len: i32) {
     if len < 4 || buf == 0 {
         return;
     }
     let (_, tgid) = session::current_ids();
     let Some(key) = session::of_current(tgid) else { return };
     if len as usize <= PAYLOAD_SMALL_CAP {
-        emit_tls_write::<PAYLOAD_SMALL_CAP>(buf, len, PAYLOAD_SSL_READ, key, ssl, 0);
+        emit_tls_write::<PAYLOAD_SMALL_CAP>(buf, len, PAYLOAD_SSL_READ, key, conn, 0);
     } else {
-        emit_tls_write::<PAYLOAD_CAP>(buf, len, PAYLOAD_SSL_READ, key, ssl, 0);
+        emit_tls_write::<PAYLOAD_CAP>(buf, len, PAYLOAD_SSL_READ, key, conn, 0);
     }
 }
 
@@ -208,7 +244,8 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
     // A request line first: an `SSL *` freed by an HTTP/2 connection may be reused by an
     // HTTP/1.x one (a frame cannot start like a method: that would be a length over 4 MiB).
     let flags = if is_http_request(head) {
-        if key != 0 && (source == PAYLOAD_SSL_WRITE || source == PAYLOAD_SSL_WRITE_EX) {
+        let reads_probed = source == PAYLOAD_SSL_WRITE || source == PAYLOAD_SSL_WRITE_EX || source == PAYLOAD_GO_TLS;
+        if key != 0 && reads_probed {
             // Token requests are POSTs (RFC 6749 §3.2): the response is read (see ssl_read).
             if head == *b"POST" {
                 let _ = TLS_POSTS.insert(&conn, &0u8, 0);

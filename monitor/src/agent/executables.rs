@@ -139,6 +139,7 @@ impl State {
         let mut attached = false;
         for p in &inspection.probes {
             match probes.attach_to_executable(p, &target) {
+                Err(crate::probes::ProbeError::NotLoaded(_)) => {}
                 Ok(()) => {
                     attached = true;
                     let took = started.elapsed();
@@ -148,5 +149,8 @@ impl State {
             }
         }
         self.probed += usize::from(attached);
+        if attached {
+            tracing::info!(path = %path.display(), "executable probed");
+        }
     }
 }

@@ -23,6 +23,10 @@ use super::go;
 
 /// The Go function whose plaintext argument is what a Go TLS client sends.
 pub const GO_TLS_WRITE: &str = "crypto/tls.(*Conn).Write";
+/// The Go function whose results are what a Go TLS client receives (token responses).
+pub const GO_TLS_READ: &str = "crypto/tls.(*Conn).Read";
+/// Bytes of a function decoded to find its returns.
+const MAX_FUNCTION_BYTES: u64 = 64 * 1024;
 /// Go's register ABI on amd64: the receiver, then the slice's pointer and length.
 const GO_WRITE_ARGS: [Register; 3] = [Register::RAX, Register::RBX, Register::RCX];
 /// Bytes of a function read to place its probe.
@@ -77,19 +81,37 @@ fn inspect_go<'d, R: object::ReadRef<'d>>(
 ) -> Result<Inspection, String> {
     let data = table.data().map_err(|e| format!(".gopclntab: {e}"))?;
     let text = elf.section_by_name(".text").map_or(0, |s| s.address());
-    let address = match go::find_functions(data, text, &[GO_TLS_WRITE]) {
-        Ok(found) => found[0],
+    let (write, read) = match go::find_functions(data, text, &[GO_TLS_WRITE, GO_TLS_READ]) {
+        Ok(found) => (found[0], found[1]),
         Err(e) => return Ok(Inspection { unsupported: Some(e.to_string()), ..Default::default() }),
     };
     // A Go program without crypto/tls (the linker drops what is not used).
-    let Some(address) = address else { return Ok(Inspection::default()) };
+    let Some(write) = write else { return Ok(Inspection::default()) };
+    let mut probes = vec![go_entry_probe(elf, write.entry, "go_tls_write", GO_TLS_WRITE)?];
+    if let Some(read) = read {
+        // Its results at each `ret`: Go breaks under uretprobes (it moves stacks).
+        probes.push(go_entry_probe(elf, read.entry, "go_tls_read", GO_TLS_READ)?);
+        let entry = file_offset(elf, read.entry)?;
+        let len = (read.end - read.entry).min(MAX_FUNCTION_BYTES);
+        let code = code_range(elf, read.entry, len)?;
+        for at in go::returns(&code, read.entry) {
+            probes.push(ExecutableProbe { program: "go_tls_read_ret", symbol: GO_TLS_READ, file_offset: entry + at });
+        }
+    }
+    Ok(Inspection { probes, unsupported: None })
+}
+
+/// An entry probe on a Go function, past its stack check.
+fn go_entry_probe<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    address: u64,
+    program: &'static str,
+    symbol: &'static str,
+) -> Result<ExecutableProbe, String> {
     let entry = file_offset(elf, address)?;
     let code = code_at(elf, address)?;
     let past = go::past_stack_check(&code, address, &GO_WRITE_ARGS).unwrap_or(0);
-    Ok(Inspection {
-        probes: vec![ExecutableProbe { program: "go_tls_write", symbol: GO_TLS_WRITE, file_offset: entry + past }],
-        unsupported: None,
-    })
+    Ok(ExecutableProbe { program, symbol, file_offset: entry + past })
 }
 
 /// The address of a function the executable itself defines (not one it imports).
@@ -115,13 +137,22 @@ fn file_offset<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>, address: u
 }
 
 fn code_at<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>, address: u64) -> Result<Vec<u8>, String> {
+    code_range(elf, address, CODE_READ as u64)
+}
+
+/// Up to `len` bytes of code at `address`.
+fn code_range<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    address: u64,
+    len: u64,
+) -> Result<Vec<u8>, String> {
     let section = elf
         .sections()
         .find(|s| s.address() <= address && address < s.address() + s.size())
         .ok_or_else(|| format!("{address:#x} is in no section"))?;
-    let len = CODE_READ.min((section.address() + section.size() - address) as usize);
+    let len = len.min(section.address() + section.size() - address);
     section
-        .data_range(address, len as u64)
+        .data_range(address, len)
         .ok()
         .flatten()
         .map(<[u8]>::to_vec)

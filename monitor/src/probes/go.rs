@@ -30,10 +30,18 @@ pub enum GoTableError {
     PointerSize(u8),
 }
 
-/// The entry addresses of the functions named `wanted` in the `.gopclntab` section `table`;
-/// `text` is the `.text` section's address, used when the header's text start is left for the
-/// loader to relocate (position-independent executables).
-pub fn find_functions(table: &[u8], text: u64, wanted: &[&str]) -> Result<Vec<Option<u64>>, GoTableError> {
+/// A function's code: `[entry, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoFunction {
+    pub entry: u64,
+    /// Where the next function starts (the table is sorted by entry).
+    pub end: u64,
+}
+
+/// The functions named `wanted` in the `.gopclntab` section `table`; `text` is the `.text`
+/// section's address, used when the header's text start is left for the loader to relocate
+/// (position-independent executables).
+pub fn find_functions(table: &[u8], text: u64, wanted: &[&str]) -> Result<Vec<Option<GoFunction>>, GoTableError> {
     let u32_at = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(table.get(at..at + 4)?.try_into().ok()?)) };
     let u64_at = |at: usize| -> Option<u64> { Some(u64::from_le_bytes(table.get(at..at + 8)?.try_into().ok()?)) };
     let magic = u32_at(0).ok_or(GoTableError::Malformed("no header"))?;
@@ -68,7 +76,13 @@ pub fn find_functions(table: &[u8], text: u64, wanted: &[&str]) -> Result<Vec<Op
         let name_off = u32_at(func + 4).ok_or(GoTableError::Malformed("function record cut short"))? as usize;
         let name = c_str(table, names + name_off).ok_or(GoTableError::Malformed("function name"))?;
         if let Some(slot) = wanted.iter().position(|w| w.as_bytes() == name) {
-            found[slot] = Some(text_start + entry_off as u64);
+            // The table has nfunc + 1 entries: the last one marks the end of the text.
+            let next = u32_at(entry + 8).ok_or(GoTableError::Malformed("function table cut short"))?;
+            let (entry, end) = (text_start + entry_off as u64, text_start + next as u64);
+            if end <= entry {
+                return Err(GoTableError::Malformed("function table out of order"));
+            }
+            found[slot] = Some(GoFunction { entry, end });
             if found.iter().all(Option::is_some) {
                 break;
             }
@@ -81,6 +95,22 @@ fn c_str(table: &[u8], at: usize) -> Option<&[u8]> {
     let rest = table.get(at..)?;
     let len = rest.iter().take(1024).position(|b| *b == 0)?;
     Some(&rest[..len])
+}
+
+/// The offsets (past `address`) of the `ret` instructions in a function's code: where a probe
+/// sees the results of a Go function without a uretprobe (which breaks Go: it moves stacks and
+/// checks return addresses).
+pub fn returns(code: &[u8], address: u64) -> Vec<u64> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instruction = Instruction::default();
+    let mut found = Vec::new();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut instruction);
+        if instruction.mnemonic() == iced_x86::Mnemonic::Ret {
+            found.push(instruction.ip() - address);
+        }
+    }
+    found
 }
 
 /// The instruction past a Go function's stack check (`cmp rsp, [r14+16]; jbe morestack`, or
@@ -153,7 +183,10 @@ mod tests {
             t.extend_from_slice(&entry.to_le_bytes());
             t.extend_from_slice(&((records_at + i * 8) as u32).to_le_bytes());
         }
-        t.extend_from_slice(&[0; 8]); // the end entry
+        // The end entry: past the last function.
+        let last = funcs.last().map_or(0, |(_, e)| *e);
+        t.extend_from_slice(&(last + 0x1000).to_le_bytes());
+        t.extend_from_slice(&[0; 4]);
         for ((_, entry), name_off) in funcs.iter().zip(&name_offs) {
             t.extend_from_slice(&entry.to_le_bytes());
             t.extend_from_slice(&name_off.to_le_bytes());
@@ -166,10 +199,11 @@ mod tests {
         let funcs = [("main.main", 0x100), ("crypto/tls.(*Conn).Write", 0x2340), ("crypto/tls.(*Conn).Read", 0x9000)];
         let t = table(MAGIC_GO120, 0x401000, &funcs);
         let found = find_functions(&t, 0, &["crypto/tls.(*Conn).Write", "net.(*Resolver).lookupIP"]).unwrap();
-        assert_eq!(found, [Some(0x403340), None]);
+        assert_eq!(found, [Some(GoFunction { entry: 0x403340, end: 0x40a000 }), None]);
         // A text start left at 0 (PIE) falls back to the .text section's address.
-        let t = table(MAGIC_GO118, 0, &funcs);
-        assert_eq!(find_functions(&t, 0x1000, &["crypto/tls.(*Conn).Read"]).unwrap(), [Some(0xa000)]);
+        let t = table(MAGIC_GO118, 0, &[("main.main", 0x100), ("crypto/tls.(*Conn).Read", 0x9000), ("z", 0x9400)]);
+        let found = find_functions(&t, 0x1000, &["crypto/tls.(*Conn).Read"]).unwrap();
+        assert_eq!(found, [Some(GoFunction { entry: 0xa000, end: 0xa400 })]);
     }
 
     #[test]
@@ -184,6 +218,13 @@ mod tests {
         let mut huge = t.clone();
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(find_functions(&huge, 0, &["x"]).is_err());
+    }
+
+    #[test]
+    fn returns_are_found_wherever_they_are() {
+        // push rbp; ret; mov eax, 1; ret; nop
+        let code = [0x55, 0xc3, 0xb8, 1, 0, 0, 0, 0xc3, 0x90];
+        assert_eq!(returns(&code, 0x5000), [1, 7]);
     }
 
     const GO_ARGS: &[Register] = &[Register::RAX, Register::RBX, Register::RCX];

@@ -47,6 +47,8 @@ pub enum ProbeError {
     },
     #[error("the eBPF object has no {0}: it was built from other sources than this agent")]
     Missing(&'static str),
+    #[error("probe {0} is not loaded (disabled, or opt-in and not enabled)")]
+    NotLoaded(&'static str),
     #[error("probe {0} is required and cannot be disabled")]
     Required(String),
     #[error("there is no probe {name}; the probes are: {}", PROBES.iter().map(|p| p.program).collect::<Vec<_>>().join(", "))]
@@ -340,6 +342,22 @@ pub const PROBES: &[ProbeSpec] = &[
         when: When::Always,
     },
     ProbeSpec {
+        program: "go_tls_read",
+        attach: AttachPoint::Executables { symbol: executables::GO_TLS_READ },
+        required: false,
+        // Opt-in like ssl_read: the probes at its returns trap on every TLS read of every Go
+        // program on the host.
+        provides: "tokens Go programs in sessions receive from token endpoints (crypto/tls reads)",
+        when: When::OptIn,
+    },
+    ProbeSpec {
+        program: "go_tls_read_ret",
+        attach: AttachPoint::Executables { symbol: executables::GO_TLS_READ },
+        required: false,
+        provides: "tokens Go programs in sessions receive from token endpoints (crypto/tls reads)",
+        when: When::OptIn,
+    },
+    ProbeSpec {
         program: "tcp_egress",
         attach: AttachPoint::CgroupSkbEgress,
         required: false,
@@ -463,6 +481,10 @@ impl Probes {
         target: &Path,
     ) -> Result<(), ProbeError> {
         let program = self.ebpf.program_mut(probe.program).ok_or(ProbeError::Missing(probe.program))?;
+        if program.fd().is_err() {
+            // Not loaded: disabled, or opt-in and not enabled (see PROBES).
+            return Err(ProbeError::NotLoaded(probe.program));
+        }
         let err = |source| ProbeError::Program { probe: probe.program, source };
         let uprobe: &mut UProbe = program.try_into().map_err(err)?;
         uprobe.attach(probe.file_offset, target, UProbeScope::AllProcesses).map_err(err)?;
