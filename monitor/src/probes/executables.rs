@@ -29,8 +29,6 @@ pub const GO_TLS_READ: &str = "crypto/tls.(*Conn).Read";
 const MAX_FUNCTION_BYTES: u64 = 64 * 1024;
 /// Go's register ABI on amd64: the receiver, then the slice's pointer and length.
 const GO_WRITE_ARGS: [Register; 3] = [Register::RAX, Register::RBX, Register::RCX];
-/// Bytes of a function read to place its probe.
-const CODE_READ: usize = 64;
 /// Symbol tables larger than this are not searched for a static OpenSSL (a debug build of a big
 /// C++ program): the dynamic symbols, where such builds export it, still are.
 const MAX_SYMTAB_BYTES: u64 = 32 * 1024 * 1024;
@@ -87,10 +85,10 @@ fn inspect_go<'d, R: object::ReadRef<'d>>(
     };
     // A Go program without crypto/tls (the linker drops what is not used).
     let Some(write) = write else { return Ok(Inspection::default()) };
-    let mut probes = vec![go_entry_probe(elf, write.entry, "go_tls_write", GO_TLS_WRITE)?];
+    let mut probes = vec![go_entry_probe(elf, write, "go_tls_write", GO_TLS_WRITE)?];
     if let Some(read) = read {
         // Its results at each `ret`: Go breaks under uretprobes (it moves stacks).
-        probes.push(go_entry_probe(elf, read.entry, "go_tls_read", GO_TLS_READ)?);
+        probes.push(go_entry_probe(elf, read, "go_tls_read", GO_TLS_READ)?);
         let entry = file_offset(elf, read.entry)?;
         let len = (read.end - read.entry).min(MAX_FUNCTION_BYTES);
         let code = code_range(elf, read.entry, len)?;
@@ -101,16 +99,23 @@ fn inspect_go<'d, R: object::ReadRef<'d>>(
     Ok(Inspection { probes, unsupported: None })
 }
 
-/// An entry probe on a Go function, past its stack check.
+/// An entry probe on a Go function, past its stack check, and further on the first instruction
+/// the kernel emulates if the frame setup before it leaves the arguments alone (see
+/// uprobe_site.rs: Go's `sub rsp, N` right after the check would be single-stepped, measured as
+/// most of the cost of a Go client's request).
 fn go_entry_probe<'d, R: object::ReadRef<'d>>(
     elf: &object::File<'d, R>,
-    address: u64,
+    function: go::GoFunction,
     program: &'static str,
     symbol: &'static str,
 ) -> Result<ExecutableProbe, String> {
-    let entry = file_offset(elf, address)?;
-    let code = code_at(elf, address)?;
-    let past = go::past_stack_check(&code, address, &GO_WRITE_ARGS).unwrap_or(0);
+    let entry = file_offset(elf, function.entry)?;
+    let code = code_range(elf, function.entry, (function.end - function.entry).min(MAX_FUNCTION_BYTES))?;
+    let mut past = go::past_stack_check(&code, function.entry, &GO_WRITE_ARGS).unwrap_or(0);
+    if past > 0 {
+        let rest = &code[(past as usize).min(code.len())..];
+        past += super::uprobe_site::probe_point(rest, function.entry + past, &GO_WRITE_ARGS).unwrap_or(0);
+    }
     Ok(ExecutableProbe { program, symbol, file_offset: entry + past })
 }
 
@@ -134,10 +139,6 @@ fn file_offset<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>, address: u
         .ok_or_else(|| format!("{address:#x} is in no section"))?;
     let (offset, _) = section.file_range().ok_or_else(|| format!("{address:#x}: section without file data"))?;
     Ok(offset + (address - section.address()))
-}
-
-fn code_at<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>, address: u64) -> Result<Vec<u8>, String> {
-    code_range(elf, address, CODE_READ as u64)
 }
 
 /// Up to `len` bytes of code at `address`.

@@ -72,7 +72,7 @@ pub fn entry_site(library: &Path, symbol: &str, args: usize) -> Result<Site, Str
 
 /// Bytes past the entry of the first emulated instruction that every call reaches with
 /// `preserved` intact, if there is one. `code` is the function's machine code at `address`.
-fn probe_point(code: &[u8], address: u64, preserved: &[Register]) -> Option<u64> {
+pub(super) fn probe_point(code: &[u8], address: u64, preserved: &[Register]) -> Option<u64> {
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut factory = InstructionInfoFactory::new();
     let mut instruction = Instruction::default();
