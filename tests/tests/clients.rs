@@ -311,6 +311,28 @@ request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer 
 urllib.request.urlopen(request, context=ssl._create_unverified_context()).read()
 "#;
 
+/// The token endpoint running on 127.0.0.2, the file it writes what it issued to, the job that
+/// uses a saved token, and where the task saves it.
+struct TokenEndpoint {
+    _server: Server,
+    port: u16,
+    issued: PathBuf,
+    job: PathBuf,
+    saved: PathBuf,
+}
+
+fn token_endpoint(dir: &Scratch) -> TokenEndpoint {
+    let (cert, key) = self_signed(dir, "token-endpoint", "127.0.0.2");
+    let port = free_port_on("127.0.0.2");
+    let issued = dir.path("issued.tokens");
+    let endpoint = dir.write("token_endpoint.py", TOKEN_ENDPOINT);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&endpoint).arg(port.to_string()).arg(&cert).arg(&key).arg(&issued);
+    let _server = Server::spawn(dir, "token-endpoint.log", cmd, "127.0.0.2", port);
+    let job = dir.write("use_saved_token.py", USE_SAVED_TOKEN);
+    TokenEndpoint { _server, port, issued, job, saved: dir.path("token.json") }
+}
+
 /// The task obtains a token from a token endpoint (and never sends it); a job it leaves behind
 /// uses it after the end: the token was learnt from the response (the opt-in SSL_read probes),
 /// so that use is caught.
@@ -322,15 +344,7 @@ fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
     }
     let t = Creds::start("clients-oauth", &args);
     let dir = &t.agent.dir;
-    let (cert, key) = self_signed(dir, "token-endpoint", "127.0.0.2");
-    let port = free_port_on("127.0.0.2");
-    let issued = dir.path("issued.tokens");
-    let endpoint = dir.write("token_endpoint.py", TOKEN_ENDPOINT);
-    let mut cmd = Command::new("python3");
-    cmd.arg(&endpoint).arg(port.to_string()).arg(&cert).arg(&key).arg(&issued);
-    let _server = Server::spawn(dir, "token-endpoint.log", cmd, "127.0.0.2", port);
-    let job = dir.write("use_saved_token.py", USE_SAVED_TOKEN);
-    let saved = dir.path("token.json");
+    let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
     let session = session_file(dir, "oauth", "grace: 1s\n");
     let script = format!(
         "curl -sk -X POST -d grant_type=client_credentials -o {saved} https://127.0.0.2:{port}/token && \
@@ -389,15 +403,7 @@ fn a_token_a_go_client_obtained_during_the_task_and_used_after_the_end_is_learnt
     // Its first run is where the agent learns of it.
     assert_eq!(Command::new(&gettoken).status().unwrap().code(), Some(2));
     wait_probe_attached(&t, &gettoken);
-    let (cert, key) = self_signed(dir, "token-endpoint", "127.0.0.2");
-    let port = free_port_on("127.0.0.2");
-    let issued = dir.path("issued.tokens");
-    let endpoint = dir.write("token_endpoint.py", TOKEN_ENDPOINT);
-    let mut cmd = Command::new("python3");
-    cmd.arg(&endpoint).arg(port.to_string()).arg(&cert).arg(&key).arg(&issued);
-    let _server = Server::spawn(dir, "token-endpoint.log", cmd, "127.0.0.2", port);
-    let job = dir.write("use_saved_token.py", USE_SAVED_TOKEN);
-    let saved = dir.path("token.json");
+    let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
     let session = session_file(dir, "oauth-go", "grace: 1s\n");
     let script = format!(
         "{gettoken} https://127.0.0.2:{port}/token {saved} && \
