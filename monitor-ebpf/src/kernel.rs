@@ -172,6 +172,40 @@ pub fn exit_code() -> Option<u32> {
     read_at(current_task(), global(&TASK_EXIT_CODE_OFF))
 }
 
+/// Copies up to `N` bytes of the packet from `offset` (`available` bytes are there) into `dst`;
+/// returns how many were copied (0 on failure). `N` is a power of two.
+///
+/// The helper refuses a length the verifier cannot prove non-zero ("R4 invalid zero-sized read:
+/// u64=[0,4095]"), and a plain `len > 0` test is dropped by the compiler's rewrite of the clamp:
+/// hence 1..=N in the masked form below.
+#[inline(always)]
+pub fn skb_copy<const N: usize>(
+    ctx: &aya_ebpf::programs::SkBuffContext,
+    offset: usize,
+    available: usize,
+    dst: &mut [u8; N],
+) -> usize {
+    if available == 0 {
+        return 0;
+    }
+    let len = if available > N { N } else { available };
+    let len = ((len - 1) & (N - 1)) + 1;
+    // SAFETY: `dst` has room for N >= len bytes; the helper bounds-checks the packet side.
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            offset as u32,
+            dst.as_mut_ptr() as *mut core::ffi::c_void,
+            len as u32,
+        )
+    };
+    if ret == 0 {
+        len
+    } else {
+        0
+    }
+}
+
 /// Fills the common header for an event about a socket, which a cgroup skb hook may see in
 /// softirq context: the socket's owner, not the current task, is the process.
 #[inline(always)]

@@ -81,6 +81,18 @@ fn run_namespaced(
     t.sh(&line, &[])
 }
 
+/// Runs an enforcing session's `script` (an in-scope dial that must pass, then `! dial` of an
+/// out-of-scope name) and returns the alert of the refused connect, checked blocked with EPERM.
+fn enforced(t: &Creds, session: &std::path::Path, nameserver: &str, hosts: &str, script: &str, id: &str) -> Value {
+    let o = run_namespaced(t, session, nameserver, hosts, script);
+    assert!(o.status.success(), "the in-scope dial must pass and the other be refused: {}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("operation not permitted"), "the refusal is EPERM: {}", stderr(&o));
+    let alert =
+        t.agent.wait_alert("the refused connect", |a| a["rule"] == "out_of_scope_connect" && a["session"]["id"] == id);
+    assert_eq!(alert["action"], "blocked");
+    alert
+}
+
 fn out_of_scope(t: &Creds, session: &str) -> Vec<Value> {
     t.agent
         .alerts()
@@ -173,13 +185,7 @@ fn an_enforcing_session_reaches_in_scope_names_from_its_hosts_file_without_getad
     let hosts = "127.0.0.1 localhost\n127.0.0.7 static.example.test\n127.0.0.8 other.example.test\n";
     let script =
         format!("{dial} static.example.test:{allowed} && ! {dial} other.example.test:{denied}", dial = dial.display());
-    let o = run_namespaced(&t, &session, "127.0.0.55", hosts, &script);
-    assert!(o.status.success(), "the in-scope dial must pass and the other be refused: {}{}", stdout(&o), stderr(&o));
-    assert!(stderr(&o).contains("operation not permitted"), "the refusal is EPERM: {}", stderr(&o));
-    let alert = t.agent.wait_alert("the refused connect", |a| {
-        a["rule"] == "out_of_scope_connect" && a["session"]["id"] == "hosts-enforce"
-    });
-    assert_eq!(alert["action"], "blocked");
+    let alert = enforced(&t, &session, "127.0.0.55", hosts, &script, "hosts-enforce");
     assert_eq!(alert["network"]["dst_name"], "other.example.test");
     assert_eq!(out_of_scope(&t, "hosts-enforce").len(), 1, "{}", t.agent.diagnostics());
 }
@@ -199,13 +205,7 @@ fn an_enforcing_session_reaches_the_in_scope_names_its_resolver_answers() {
     let session = session_file(&t.agent.dir, "dns-enforce", &scope);
     let script =
         format!("{dial} api.example.test:{allowed} && ! {dial} evil.example.test:{denied}", dial = dial.display());
-    let o = run_namespaced(&t, &session, "127.0.0.56", "127.0.0.1 localhost\n", &script);
-    assert!(o.status.success(), "the in-scope dial must pass and the other be refused: {}{}", stdout(&o), stderr(&o));
-    assert!(stderr(&o).contains("operation not permitted"), "the refusal is EPERM: {}", stderr(&o));
-    let alert = t.agent.wait_alert("the refused connect", |a| {
-        a["rule"] == "out_of_scope_connect" && a["session"]["id"] == "dns-enforce"
-    });
-    assert_eq!(alert["action"], "blocked");
+    let alert = enforced(&t, &session, "127.0.0.56", "127.0.0.1 localhost\n", &script, "dns-enforce");
     assert_eq!(alert["network"]["dst_ip"], "127.0.0.10");
     assert_eq!(out_of_scope(&t, "dns-enforce").len(), 1, "{}", t.agent.diagnostics());
 }

@@ -76,18 +76,9 @@ fn on_ingress(ctx: &SkBuffContext) {
         (*event)._pad0 = [0; 3];
         (*event).total_len = (total - start) as u32;
         (*event)._pad1 = 0;
-        (*event).data.len = 0;
-        let mut len = total - start;
-        if len > DNS_CAP {
-            len = DNS_CAP;
-        }
-        // 1..=DNS_CAP in a form the verifier keeps (see tcp_egress in payload.rs).
-        let len = ((len - 1) & (DNS_CAP - 1)) + 1;
-        let dst = (&mut (*event).data.buf).as_mut_ptr() as *mut core::ffi::c_void;
-        let ret =
-            aya_ebpf::helpers::generated::bpf_skb_load_bytes(ctx.skb.skb as *const _, start as u32, dst, len as u32);
-        if ret == 0 {
-            (*event).data.len = len as u32;
+        let len = kernel::skb_copy(ctx, start, total - start, &mut (*event).data.buf);
+        (*event).data.len = len as u32;
+        if len > 0 {
             allow_answered(owner.session, &(*event).data.buf, len);
         }
     }

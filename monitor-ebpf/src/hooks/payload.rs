@@ -388,28 +388,7 @@ fn on_egress(ctx: &SkBuffContext) {
         (*event).conn = cookie;
         (*event).comm = owner.comm;
         (*event).seq = seq;
-        (*event).data.len = 0;
-        // The helper refuses a length the verifier cannot prove non-zero
-        // ("R4 invalid zero-sized read: u64=[0,4095]"), hence the explicit bounds.
-        let mut len = total - offset;
-        if len > PAYLOAD_CAP {
-            len = PAYLOAD_CAP;
-        }
-        if len > 0 {
-            // 1..=PAYLOAD_CAP in a form the verifier keeps (a plain `len > 0` test is dropped by
-            // the compiler's rewrite of the clamp).
-            let len = ((len - 1) & (PAYLOAD_CAP - 1)) + 1;
-            let dst = (&mut (*event).data.buf).as_mut_ptr() as *mut core::ffi::c_void;
-            let ret = aya_ebpf::helpers::generated::bpf_skb_load_bytes(
-                ctx.skb.skb as *const _,
-                offset as u32,
-                dst,
-                len as u32,
-            );
-            if ret == 0 {
-                (*event).data.len = len as u32;
-            }
-        }
+        (*event).data.len = kernel::skb_copy(ctx, offset, total - offset, &mut (*event).data.buf) as u32;
     }
     entry.submit(submit_flags());
 }

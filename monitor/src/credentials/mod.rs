@@ -384,7 +384,7 @@ impl Observer {
             if session == 0 && !expired && !self.index.is_session_token(&fingerprint) {
                 continue;
             }
-            if session != 0 && self.learn_tokens {
+            if session != 0 && self.learn_tokens && !self.index.is_session_token(&fingerprint) {
                 // Looked for from now on: by other processes, in exec environments (the kernel's
                 // hash is synced by the credential watch), after the task.
                 self.index.learn(session, self.index.token_hash(&secret), fingerprint.clone());

@@ -134,12 +134,12 @@ pub fn h2_overhead(
 pub fn go_tls_overhead(
     monitor: &Path,
     dir: &Path,
+    gobench: &Path,
     agent_args: &[String],
     count: u32,
     rounds: u32,
 ) -> anyhow::Result<Paired> {
     eprintln!("bench: Go HTTPS requests, {rounds} paired rounds of {count} requests with a token, session process");
-    let gobench = go_bench_binary(dir)?;
     let server = super::credentials::TlsServer::start(dir)?;
     let token = random_token()?;
     let session = token_session(dir)?;
@@ -153,11 +153,11 @@ pub fn go_tls_overhead(
 pub fn go_exec_overhead(
     monitor: &Path,
     dir: &Path,
+    gobench: &Path,
     agent_args: &[String],
     count: u32,
     rounds: u32,
 ) -> anyhow::Result<Paired> {
     eprintln!("bench: Go exec overhead, {rounds} paired rounds of {count} fork+exec+wait of a Go binary");
-    let gobench = go_bench_binary(dir)?;
-    Paired::run(monitor, dir, agent_args, rounds, "µs/exec", count, |_| exec_loop_of(&gobench, count))
+    Paired::run(monitor, dir, agent_args, rounds, "µs/exec", count, |_| exec_loop_of(gobench, count))
 }

@@ -39,7 +39,6 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let want = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
     let mut report = serde_json::Map::new();
     let mut rows: Vec<String> = Vec::new();
-    let row3 = |name: &str, a: String, b: String, ratio: String| format!("{name:<52} {a:>14} {b:>14} {ratio:>22}");
 
     if want("exec") {
         eprintln!("bench: exec overhead, {rounds} paired rounds of {execs} fork+exec+wait of /bin/true");
@@ -47,12 +46,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             None => exec_loop(execs),
             Some(agent) => with_session_holder(&monitor, &dir, agent, || exec_loop(execs)),
         })?;
-        rows.push(row3(
-            "exec of /bin/true, process outside sessions (median)",
-            format!("{:.1} µs", per_exec(p.without, execs)),
-            format!("{:.1} µs", per_exec(p.with, execs)),
-            ratio_cell(p.ratio, &p.ratios),
-        ));
+        rows.push(p.row("exec of /bin/true, process outside sessions (median)", execs, 1));
         report.insert("exec_overhead".into(), p.json(execs, rounds, "us_per_exec", 1.03));
     }
     if want("connect") {
@@ -92,50 +86,26 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             (true, "openat+close, outside sessions, one on the host", "open_overhead_session_on_host"),
         ] {
             let p = credentials::open_overhead(&monitor, &dir, &agent_args, opens, rounds, session_on_host)?;
-            rows.push(row3(
-                &format!("{name} (median)"),
-                format!("{:.2} µs", per_exec(p.without, opens)),
-                format!("{:.2} µs", per_exec(p.with, opens)),
-                ratio_cell(p.ratio, &p.ratios),
-            ));
+            rows.push(p.row(&format!("{name} (median)"), opens, 2));
             report.insert(key.into(), p.json(opens, rounds, "us_per_open", 1.03));
         }
     }
     if want("tls") {
         let p = credentials::tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
-        rows.push(row3(
-            "HTTPS request with a token, session process (median)",
-            format!("{:.1} µs", per_exec(p.without, tls_requests)),
-            format!("{:.1} µs", per_exec(p.with, tls_requests)),
-            ratio_cell(p.ratio, &p.ratios),
-        ));
+        rows.push(p.row("HTTPS request with a token, session process (median)", tls_requests, 1));
         report.insert("tls_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
     }
     if want("clients") {
         let p = clients::h2_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
-        rows.push(row3(
-            "HTTP/2 request (curl) with a token, session (median)",
-            format!("{:.1} µs", per_exec(p.without, tls_requests)),
-            format!("{:.1} µs", per_exec(p.with, tls_requests)),
-            ratio_cell(p.ratio, &p.ratios),
-        ));
+        rows.push(p.row("HTTP/2 request (curl) with a token, session (median)", tls_requests, 1));
         report.insert("h2_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
-        let p = clients::go_tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
-        rows.push(row3(
-            "HTTPS request (Go client) with a token, session (median)",
-            format!("{:.1} µs", per_exec(p.without, tls_requests)),
-            format!("{:.1} µs", per_exec(p.with, tls_requests)),
-            ratio_cell(p.ratio, &p.ratios),
-        ));
+        let gobench = clients::go_bench_binary(&dir)?;
+        let p = clients::go_tls_overhead(&monitor, &dir, &gobench, &agent_args, tls_requests, rounds)?;
+        rows.push(p.row("HTTPS request (Go client) with a token, session (median)", tls_requests, 1));
         report.insert("go_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
         let go_execs = execs / 2;
-        let p = clients::go_exec_overhead(&monitor, &dir, &agent_args, go_execs, rounds)?;
-        rows.push(row3(
-            "exec of a Go binary, outside sessions (median)",
-            format!("{:.1} µs", per_exec(p.without, go_execs)),
-            format!("{:.1} µs", per_exec(p.with, go_execs)),
-            ratio_cell(p.ratio, &p.ratios),
-        ));
+        let p = clients::go_exec_overhead(&monitor, &dir, &gobench, &agent_args, go_execs, rounds)?;
+        rows.push(p.row("exec of a Go binary, outside sessions (median)", go_execs, 1));
         report.insert("go_exec_overhead".into(), p.json(go_execs, rounds, "us_per_exec", 1.03));
     }
     if want("engine") {
@@ -230,6 +200,11 @@ fn engine_bench() -> anyhow::Result<serde_json::Value> {
     Ok(
         json!({ "events": engine_events, "events_per_sec_median": median(&rates), "runs": rates, "target_events_per_sec": 1_000_000 }),
     )
+}
+
+/// One row of the table: a name, two cells, and a ratio.
+fn row3(name: &str, a: String, b: String, ratio: String) -> String {
+    format!("{name:<52} {a:>14} {b:>14} {ratio:>22}")
 }
 
 /// Seconds for `n` fork+exec+wait of /bin/true.
@@ -528,6 +503,13 @@ impl Paired {
             ratios.push(b / a);
         }
         Ok(Self { without: median(&without), with: median(&with), ratio: median(&ratios), ratios })
+    }
+
+    /// The table row: per-iteration medians without and with the agent (`decimals` places), and
+    /// the ratio with its spread.
+    pub fn row(&self, name: &str, n: u32, decimals: usize) -> String {
+        let cell = |secs: f64| format!("{:.*} µs", decimals, per_exec(secs, n));
+        row3(name, cell(self.without), cell(self.with), ratio_cell(self.ratio, &self.ratios))
     }
 
     pub fn json(&self, n: u32, rounds: u32, unit: &str, target: f64) -> serde_json::Value {
