@@ -118,6 +118,9 @@ pub struct ExecEvent {
     pub egid: u32,
     /// The thread id that called exec (differs from pid when a non-leader thread execs).
     pub old_pid: u32,
+    /// Its Unix session at the exec (0 when the offsets were not resolved).
+    pub sid: u32,
+    pub _pad0: u32,
     /// Effective capabilities after the exec (`u64::MAX` when the offset was not resolved).
     pub cap_effective: u64,
     /// The path given to exec, as the kernel resolved it.
@@ -125,7 +128,7 @@ pub struct ExecEvent {
     /// argv of the new image, NUL-separated, read from its `mm->arg_start..arg_end`.
     pub argv: Bytes<ARGV_CAP>,
 }
-const _: () = assert!(core::mem::size_of::<ExecEvent>() == 48 + 16 + 8 + 4 + FILENAME_CAP + 4 + ARGV_CAP);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 48 + 24 + 8 + 4 + FILENAME_CAP + 4 + ARGV_CAP);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() % 8 == 0);
 
 /// The last thread of a session process exited.
@@ -228,11 +231,16 @@ pub struct EnvTokenEvent {
     pub header: EventHeader,
     /// [`token_hash`] of the value (under the agent's seed): which token it is.
     pub hash: u64,
+    /// The exec'ing process's parent: which lineage carried the token (alerts fold by it).
+    pub ppid: u32,
+    /// Its Unix session at the exec (0 when the offsets were not resolved): whether it is the
+    /// session launcher's.
+    pub sid: u32,
     pub comm: [u8; COMM_CAP],
     /// The variable's name (never its value).
     pub name: Bytes<ENV_NAME_CAP>,
 }
-const _: () = assert!(core::mem::size_of::<EnvTokenEvent>() == 48 + 8 + COMM_CAP + 4 + ENV_NAME_CAP);
+const _: () = assert!(core::mem::size_of::<EnvTokenEvent>() == 48 + 8 + 8 + COMM_CAP + 4 + ENV_NAME_CAP);
 
 /// Where a payload was captured.
 pub const PAYLOAD_SSL_WRITE: u8 = 1;

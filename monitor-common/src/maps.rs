@@ -256,7 +256,10 @@ pub const CONFIG_TOKEN_SEED: u32 = 2;
 pub const CONFIG_WATCH_COUNT: u32 = 3;
 /// Non-zero when the plaintext payload hook is attached: connects then record their socket's owner.
 pub const CONFIG_TCP_OWNERS: u32 = 4;
-pub const CONFIG_LEN: u32 = 5;
+/// Non-zero while some process may be bound to a session: with none, the per-process hooks
+/// (fork, exec, exit, connect, ...) skip the `PROC_SESSIONS` lookup and return.
+pub const CONFIG_PROC_BINDINGS: u32 = 5;
+pub const CONFIG_LEN: u32 = 6;
 
 /// How much of an exec's environment the kernel scans for tokens.
 pub const ENV_SCAN_CAP: usize = 8192;
@@ -288,6 +291,10 @@ pub mod globals {
     pub const INODE_INO: &str = "INODE_INO_OFF";
     pub const INODE_SB: &str = "INODE_SB_OFF";
     pub const SB_DEV: &str = "SB_DEV_OFF";
+    /// `task->signal->pids[PIDTYPE_SID]->numbers[0].nr`: the Unix session, as the host sees it.
+    pub const TASK_SIGNAL: &str = "TASK_SIGNAL_OFF";
+    pub const SIGNAL_PIDS: &str = "SIGNAL_PIDS_OFF";
+    pub const PID_NUMBERS: &str = "PID_NUMBERS_OFF";
     /// `ret` of every `syscalls/sys_exit_*` tracepoint (they share one layout).
     pub const SYS_EXIT_RET: &str = "SYS_EXIT_RET_OFF";
     /// Offsets of tracepoint payload fields, from /sys/kernel/tracing/events/*/*/format.

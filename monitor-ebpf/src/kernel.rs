@@ -35,6 +35,9 @@ offset_global!(FILE_FLAGS_OFF);
 offset_global!(INODE_INO_OFF);
 offset_global!(INODE_SB_OFF);
 offset_global!(SB_DEV_OFF);
+offset_global!(TASK_SIGNAL_OFF);
+offset_global!(SIGNAL_PIDS_OFF);
+offset_global!(PID_NUMBERS_OFF);
 offset_global!(SYS_EXIT_RET_OFF);
 offset_global!(NEWTASK_PID_OFF);
 offset_global!(NEWTASK_CLONE_FLAGS_OFF);
@@ -102,6 +105,23 @@ fn current_task() -> u64 {
 pub fn parent_tgid() -> Option<u32> {
     let parent: u64 = read_at(current_task(), global(&TASK_REAL_PARENT_OFF))?;
     read_at(parent, global(&TASK_TGID_OFF))
+}
+
+/// `PIDTYPE_SID` in `enum pid_type` (PID, TGID, PGID, SID), stable since Linux 4.19.
+const PIDTYPE_SID: u64 = 3;
+
+/// The current task's Unix session id in the initial pid namespace (what the agent's /proc
+/// says): `task->signal->pids[PIDTYPE_SID]->numbers[0].nr`. Read here, at the event, because a
+/// process that calls `setsid` and execs may be gone before userspace could ask.
+pub fn session_id() -> Option<u32> {
+    let signal: u64 = read_at(current_task(), global(&TASK_SIGNAL_OFF))?;
+    let pids = global(&SIGNAL_PIDS_OFF);
+    if pids == 0 {
+        return None;
+    }
+    let pid: u64 = read_at(signal, pids + (PIDTYPE_SID * 8) as u32)?;
+    // `numbers[0]` is a `struct upid` whose first member is `nr`.
+    read_at(pid, global(&PID_NUMBERS_OFF))
 }
 
 /// Effective uid and gid of the current task.

@@ -1,20 +1,24 @@
 //! Which session, if any, the current task belongs to.
 
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid};
-use monitor_common::CONFIG_CGROUP_BINDINGS;
+use monitor_common::{CONFIG_CGROUP_BINDINGS, CONFIG_PROC_BINDINGS, CONFIG_TOKEN_COUNT};
 
-use crate::maps::{CGROUP_SESSIONS, CONFIG, PROC_SESSIONS};
+use crate::maps::{config, CGROUP_SESSIONS, PROC_SESSIONS};
 
-/// The session key of `tgid`, first by process binding, then (only when some cgroup is bound) by
-/// the current cgroup. A task outside every session costs one hash lookup when no cgroup is bound.
+/// The session key of `tgid`, first by process binding (only when some process may be bound),
+/// then (only when some cgroup is bound) by the current cgroup. A task outside every session
+/// costs one hash lookup when no cgroup is bound, and none when no session exists.
 #[inline(always)]
 pub fn of_current(tgid: u32) -> Option<u32> {
-    if let Some(key) = PROC_SESSIONS.get_ptr(tgid) {
-        // SAFETY: valid map value pointer for the duration of this program run.
-        return Some(unsafe { *key });
+    // With no session on the host, every process costs this one array read (inlined by the
+    // verifier), not a hash lookup into a cold table.
+    if config(CONFIG_PROC_BINDINGS) != 0 {
+        if let Some(key) = PROC_SESSIONS.get_ptr(tgid) {
+            // SAFETY: valid map value pointer for the duration of this program run.
+            return Some(unsafe { *key });
+        }
     }
-    let cgroup_bindings = CONFIG.get(CONFIG_CGROUP_BINDINGS).copied().unwrap_or(0);
-    if cgroup_bindings == 0 {
+    if config(CONFIG_CGROUP_BINDINGS) == 0 {
         return None;
     }
     // SAFETY: helper without preconditions.
@@ -27,4 +31,12 @@ pub fn of_current(tgid: u32) -> Option<u32> {
 pub fn current_ids() -> (u32, u32) {
     let id = bpf_get_current_pid_tgid();
     (id as u32, (id >> 32) as u32)
+}
+
+/// Whether anything needs the TLS code of executables: a session runs, or sessions' tokens are
+/// looked for. Otherwise an exec does not even look at its executable (userspace looks again at
+/// the running ones when a session starts, see agent/executables.rs).
+#[inline(always)]
+pub fn anything_watched() -> bool {
+    config(CONFIG_PROC_BINDINGS) != 0 || config(CONFIG_CGROUP_BINDINGS) != 0 || config(CONFIG_TOKEN_COUNT) != 0
 }

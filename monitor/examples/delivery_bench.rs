@@ -58,6 +58,12 @@ fn alert(n: u64) -> Alert {
         action: Action::Observed,
         mitre: vec!["T1021".into()],
         owasp_nhi: vec!["NHI5".into()],
+        nist_csf: Vec::new(),
+        count: 1,
+        first_seen: String::new(),
+        last_seen: String::new(),
+        pids: Vec::new(),
+        fold: 0,
         ts: 1_795_000_000_000_000_000 + n,
     }
 }

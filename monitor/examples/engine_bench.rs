@@ -12,7 +12,9 @@ use synthetic::synthetic;
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
     let events = synthetic(n);
-    let mut engine = Engine::new(EngineConfig::default());
+    // As the agent runs by default: alerts folded within the policy's default window.
+    let fold_window_ns = monitor::policy::DEFAULT_FOLD_WINDOW.as_nanos() as u64;
+    let mut engine = Engine::new(EngineConfig { fold_window_ns, ..Default::default() });
     let start = Instant::now();
     let mut alerts = 0usize;
     for e in &events {

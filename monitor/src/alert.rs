@@ -24,9 +24,42 @@ pub struct Alert {
     pub action: Action,
     pub mitre: Vec<String>,
     pub owasp_nhi: Vec<String>,
+    /// NIST CSF 2.0 subcategories the finding bears on (`PR.AA-05` …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nist_csf: Vec<String>,
+    /// Occurrences of this finding folded into the alert (see engine/fold.rs): 1 when first
+    /// sent; an update of the same `id` carries the count so far.
+    #[serde(default = "one")]
+    pub count: u64,
+    /// The first and the latest occurrence (RFC 3339, ns); `first_seen` is `time`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub first_seen: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_seen: String,
+    /// The processes whose occurrences were folded in, when more than one (at most
+    /// [`MAX_FOLDED_PIDS`], the first ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
     /// Event time in ns since the epoch; `time` is its text form.
     #[serde(skip)]
     pub ts: u64,
+    /// The engine's number for the finding: every update of it gets the first one's id.
+    #[serde(skip)]
+    pub fold: u64,
+}
+
+/// Pids an alert lists at most; `count` says how many occurrences there were.
+pub const MAX_FOLDED_PIDS: usize = 64;
+
+fn one() -> u64 {
+    1
+}
+
+impl Alert {
+    /// Whether this is an update of an alert sent before (same `id`, a larger `count`).
+    pub fn is_update(&self) -> bool {
+        self.count > 1
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -72,6 +105,30 @@ pub struct ProcessRef {
     pub cgroup: u64,
     /// Ancestors, nearest first, up to the session root.
     pub chain: Vec<Ancestor>,
+    /// The session the process belongs to, when it is not the alert's (a token of session A
+    /// used by a process of session B names B here). Absent for a process of the alert's own
+    /// session; `in_session: false` says the process belongs to no session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<ProcessSession>,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub in_session: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
+/// The other session of a cross-session use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessSession {
+    pub id: String,
+    pub actor: String,
+    pub principal: String,
+    pub task: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,4 +180,10 @@ pub struct Ancestor {
 pub fn rfc3339(ns: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
     humantime::format_rfc3339_nanos(t).to_string()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time (`first_seen`, `last_seen`), for encoders.
+pub fn rfc3339_millis(text: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339(text).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis().min(u64::MAX as u128) as u64)
 }

@@ -51,6 +51,26 @@ pub enum Command {
     /// Replay session traces: the delegation, process tree, timeline and alerts of each session,
     /// re-evaluated by the same engine (what-if with --policy).
     Replay(ReplayArgs),
+    /// Look at alerts before the SIEM does.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
+    /// The running agent's eBPF programs: where each attaches, whether it is attached now, and
+    /// what it has cost (the kernel's run count and time; counted while
+    /// `sysctl kernel.bpf_stats_enabled=1`).
+    Probes {
+        /// The agent's response as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// A table per session and rule: findings, occurrences, first and last seen, of a JSON-lines
+    /// alert file or a collector's store directory (an update counts once, at its latest count).
+    Summary { path: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -290,6 +310,24 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             format: args.format,
             output: args.output,
         }),
+        Command::Probes { json, control } => {
+            let data = client::call(&control.path, &Request::Probes)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+                return Ok(0);
+            }
+            let programs: Vec<crate::probes::stats::ProgramStats> =
+                serde_json::from_value(data["programs"].clone()).context("agent response")?;
+            print!("{}", crate::probes::stats::table(&programs));
+            if data["bpf_stats_enabled"] != true {
+                println!("(run counts and times grow only while `sysctl kernel.bpf_stats_enabled=1`)");
+            }
+            Ok(0)
+        }
+        Command::Alerts(AlertsCommand::Summary { path }) => {
+            crate::alerts_summary::run(&path)?;
+            Ok(0)
+        }
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::read(&file)?;
             println!("{}: ok: {}", file.display(), policy.summary());

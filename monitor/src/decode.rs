@@ -132,6 +132,8 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
     let actor = |comm: &[u8]| Actor {
         pid: header.tgid,
         tid: header.pid,
+        ppid: 0,
+        sid: 0,
         comm: lossy(comm),
         exe: String::new(),
         uid: header.uid,
@@ -156,7 +158,8 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
         EventKind::EnvToken => {
             let e: EnvTokenEvent = read_sized(record, kind)?;
             let name = lossy(e.name.as_slice());
-            return Ok(Decoded::EnvToken { ts, session, actor: actor(&e.comm), hash: e.hash, name });
+            let actor = Actor { ppid: e.ppid, sid: e.sid, ..actor(&e.comm) };
+            return Ok(Decoded::EnvToken { ts, session, actor, hash: e.hash, name });
         }
         EventKind::Payload => {
             // Read in place: the data is sliced from the record, not copied around.
@@ -273,6 +276,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
                 session: header.session,
                 pid: header.tgid,
                 ppid: e.ppid,
+                sid: e.sid,
                 exe: lossy(e.filename.as_slice()),
                 exe_real: None,
                 argv,
@@ -439,11 +443,15 @@ mod tests {
         let e = EnvTokenEvent {
             header: header(EventKind::EnvToken, size_of::<EnvTokenEvent>()),
             hash: 9,
+            ppid: 41,
+            sid: 40,
             comm,
             name: buf(b"SUPPORT_BOT_TOKEN"),
         };
-        let Decoded::EnvToken { hash, name, session, .. } = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
-        assert_eq!((hash, name.as_str(), session), (9, "SUPPORT_BOT_TOKEN", 7));
+        let Decoded::EnvToken { hash, name, session, actor, .. } = decode(&bytes_of(&e), CLOCK).unwrap() else {
+            panic!()
+        };
+        assert_eq!((hash, name.as_str(), session, actor.ppid, actor.sid), (9, "SUPPORT_BOT_TOKEN", 7, 41, 40));
 
         let mut e = PayloadEvent {
             header: header(EventKind::Payload, size_of::<PayloadEvent>()),
@@ -511,6 +519,8 @@ mod tests {
             euid: 0,
             egid: u32::MAX,
             old_pid: 100,
+            sid: 98,
+            _pad0: 0,
             cap_effective: 0,
             filename: buf::<FILENAME_CAP>(b"/usr/bin/curl\0"),
             argv: buf::<ARGV_CAP>(b"curl\0-s\0http://x\0"),
@@ -519,7 +529,7 @@ mod tests {
         assert_eq!(x.exe, "/usr/bin/curl");
         assert_eq!(x.argv, ["curl", "-s", "http://x"]);
         assert!(!x.argv_truncated);
-        assert_eq!((x.pid, x.ppid), (100, 99));
+        assert_eq!((x.pid, x.ppid, x.sid), (100, 99, 98));
         assert_eq!(x.creds, Creds { uid: 1000, gid: 1001, euid: Some(0), egid: None });
     }
 
@@ -531,6 +541,8 @@ mod tests {
             euid: 1,
             egid: 1,
             old_pid: 1,
+            sid: 0,
+            _pad0: 0,
             cap_effective: u64::MAX,
             filename: buf::<FILENAME_CAP>(b"/bin/x"),
             argv: buf::<ARGV_CAP>(&[b'a'; ARGV_CAP]),

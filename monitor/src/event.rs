@@ -43,6 +43,10 @@ pub enum Event {
     Tick {
         ts: Nanos,
     },
+    /// The agent is stopping: the findings it folded send their counts so far.
+    AgentStopping {
+        ts: Nanos,
+    },
     /// The agent lost events (ring buffer full, a failed probe): it is blind for `count` of them.
     Lost {
         ts: Nanos,
@@ -66,7 +70,7 @@ impl Event {
             Event::CredentialOpen(o) => o.session,
             Event::TokenUse(t) => t.session,
             Event::CredChange(c) => c.session,
-            Event::Tick { .. } | Event::Lost { .. } => 0,
+            Event::Tick { .. } | Event::AgentStopping { .. } | Event::Lost { .. } => 0,
         };
         (key != 0).then_some(key)
     }
@@ -76,6 +80,7 @@ impl Event {
             Event::SessionStarted { ts, .. }
             | Event::SessionEnded { ts, .. }
             | Event::Tick { ts }
+            | Event::AgentStopping { ts }
             | Event::Lost { ts, .. } => *ts,
             Event::ProcessSeen(p) => p.ts,
             Event::Fork(f) => f.ts,
@@ -137,6 +142,9 @@ pub struct Exec {
     pub session: SessionKey,
     pub pid: u32,
     pub ppid: u32,
+    /// Its Unix session at the exec, as the kernel saw it (0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sid: u32,
     /// The path given to exec.
     pub exe: String,
     /// The same path with symlinks resolved, when it differs (filled by enrichment).
@@ -258,6 +266,13 @@ pub enum NameSource {
 pub struct Actor {
     pub pid: u32,
     pub tid: u32,
+    /// The parent, where the probe knows it (0 otherwise): the lineage alerts fold by.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ppid: u32,
+    /// Its Unix session (`getsid`) for a token found at an exec, as the kernel saw it at the
+    /// exec (0: unknown): whether it is the launcher's (see `Binding::launcher_sid`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sid: u32,
     /// The kernel's task name (16 bytes).
     pub comm: String,
     /// The executable, read from /proc by enrichment (empty when the process was already gone).
@@ -364,4 +379,8 @@ pub struct CredChange {
     /// Effective capabilities after the call, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cap_effective: Option<u64>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }

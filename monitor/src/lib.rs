@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod alert;
+pub mod alerts_summary;
 pub mod cli;
 pub mod collector;
 pub mod credentials;
@@ -16,6 +17,7 @@ pub mod encode;
 pub mod engine;
 pub mod event;
 pub mod forward;
+pub mod hex;
 pub mod policy;
 pub mod probes;
 pub mod replay;

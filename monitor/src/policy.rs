@@ -30,6 +30,28 @@ pub struct Policy {
     pub credentials: CredentialsPolicy,
     #[serde(default)]
     pub tls: TlsPolicy,
+    #[serde(default)]
+    pub alerts: AlertsPolicy,
+}
+
+/// How repeats of a finding are reported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsPolicy {
+    /// Repeats of a finding (same rule, session, credential or destination, process lineage)
+    /// within this window of its first occurrence are folded into that alert and sent as its
+    /// updates (default 60s; `0s` turns folding off: every occurrence is an alert).
+    #[serde(default, with = "crate::sessions::opt_duration")]
+    pub fold_window: Option<Duration>,
+}
+
+/// The fold window when the policy does not set one.
+pub const DEFAULT_FOLD_WINDOW: Duration = Duration::from_secs(60);
+
+impl AlertsPolicy {
+    pub fn fold_window_ns(&self) -> u64 {
+        self.fold_window.unwrap_or(DEFAULT_FOLD_WINDOW).as_nanos().min(u64::MAX as u128) as u64
+    }
 }
 
 /// Where the TLS probes look for executables with TLS code of their own (Go, a static OpenSSL)

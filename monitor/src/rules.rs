@@ -87,6 +87,22 @@ impl Rule {
             Rule::MonitorBlind => &[],
         }
     }
+
+    /// NIST CSF 2.0 subcategories: PR.AA-01 (identities and credentials of services are
+    /// managed), PR.AA-03 (services are authenticated), PR.AA-05 (access permissions are
+    /// defined, managed and enforced, least privilege), DE.CM-01 (networks are monitored),
+    /// DE.CM-03 (technology usage is monitored), DE.CM-09 (runtime environments are monitored).
+    pub fn nist_csf(self) -> &'static [&'static str] {
+        match self {
+            Rule::OutOfScopeConnect => &["PR.AA-05", "DE.CM-01"],
+            Rule::TokenAfterTaskEnd => &["PR.AA-01", "PR.AA-05"],
+            Rule::TokenOutsideSession | Rule::ExpiredTokenUse => &["PR.AA-01", "PR.AA-03"],
+            Rule::ActivityAfterTaskEnd => &["PR.AA-05", "DE.CM-03"],
+            Rule::ProcessOutlivedTask | Rule::ExecOutOfScope | Rule::PrivilegeEscalation => &["PR.AA-05", "DE.CM-09"],
+            Rule::AuthorityExpired | Rule::CredentialOutOfScope => &["PR.AA-05"],
+            Rule::MonitorBlind => &["DE.CM-09"],
+        }
+    }
 }
 
 impl std::fmt::Display for Rule {

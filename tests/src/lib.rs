@@ -76,7 +76,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        // MONITOR_TEST_KEEP_SCRATCH=1 keeps every test's files (to count or read its outputs).
+        if !std::thread::panicking() && std::env::var_os("MONITOR_TEST_KEEP_SCRATCH").is_none() {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
@@ -158,6 +159,19 @@ impl Agent {
         let mut cmd = Command::new(monitor_bin());
         cmd.args(args).env("MONITOR_CONTROL", &self.control).env("MONITOR_LOG", "warn");
         cmd.output().expect("running monitor")
+    }
+
+    /// `monitor probes --json`: each of the agent's programs with whether it is attached now and
+    /// the kernel's run count and time.
+    pub fn probes(&self) -> Vec<Value> {
+        let o = self.cli(&["probes", "--json"]);
+        assert!(o.status.success(), "monitor probes: {}", String::from_utf8_lossy(&o.stderr));
+        programs_from_json(&String::from_utf8_lossy(&o.stdout))
+    }
+
+    /// The names of the programs attached now.
+    pub fn attached_probes(&self) -> std::collections::BTreeSet<String> {
+        attached_names(&self.probes())
     }
 
     /// `monitor run --file FILE -- COMMAND...`.
@@ -365,4 +379,15 @@ pub fn udp_listener(addr: &str) -> u16 {
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// The programs of a `monitor probes --json` answer, attached or not.
+pub fn programs_from_json(json: &str) -> Vec<Value> {
+    let data: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("monitor probes --json: {e}: {json}"));
+    data["programs"].as_array().cloned().unwrap_or_default()
+}
+
+/// The names of the attached programs among `programs` (from [`programs_from_json`]).
+pub fn attached_names(programs: &[Value]) -> std::collections::BTreeSet<String> {
+    programs.iter().filter(|p| p["attached"] == true).filter_map(|p| Some(p["program"].as_str()?.to_string())).collect()
 }

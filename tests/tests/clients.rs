@@ -202,8 +202,18 @@ func main() {
 }
 "#;
 
+/// Runs `exe` without arguments (it exits with 2) as a session's task, and waits until the
+/// agent has probed it.
+fn first_run_in_a_session(t: &Creds, exe: &std::path::Path) {
+    let name = exe.file_name().unwrap().to_str().unwrap();
+    let session = session_file(&t.agent.dir, &format!("first-run-{name}"), "grace: 1s\n");
+    let o = t.run_session(&session, &format!("{}; test $? -eq 2", exe.display()), &[]);
+    assert!(o.status.success(), "the client without arguments: {}", stderr(&o));
+    wait_probe_attached(t, exe);
+}
+
 /// Waits until the agent says it probed the TLS code of `exe` (at start, for the tool
-/// directories; or at its first exec).
+/// directories; or at its first exec while something is watched).
 fn wait_probe_attached(t: &Creds, exe: &std::path::Path) {
     let line = format!("executable probed path={}", exe.display());
     wait_for(
@@ -248,10 +258,9 @@ fn tokens_from_a_stripped_go_binary_and_from_wget_over_gnutls_after_the_end() {
     let server = tls_server(&t.agent.dir);
     let files = token_files(&t.agent.dir, "stripped");
     let token_path = t.agent.dir.path("stripped.token");
-    // Its first run is where the agent learns of it (it asks for nothing here).
-    let o = Command::new(&client).output().unwrap();
-    assert_eq!(o.status.code(), Some(2), "the client without arguments: {}", stderr(&o));
-    wait_probe_attached(&t, &client);
+    // Its first run while a session exists is where the agent learns of it (it asks for
+    // nothing here). With no session on the host, execs are not looked at.
+    first_run_in_a_session(&t, &client);
     let go = format!("{} https://127.0.0.2:{}/refunds {}", client.display(), server.port, token_path.display());
     let wire = Wire { seen_in: "https", http2: false, exe: "client-stripped" };
     after_the_end(&t, &files, &go, &wire, "go-stripped");
@@ -400,9 +409,8 @@ fn a_token_a_go_client_obtained_during_the_task_and_used_after_the_end_is_learnt
     let dir = &t.agent.dir;
     let gettoken = dir.path("gettoken");
     fs::copy(go::build("gettoken", GO_GET_TOKEN, ""), &gettoken).unwrap();
-    // Its first run is where the agent learns of it.
-    assert_eq!(Command::new(&gettoken).status().unwrap().code(), Some(2));
-    wait_probe_attached(&t, &gettoken);
+    // Its first run while a session exists is where the agent learns of it.
+    first_run_in_a_session(&t, &gettoken);
     let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
     let session = session_file(dir, "oauth-go", "grace: 1s\n");
     let script = format!(

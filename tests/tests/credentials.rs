@@ -45,6 +45,10 @@ fn wire_scenario(t: &Creds, url: &str, seen_in: &str, token: &str) {
     assert_eq!(credential["jwt"]["sub"], "alice@example.com");
     assert_eq!(credential["jwt"]["act"], json!(["svc:test-bot", "svc:orchestrator"]));
     assert!(alert["process"]["exe"].as_str().unwrap().ends_with("curl"), "{alert}");
+    // The socket's destination, on TLS and plaintext request alerts alike.
+    let dst: std::net::SocketAddr = url.split('/').nth(2).unwrap().parse().unwrap();
+    assert_eq!(alert["network"]["dst_ip"], dst.ip().to_string(), "{alert}");
+    assert_eq!(alert["network"]["dst_port"], dst.port(), "{alert}");
     fs::write(&done, "").unwrap();
     assert!(root.wait().unwrap().success());
 
@@ -135,7 +139,12 @@ fn watched_credential_files_read_directly_relatively_and_through_a_symlink() {
     fs::write(&other, "other-value\n").unwrap();
     let link = scratch.path("innocent-looking-link");
     std::os::unix::fs::symlink(&other, &link).unwrap();
-    let policy = scratch.write("policy.yaml", &format!("credentials:\n  watch: [\"{}\"]\n", secrets.display()));
+    // Folding off: each of the three reads of one file is looked for as an alert of its own
+    // (folded, they are one finding: tests/tests/alerts.rs).
+    let policy = scratch.write(
+        "policy.yaml",
+        &format!("credentials:\n  watch: [\"{}\"]\nalerts:\n  fold_window: 0s\n", secrets.display()),
+    );
     let t = Creds::start("cred-files", &["--policy", policy.to_str().unwrap()]);
 
     let session = session_file(
@@ -233,7 +242,10 @@ fn a_token_in_the_environment_of_a_detached_child_that_execs_after_the_end() {
         &[("BOT_TOKEN", &token)],
     );
     wait_for("session env-2 running", || started.exists().then_some(()), || t.agent.diagnostics());
-    let o = Command::new("/usr/bin/env").env("COPIED", &token).arg("/bin/true").output().unwrap();
+    // In a Unix session of its own (setsid): not the launcher's, whose processes held the token
+    // before the task (engine/credentials.rs). It exits at once: the kernel says which session
+    // it was in at the exec, /proc could not any more.
+    let o = Command::new("setsid").env("COPIED", &token).arg("/bin/true").output().unwrap();
     assert!(o.status.success());
     let alert = t.agent.wait_alert("token_outside_session through the environment", |a| {
         a["rule"] == "token_outside_session" && a["credential"]["carrier"] == "COPIED"
@@ -286,71 +298,69 @@ fn python_with_permitted_net_raw(dir: &Scratch) -> std::path::PathBuf {
 }
 
 /// Probes the agent holds attached, each a BPF link descriptor it keeps open.
-fn bpf_links(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy() == "anon_inode:bpf_link")
-        .count()
-}
 
 /// The plaintext payload hook runs for every packet the host sends, so it is attached only once
-/// a session holds a token: a session without tokens adds only the session-time DNS hook,
-/// one with a token adds the plaintext hook too.
+/// a session holds a token: a session without tokens brings in only the session-time probes
+/// (DNS answers, capability checks, getaddrinfo, the TLS libraries), one with a token the
+/// plaintext hook too. Asked from inside each session's task, so while it runs.
 #[test]
 fn plaintext_capture_is_attached_only_once_a_session_holds_a_token() {
     let t = Creds::start("cred-token-time", &[]);
-    t.wait_executables_probed();
-    let agent = t.agent.pid();
-    let idle = bpf_links(agent);
+    let idle = t.agent.attached_probes();
+    for on_demand in ["tcp_egress", "dns_ingress", "cap_capable", "getaddrinfo_enter", "ssl_write"] {
+        assert!(!idle.contains(on_demand), "{on_demand} attached with no session: {idle:?}");
+    }
     let data = Scratch::new("cred-token-time-data");
-    let links_while = |id: &str, extra: &str, env: &[(&str, &str)]| {
+    let attached_while = |id: &str, extra: &str, env: &[(&str, &str)]| {
         let session = session_file(&t.agent.dir, id, extra);
-        let out = data.path(&format!("{id}.links"));
-        // The session's registration is done before its command runs: counted from inside.
-        let script = format!("ls -l /proc/{agent}/fd | grep -c anon_inode:bpf_link > {}", out.display());
+        let out = data.path(&format!("{id}.probes"));
+        let script = format!("{} probes --json > {}", monitor_tests::monitor_bin().display(), out.display());
         let o = t.run_session(&session, &script, env);
         assert!(o.status.success(), "{}", stderr(&o));
-        fs::read_to_string(&out).unwrap().trim().parse::<usize>().unwrap()
+        attached_names(&programs_from_json(&fs::read_to_string(&out).unwrap()))
     };
-    // While a session runs, the DNS answer hook (dns_ingress) is attached whatever its tokens.
-    let while_sessions = idle + 1;
-    assert_eq!(links_while("no-tokens-1", "grace: 1s\n", &[]), while_sessions, "no token: the hook stays detached");
+    let no_tokens = attached_while("no-tokens-1", "grace: 1s\n", &[]);
+    let session_time =
+        ["dns_ingress", "cap_capable", "getaddrinfo_enter", "getaddrinfo_exit", "ssl_write", "ssl_write_ex"];
+    for probe in session_time {
+        assert!(no_tokens.contains(probe), "{probe} not attached while a session runs: {no_tokens:?}");
+    }
+    assert!(!no_tokens.contains("tcp_egress"), "no token: the plaintext hook stays detached");
     let token = "t0k3n-for-the-plaintext-hook-4f9a2c";
-    let with_token = links_while("with-token-1", SESSION, &[("BOT_TOKEN", token)]);
-    assert_eq!(with_token, while_sessions + 1, "a session token attaches the plaintext hook");
+    let with_token = attached_while("with-token-1", SESSION, &[("BOT_TOKEN", token)]);
+    assert!(with_token.contains("tcp_egress"), "a session token attaches the plaintext hook: {with_token:?}");
 }
 
 /// The opt-in privilege-change syscall tracepoints slow every syscall on the host, so even when
-/// enabled they are attached only while a process or cgroup is bound to a session: four more
-/// BPF links while one runs (and the DNS answer hook, a fifth), and back to the idle count once
-/// its processes are gone.
+/// enabled they are attached only while a process or cgroup is bound to a session, with the
+/// other session-time probes, and detached once its processes are gone.
 #[test]
 fn privilege_change_syscall_probes_are_attached_only_while_sessions_run() {
     let mut args = Vec::new();
-    for probe in ["sys_exit_setuid", "sys_exit_setreuid", "sys_exit_setresuid", "sys_exit_capset"] {
+    let syscall_probes = ["sys_exit_setuid", "sys_exit_setreuid", "sys_exit_setresuid", "sys_exit_capset"];
+    for probe in syscall_probes {
         args.extend(["--enable-probe", probe]);
     }
     let t = Creds::start("cred-ondemand", &args);
-    t.wait_executables_probed();
-    let agent = t.agent.pid();
-    let idle = bpf_links(agent);
+    let idle = t.agent.attached_probes();
+    assert!(syscall_probes.iter().all(|p| !idle.contains(*p)), "{idle:?}");
     let session = session_file(&t.agent.dir, "ondemand-1", "grace: 1s\n");
     let data = Scratch::new("cred-ondemand-data");
     let done = data.path("done");
     let script = format!("while [ ! -e {} ]; do sleep 0.05; done", done.display());
     let mut task = t.spawn_session(&session, &script, &[]);
-    wait_for(
+    let running = wait_for(
         "the privilege-change probes attached",
-        || (bpf_links(agent) == idle + 5).then_some(()),
-        || format!("{} BPF links, {idle} idle\n{}", bpf_links(agent), t.agent.diagnostics()),
+        || Some(t.agent.attached_probes()).filter(|a| syscall_probes.iter().all(|p| a.contains(*p))),
+        || format!("{:?}\n{}", t.agent.attached_probes(), t.agent.diagnostics()),
     );
+    assert!(running.contains("cap_capable"), "{running:?}");
     fs::write(&done, "").unwrap();
     assert!(task.wait().unwrap().success());
     wait_for(
-        "the privilege-change probes detached",
-        || (bpf_links(agent) == idle).then_some(()),
-        || format!("{} BPF links, {idle} idle\n{}", bpf_links(agent), t.agent.diagnostics()),
+        "every session-time probe detached",
+        || (t.agent.attached_probes() == idle).then_some(()),
+        || format!("{:?}, {idle:?} idle\n{}", t.agent.attached_probes(), t.agent.diagnostics()),
     );
 }
 

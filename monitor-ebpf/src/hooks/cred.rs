@@ -238,6 +238,8 @@ fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {
             session_key,
         );
         (*event).hash = hash;
+        (*event).ppid = kernel::parent_tgid().unwrap_or(0);
+        (*event).sid = kernel::session_id().unwrap_or(0);
         (*event).comm = comm();
         (*event).name.len = 0;
         if len > 0 && len <= ENV_NAME_CAP {

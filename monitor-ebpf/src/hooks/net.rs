@@ -65,6 +65,14 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
     let family = FAMILY;
     let (_, tgid) = session::current_ids();
     let key = session::of_current(tgid);
+    // Connects record their socket's owner for the plaintext hook while it is attached; outside
+    // sessions only while sessions hold tokens (a request matters only for those). Otherwise
+    // other processes' connects cost two config reads.
+    let tcp_owners = config(CONFIG_TCP_OWNERS) != 0;
+    let outsiders_matter = tcp_owners && config(CONFIG_TOKEN_COUNT) != 0;
+    if key.is_none() && !outsiders_matter {
+        return ALLOW;
+    }
     let sa = ctx.sock_addr;
     let addr = if FAMILY == AF_INET { ipv4_mapped(sa) } else { ipv6(sa) };
     // SAFETY: a valid context pointer; each field is read at its constant offset.
@@ -75,13 +83,7 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
             read_volatile(&(*sa).protocol),
         )
     };
-    // Outside sessions, a request matters only for the tokens sessions hold: while there are
-    // none, connects of other processes cost one config read.
-    if hook == HOOK_CONNECT
-        && sock_type == SOCK_STREAM
-        && config(CONFIG_TCP_OWNERS) != 0
-        && (key.is_some() || config(CONFIG_TOKEN_COUNT) != 0)
-    {
+    if hook == HOOK_CONNECT && sock_type == SOCK_STREAM && tcp_owners {
         record_tcp_owner(sa, tgid, key.unwrap_or(0), port, &addr);
     }
     let Some(key) = key else {

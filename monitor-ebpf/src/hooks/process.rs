@@ -78,7 +78,9 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // Any process, in a session or not, may exec with a session's token in its environment.
     cred::scan_exec_env(key.unwrap_or(0));
-    note_executable(ctx, key.unwrap_or(0));
+    if session::anything_watched() {
+        note_executable(ctx, key.unwrap_or(0));
+    }
     Ok(())
 }
 
@@ -133,6 +135,8 @@ fn emit_exec(ctx: &TracePointContext, key: u32) {
         (*event).euid = euid;
         (*event).egid = egid;
         (*event).old_pid = ctx.read_at::<i32>(kernel::exec_old_pid_off()).unwrap_or(0) as u32;
+        (*event).sid = kernel::session_id().unwrap_or(0);
+        (*event)._pad0 = 0;
         (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
 
         // filename is a __data_loc: low 16 bits offset into the record, high 16 bits length.

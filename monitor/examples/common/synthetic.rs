@@ -24,7 +24,7 @@ pub fn synthetic(n: usize) -> Vec<Event> {
             scope: Scope { exec: Some(vec!["/bin/sh".into(), "/usr/bin/curl".into()]), ..Default::default() },
             tokens: vec![],
             enforce: false,
-            binding: Binding { root_pid: Some(100_000 + key), cgroup: None },
+            binding: Binding { root_pid: Some(100_000 + key), cgroup: None, launcher_sid: None },
         };
         events.push(Event::SessionStarted { ts: 0, key, session: Box::new(session) });
     }
@@ -46,6 +46,7 @@ pub fn synthetic(n: usize) -> Vec<Event> {
             session: key,
             pid: child,
             ppid: root,
+            sid: 0,
             exe: exe.into(),
             exe_real: None,
             argv: vec![exe.into(), "-s".into(), "http://127.0.0.2/".into()],

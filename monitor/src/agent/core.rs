@@ -144,6 +144,8 @@ impl Core {
                         while let Ok(event) = self.events.try_recv() {
                             self.apply(event).await;
                         }
+                        // Folded findings send their counts so far (recorded, so replay does too).
+                        self.apply(Event::AgentStopping { ts: now_ns() }).await;
                         self.flush_trace();
                         if let Some(trace) = &self.trace {
                             trace.wait_forwarded(STOP_DRAIN).await;

@@ -2,7 +2,10 @@
 //! - at start, the executables of the processes already running and those under the tool
 //!   directories (probes/executables.rs: DEFAULT_DIRS and the policy's `tls.executable_dirs`),
 //!   so a tool's first request finds its probe in place;
-//! - every executable the exec probe reports as new, looked at when it first runs. Attaching a
+//! - while a session runs or sessions' tokens are looked for, every executable the exec probe
+//!   reports as new, looked at when it first runs (with nothing watched the exec probe does not
+//!   look, so that an exec costs other processes nothing; the running processes' executables are
+//!   looked at again when a session starts). Attaching a
 //!   uprobe takes the kernel ~10-20 ms (measured: perf_event_open), so a program that is not in
 //!   those directories and makes its first request sooner than that after its very first exec
 //!   on the host sends that request unseen; every later run is seen.
@@ -35,6 +38,7 @@ pub async fn run(
     probes: Arc<std::sync::Mutex<Probes>>,
     extra_dirs: Vec<PathBuf>,
     mut new: mpsc::Receiver<NewExecutable>,
+    rescan: Arc<tokio::sync::Notify>,
 ) {
     let mut state = State { probes, seen: HashSet::new(), probed: 0 };
     let state_at_start = tokio::task::spawn_blocking(move || {
@@ -43,7 +47,26 @@ pub async fn run(
     })
     .await;
     let Ok(mut state) = state_at_start else { return };
-    while let Some(exe) = new.recv().await {
+    loop {
+        let exe = tokio::select! {
+            exe = new.recv() => match exe {
+                Some(exe) => exe,
+                None => return,
+            },
+            () = rescan.notified() => {
+                // A session started: the execs made while nothing was watched reported nothing.
+                state = match tokio::task::spawn_blocking(move || {
+                    state.probe_running();
+                    state
+                })
+                .await
+                {
+                    Ok(state) => state,
+                    Err(_) => return,
+                };
+                continue;
+            }
+        };
         // The kernel reports a file again after its LRU forgot it: looked at once all the same.
         if state.seen.contains(&exe.file) {
             continue;
@@ -75,21 +98,7 @@ impl State {
     /// The executables of running processes, then those in the tool directories.
     fn probe_at_start(&mut self, extra_dirs: &[PathBuf]) {
         let started = std::time::Instant::now();
-        let mut running = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            let path = PathBuf::from(format!("/proc/{pid}/exe"));
-            let Ok(file) = File::open(&path) else { continue };
-            let Ok(meta) = file.metadata() else { continue };
-            use std::os::unix::fs::MetadataExt as _;
-            let id = FileId { dev: crate::credentials::watch::kernel_dev(meta.dev()), ino: meta.ino() };
-            running.push((id, file, path));
-        }
-        for (id, file, path) in running {
-            if !self.seen.contains(&id) {
-                self.probe(id, &file, &path);
-            }
-        }
+        self.probe_running();
         let mut dirs: Vec<PathBuf> = executables::DEFAULT_DIRS.iter().map(PathBuf::from).collect();
         dirs.extend(extra_dirs.iter().cloned());
         let candidates = executables::candidates(&dirs);
@@ -109,6 +118,25 @@ impl State {
             probed = self.probed,
             "executables with their own TLS code probed in advance"
         );
+    }
+
+    /// The executables of the running processes not looked at yet (a stat each for the others).
+    fn probe_running(&mut self) {
+        let mut running = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let path = PathBuf::from(format!("/proc/{pid}/exe"));
+            let Ok(file) = File::open(&path) else { continue };
+            let Ok(meta) = file.metadata() else { continue };
+            use std::os::unix::fs::MetadataExt as _;
+            let id = FileId { dev: crate::credentials::watch::kernel_dev(meta.dev()), ino: meta.ino() };
+            running.push((id, file, path));
+        }
+        for (id, file, path) in running {
+            if !self.seen.contains(&id) {
+                self.probe(id, &file, &path);
+            }
+        }
     }
 
     /// Looks at one executable and attaches the probes it needs.

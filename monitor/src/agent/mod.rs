@@ -72,8 +72,12 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     // The reader starts before any probe is attached, so no early event waits unread.
     let uid_changes = proc_connector(&settings.enabled_probes);
     let (executable_tx, executable_rx) = mpsc::channel(executables::QUEUE);
-    let mut reader = tokio::spawn(reader::run(ring, clock(), observer, uid_changes, executable_tx, event_tx.clone()));
-    let probes = loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
+    let (watched_tx, watched_rx) = tokio::sync::watch::channel(false);
+    let mut reader =
+        tokio::spawn(reader::run(ring, clock(), observer, uid_changes, executable_tx, event_tx.clone(), watched_rx));
+    let mut probes =
+        loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
+    probes.tell_watched(watched_tx);
     report(&probes.report);
     if probes.report.is_attached("tcp_egress") {
         // Connects now record their socket's owner for the plaintext payload hook.
@@ -120,8 +124,13 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         core::Core::new(Engine::new(engine_config), event_rx, alert_tx, stamp, event_log, trace, effect_tx);
     let core = tokio::spawn(core.run());
     let probes = Arc::new(std::sync::Mutex::new(probes));
-    let executable_task =
-        tokio::spawn(executables::run(probes.clone(), settings.policy.tls.executable_dirs.clone(), executable_rx));
+    let rescan_executables = Arc::new(tokio::sync::Notify::new());
+    let executable_task = tokio::spawn(executables::run(
+        probes.clone(),
+        settings.policy.tls.executable_dirs.clone(),
+        executable_rx,
+        rescan_executables.clone(),
+    ));
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
     let watcher = tokio::spawn(watch_credentials(
         credentials.clone(),
@@ -144,6 +153,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         policy: Arc::new(settings.policy.clone()),
         credentials,
         probes: probes.clone(),
+        rescan_executables,
     };
     let control = tokio::spawn(server::serve(listener, plane));
     tracing::info!(control = %settings.control.display(), "agent ready");
@@ -196,6 +206,7 @@ async fn watch_credentials(
         let tokens_known = maps.sync_token_hashes(index.seed(), &index.token_hashes());
         let mut probes = probes.lock().unwrap_or_else(|p| p.into_inner());
         probes.set_tokens_known(tokens_known);
+        maps.note_no_process_bound();
         if !maps.any_binding() {
             probes.set_sessions_running(false);
         }
@@ -252,7 +263,7 @@ fn random_seed() -> anyhow::Result<u64> {
 fn report(report: &probes::LoadReport) {
     for p in &report.probes {
         if p.while_sessions {
-            tracing::info!(probe = p.probe, attach = %p.attach, "loaded; attached while sessions run");
+            tracing::info!(probe = p.probe, attach = %p.attach, "loaded; attached while sessions or tokens need it");
         } else if p.attached {
             tracing::info!(probe = p.probe, attach = %p.attach, "attached");
         } else {
@@ -284,19 +295,39 @@ fn clock() -> Clock {
     Clock { boot_to_wall: read(libc::CLOCK_REALTIME) - read(libc::CLOCK_BOOTTIME) }
 }
 
-/// Gives each alert its id (a ULID: unique and sortable) and the host name.
+/// Gives each alert its id (a ULID: unique and sortable) and the host name; an update of a
+/// folded finding gets the id its first alert got.
 pub struct Stamp {
     ids: ulid::Generator,
     pub host: String,
+    /// The id of each finding the engine may still update, by its fold number (which only
+    /// grows, so the smallest are the oldest).
+    fold_ids: std::collections::BTreeMap<u64, String>,
 }
+
+/// Findings whose id is remembered: far more than the engine keeps open at once.
+const FOLD_IDS: usize = 16_384;
 
 impl Stamp {
     pub fn new() -> Self {
-        Self { ids: ulid::Generator::new(), host: hostname() }
+        Self { ids: ulid::Generator::new(), host: hostname(), fold_ids: Default::default() }
     }
 
     pub fn stamp(&mut self, mut alert: Alert) -> Alert {
-        alert.id = self.ids.generate().map(|u| u.to_string()).unwrap_or_else(|_| ulid::Ulid::new().to_string());
+        let known = if alert.is_update() { self.fold_ids.get(&alert.fold).cloned() } else { None };
+        alert.id = match known {
+            Some(id) => id,
+            None => {
+                let id = self.ids.generate().map(|u| u.to_string()).unwrap_or_else(|_| ulid::Ulid::new().to_string());
+                if alert.fold != 0 {
+                    if self.fold_ids.len() >= FOLD_IDS {
+                        self.fold_ids.pop_first();
+                    }
+                    self.fold_ids.insert(alert.fold, id.clone());
+                }
+                id
+            }
+        };
         alert.host = self.host.clone();
         alert
     }

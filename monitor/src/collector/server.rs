@@ -129,10 +129,13 @@ async fn handshake(conn: &mut Box<dyn Stream>, buf: &mut ValueBuffer, key: &str,
     }
 }
 
-/// A received entry for the store, with its alert id when it is a monitor alert.
+/// A received entry for the store, with its alert id (and count: an update of a folded
+/// finding has a larger one) when it is a monitor alert.
 fn incoming(e: protocol::Entry) -> Incoming {
-    let id = if e.tag.starts_with("monitor.") { e.str_field("id") } else { None };
-    Incoming { tag: e.tag, time_ns: e.time_ns, id, record: e.record }
+    let alert = e.tag.starts_with("monitor.");
+    let id = if alert { e.str_field("id") } else { None };
+    let count = if alert { e.uint_field("count").unwrap_or(1) } else { 1 };
+    Incoming { tag: e.tag, time_ns: e.time_ns, id, count, record: e.record }
 }
 
 fn random16() -> [u8; 16] {

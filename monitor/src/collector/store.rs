@@ -1,7 +1,9 @@
 //! The collector's store: append-only segments of checksummed frames (the trace frame format),
 //! each record one received event with a sequence number. A batch is acknowledged to its sender
-//! only after it is synced to disk. Alerts are de-duplicated by id, so an agent that resends a
-//! batch whose ack it never got does not store an alert twice.
+//! only after it is synced to disk. Alerts are de-duplicated by id and count, so an agent that
+//! resends a batch whose ack it never got does not store an alert twice, while each update of
+//! a folded finding (same id, a larger count) is stored once; readers take an id's largest
+//! count as the alert (see [`latest_alerts`]).
 
 use std::{
     collections::HashSet,
@@ -21,9 +23,12 @@ pub struct Stored {
     pub seq: u64,
     pub tag: String,
     pub time_ns: u64,
-    /// The alert id, when the record is a monitor alert (the de-duplication key).
+    /// The alert id, when the record is a monitor alert (the de-duplication key, with `count`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The alert's count: 1, or more for an update of a folded finding.
+    #[serde(default = "one")]
+    pub count: u64,
     /// The record as received, MessagePack.
     #[serde(with = "bytes")]
     pub record: Vec<u8>,
@@ -62,14 +67,22 @@ pub mod bytes {
     }
 }
 
+fn one() -> u64 {
+    1
+}
+
 /// An event to store.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub tag: String,
     pub time_ns: u64,
     pub id: Option<String>,
+    pub count: u64,
     pub record: Vec<u8>,
 }
+
+/// The de-duplication key of a stored alert version.
+type Version = (String, u64);
 
 pub struct Store {
     dir: PathBuf,
@@ -78,7 +91,7 @@ pub struct Store {
     file: fs::File,
     head_len: u64,
     next_seq: u64,
-    ids: HashSet<String>,
+    ids: HashSet<Version>,
 }
 
 impl Store {
@@ -91,7 +104,7 @@ impl Store {
             read_segment(&segment_path(dir, *seg), 0, &mut |s: Stored, _| {
                 next_seq = s.seq + 1;
                 if let Some(id) = s.id {
-                    ids.insert(id);
+                    ids.insert((id, s.count));
                 }
             })?;
         }
@@ -109,16 +122,18 @@ impl Store {
         let now = crate::agent::now_ns();
         for e in batch {
             if let Some(id) = &e.id {
-                if self.ids.contains(id) || new_ids.contains(id) {
+                let version = (id.clone(), e.count);
+                if self.ids.contains(&version) || new_ids.contains(&version) {
                     continue;
                 }
-                new_ids.insert(id.clone());
+                new_ids.insert(version);
             }
             let stored = Stored {
                 seq: self.next_seq,
                 tag: e.tag,
                 time_ns: e.time_ns,
                 id: e.id,
+                count: e.count,
                 record: e.record,
                 stored_ns: now,
             };
@@ -215,7 +230,26 @@ mod tests {
     use super::*;
 
     fn incoming(id: &str) -> Incoming {
-        Incoming { tag: "monitor.alert".into(), time_ns: 1, id: Some(id.into()), record: vec![0x80] }
+        update(id, 1)
+    }
+
+    fn update(id: &str, count: u64) -> Incoming {
+        Incoming { tag: "monitor.alert".into(), time_ns: 1, id: Some(id.into()), count, record: vec![0x80] }
+    }
+
+    #[test]
+    fn stores_each_update_of_an_alert_once() {
+        let dir = std::env::temp_dir().join(format!("monitor-store-upd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir).unwrap();
+        assert_eq!(store.append(vec![incoming("a"), update("a", 7), update("a", 7)]).unwrap(), 2);
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        assert_eq!(store.append(vec![update("a", 7), update("a", 9)]).unwrap(), 3);
+        let mut seen = Vec::new();
+        read_segment(&segment_path(&dir, 1), 0, &mut |s, _| seen.push((s.id.unwrap(), s.count))).unwrap();
+        assert_eq!(seen, [("a".into(), 1), ("a".into(), 7), ("a".into(), 9)]);
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct FileAccessWatch {
     /// Watched files with a mark, with the path they were marked through.
     marked: Mutex<HashMap<(u32, u64), String>>,
     agent_pid: u32,
+    /// Allocated once: the queue is drained at every reader round, most of them empty.
+    read_buffer: Mutex<Box<[u8]>>,
 }
 
 impl FileAccessWatch {
@@ -64,7 +66,12 @@ impl FileAccessWatch {
         }
         // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, marked: Mutex::new(HashMap::new()), agent_pid: std::process::id() })
+        Ok(Self {
+            fd,
+            marked: Mutex::new(HashMap::new()),
+            agent_pid: std::process::id(),
+            read_buffer: Mutex::new(vec![0u8; READ_BUFFER].into_boxed_slice()),
+        })
     }
 
     /// Makes the marks cover exactly `watched` (by (device, inode), with a path to each).
@@ -109,7 +116,7 @@ impl FileAccessWatch {
     /// Appends every event waiting in the group to `out`, without blocking. Returns how many
     /// events the kernel dropped because its queue overflowed.
     pub fn drain(&self, out: &mut Vec<FileAccess>) -> u64 {
-        let mut buffer = vec![0u8; READ_BUFFER];
+        let mut buffer = self.read_buffer.lock().unwrap_or_else(|p| p.into_inner());
         let mut overflows = 0;
         loop {
             // SAFETY: reads into a buffer of READ_BUFFER bytes.

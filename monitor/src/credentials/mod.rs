@@ -143,6 +143,8 @@ impl CredentialIndex {
             let actor = Actor {
                 pid: access.pid,
                 tid: access.pid,
+                ppid: 0,
+                sid: 0,
                 comm: String::new(),
                 exe: String::new(),
                 uid: u32::MAX,
@@ -228,6 +230,8 @@ impl Observer {
                 let actor = Actor {
                     pid: exec.pid,
                     tid: exec.pid,
+                    ppid: exec.ppid,
+                    sid: exec.sid,
                     comm: String::new(),
                     exe: exec.exe.clone(),
                     uid: exec.creds.uid,

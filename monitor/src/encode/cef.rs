@@ -40,6 +40,11 @@ pub fn line(alert: &Alert) -> String {
         ("cs4Label", "mitre".into()),
         ("cs4", alert.mitre.join(",")),
     ];
+    // A folded finding: CEF's own repeat count and the span of its occurrences. An update
+    // repeats externalId with a larger cnt.
+    e.push(("cnt", alert.count.to_string()));
+    e.extend(crate::alert::rfc3339_millis(&alert.first_seen).map(|v| ("start", v.to_string())));
+    e.extend(crate::alert::rfc3339_millis(&alert.last_seen).map(|v| ("end", v.to_string())));
     if let Some(p) = &alert.process {
         e.push(("spid", p.pid.to_string()));
         e.push(("sproc", p.exe.clone()));
@@ -51,6 +56,10 @@ pub fn line(alert: &Alert) -> String {
         if let Some(name) = &n.dst_name {
             e.push(("dhost", name.clone()));
         }
+    }
+    if let Some(other) = alert.process.as_ref().and_then(|p| p.session.as_ref()) {
+        e.push(("cs6Label", "process_session".into()));
+        e.push(("cs6", other.id.clone()));
     }
     if let Some(c) = &alert.credential {
         e.push(("cs5Label", "credential".into()));
@@ -89,7 +98,13 @@ mod tests {
             action: Action::Observed,
             mitre: vec![],
             owasp_nhi: vec![],
+            nist_csf: Vec::new(),
+            count: 1,
+            first_seen: String::new(),
+            last_seen: String::new(),
+            pids: Vec::new(),
             ts: 5_000_000,
+            fold: 0,
         };
         let l = line(&alert);
         assert!(l.starts_with("CEF:0|monitor|monitor|"), "{l}");

@@ -1,12 +1,17 @@
-//! OCSF 1.3 Detection Finding (class_uid 2004): the alert as a finding, with the process, the
+//! OCSF 1.8 Detection Finding (class_uid 2004): the alert as a finding, with the process, the
 //! destination and the delegation session as its evidence. Fields OCSF has no place for (the
 //! session, the credential's fingerprint) go in `evidences[].data` and `unmapped`.
+//!
+//! A folded finding's update (same alert id, a larger count) is the same finding again with
+//! `activity_id` 2 (Update): `finding_info.uid` stays the alert id, `count` is the occurrences
+//! so far, `finding_info.first_seen_time`/`last_seen_time` (and `start_time`/`end_time`) span
+//! them, and `metadata.uid` is unique per record (the id, then `-` and the count).
 
 use serde_json::{json, Map, Value};
 
 use crate::alert::{Action, Alert, Severity};
 
-pub const OCSF_VERSION: &str = "1.3.0";
+pub const OCSF_VERSION: &str = "1.8.0";
 
 /// Milliseconds since the epoch (OCSF `timestamp_t`).
 fn millis(ns: u64) -> u64 {
@@ -33,6 +38,10 @@ pub fn finding(alert: &Alert) -> Value {
         Action::Killed => (2, "Denied", 6, "Dropped"),
     };
     let time = millis(alert.ts);
+    let first_seen = crate::alert::rfc3339_millis(&alert.first_seen).unwrap_or(time);
+    let last_seen = crate::alert::rfc3339_millis(&alert.last_seen).unwrap_or(first_seen);
+    let (activity_id, activity_name) = if alert.is_update() { (2, "Update") } else { (1, "Create") };
+    let record_uid = if alert.is_update() { format!("{}-{}", alert.id, alert.count) } else { alert.id.clone() };
     let attacks: Vec<Value> =
         alert.mitre.iter().map(|t| json!({ "technique": { "uid": t }, "version": "v15" })).collect();
     let mut evidence = Map::new();
@@ -70,6 +79,10 @@ pub fn finding(alert: &Alert) -> Value {
         );
     }
     let mut data = json!({ "session": alert.session });
+    if let Some(other) = alert.process.as_ref().and_then(|p| p.session.as_ref()) {
+        // A cross-session use: the acting process's own session.
+        data["process_session"] = json!(other);
+    }
     if let Some(c) = &alert.credential {
         data["credential"] = serde_json::to_value(c).unwrap_or(Value::Null);
         if let Some(path) = &c.path {
@@ -86,11 +99,15 @@ pub fn finding(alert: &Alert) -> Value {
         "class_name": "Detection Finding",
         "category_uid": 2,
         "category_name": "Findings",
-        "activity_id": 1,
-        "activity_name": "Create",
-        "type_uid": 200401,
-        "type_name": "Detection Finding: Create",
-        "time": time,
+        "activity_id": activity_id,
+        "activity_name": activity_name,
+        "type_uid": 200400 + activity_id,
+        "type_name": format!("Detection Finding: {activity_name}"),
+        "time": last_seen,
+        "count": alert.count,
+        "start_time": first_seen,
+        "end_time": last_seen,
+        "is_alert": true,
         "severity_id": severity_id,
         "severity": severity_name,
         "status_id": 1,
@@ -102,7 +119,9 @@ pub fn finding(alert: &Alert) -> Value {
         "message": alert.summary,
         "metadata": {
             "version": OCSF_VERSION,
-            "uid": alert.id,
+            // action and disposition (allowed, blocked, killed) come from this profile.
+            "profiles": ["security_control"],
+            "uid": record_uid,
             "product": { "name": "monitor", "vendor_name": "monitor", "version": env!("CARGO_PKG_VERSION") },
             "labels": alert.owasp_nhi,
         },
@@ -111,12 +130,14 @@ pub fn finding(alert: &Alert) -> Value {
             "title": alert.rule.id(),
             "desc": alert.summary,
             "types": [alert.rule.id()],
-            "created_time": time,
+            "created_time": first_seen,
+            "first_seen_time": first_seen,
+            "last_seen_time": last_seen,
             "analytic": { "uid": alert.rule.id(), "name": alert.rule.id(), "type_id": 1, "type": "Rule" },
             "attacks": attacks,
         },
         "device": { "hostname": alert.host, "type_id": 0, "type": "Unknown" },
         "evidences": [Value::Object(evidence)],
-        "unmapped": { "owasp_nhi": alert.owasp_nhi, "rule": alert.rule.id() },
+        "unmapped": { "owasp_nhi": alert.owasp_nhi, "nist_csf": alert.nist_csf, "rule": alert.rule.id(), "pids": alert.pids },
     })
 }

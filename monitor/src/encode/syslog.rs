@@ -37,10 +37,19 @@ pub fn message(alert: &Alert, fallback_host: &str) -> String {
     param("task", &alert.session.task);
     param("sponsor", &alert.session.sponsor);
     param("state", &alert.session.state);
+    // A folded finding's update repeats the id with a larger count.
+    param("count", &alert.count.to_string());
+    param("first_seen", &alert.first_seen);
+    param("last_seen", &alert.last_seen);
     if let Some(p) = &alert.process {
         param("pid", &p.pid.to_string());
         param("exe", &p.exe);
         param("uid", &p.uid.to_string());
+        if let Some(other) = &p.session {
+            param("process_session", &other.id);
+            param("process_actor", &other.actor);
+            param("process_principal", &other.principal);
+        }
     }
     if let Some(n) = &alert.network {
         param("dst_ip", &n.dst_ip);
@@ -54,6 +63,7 @@ pub fn message(alert: &Alert, fallback_host: &str) -> String {
     }
     param("mitre", &alert.mitre.join(","));
     param("owasp_nhi", &alert.owasp_nhi.join(","));
+    param("nist_csf", &alert.nist_csf.join(","));
     sd.push(']');
     let time = if alert.time.is_empty() { crate::alert::rfc3339(alert.ts) } else { alert.time.clone() };
     format!("<{pri}>1 {time} {} monitor - {} {sd} {}", header_field(host), alert.rule.id(), alert.summary)
@@ -115,7 +125,13 @@ mod tests {
             action: Action::Blocked,
             mitre: vec!["T1021".into()],
             owasp_nhi: vec![],
+            nist_csf: Vec::new(),
+            count: 1,
+            first_seen: String::new(),
+            last_seen: String::new(),
+            pids: Vec::new(),
             ts: 0,
+            fold: 0,
         };
         let m = message(&alert, "fallback");
         assert!(

@@ -48,6 +48,16 @@ impl Engine {
         tracked.learned.insert(t.credential.fingerprint.clone())
     }
 
+    /// Whether a token found at an exec (environment, command line) of a process outside the
+    /// session comes from the session's launcher: a process of the Unix session that declared
+    /// it (the shell that ran `monitor run` with the token exported, whatever it starts, its
+    /// pipelines and subshells). Another login, a daemon, a `setsid` child is not the launcher.
+    fn from_launcher(&self, owner: SessionKey, t: &TokenUse) -> bool {
+        matches!(t.via, TokenVia::Env { .. } | TokenVia::Argv { .. })
+            && t.actor.sid != 0
+            && self.sessions.get(&owner).is_some_and(|o| o.session.binding.launcher_sid == Some(t.actor.sid))
+    }
+
     fn is_learned(&self, session: SessionKey, fingerprint: &str) -> bool {
         self.sessions.get(&session).is_some_and(|t| t.learned.contains(fingerprint))
     }
@@ -67,13 +77,15 @@ impl Engine {
         }
         Some(ProcessRef {
             pid: actor.pid,
-            ppid: 0,
+            ppid: actor.ppid,
             exe: if actor.exe.is_empty() { actor.comm.clone() } else { actor.exe.clone() },
             argv: Vec::new(),
             uid: actor.uid,
             euid: None,
             cgroup: actor.cgroup,
             chain: Vec::new(),
+            session: None,
+            in_session: true,
         })
     }
 
@@ -89,13 +101,54 @@ impl Engine {
     ) -> Alert {
         let mut alert = self.alert(rule, session, None, ts, summary);
         alert.process = self.actor_process(actor_session, actor);
+        if actor_session != session {
+            if let Some(p) = &mut alert.process {
+                match self.sessions.get(&actor_session) {
+                    Some(t) => p.session = Some(t.as_process_session()),
+                    None => p.in_session = false,
+                }
+            }
+        }
         alert.credential = Some(credential);
         alert
+    }
+
+    /// How a summary names the acting process's side of a use: its own session (id, actor,
+    /// principal) or none.
+    fn actor_side(&self, actor_session: SessionKey) -> String {
+        match self.sessions.get(&actor_session) {
+            Some(t) => {
+                format!("a process of session {} (actor {} for {})", t.session.id, t.session.actor, t.session.principal)
+            }
+            None => "a process in no session".to_string(),
+        }
+    }
+
+    /// Which misuse of a session's token `t` is, if any.
+    fn token_misuse(&self, t: &TokenUse, owners: &[SessionKey]) -> Option<Misuse> {
+        if owners.contains(&t.session) {
+            return self.authority_over(t.session, t.ts).then_some(Misuse::AfterOwnTask);
+        }
+        if let Some(owner) = owners.iter().copied().find(|o| !self.authority_over(*o, t.ts)) {
+            if t.session == 0 && self.from_launcher(owner, t) {
+                return Some(Misuse::Excused);
+            }
+            return Some(Misuse::OutsideSession(owner));
+        }
+        owners.iter().copied().max_by_key(|o| self.sessions[o].started).map(Misuse::AfterOwnersTask)
     }
 
     pub(super) fn token_use(&mut self, t: &TokenUse, alerts: &mut Vec<Alert>) {
         if self.learn_token(t) || matches!(t.via, TokenVia::Received { .. }) {
             // Learnt now, or received (a token response): nothing to alert on yet.
+            return;
+        }
+        let owners = self.token_owners(&t.credential.fingerprint);
+        let misuse = self.token_misuse(t, &owners);
+        let expired =
+            t.credential.jwt.as_ref().and_then(|j| j.exp).filter(|exp| exp.saturating_mul(1_000_000_000) < t.ts as i64);
+        if matches!(misuse, Some(Misuse::Excused)) || (misuse.is_none() && expired.is_none()) {
+            // The common case (a session's own token during its task): no alert, nothing built.
             return;
         }
         let (seen_in, carrier, request, network) = match &t.via {
@@ -140,7 +193,6 @@ impl Engine {
             (_, _) => format!("in a {seen_in} request"),
         };
         let who = if t.actor.exe.is_empty() { t.actor.comm.clone() } else { t.actor.exe.clone() };
-        let owners = self.token_owners(&t.credential.fingerprint);
         let mut push = |engine: &Self, rule, session, summary: String| {
             let mut credential = credential.clone();
             credential.learned = engine.is_learned(session, &t.credential.fingerprint);
@@ -149,30 +201,33 @@ impl Engine {
             alerts.push(alert);
         };
 
-        if owners.contains(&t.session) {
-            if self.authority_over(t.session, t.ts) {
+        match misuse {
+            Some(Misuse::AfterOwnTask) => {
                 let summary =
                     format!("{who} (pid {}) used the session's token {how} after its task ended", t.actor.pid);
                 push(self, Rule::TokenAfterTaskEnd, t.session, summary);
             }
-        } else if let Some(owner) = owners.iter().copied().find(|o| !self.authority_over(*o, t.ts)) {
-            let summary = format!(
-                "{who} (pid {}) used session {}'s token {how}, but is not a process of that session",
-                t.actor.pid,
-                self.session_id(owner)
-            );
-            push(self, Rule::TokenOutsideSession, owner, summary);
-        } else if let Some(owner) = owners.iter().copied().max_by_key(|o| self.sessions[o].started) {
-            let summary = format!(
-                "{who} (pid {}) used session {}'s token {how} after that task ended",
-                t.actor.pid,
-                self.session_id(owner)
-            );
-            push(self, Rule::TokenAfterTaskEnd, owner, summary);
+            Some(Misuse::OutsideSession(owner)) => {
+                let summary = format!(
+                    "{who} (pid {}), {}, used session {}'s token {how}",
+                    t.actor.pid,
+                    self.actor_side(t.session),
+                    self.session_id(owner)
+                );
+                push(self, Rule::TokenOutsideSession, owner, summary);
+            }
+            Some(Misuse::AfterOwnersTask(owner)) => {
+                let summary = format!(
+                    "{who} (pid {}), {}, used session {}'s token {how} after that task ended",
+                    t.actor.pid,
+                    self.actor_side(t.session),
+                    self.session_id(owner)
+                );
+                push(self, Rule::TokenAfterTaskEnd, owner, summary);
+            }
+            Some(Misuse::Excused) | None => {}
         }
 
-        let expired =
-            t.credential.jwt.as_ref().and_then(|j| j.exp).filter(|exp| exp.saturating_mul(1_000_000_000) < t.ts as i64);
         if let Some(exp) = expired {
             let session =
                 if self.sessions.contains_key(&t.session) { t.session } else { owners.first().copied().unwrap_or(0) };
@@ -231,8 +286,9 @@ impl Engine {
             },
         };
         let summary = format!(
-            "{who} (pid {}), outside session {}, opened its token file {}",
+            "{who} (pid {}), {}, opened session {}'s token file {}",
             o.actor.pid,
+            self.actor_side(o.session),
             self.session_id(owner),
             o.path
         );
@@ -288,4 +344,16 @@ impl Engine {
 /// Whether `path` is one of the session's `tokens: file:` entries.
 fn token_file(t: &Tracked, path: &str) -> bool {
     t.session.tokens.iter().any(|tok| tok.source.strip_prefix("file:") == Some(path))
+}
+
+/// How a use of a session's token breaks the session's bounds.
+enum Misuse {
+    /// By the session's own process, after its task ended.
+    AfterOwnTask,
+    /// By a process of another session or of none, while the owner's task runs.
+    OutsideSession(SessionKey),
+    /// By a process of another session or of none, after the owner's task ended.
+    AfterOwnersTask(SessionKey),
+    /// By the owner's launcher (see `from_launcher`): not a misuse, and nothing else is said.
+    Excused,
 }

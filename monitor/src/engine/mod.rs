@@ -3,6 +3,7 @@
 //! recorded trace replays to the same alerts.
 
 mod credentials;
+mod fold;
 mod names;
 
 pub use credentials::LEARNED_PER_SESSION;
@@ -36,6 +37,10 @@ pub struct EngineConfig {
     /// (the policy's `credentials.learn_tokens`). Off in traces recorded before it existed.
     #[serde(default)]
     pub learn_tokens: bool,
+    /// Repeats of a finding within this window are folded into its first alert (the policy's
+    /// `alerts.fold_window`; 0: every occurrence is an alert, as in traces recorded before).
+    #[serde(default)]
+    pub fold_window_ns: Nanos,
 }
 
 impl EngineConfig {
@@ -44,6 +49,7 @@ impl EngineConfig {
             severity: policy.severity.clone(),
             never_alert: policy.never_alert.connect.clone(),
             learn_tokens: policy.credentials.learn_tokens,
+            fold_window_ns: policy.alerts.fold_window_ns(),
         }
     }
 }
@@ -87,6 +93,15 @@ impl Tracked {
 
     fn grace_deadline(&self) -> Option<Nanos> {
         self.ended.map(|(at, _)| at.saturating_add(self.session.grace_ns))
+    }
+
+    fn as_process_session(&self) -> crate::alert::ProcessSession {
+        crate::alert::ProcessSession {
+            id: self.session.id.to_string(),
+            actor: self.session.actor.clone(),
+            principal: self.session.principal.clone(),
+            task: self.session.task.clone(),
+        }
     }
 
     fn state_at(&self, ts: Nanos) -> SessionState {
@@ -139,11 +154,12 @@ pub struct Engine {
     /// The earliest unsettled grace deadline: lets every event skip the scan of all sessions.
     next_due: Option<Nanos>,
     effects: Vec<Effect>,
+    folds: fold::Folds,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
-        Self { config, ..Default::default() }
+        Self { folds: fold::Folds::new(config.fold_window_ns), config, ..Default::default() }
     }
 
     /// Fills in the session of an observation made where the kernel's session tracking is not:
@@ -182,8 +198,24 @@ impl Engine {
         }
     }
 
-    /// Feeds one event; returns the alerts it raises, in a deterministic order.
+    /// Feeds one event; returns the alerts to send because of it, in a deterministic order:
+    /// updates of folded findings that came due, then what the event raised (new findings;
+    /// repeats are folded, see fold.rs).
     pub fn handle(&mut self, event: &Event) -> Vec<Alert> {
+        let mut out = Vec::new();
+        self.folds.settle(event.ts(), &mut out);
+        let raised = self.raise(event);
+        for alert in raised {
+            self.folds.offer(alert, &mut out);
+        }
+        if let Event::AgentStopping { .. } = event {
+            self.folds.flush(&mut out);
+        }
+        out
+    }
+
+    /// The alerts the rules raise on one event, each occurrence on its own.
+    fn raise(&mut self, event: &Event) -> Vec<Alert> {
         let mut alerts = Vec::new();
         // Deadlines that passed before this event are settled first, so the outcome does not
         // depend on whether a tick happened to arrive in between.
@@ -219,6 +251,7 @@ impl Engine {
             Event::TokenUse(t) => self.token_use(t, &mut alerts),
             Event::CredChange(c) => self.cred_change(c, &mut alerts),
             Event::Tick { ts } => self.forget_finished(*ts),
+            Event::AgentStopping { .. } => {}
             Event::Lost { ts, source, count } => alerts.push(self.blind(*ts, source, *count)),
         }
         alerts
@@ -231,7 +264,7 @@ impl Engine {
 
     /// The earliest time at which a deadline rule could fire without another event.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        self.next_due
+        self.next_due.into_iter().chain(self.folds.next_due()).min()
     }
 
     fn scan_next_deadline(&self) -> Option<Nanos> {
@@ -517,7 +550,13 @@ impl Engine {
             action: Action::Observed,
             mitre: Vec::new(),
             owasp_nhi: Vec::new(),
+            nist_csf: Vec::new(),
+            count: 1,
+            first_seen: String::new(),
+            last_seen: String::new(),
+            pids: Vec::new(),
             ts,
+            fold: 0,
         }
     }
 
@@ -550,7 +589,13 @@ impl Engine {
             action: Action::Observed,
             mitre: rule.mitre().iter().map(|s| s.to_string()).collect(),
             owasp_nhi: rule.owasp_nhi().iter().map(|s| s.to_string()).collect(),
+            nist_csf: rule.nist_csf().iter().map(|s| s.to_string()).collect(),
+            count: 1,
+            first_seen: String::new(),
+            last_seen: String::new(),
+            pids: Vec::new(),
             ts,
+            fold: 0,
         }
     }
 }

@@ -123,6 +123,8 @@ impl ProcTable {
             euid: p.creds.euid,
             cgroup: p.cgroup,
             chain,
+            session: None,
+            in_session: true,
         })
     }
 }

@@ -22,7 +22,7 @@ fn session(exec: Option<&[&str]>) -> Session {
         scope: Scope { exec: exec.map(|e| e.iter().map(|s| s.to_string()).collect()), ..Default::default() },
         tokens: vec![],
         enforce: false,
-        binding: Binding { root_pid: Some(ROOT), cgroup: None },
+        binding: Binding { root_pid: Some(ROOT), cgroup: None, launcher_sid: None },
     }
 }
 
@@ -40,6 +40,7 @@ fn exec(ts: Nanos, pid: u32, ppid: u32, exe: &str, c: Creds) -> Event {
         session: KEY,
         pid,
         ppid,
+        sid: 0,
         exe: exe.into(),
         exe_real: None,
         argv: vec![exe.into()],
@@ -362,7 +363,7 @@ mod credentials {
     }
 
     fn actor(pid: u32) -> Actor {
-        Actor { pid, tid: pid, comm: "curl".into(), exe: "/usr/bin/curl".into(), uid: 1000, cgroup: 1 }
+        Actor { pid, tid: pid, ppid: 0, sid: 0, comm: "curl".into(), exe: "/usr/bin/curl".into(), uid: 1000, cgroup: 1 }
     }
 
     fn http(ts: Nanos, session: SessionKey, pid: u32, fingerprint: &str, jwt: Option<JwtClaims>) -> Event {
@@ -459,7 +460,7 @@ mod credentials {
         assert_eq!(rules(&alerts), [Rule::TokenOutsideSession, Rule::TokenOutsideSession]);
         assert_eq!(alerts[0].session.id, "t-1");
         assert_eq!(alerts[0].process.as_ref().unwrap().pid, 4242);
-        assert!(alerts[0].summary.contains("not a process of that session"), "{}", alerts[0].summary);
+        assert!(alerts[0].summary.contains("a process in no session"), "{}", alerts[0].summary);
     }
 
     #[test]
@@ -583,5 +584,141 @@ mod credentials {
         let mut engine = Engine::new(EngineConfig { learn_tokens: true, ..Default::default() });
         let alerts: Vec<Alert> = late.iter().flat_map(|e| engine.handle(e)).collect();
         assert!(alerts.iter().all(|a| a.rule != Rule::TokenAfterTaskEnd), "{alerts:#?}");
+    }
+
+    fn env_exec(ts: Nanos, pid: u32, ppid: u32) -> Event {
+        Event::TokenUse(TokenUse {
+            ts,
+            session: 0,
+            actor: Actor { ppid, ..actor(pid) },
+            credential: SeenCredential {
+                kind: CredentialKind::Env,
+                fingerprint: TOKEN.into(),
+                header: None,
+                key_id: None,
+                jwt: None,
+            },
+            via: TokenVia::Env { name: "BOT_TOKEN".into() },
+        })
+    }
+
+    fn folding(window: Nanos) -> Engine {
+        Engine::new(EngineConfig { fold_window_ns: window, ..Default::default() })
+    }
+
+    /// A shell that exported the token runs 50 commands after the task ended: one alert, sent at
+    /// once, then one update with the count, by event time (a Tick), never 50 alerts.
+    #[test]
+    fn repeats_of_a_finding_fold_into_one_alert_and_its_update() {
+        let mut engine = folding(60 * S);
+        let mut sent = Vec::new();
+        for e in task() {
+            sent.extend(engine.handle(&e));
+        }
+        sent.extend(engine.handle(&exit(2 * S, ROOT)));
+        for i in 0..50 {
+            sent.extend(engine.handle(&env_exec(10 * S + i * 1_000_000, 5000 + i as u32, 4000)));
+        }
+        assert_eq!(sent.len(), 1, "{sent:#?}");
+        assert_eq!((sent[0].rule, sent[0].count), (Rule::TokenAfterTaskEnd, 1));
+        let due = engine.next_deadline().expect("an update is due");
+        assert_eq!(due, 10 * S + 1_000_000 + fold::UPDATE_DELAY_NS, "the first repeat not sent, plus the delay");
+        let update = engine.handle(&Event::Tick { ts: due });
+        assert_eq!(update.len(), 1, "{update:#?}");
+        assert_eq!(update[0].count, 50);
+        assert_eq!(update[0].fold, sent[0].fold, "an update of the same finding");
+        assert_eq!(update[0].first_seen, sent[0].time);
+        assert_eq!(update[0].last_seen, rfc3339(10 * S + 49 * 1_000_000));
+        assert_eq!(update[0].pids.len(), 50);
+        assert!(engine.handle(&Event::Tick { ts: 30 * S }).is_empty(), "nothing new: no update");
+        // Past the window a repeat is a new alert.
+        let later = engine.handle(&env_exec(71 * S, 6000, 4000));
+        assert_eq!((later.len(), later[0].count), (1, 1));
+        assert_ne!(later[0].fold, sent[0].fold);
+    }
+
+    #[test]
+    fn other_lineages_and_credentials_are_other_findings_and_a_stop_flushes() {
+        let mut engine = folding(60 * S);
+        for e in task() {
+            engine.handle(&e);
+        }
+        engine.handle(&exit(2 * S, ROOT));
+        let first = engine.handle(&env_exec(10 * S, 5000, 4000));
+        let child = engine.handle(&env_exec(10 * S + 1, 5001, 5000));
+        let other = engine.handle(&env_exec(10 * S + 2, 7000, 6999));
+        assert_eq!((first.len(), child.len(), other.len()), (1, 0, 1), "a child folds, a stranger does not");
+        let stop = engine.handle(&Event::AgentStopping { ts: 11 * S });
+        assert_eq!(stop.len(), 1);
+        assert_eq!((stop[0].fold, stop[0].count), (first[0].fold, 2));
+    }
+
+    #[test]
+    fn folding_off_sends_every_occurrence() {
+        let mut engine = folding(0);
+        for e in task() {
+            engine.handle(&e);
+        }
+        engine.handle(&exit(2 * S, ROOT));
+        let sent: usize = (0..5).map(|i| engine.handle(&env_exec(10 * S + i, 5000 + i as u32, 4000)).len()).sum();
+        assert_eq!(sent, 5);
+    }
+
+    /// The launcher's shell holds the token while the task is active; its later children are
+    /// caught again once it ended.
+    #[test]
+    fn the_launcher_lineage_holds_the_token_while_the_task_is_active() {
+        let mut engine = Engine::default();
+        let mut s = with_token();
+        s.binding.launcher_sid = Some(200);
+        let mut alerts = Vec::new();
+        for e in [start(0, s), exec(S, ROOT, 300, "/bin/sh", creds(1000, 1000))] {
+            alerts.extend(engine.handle(&e));
+        }
+        let in_sid = |e: Event, sid: u32| match e {
+            Event::TokenUse(mut t) => {
+                t.actor.sid = sid;
+                Event::TokenUse(t)
+            }
+            e => e,
+        };
+        alerts.extend(engine.handle(&in_sid(env_exec(2 * S, 400, 200), 200)));
+        alerts.extend(engine.handle(&in_sid(env_exec(2 * S, 401, 400), 200)));
+        assert!(alerts.is_empty(), "{alerts:#?}");
+        let stranger = engine.handle(&in_sid(env_exec(2 * S, 900, 200), 900));
+        assert_eq!(rules(&stranger), [Rule::TokenOutsideSession]);
+        let p = stranger[0].process.as_ref().unwrap();
+        assert!(!p.in_session && stranger[0].summary.contains("in no session"), "{:?}", stranger[0]);
+        engine.handle(&exit(3 * S, ROOT));
+        let after = engine.handle(&in_sid(env_exec(10 * S, 402, 200), 200));
+        assert_eq!(rules(&after), [Rule::TokenAfterTaskEnd]);
+    }
+
+    /// Session B's process sends session A's token: the alert is A's, and names B.
+    #[test]
+    fn a_cross_session_use_names_both_sessions() {
+        let mut engine = Engine::default();
+        let mut b = session(None);
+        b.id = SessionId::try_from("t-2".to_string()).unwrap();
+        b.actor = "svc:other".into();
+        b.binding.root_pid = Some(800);
+        for e in task() {
+            engine.handle(&e);
+        }
+        engine.handle(&Event::SessionStarted { ts: S, key: 2, session: Box::new(b) });
+        engine.handle(&Event::Exec(Exec {
+            session: 2,
+            ..match exec(S, 800, 1, "/usr/bin/curl", creds(1000, 1000)) {
+                Event::Exec(e) => e,
+                _ => unreachable!(),
+            }
+        }));
+        let alerts = engine.handle(&http(2 * S, 2, 800, TOKEN, None));
+        assert_eq!(rules(&alerts), [Rule::TokenOutsideSession]);
+        let a = &alerts[0];
+        assert_eq!(a.session.id, "t-1");
+        let other = a.process.as_ref().and_then(|p| p.session.as_ref()).expect("process.session");
+        assert_eq!((other.id.as_str(), other.actor.as_str()), ("t-2", "svc:other"));
+        assert!(a.summary.contains("session t-2 (actor svc:other for alice@example.com)"), "{}", a.summary);
     }
 }

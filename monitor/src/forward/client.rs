@@ -300,7 +300,7 @@ fn chunk_id() -> String {
         let t = crate::agent::now_ns() ^ N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         bytes[..8].copy_from_slice(&t.to_le_bytes());
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::lower(&bytes)
 }
 
 #[cfg(test)]

@@ -48,6 +48,10 @@ impl Entry {
     pub fn str_field(&self, key: &str) -> Option<String> {
         str_field(&self.record, key)
     }
+
+    pub fn uint_field(&self, key: &str) -> Option<u64> {
+        uint_field(&self.record, key)
+    }
 }
 
 /// A decoded message from a client: its entries, and the chunk id to ack, if asked.
@@ -195,13 +199,23 @@ fn str_at(b: &[u8]) -> Option<&[u8]> {
 
 /// A top-level string field of a MessagePack map, found without decoding the map.
 pub fn str_field(map: &[u8], key: &str) -> Option<String> {
+    str_at(field(map, key)?).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// An unsigned integer field of a msgpack map (`None` when absent or of another type).
+pub fn uint_field(map: &[u8], key: &str) -> Option<u64> {
+    rmp_serde::from_slice::<u64>(field(map, key)?).ok()
+}
+
+/// The encoded value of `key` in a msgpack map, bounds-checked.
+fn field<'a>(map: &'a [u8], key: &str) -> Option<&'a [u8]> {
     let (pairs, mut at) = map_header(map)?;
     for _ in 0..pairs {
-        let key_len = value_len(&map[at..]).ok()??;
+        let key_len = value_len(map.get(at..)?).ok()??;
         let value_at = at + key_len;
-        let value_len = value_len(&map[value_at..]).ok()??;
+        let value_len = value_len(map.get(value_at..)?).ok()??;
         if str_at(&map[at..]) == Some(key.as_bytes()) {
-            return str_at(&map[value_at..]).map(|v| String::from_utf8_lossy(v).into_owned());
+            return map.get(value_at..value_at + value_len);
         }
         at = value_at + value_len;
     }
@@ -310,7 +324,7 @@ pub fn sha512_hex(parts: &[&[u8]]) -> String {
     for p in parts {
         h.update(p);
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::lower(&h.finalize())
 }
 
 /// The server's HELO: `["HELO", {"nonce": n, "auth": salt, "keepalive": true}]`.

@@ -32,6 +32,9 @@ pub struct KernelOffsets {
     pub inode_ino: Option<u32>,
     pub inode_sb: Option<u32>,
     pub sb_dev: Option<u32>,
+    pub task_signal: Option<u32>,
+    pub signal_pids: Option<u32>,
+    pub pid_numbers: Option<u32>,
 }
 
 impl KernelOffsets {
@@ -60,6 +63,9 @@ impl KernelOffsets {
             inode_ino: member("inode", "i_ino"),
             inode_sb: member("inode", "i_sb"),
             sb_dev: member("super_block", "s_dev"),
+            task_signal: member("task_struct", "signal"),
+            signal_pids: member("signal_struct", "pids"),
+            pid_numbers: member("pid", "numbers"),
         })
     }
 
@@ -87,6 +93,9 @@ impl KernelOffsets {
             ("inode.i_ino", self.inode_ino),
             ("inode.i_sb", self.inode_sb),
             ("super_block.s_dev", self.sb_dev),
+            ("task_struct.signal", self.task_signal),
+            ("signal_struct.pids", self.signal_pids),
+            ("pid.numbers", self.pid_numbers),
         ];
         all.into_iter().filter(|(_, v)| v.is_none()).map(|(n, _)| n).collect()
     }

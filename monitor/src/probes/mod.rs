@@ -4,6 +4,7 @@
 mod btf;
 pub mod executables;
 mod go;
+pub mod stats;
 pub mod tracefs;
 mod uprobe_site;
 
@@ -144,13 +145,32 @@ pub enum When {
     /// kernel's slower syscall-tracing path (measured: +5% on an openat loop).
     OptInWhileSessions,
     /// Attached only while some process or cgroup is bound to a session (see
-    /// [`Probes::set_sessions_running`]): a cgroup skb program that runs for every packet the host
-    /// receives, and reports only for session processes.
+    /// [`Probes::set_sessions_running`]): probes that report on session processes only but run
+    /// for everything on the host: a cgroup skb program for every packet received, the
+    /// capability check tracepoint for every capability check, the libc uprobes installed into
+    /// every dynamically linked process at exec.
     WhileSessions,
     /// Attached only while sessions hold tokens (see [`Probes::set_tokens_known`]): a cgroup skb
     /// program runs for every packet the host sends, and until some session holds a token no
     /// request can carry one (measured: +7% on a loopback connect loop with it attached).
     WhileTokens,
+    /// Attached while sessions run (their processes' requests teach tokens, see
+    /// credentials/learn) or hold tokens (anyone's request may carry one, even after every
+    /// session ended): the TLS library uprobes, installed into every process that maps the
+    /// library.
+    WhileSessionsOrTokens,
+}
+
+impl When {
+    /// Whether an on-demand probe is wanted now; `None` for the probes attached from the start.
+    fn wanted(self, sessions_running: bool, tokens_known: bool) -> Option<bool> {
+        match self {
+            When::Always | When::OptIn => None,
+            When::OptInWhileSessions | When::WhileSessions => Some(sessions_running),
+            When::WhileTokens => Some(tokens_known),
+            When::WhileSessionsOrTokens => Some(sessions_running || tokens_known),
+        }
+    }
 }
 
 const LIBSSL: &str = "libssl.so.3";
@@ -211,14 +231,14 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::Libc { symbol: "getaddrinfo" },
         required: false,
         provides: "names resolved through libc (name scopes, dst_name)",
-        when: When::Always,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "getaddrinfo_exit",
         attach: AttachPoint::Libc { symbol: "getaddrinfo" },
         required: false,
         provides: "names resolved through libc (name scopes, dst_name)",
-        when: When::Always,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_openat",
@@ -249,7 +269,7 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::TracePoint { category: "capability", name: "cap_capable" },
         required: false,
         provides: "capabilities raised by session processes (capset), seen when used",
-        when: When::Always,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "sys_exit_setuid",
@@ -287,14 +307,14 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::Library { file: LIBSSL, symbol: "SSL_write", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "ssl_write_ex",
         attach: AttachPoint::Library { file: LIBSSL, symbol: "SSL_write_ex", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with OpenSSL 3 (SSL_write_ex)",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "ssl_read",
@@ -332,7 +352,7 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::Library { file: "libgnutls.so.30", symbol: "gnutls_record_send", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with GnuTLS (wget, apt)",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "go_tls_write",
@@ -446,31 +466,104 @@ pub struct Handles {
 pub struct Probes {
     ebpf: Ebpf,
     pub report: LoadReport,
-    /// The [`When::OptInWhileSessions`] probes that loaded, and their links while attached.
-    on_demand: Vec<(&'static ProbeSpec, Option<aya::programs::trace_point::TracePointLinkId>)>,
-    /// The [`When::WhileTokens`] probes that loaded, and their links while attached.
-    token_time: Vec<(&'static ProbeSpec, Option<aya::programs::cgroup_skb::CgroupSkbLinkId>)>,
-    /// The [`When::WhileSessions`] probes that loaded, and their links while attached.
-    session_skb: Vec<(&'static ProbeSpec, Option<aya::programs::cgroup_skb::CgroupSkbLinkId>)>,
+    /// The probes attached only while they are needed (see [`When::wanted`]), with their links
+    /// while attached.
+    on_demand: Vec<OnDemand>,
+    sessions_running: bool,
+    tokens_known: bool,
+    /// Told whether anything is watched (the reader drains slower while nothing is).
+    watched: Option<tokio::sync::watch::Sender<bool>>,
     /// The cgroup the cgroup hooks attach to.
     cgroup: Option<std::fs::File>,
 }
 
+/// A probe loaded at start and attached on demand.
+struct OnDemand {
+    spec: &'static ProbeSpec,
+    /// Where a uprobe goes, resolved at start (a library that is missing degrades it then).
+    site: Option<UprobeSite>,
+    link: Option<Link>,
+}
+
+/// A uprobe's place: an offset (past the frame setup, see uprobe_site) or a symbol of a file.
+struct UprobeSite {
+    location: SiteLocation,
+    file: std::path::PathBuf,
+}
+
+enum SiteLocation {
+    Symbol(&'static str),
+    Offset(u64),
+}
+
+enum Link {
+    TracePoint(aya::programs::trace_point::TracePointLinkId),
+    UProbe(aya::programs::uprobe::UProbeLinkId),
+    Skb(aya::programs::cgroup_skb::CgroupSkbLinkId),
+}
+
 impl Probes {
-    /// Attaches the [`When::OptInWhileSessions`] probes when sessions start running, detaches them
-    /// when none is left. A failure degrades what they provide and is logged.
+    /// Attaches the probes sessions need (see [`When::wanted`]) when sessions start running,
+    /// detaches them when none is left. A failure degrades what they provide and is logged.
     pub fn set_sessions_running(&mut self, running: bool) {
-        for (spec, link) in &mut self.on_demand {
-            let AttachPoint::TracePoint { category, name } = spec.attach else { continue };
-            let Some(tp) = self.ebpf.program_mut(spec.program).and_then(|p| <&mut TracePoint>::try_from(p).ok()) else {
-                continue;
-            };
-            set_link(spec, link, running, tp, |tp| tp.attach(category, name), |tp, id| tp.detach(id));
+        self.sessions_running = running;
+        self.refresh_on_demand();
+        tracing::debug!(running, "session-time probes");
+    }
+
+    /// Attaches the probes tokens need while some session's tokens are looked for, detaches
+    /// them when none is. Called under the kernel maps' lock, after the token hashes are
+    /// written, so a session's processes are bound only once its tokens are watched for.
+    pub fn set_tokens_known(&mut self, known: bool) {
+        self.tokens_known = known;
+        self.refresh_on_demand();
+        tracing::debug!(known, "token-time probes");
+    }
+
+    /// Whether no session runs and no token is looked for: the exec probe then does not report
+    /// new executables (monitor-ebpf session.rs, `anything_watched`).
+    pub fn nothing_watched(&self) -> bool {
+        !self.sessions_running && !self.tokens_known
+    }
+
+    /// Whether `program` is attached now: an on-demand one while it is needed, the others as
+    /// the load report says.
+    pub fn is_attached_now(&self, program: &str) -> bool {
+        match self.on_demand.iter().find(|p| p.spec.program == program) {
+            Some(p) => p.link.is_some(),
+            None => self.report.is_attached(program),
         }
-        if let Some(cgroup) = &self.cgroup {
-            set_skb_links(&mut self.ebpf, &mut self.session_skb, cgroup, running);
+    }
+
+    /// Where to say, from now on, whether anything is watched.
+    pub fn tell_watched(&mut self, watched: tokio::sync::watch::Sender<bool>) {
+        watched.send_replace(!self.nothing_watched());
+        self.watched = Some(watched);
+    }
+
+    fn refresh_on_demand(&mut self) {
+        if let Some(watched) = &self.watched {
+            let now = !self.nothing_watched();
+            watched.send_if_modified(|w| std::mem::replace(w, now) != now);
         }
-        tracing::debug!(running, probes = self.on_demand.len() + self.session_skb.len(), "session-time probes");
+        for probe in &mut self.on_demand {
+            let Some(want) = probe.spec.when.wanted(self.sessions_running, self.tokens_known) else { continue };
+            let spec = probe.spec;
+            match (want, probe.link.take()) {
+                (true, None) => match attach_link(&mut self.ebpf, probe, self.cgroup.as_ref()) {
+                    Ok(link) => probe.link = Some(link),
+                    Err(e) => {
+                        tracing::warn!(probe = spec.program, "degraded (lost: {}): {}", spec.provides, error_chain(&e))
+                    }
+                },
+                (false, Some(link)) => {
+                    if let Err(e) = detach_link(&mut self.ebpf, spec, link) {
+                        tracing::warn!(probe = spec.program, "detaching: {}", error_chain(&e));
+                    }
+                }
+                (_, current) => probe.link = current,
+            }
+        }
     }
 
     /// Attaches one of the executable probes (see executables.rs) to the file behind `target` (a
@@ -490,58 +583,45 @@ impl Probes {
         uprobe.attach(probe.file_offset, target, UProbeScope::AllProcesses).map_err(err)?;
         Ok(())
     }
-
-    /// Attaches the [`When::WhileTokens`] probes while some session's tokens are looked for,
-    /// detaches them when none is. Called under the kernel maps' lock, after the token hashes
-    /// are written, so a session's processes are bound only once its tokens are watched for.
-    pub fn set_tokens_known(&mut self, known: bool) {
-        let Some(cgroup) = &self.cgroup else { return };
-        set_skb_links(&mut self.ebpf, &mut self.token_time, cgroup, known);
-        tracing::debug!(known, probes = self.token_time.len(), "token-time probes");
-    }
 }
 
-/// Brings on-demand cgroup skb probes to `want` (see [`set_link`]).
-fn set_skb_links(
-    ebpf: &mut Ebpf,
-    links: &mut [(&'static ProbeSpec, Option<aya::programs::cgroup_skb::CgroupSkbLinkId>)],
-    cgroup: &std::fs::File,
-    want: bool,
-) {
-    for (spec, link) in links {
-        let Some(hook) = ebpf.program_mut(spec.program).and_then(|p| <&mut CgroupSkb>::try_from(p).ok()) else {
-            continue;
-        };
-        let direction = match spec.attach {
-            AttachPoint::CgroupSkbIngress => CgroupSkbAttachType::Ingress,
-            _ => CgroupSkbAttachType::Egress,
-        };
-        let attach = |hook: &mut CgroupSkb| hook.attach(cgroup, direction, CgroupAttachMode::default());
-        set_link(spec, link, want, hook, attach, |hook, id| hook.detach(id));
-    }
-}
-
-/// Brings an on-demand probe's link to `want`: attached when wanted, detached when not. A
-/// failure to attach degrades what the probe provides; both failures are logged.
-fn set_link<P, Id>(
-    spec: &ProbeSpec,
-    link: &mut Option<Id>,
-    want: bool,
-    program: &mut P,
-    attach: impl FnOnce(&mut P) -> Result<Id, aya::programs::ProgramError>,
-    detach: impl FnOnce(&mut P, Id) -> Result<(), aya::programs::ProgramError>,
-) {
-    match (want, link.take()) {
-        (true, None) => match attach(program) {
-            Ok(id) => *link = Some(id),
-            Err(e) => tracing::warn!(probe = spec.program, "degraded (lost: {}): {}", spec.provides, error_chain(&e)),
-        },
-        (false, Some(id)) => {
-            if let Err(e) = detach(program, id) {
-                tracing::warn!(probe = spec.program, "detaching: {e}");
-            }
+fn attach_link(ebpf: &mut Ebpf, probe: &OnDemand, cgroup: Option<&std::fs::File>) -> Result<Link, ProbeError> {
+    let spec = probe.spec;
+    let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
+    let err = |source| ProbeError::Program { probe: spec.program, source };
+    Ok(match spec.attach {
+        AttachPoint::TracePoint { category, name } => {
+            let tp: &mut TracePoint = program.try_into().map_err(err)?;
+            Link::TracePoint(tp.attach(category, name).map_err(err)?)
         }
-        (_, current) => *link = current,
+        AttachPoint::CgroupSkbEgress | AttachPoint::CgroupSkbIngress => {
+            let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
+            let hook: &mut CgroupSkb = program.try_into().map_err(err)?;
+            let direction = match spec.attach {
+                AttachPoint::CgroupSkbIngress => CgroupSkbAttachType::Ingress,
+                _ => CgroupSkbAttachType::Egress,
+            };
+            Link::Skb(hook.attach(cgroup, direction, CgroupAttachMode::default()).map_err(err)?)
+        }
+        _ => {
+            let site = probe.site.as_ref().ok_or(ProbeError::Missing(spec.program))?;
+            let uprobe: &mut UProbe = program.try_into().map_err(err)?;
+            let id = match site.location {
+                SiteLocation::Symbol(symbol) => uprobe.attach(symbol, &site.file, UProbeScope::AllProcesses),
+                SiteLocation::Offset(offset) => uprobe.attach(offset, &site.file, UProbeScope::AllProcesses),
+            };
+            Link::UProbe(id.map_err(err)?)
+        }
+    })
+}
+
+fn detach_link(ebpf: &mut Ebpf, spec: &ProbeSpec, link: Link) -> Result<(), ProbeError> {
+    let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
+    let err = |source| ProbeError::Program { probe: spec.program, source };
+    match link {
+        Link::TracePoint(id) => <&mut TracePoint>::try_from(program).map_err(err)?.detach(id).map_err(err),
+        Link::UProbe(id) => <&mut UProbe>::try_from(program).map_err(err)?.detach(id).map_err(err),
+        Link::Skb(id) => <&mut CgroupSkb>::try_from(program).map_err(err)?.detach(id).map_err(err),
     }
 }
 
@@ -615,6 +695,9 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
         (globals::INODE_INO, o(offsets.inode_ino)),
         (globals::INODE_SB, o(offsets.inode_sb)),
         (globals::SB_DEV, o(offsets.sb_dev)),
+        (globals::TASK_SIGNAL, o(offsets.task_signal)),
+        (globals::SIGNAL_PIDS, o(offsets.signal_pids)),
+        (globals::PID_NUMBERS, o(offsets.pid_numbers)),
     ];
     let mut loader = EbpfLoader::new();
     for (name, value) in &values {
@@ -669,8 +752,6 @@ impl Loaded {
         }
         let mut report = LoadReport { missing_offsets: self.missing_offsets.clone(), ..Default::default() };
         let mut on_demand = Vec::new();
-        let mut token_time = Vec::new();
-        let mut session_skb = Vec::new();
         let cgroup = cgroup.map(Path::to_path_buf).or_else(crate::sessions::bind::cgroup2_mount);
         let cgroup = match cgroup.as_deref().map(std::fs::File::open) {
             Some(Ok(dir)) => Some(dir),
@@ -698,24 +779,16 @@ impl Loaded {
                 continue;
             }
             // Loaded now, attached while they are needed (see `Probes`).
-            let on_demand_load = match spec.when {
-                When::OptInWhileSessions => Some(load_tracepoint(&mut self.ebpf, spec)),
-                When::WhileTokens | When::WhileSessions => Some(match cgroup {
-                    Some(_) => load_cgroup_skb(&mut self.ebpf, spec),
-                    None => Err(ProbeError::NoCgroup2),
-                }),
-                When::Always | When::OptIn => None,
-            };
-            if let Some(loaded) = on_demand_load {
-                let error = loaded.err().map(|e| format!("{} (lost: {})", error_chain(&e), spec.provides));
-                if error.is_none() {
-                    match spec.when {
-                        When::WhileTokens => token_time.push((spec, None)),
-                        When::WhileSessions => session_skb.push((spec, None)),
-                        _ => on_demand.push((spec, None)),
+            if spec.when.wanted(false, false).is_some() {
+                let loaded = load_program(&mut self.ebpf, spec, cgroup.is_some());
+                let attached = loaded.is_ok();
+                let error = match loaded {
+                    Ok(site) => {
+                        on_demand.push(OnDemand { spec, site, link: None });
+                        None
                     }
-                }
-                let attached = error.is_none();
+                    Err(e) => Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
+                };
                 report.probes.push(ProbeStatus {
                     probe: spec.program,
                     attach,
@@ -744,35 +817,81 @@ impl Loaded {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Probes { ebpf: self.ebpf, report, on_demand, token_time, session_skb, cgroup })
+        Ok(Probes {
+            ebpf: self.ebpf,
+            report,
+            on_demand,
+            sessions_running: false,
+            tokens_known: false,
+            watched: None,
+            cgroup,
+        })
     }
 }
 
-/// Loads a tracepoint program without attaching it.
-fn load_tracepoint(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), ProbeError> {
-    let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
-    let err = |source| ProbeError::Program { probe: spec.program, source };
-    let tp: &mut TracePoint = program.try_into().map_err(err)?;
-    tp.load().map_err(err)
-}
-
-fn load_cgroup_skb(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), ProbeError> {
-    let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
-    let err = |source| ProbeError::Program { probe: spec.program, source };
-    let hook: &mut CgroupSkb = program.try_into().map_err(err)?;
-    hook.load().map_err(err)
-}
-
-fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>) -> Result<(), ProbeError> {
+/// Loads a probe's program without attaching it, and finds where a uprobe goes.
+fn load_program(ebpf: &mut Ebpf, spec: &ProbeSpec, have_cgroup: bool) -> Result<Option<UprobeSite>, ProbeError> {
     let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
     let err = |source| ProbeError::Program { probe: spec.program, source };
     match spec.attach {
-        AttachPoint::TracePoint { category, name } => {
-            let tp: &mut TracePoint = program.try_into().map_err(err)?;
-            tp.load().map_err(err)?;
-            tp.attach(category, name).map_err(err)?;
+        AttachPoint::TracePoint { .. } => {
+            <&mut TracePoint>::try_from(program).map_err(err)?.load().map_err(err)?;
+            Ok(None)
         }
+        AttachPoint::CgroupSkbEgress | AttachPoint::CgroupSkbIngress => {
+            if !have_cgroup {
+                return Err(ProbeError::NoCgroup2);
+            }
+            <&mut CgroupSkb>::try_from(program).map_err(err)?.load().map_err(err)?;
+            Ok(None)
+        }
+        AttachPoint::Libc { symbol } => {
+            let file = libc_path().ok_or(ProbeError::NoLibc)?;
+            <&mut UProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
+            Ok(Some(UprobeSite { location: SiteLocation::Symbol(symbol), file }))
+        }
+        AttachPoint::Library { file, symbol, args } => {
+            // Loaded even without the library: the same program also attaches to executables
+            // that link it statically (see `Probes::attach_to_executable`).
+            <&mut UProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
+            let file = library_path(file).ok_or(ProbeError::NoLibrary(file))?;
+            Ok(Some(library_site(&file, symbol, args)))
+        }
+        AttachPoint::LibraryReturn { file, symbol } => {
+            let file = library_path(file).ok_or(ProbeError::NoLibrary(file))?;
+            <&mut UProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
+            Ok(Some(UprobeSite { location: SiteLocation::Symbol(symbol), file }))
+        }
+        AttachPoint::CgroupSockAddr { .. } | AttachPoint::Executables { .. } => {
+            Err(ProbeError::Missing("on-demand attachment of this kind of probe (see attach_one)"))
+        }
+    }
+}
+
+/// Where a library function's uprobe goes: past its frame setup on an instruction the kernel
+/// emulates (uprobe_site), or its entry.
+fn library_site(file: &Path, symbol: &'static str, args: usize) -> UprobeSite {
+    let location = match uprobe_site::entry_site(file, symbol, args) {
+        Ok(site) => {
+            tracing::debug!(symbol, past_entry = site.past_entry, emulated = site.emulated, "uprobe site");
+            SiteLocation::Offset(site.file_offset)
+        }
+        Err(e) => {
+            tracing::debug!(symbol, "no uprobe site found ({e}); probing the entry");
+            SiteLocation::Symbol(symbol)
+        }
+    };
+    UprobeSite { location, file: file.to_path_buf() }
+}
+
+/// Loads and attaches a probe for the agent's whole run: through the same load and attach as
+/// the on-demand ones, but for the cgroup sock_addr hooks and the executables' programs (these
+/// attach per executable, see `Probes::attach_to_executable`).
+fn attach_one(ebpf: &mut Ebpf, spec: &'static ProbeSpec, cgroup: Option<&std::fs::File>) -> Result<(), ProbeError> {
+    match spec.attach {
         AttachPoint::CgroupSockAddr { .. } => {
+            let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
+            let err = |source| ProbeError::Program { probe: spec.program, source };
             let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
             let hook: &mut CgroupSockAddr = program.try_into().map_err(err)?;
             hook.load().map_err(err)?;
@@ -781,48 +900,15 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup: Option<&std::fs::File>)
             // them allows it. `link_create` refuses attach flags, hence the default mode.
             hook.attach(cgroup, CgroupAttachMode::default()).map_err(err)?;
         }
-        AttachPoint::Libc { symbol } => {
-            let libc = libc_path().ok_or(ProbeError::NoLibc)?;
-            let probe: &mut UProbe = program.try_into().map_err(err)?;
-            probe.load().map_err(err)?;
-            probe.attach(symbol, &libc, UProbeScope::AllProcesses).map_err(err)?;
-        }
-        AttachPoint::Library { file, symbol, args } => {
-            let probe: &mut UProbe = program.try_into().map_err(err)?;
-            // Loaded first: the same program also attaches to executables that link the
-            // library statically (see `Probes::attach_to_executable`).
-            probe.load().map_err(err)?;
-            let libssl = library_path(file).ok_or(ProbeError::NoLibrary(file))?;
-            match uprobe_site::entry_site(&libssl, symbol, args) {
-                Ok(site) => {
-                    tracing::debug!(symbol, past_entry = site.past_entry, emulated = site.emulated, "uprobe site");
-                    probe.attach(site.file_offset, &libssl, UProbeScope::AllProcesses).map_err(err)?;
-                }
-                Err(e) => {
-                    tracing::debug!(symbol, "no uprobe site found ({e}); probing the entry");
-                    probe.attach(symbol, &libssl, UProbeScope::AllProcesses).map_err(err)?;
-                }
-            }
-        }
-        AttachPoint::LibraryReturn { file, symbol } => {
-            let probe: &mut UProbe = program.try_into().map_err(err)?;
-            probe.load().map_err(err)?;
-            let library = library_path(file).ok_or(ProbeError::NoLibrary(file))?;
-            probe.attach(symbol, &library, UProbeScope::AllProcesses).map_err(err)?;
-        }
         AttachPoint::Executables { .. } => {
-            let probe: &mut UProbe = program.try_into().map_err(err)?;
-            probe.load().map_err(err)?;
+            let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
+            let err = |source| ProbeError::Program { probe: spec.program, source };
+            <&mut UProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
         }
-        AttachPoint::CgroupSkbEgress | AttachPoint::CgroupSkbIngress => {
-            let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
-            let hook: &mut CgroupSkb = program.try_into().map_err(err)?;
-            hook.load().map_err(err)?;
-            let direction = match spec.attach {
-                AttachPoint::CgroupSkbIngress => CgroupSkbAttachType::Ingress,
-                _ => CgroupSkbAttachType::Egress,
-            };
-            hook.attach(cgroup, direction, CgroupAttachMode::default()).map_err(err)?;
+        _ => {
+            let site = load_program(ebpf, spec, cgroup.is_some())?;
+            // The link stays with the program until it is dropped with the agent.
+            attach_link(ebpf, &OnDemand { spec, site, link: None }, cgroup)?;
         }
     }
     Ok(())

@@ -449,7 +449,7 @@ mod tests {
             scope: Scope { exec: Some(vec!["/bin/sh".into()]), ..Default::default() },
             tokens: vec![],
             enforce: false,
-            binding: Binding { root_pid: Some(100), cgroup: None },
+            binding: Binding { root_pid: Some(100), cgroup: None, launcher_sid: None },
         }
     }
 
@@ -459,6 +459,7 @@ mod tests {
             session: 1,
             pid,
             ppid: 100,
+            sid: 0,
             exe: exe.into(),
             exe_real: None,
             argv: vec![exe.into(), "--flag".into()],

@@ -202,7 +202,7 @@ pub fn entry(event: Event, procs: &Names) -> Option<Entry> {
     let name = |pid: u32| procs.get(&pid).map(|(exe, _)| exe.clone()).unwrap_or_else(|| Arc::from(""));
     let actor = |a: &crate::event::Actor| Arc::from(if a.exe.is_empty() { a.comm.as_str() } else { a.exe.as_str() });
     let (pid, process) = match &event {
-        Event::Fork(_) | Event::ConnectResult(_) | Event::Tick { .. } => return None,
+        Event::Fork(_) | Event::ConnectResult(_) | Event::Tick { .. } | Event::AgentStopping { .. } => return None,
         Event::SessionStarted { session, .. } => (session.binding.root_pid.unwrap_or(0), Arc::from("")),
         Event::SessionEnded { .. } | Event::Lost { .. } => (0, Arc::from("")),
         Event::ProcessSeen(p) => (p.pid, Arc::from(p.exe.as_str())),
@@ -228,6 +228,7 @@ pub fn describe(event: &Event) -> (&'static str, String) {
         Event::Fork(f) => ("fork", format!("child {}", f.child)),
         Event::ConnectResult(r) => ("connect", format!("fd {} returned {}", r.fd, r.ret)),
         Event::Tick { .. } => ("tick", String::new()),
+        Event::AgentStopping { .. } => ("agent stopping", String::new()),
         Event::Exec(e) => ("exec", e.argv.join(" ")),
         Event::Exit(x) => ("exit", exit_status(x.exit_code)),
         Event::Connect(c) => {
@@ -317,6 +318,8 @@ pub struct AlertKey {
     pub session: String,
     pub pid: u32,
     pub summary: String,
+    /// An update of a folded finding (count > 1) is an alert record of its own.
+    pub count: u64,
 }
 
 impl AlertKey {
@@ -327,6 +330,7 @@ impl AlertKey {
             session: alert.session.id.clone(),
             pid: alert.process.as_ref().map_or(0, |p| p.pid),
             summary: alert.summary.clone(),
+            count: alert.count,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use monitor_common::CONFIG_CGROUP_BINDINGS;
+use monitor_common::{CONFIG_CGROUP_BINDINGS, CONFIG_PROC_BINDINGS};
 
 use crate::{
     event::{Creds, Nanos, Process, SessionKey},
@@ -63,6 +63,24 @@ pub fn descendants(pid: u32) -> Result<Vec<u32>, BindError> {
         queue.extend(children.get(&p).into_iter().flatten());
     }
     Ok(out)
+}
+
+/// A process's parent and Unix session (`getsid`; 0 when it has none), from /proc/PID/stat:
+/// fields 4 and 6, after the parenthesised command name (which may hold spaces and parens).
+/// Readable until the process is reaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatIds {
+    pub ppid: u32,
+    pub sid: u32,
+}
+
+pub fn stat_ids(pid: u32) -> Option<StatIds> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // state, ppid, pgrp, session
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(1);
+    let ppid = fields.next()?.parse().ok()?;
+    let sid = fields.nth(1)?.parse().ok()?;
+    Some(StatIds { ppid, sid })
 }
 
 fn all_processes() -> Vec<(u32, u32)> {
@@ -133,8 +151,18 @@ impl KernelMaps {
         self.proc_sessions.keys().next().is_some() || self.cgroup_sessions.keys().next().is_some()
     }
 
+    /// Once no process is bound (they all exited): the hooks stop looking processes up. Only
+    /// a bound process's fork adds an entry in the kernel, so none can appear meanwhile.
+    pub fn note_no_process_bound(&mut self) {
+        if self.proc_sessions.keys().next().is_none() {
+            let _ = self.config.set(CONFIG_PROC_BINDINGS, 0, 0);
+        }
+    }
+
     /// Puts processes into a session; a process already in another session is moved.
     pub fn bind_pids(&mut self, pids: &[u32], key: SessionKey) -> Result<(), BindError> {
+        // Before the first entry: the hooks look processes up only while this is set.
+        self.config.set(CONFIG_PROC_BINDINGS, 1, 0).map_err(|e| BindError::Map("CONFIG", e))?;
         for pid in pids {
             self.proc_sessions.insert(pid, key, 0).map_err(|e| BindError::Map("PROC_SESSIONS", e))?;
         }

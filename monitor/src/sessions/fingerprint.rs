@@ -86,8 +86,7 @@ impl FingerprintKey {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts any key length");
         mac.update(secret);
         let tag = mac.finalize().into_bytes();
-        let hex: String = tag[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("hmac-sha256:{hex}")
+        format!("hmac-sha256:{}", crate::hex::lower(&tag[..16]))
     }
 }
 

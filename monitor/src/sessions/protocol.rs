@@ -38,6 +38,8 @@ pub enum Request {
     Show {
         id: String,
     },
+    /// The agent's eBPF programs, attached or not, with the kernel's run counts and times.
+    Probes,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -31,6 +31,9 @@ pub struct ControlPlane {
     pub credentials: Arc<crate::credentials::CredentialIndex>,
     /// For the probes attached only while sessions run.
     pub probes: Arc<std::sync::Mutex<crate::probes::Probes>>,
+    /// Wakes the executable prober (agent/executables.rs) when a session starts on an idle host:
+    /// while nothing was watched, execs did not report their executables.
+    pub rescan_executables: Arc<tokio::sync::Notify>,
 }
 
 /// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
@@ -71,7 +74,8 @@ pub async fn serve(listener: UnixListener, plane: ControlPlane) {
 }
 
 async fn connection(stream: UnixStream, plane: ControlPlane) -> std::io::Result<()> {
-    let uid = stream.peer_cred()?.uid();
+    let peer = stream.peer_cred()?;
+    let (uid, caller) = (peer.uid(), peer.pid().and_then(|p| u32::try_from(p).ok()));
     let (read, mut write) = stream.into_split();
     let response = if uid != 0 {
         Response::Error {
@@ -84,7 +88,7 @@ async fn connection(stream: UnixStream, plane: ControlPlane) -> std::io::Result<
             Response::Error { message: format!("request larger than {MAX_REQUEST_BYTES} bytes") }
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => handle(request, &plane).await,
+                Ok(request) => handle(request, &plane, caller).await,
                 Err(e) => Response::Error { message: format!("malformed request: {e}") },
             }
         }
@@ -94,15 +98,19 @@ async fn connection(stream: UnixStream, plane: ControlPlane) -> std::io::Result<
     write.write_all(&out).await
 }
 
-async fn handle(request: Request, plane: &ControlPlane) -> Response {
+async fn handle(request: Request, plane: &ControlPlane, caller: Option<u32>) -> Response {
     let result = match request {
         Request::Start { origin, file, id, bind, env_tokens } => {
-            start(plane, &origin, file, id, bind, env_tokens).await
+            start(plane, &origin, file, id, bind, env_tokens, caller).await
         }
         Request::End { id, reason } => plane.core.end(id, reason).await.map(|s| json!(s)),
 
         Request::List => plane.core.list().await.map(|s| json!(s)),
         Request::Show { id } => plane.core.show(id).await.map(|s| json!(s)),
+        Request::Probes => {
+            let programs = plane.probes.lock().unwrap_or_else(|p| p.into_inner()).program_stats();
+            Ok(json!({ "bpf_stats_enabled": crate::probes::stats::counting_enabled(), "programs": programs }))
+        }
     };
     match result {
         Ok(data) => Response::Ok { data },
@@ -117,8 +125,9 @@ async fn start(
     id: Option<SessionId>,
     bind: BindRequest,
     env_tokens: Vec<Option<super::fingerprint::Secret>>,
+    caller: Option<u32>,
 ) -> Result<serde_json::Value, String> {
-    let (session, token_hashes) = resolve(plane, origin, file, id, &bind, env_tokens)?;
+    let (session, token_hashes) = resolve(plane, origin, file, id, &bind, env_tokens, caller)?;
     let id = session.id.to_string();
     let cgroup = session.binding.cgroup.clone();
     let key = plane.core.start(session.clone()).await?;
@@ -149,10 +158,16 @@ async fn start(
         return Err(e);
     }
     // Before any process is bound, so its first credential change is seen.
-    {
+    let nothing_was_watched = {
         let mut probes = plane.probes.lock().unwrap_or_else(|p| p.into_inner());
+        let nothing_was_watched = probes.nothing_watched();
         probes.set_sessions_running(true);
         probes.set_tokens_known(tokens_known);
+        nothing_was_watched
+    };
+    if nothing_was_watched {
+        // Execs made meanwhile did not report their executables.
+        plane.rescan_executables.notify_one();
     }
     // Snapshot first, bind second: a process's own events then always follow its snapshot.
     if let Some(pid) = bind.pid {
@@ -185,6 +200,7 @@ fn resolve(
     id: Option<SessionId>,
     bind: &BindRequest,
     env_tokens: Vec<Option<super::fingerprint::Secret>>,
+    caller: Option<u32>,
 ) -> Result<(Session, Vec<(u64, String)>), String> {
     let id = match id.or(file.id) {
         Some(id) => id,
@@ -241,7 +257,11 @@ fn resolve(
 
         tokens,
         enforce: file.enforce,
-        binding: Binding { root_pid: bind.pid, cgroup },
+        binding: Binding {
+            root_pid: bind.pid,
+            cgroup,
+            launcher_sid: caller.and_then(bind::stat_ids).map(|ids| ids.sid).filter(|sid| *sid != 0),
+        },
     };
     Ok((session, hashes))
 }

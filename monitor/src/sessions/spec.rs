@@ -236,6 +236,13 @@ pub struct Binding {
     pub root_pid: Option<u32>,
     /// A cgroup v2: every process in it belongs to the session.
     pub cgroup: Option<CgroupBinding>,
+    /// The Unix session of the process that declared the session (the `monitor run` CLI, the
+    /// caller of `session start`): its terminal or job session, `getsid`. Its processes
+    /// held the session's tokens before the task started (the operator's shell that exported
+    /// one and ran `monitor run`): while the task is active, an exec of theirs carrying a token
+    /// is not a use outside the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher_sid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 mod clients;
+mod costs;
 mod credentials;
 mod delivery;
 pub use credentials::{open_loop, timed};
@@ -39,6 +40,9 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let want = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
     let mut report = serde_json::Map::new();
     let mut rows: Vec<String> = Vec::new();
+    // The kernel counts each program's runs and time for the whole benchmark (two clock reads
+    // per run, on both sides of every pair), and stops when it ends.
+    let _bpf_stats = costs::BpfStats::enable()?;
 
     if want("exec") {
         eprintln!("bench: exec overhead, {rounds} paired rounds of {execs} fork+exec+wait of /bin/true");
@@ -286,6 +290,10 @@ pub(crate) struct BenchAgent {
 }
 
 impl BenchAgent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(monitor: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let control = dir.join("control.sock");
         let log = dir.join("agent.log");
@@ -469,6 +477,8 @@ pub(crate) struct Paired {
     pub with: f64,
     pub ratio: f64,
     pub ratios: Vec<f64>,
+    /// What the agent side cost per operation, median of the rounds (see costs.rs).
+    pub costs: costs::PerOp,
 }
 
 impl Paired {
@@ -484,13 +494,17 @@ impl Paired {
         n: u32,
         mut measure: impl FnMut(Option<&BenchAgent>) -> anyhow::Result<f64>,
     ) -> anyhow::Result<Self> {
-        let (mut without, mut with, mut ratios) = (vec![], vec![], vec![]);
+        let (mut without, mut with, mut ratios, mut costs) = (vec![], vec![], vec![], vec![]);
         for round in 0..rounds {
             let agent_side = |measure: &mut dyn FnMut(Option<&BenchAgent>) -> anyhow::Result<f64>| {
                 let agent = BenchAgent::start(monitor, dir, agent_args)?;
-                best_of(|| measure(Some(&agent)))
+                let before = costs::Snapshot::take(monitor, &agent)?;
+                let best = best_of(|| measure(Some(&agent)))?;
+                let after = costs::Snapshot::take(monitor, &agent)?;
+                // Every one of the `SUBRUNS` runs counts (and the round's own setup, if any).
+                anyhow::Ok((best, costs::PerOp::between(&before, &after, u64::from(n) * u64::from(SUBRUNS))))
             };
-            let (a, b) = if round % 2 == 0 {
+            let (a, (b, cost)) = if round % 2 == 0 {
                 let a = best_of(|| measure(None))?;
                 (a, agent_side(&mut measure)?)
             } else {
@@ -501,18 +515,38 @@ impl Paired {
             without.push(a);
             with.push(b);
             ratios.push(b / a);
+            costs.push(cost);
         }
-        Ok(Self { without: median(&without), with: median(&with), ratio: median(&ratios), ratios })
+        Ok(Self {
+            without: median(&without),
+            with: median(&with),
+            ratio: median(&ratios),
+            ratios,
+            costs: costs::PerOp::median(&costs),
+        })
+    }
+
+    /// Per operation, in ns: the baseline and what the agent added to it.
+    fn baseline_and_overhead_ns(&self, n: u32) -> (f64, f64) {
+        let ns = |secs: f64| per_exec(secs, n) * 1000.0;
+        (ns(self.without), ns(self.with) - ns(self.without))
     }
 
     /// The table row: per-iteration medians without and with the agent (`decimals` places), and
     /// the ratio with its spread.
+    /// The table row, and under it what the agent side cost per operation.
     pub fn row(&self, name: &str, n: u32, decimals: usize) -> String {
         let cell = |secs: f64| format!("{:.*} µs", decimals, per_exec(secs, n));
-        row3(name, cell(self.without), cell(self.with), ratio_cell(self.ratio, &self.ratios))
+        let (baseline, overhead) = self.baseline_and_overhead_ns(n);
+        format!(
+            "{}\n{}",
+            row3(name, cell(self.without), cell(self.with), ratio_cell(self.ratio, &self.ratios)),
+            self.costs.line(baseline, overhead)
+        )
     }
 
     pub fn json(&self, n: u32, rounds: u32, unit: &str, target: f64) -> serde_json::Value {
+        let (baseline, overhead) = self.baseline_and_overhead_ns(n);
         json!({
             "iterations": n,
             "rounds": rounds,
@@ -521,6 +555,7 @@ impl Paired {
             "ratio_median_of_pairs": self.ratio,
             "ratios": self.ratios,
             "target_ratio": target,
+            "agent_side_per_op": self.costs.json(baseline, overhead),
         })
     }
 }

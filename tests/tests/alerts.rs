@@ -1,0 +1,215 @@
+//! Alerts an analyst can act on (root, real kernel, deadlines, 127.0.0.1 only): a finding that
+//! repeats is one alert and its updates, through the agent's outputs, the collector's store and
+//! every SIEM sink (OCSF 1.8 validated against the schema); the launcher of a session is not an
+//! outsider while the task is active; a cross-session use names both sessions.
+
+use std::{collections::BTreeMap, fs, process::Command};
+
+use monitor_tests::{
+    peers::Collector, read_jsonl, session_file, stderr, stdout, wait_for, wire::Creds, Agent, Scratch,
+};
+use serde_json::Value;
+
+const SESSION: &str = "grace: 1s\ntokens:\n  - env: BOT_TOKEN\n";
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The latest count of each alert id among `alerts` of `rule`.
+fn counts(alerts: &[Value], rule: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for a in alerts.iter().filter(|a| a["rule"] == rule) {
+        let count = a["count"].as_u64().unwrap_or(0);
+        let e = out.entry(a["id"].as_str().unwrap().to_string()).or_insert(0);
+        *e = (*e).max(count);
+    }
+    out
+}
+
+/// The operator's shell exports the token and runs the task: while it is active, the commands
+/// it runs carry the token and raise nothing. After the end, 50 execs carrying it are one
+/// token_after_task_end (past the grace period) whose update counts them all.
+#[test]
+fn the_launcher_holds_the_token_and_a_flood_after_the_end_is_one_alert() {
+    let t = Creds::start("alerts-launcher", &[]);
+    let token = random_token();
+    let session = session_file(&t.agent.dir, "launch-1", SESSION);
+    let (started, done, during) =
+        (t.agent.dir.path("task-started"), t.agent.dir.path("task-done"), t.agent.dir.path("during-done"));
+    let monitor = monitor_tests::monitor_bin();
+    let script = format!(
+        "{monitor} run --file {session} -- /bin/sh -c \"touch {started}; while [ ! -f {done} ]; do sleep 0.05; done\" &
+         while [ ! -f {started} ]; do sleep 0.05; done
+         i=0; while [ $i -lt 20 ]; do /bin/true; i=$((i+1)); done
+         touch {during}
+         wait
+         sleep 1.5
+         i=0; while [ $i -lt 50 ]; do /bin/true; i=$((i+1)); done",
+        monitor = monitor.display(),
+        session = session.display(),
+        started = started.display(),
+        done = done.display(),
+        during = during.display(),
+    );
+    let mut launcher = t.command(&script, &[("BOT_TOKEN", &token)]).spawn().unwrap();
+    wait_for("the launcher's commands during the task", || during.exists().then_some(()), || t.agent.diagnostics());
+    // They were seen (token uses in the event log), and raised nothing.
+    wait_for(
+        "20 env token uses by the launcher's commands",
+        || {
+            let uses = t.agent.events().iter().filter(|e| e["type"] == "token_use" && e["via"] == "env").count();
+            (uses >= 20).then_some(())
+        },
+        || t.agent.diagnostics(),
+    );
+    fs::write(&done, "").unwrap();
+    assert!(launcher.wait().unwrap().success());
+    assert!(t.alerts_of("token_outside_session").is_empty(), "{}", t.agent.diagnostics());
+
+    let update = t.agent.wait_alert("token_after_task_end with count >= 50", |a| {
+        a["rule"] == "token_after_task_end" && a["count"].as_u64().unwrap_or(0) >= 50
+    });
+    let all = t.agent.alerts();
+    let ids = counts(&all, "token_after_task_end");
+    assert_eq!(ids.len(), 1, "one finding, not one per exec: {ids:?}");
+    let sent = all.iter().filter(|a| a["rule"] == "token_after_task_end").count();
+    assert!(sent <= 3, "the first alert and few updates, not 50 alerts: {sent}");
+    assert_eq!(update["session"]["id"], "launch-1");
+    assert!(update["pids"].as_array().unwrap().len() >= 50);
+    assert!(update["first_seen"].as_str().unwrap() < update["last_seen"].as_str().unwrap());
+    t.assert_never_output(&token);
+}
+
+/// Session B's process uses session A's token: one alert, on A, naming B.
+#[test]
+fn a_token_of_one_session_used_in_another_names_both() {
+    let t = Creds::start("alerts-cross", &[]);
+    let token = random_token();
+    let a = session_file(&t.agent.dir, "cross-a", SESSION);
+    let (started, done) = (t.agent.dir.path("a-started"), t.agent.dir.path("a-done"));
+    let mut root = t.spawn_session(
+        &a,
+        &format!("touch {}; while [ ! -f {} ]; do sleep 0.05; done", started.display(), done.display()),
+        &[("BOT_TOKEN", &token)],
+    );
+    wait_for("session cross-a running", || started.exists().then_some(()), || t.agent.diagnostics());
+    let b = t.agent.dir.write(
+        "cross-b.yaml",
+        "id: cross-b\nprincipal: bob@example.com\nactor: svc:other-bot\ntask: other task\nsponsor: qa-team\n",
+    );
+    // B's task got A's token (a copied file, a shared secret store) and runs a tool with it.
+    let copied = t.agent.dir.write("copied-token", &token);
+    let o = t.run_session(&b, &format!("SHARED=$(cat {}) /bin/sleep 0.2", copied.display()), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alert = t.agent.wait_alert("token_outside_session naming both sessions", |a| {
+        a["rule"] == "token_outside_session" && a["process"]["session"]["id"] == "cross-b"
+    });
+    assert_eq!(alert["session"]["id"], "cross-a");
+    assert_eq!(alert["process"]["session"]["actor"], "svc:other-bot");
+    assert_eq!(alert["process"]["session"]["principal"], "bob@example.com");
+    let summary = alert["summary"].as_str().unwrap();
+    assert!(summary.contains("session cross-b (actor svc:other-bot for bob@example.com)"), "{summary}");
+    assert!(summary.contains("session cross-a's token"), "{summary}");
+    assert!(!alert["process"]["chain"].as_array().unwrap().is_empty(), "the process's chain in B: {alert}");
+    fs::write(&done, "").unwrap();
+    assert!(root.wait().unwrap().success());
+    t.assert_never_output(&token);
+}
+
+/// Checks OCSF findings against the OCSF 1.8 JSON schema (PyPI ocsf-json-schema, offline).
+const VALIDATE_OCSF_18: &str = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from ocsf_json_schema import get_ocsf_schema, OcsfJsonSchema
+schema = OcsfJsonSchema(get_ocsf_schema("1.8.0"))
+def retrieve(uri):
+    return Resource.from_contents(schema.get_schema_from_uri(uri))
+registry = Registry(retrieve=retrieve)
+n = 0
+for line in open(sys.argv[1]):
+    record = json.loads(line)
+    # Validated with the profiles the record declares (monitor: security_control).
+    profiles = record.get("metadata", {}).get("profiles", [])
+    validator = Draft202012Validator(schema.get_class_schema("detection_finding", profiles), registry=registry)
+    errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
+    for e in errors:
+        print(f"line {n + 1}: {list(e.path)}: {e.message}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+    n += 1
+print(n)
+"#;
+
+/// One finding repeated 30 times in a session: the agent sends it and an update (same id,
+/// count 30); the collector stores each version once and every sink gets the update; OCSF is
+/// an Update of the same finding, valid OCSF 1.8; `monitor alerts summary` counts it once.
+#[test]
+fn an_updated_alert_reaches_the_store_and_every_sink_once() {
+    let dir = Scratch::new("alerts-update");
+    let (jsonl, ocsf, cef) = (dir.path("sink.jsonl"), dir.path("sink-ocsf.jsonl"), dir.path("sink.cef"));
+    let sinks =
+        [format!("jsonl:{}", jsonl.display()), format!("ocsf:{}", ocsf.display()), format!("cef:{}", cef.display())];
+    let mut args = vec![];
+    for s in &sinks {
+        args.extend(["--sink", s.as_str()]);
+    }
+    let collector = Collector::start(&dir, &args);
+    let output = format!("forward://127.0.0.1:{}", collector.port);
+    let spool = dir.path("spool");
+    let agent =
+        Agent::start_with("alerts-update-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let file = session_file(&agent.dir, "upd-1", "grace: 30s\nscope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
+    let o = agent.run(&file, &["/bin/sh", "-c", "i=0; while [ $i -lt 30 ]; do /bin/true; i=$((i+1)); done"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let update = agent.wait_alert("the update with count 30", |a| a["rule"] == "exec_out_of_scope" && a["count"] == 30);
+    let id = update["id"].as_str().unwrap().to_string();
+    assert_eq!(counts(&agent.alerts(), "exec_out_of_scope"), BTreeMap::from([(id.clone(), 30)]));
+
+    let in_sink = wait_for(
+        "the first alert and its update in the collector's jsonl sink",
+        || Some(read_jsonl(&jsonl)).filter(|l| l.iter().any(|a| a["id"] == id.as_str() && a["count"] == 30)),
+        || collector.logs(),
+    );
+    let versions: Vec<u64> =
+        in_sink.iter().filter(|a| a["id"] == id.as_str()).map(|a| a["count"].as_u64().unwrap()).collect();
+    assert_eq!(versions, [1, 30], "each version once, in order");
+    let findings = wait_for(
+        "the OCSF update",
+        || Some(read_jsonl(&ocsf)).filter(|f| f.iter().any(|f| f["activity_id"] == 2)),
+        || collector.logs(),
+    );
+    let ocsf_update = findings.iter().find(|f| f["activity_id"] == 2).unwrap();
+    assert_eq!(ocsf_update["finding_info"]["uid"], id.as_str());
+    assert_eq!(ocsf_update["count"], 30);
+    assert_eq!(ocsf_update["metadata"]["version"], "1.8.0");
+    assert!(
+        ocsf_update["finding_info"]["first_seen_time"].as_u64()
+            <= ocsf_update["finding_info"]["last_seen_time"].as_u64()
+    );
+    let cef_text = wait_for(
+        "the CEF update",
+        || Some(fs::read_to_string(&cef).unwrap_or_default()).filter(|t| t.contains("cnt=30")),
+        || collector.logs(),
+    );
+    assert!(cef_text.lines().any(|l| l.contains(&format!("externalId={id}")) && l.contains("cnt=30")), "{cef_text}");
+
+    let validate = dir.write("validate.py", VALIDATE_OCSF_18);
+    let o = Command::new("python3").arg(&validate).arg(&ocsf).output().unwrap();
+    assert!(o.status.success(), "OCSF 1.8 validation failed:\n{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), findings.len().to_string());
+
+    // The operator's table, from the agent's file and from the collector's store: one finding of
+    // 30 occurrences.
+    for source in [&agent.alerts, &collector.store] {
+        let o = Command::new(monitor_tests::monitor_bin()).args(["alerts", "summary"]).arg(source).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let table = stdout(&o);
+        let row = table.lines().find(|l| l.contains("exec_out_of_scope")).unwrap_or_else(|| panic!("{table}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cols[..4], ["upd-1", "exec_out_of_scope", "1", "30"], "{table}");
+    }
+}
