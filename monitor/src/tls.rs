@@ -33,10 +33,15 @@ pub fn client_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConf
             .add(cert)
             .with_context(|| format!("{}: a certificate rustls refuses as a trust anchor", path.display()))?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every reconnect is a full handshake. A receiver that checks client certificates without a
+    // session id context (Fluentd's TLS input before 1.18, and with client_cert_auth) answers a
+    // resumed session with a fatal internal_error, and would refuse every reconnect; outputs
+    // reconnect rarely, so resumption saves nothing worth that.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

@@ -174,35 +174,75 @@ impl Collector {
     }
 }
 
-/// The Fluent project's Node Forward server (tests/peers/fluent_server.js), appending entries
-/// to `out`.
+/// A Fluent Forward receiver appending each entry to `out` as a JSON line: the Fluent project's
+/// Node server (tests/peers/fluent_server.js), or a receiver with Fluentd's own TLS server setup
+/// (tests/peers/fluentd_tls_server.rb). Restartable on the same port.
 pub struct FluentServer {
     pub process: Process,
     pub port: u16,
     pub out: PathBuf,
+    program: &'static str,
+    args: Vec<std::ffi::OsString>,
+    dir: PathBuf,
+    starts: u32,
 }
 
 impl FluentServer {
+    /// The Fluent project's Node server, with `extra` options (`--tls CERT KEY`, `--shared-key K`).
     pub fn start(dir: &Scratch, extra: &[&str]) -> Self {
+        let mut args = vec![workspace().join("tests/peers/fluent_server.js").into_os_string()];
+        args.extend(extra.iter().map(Into::into));
+        Self::launch(dir, "node", args)
+    }
+
+    /// A Forward receiver over TLS set up as Fluentd's in_forward sets up TLS (Ruby OpenSSL,
+    /// TLS 1.2, VERIFY_PEER and no session id context: it refuses a resumed session). Fluentd
+    /// itself is a Ruby gem, and RubyGems is not reachable here.
+    pub fn fluentd_tls(dir: &Scratch, tls: &TlsFiles) -> Self {
+        let script = workspace().join("tests/peers/fluentd_tls_server.rb").into_os_string();
+        Self::launch(dir, "ruby", vec![script, tls.cert.clone().into(), tls.key.clone().into()])
+    }
+
+    /// `args` are the script and its options; the port and the output file go after the script.
+    fn launch(dir: &Scratch, program: &'static str, mut args: Vec<std::ffi::OsString>) -> Self {
         let port = free_port();
         let out = dir.path("fluent-server.jsonl");
-        let mut cmd = Command::new("node");
-        cmd.arg(workspace().join("tests/peers/fluent_server.js"))
-            .arg(port.to_string())
-            .arg(&out)
-            .args(extra)
-            .env("NODE_PATH", workspace().join("target/peers/node_modules"));
-        let process = spawn(&mut cmd, dir.path("fluent-server.log"));
+        args.splice(1..1, [port.to_string().into(), out.clone().into_os_string()]);
+        let placeholder = spawn(&mut Command::new("true"), dir.path("unused.log"));
+        let mut server = Self { process: placeholder, port, out, program, args, dir: dir.0.clone(), starts: 0 };
+        server.restart();
+        server
+    }
+
+    /// Starts it (again) on the same port, appending to the same file.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.starts += 1;
+        let mut cmd = Command::new(self.program);
+        cmd.args(&self.args).env("NODE_PATH", workspace().join("target/peers/node_modules"));
+        self.process = spawn(&mut cmd, self.dir.join(format!("fluent-server-{}.log", self.starts)));
+        let process = &mut self.process;
         wait_for(
             "the Fluent server listening",
-            || process.log_text().contains("listening").then_some(()),
-            || process.log_text(),
+            || {
+                if let Ok(Some(status)) = process.child.try_wait() {
+                    panic!("the Fluent server exited with {status}: {}", process.log_text());
+                }
+                process.log_text().contains("listening").then_some(())
+            },
+            String::new,
         );
-        Self { process, port, out }
     }
 
     pub fn entries(&self) -> Vec<serde_json::Value> {
         crate::read_jsonl(&self.out)
+    }
+
+    /// The logs of every start so far.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| fs::read_to_string(self.dir.join(format!("fluent-server-{i}.log"))).unwrap_or_default())
+            .collect()
     }
 }
 

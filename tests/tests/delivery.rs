@@ -1,8 +1,9 @@
 //! Alert delivery with real peers on loopback: the agent's forward outputs into the Fluent
-//! project's own Forward server (plain, and TLS with a shared key), PyPI fluent-logger into the
-//! collector, the collector stopped and the agent killed mid-stream without losing or
-//! duplicating an alert, bad input on the collector's ports, and the collector's sinks into
-//! rsyslog (syslog over TLS), a Tansu broker (Kafka protocol, read back with confluent-kafka),
+//! project's own Forward server (plain, and TLS with a shared key), TLS reconnects after a dropped
+//! connection and a receiver restart (Fluentd's TLS server setup, the Node server, the collector),
+//! PyPI fluent-logger into the collector, the collector stopped and the agent killed mid-stream
+//! without losing or duplicating an alert, bad input on the collector's ports, and the
+//! collector's sinks into rsyslog (syslog over TLS), a Tansu broker (Kafka protocol, read back with confluent-kafka),
 //! and OCSF findings checked against the OCSF models of py-ocsf-models.
 
 use std::{
@@ -148,6 +149,131 @@ fn agent_forward_tls_with_a_shared_key_to_the_fluent_project_server() {
     );
     assert!(!spool_drained(&spool2), "alerts refused by the receiver stay in the spool");
     assert!(server.entries().iter().all(|e| e["record"]["session"]["id"] != "fwd-tls-2"));
+}
+
+/// A Forward receiver over TLS, as the reconnect tests see it.
+trait TlsReceiver {
+    fn port(&self) -> u16;
+    /// The ids of the alerts of `session` it received.
+    fn ids(&self, session: &str) -> BTreeSet<String>;
+    fn restart(&mut self);
+    fn logs(&self) -> String;
+}
+
+impl TlsReceiver for FluentServer {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn ids(&self, session: &str) -> BTreeSet<String> {
+        self.entries()
+            .iter()
+            .filter(|e| e["record"]["session"]["id"] == session)
+            .filter_map(|e| e["record"]["id"].as_str().map(str::to_string))
+            .collect()
+    }
+    fn restart(&mut self) {
+        FluentServer::restart(self)
+    }
+    fn logs(&self) -> String {
+        FluentServer::logs(self)
+    }
+}
+
+/// The collector and the JSON-lines sink it stores into.
+struct CollectorWithSink(Collector, std::path::PathBuf);
+
+impl TlsReceiver for CollectorWithSink {
+    fn port(&self) -> u16 {
+        self.0.port
+    }
+    fn ids(&self, session: &str) -> BTreeSet<String> {
+        read_jsonl(&self.1)
+            .iter()
+            .filter(|a| a["session"]["id"] == session)
+            .filter_map(|a| a["id"].as_str().map(str::to_string))
+            .collect()
+    }
+    fn restart(&mut self) {
+        self.0.process.kill();
+        self.0.restart()
+    }
+    fn logs(&self) -> String {
+        self.0.logs()
+    }
+}
+
+/// Destroys the agent's connections to `port` (`ss -K`: the kernel kills the sockets, as a reset
+/// from a middlebox or a load balancer would); asserts there was one to drop.
+fn drop_connections_to(port: u16) {
+    let o = Command::new("ss")
+        .args(["-K", "-t", "-n", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ss -K: {}", stderr(&o));
+    let listing = String::from_utf8_lossy(&o.stdout);
+    assert!(listing.contains(&format!("127.0.0.1:{port}")), "no connection to {port} to drop: {listing}");
+}
+
+/// Alerts reach `receiver` over TLS before and after the agent's connection is dropped, and
+/// after the receiver restarts: each reconnect is a full handshake that succeeds.
+fn forward_tls_survives_a_drop_and_a_restart(name: &str, dir: &Scratch, receiver: &mut dyn TlsReceiver, ca: &Path) {
+    let spool = dir.path("spool");
+    let output = format!("forward+tls://127.0.0.1:{}?ca={}", receiver.port(), ca.display());
+    let agent = delivery_agent(name, &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
+    let deliver = |receiver: &dyn TlsReceiver, step: &str| {
+        let session = format!("{name}-{step}");
+        raise_alerts(&agent, &session, 3);
+        let ids = wait_alert_count(&agent, &session, 3);
+        wait_for(
+            &format!("the alerts of {session} at the receiver"),
+            || ids.is_subset(&receiver.ids(&session)).then_some(()),
+            || format!("{}\n{}", receiver.logs(), agent.diagnostics()),
+        );
+    };
+    deliver(receiver, "first");
+    drop_connections_to(receiver.port());
+    deliver(receiver, "after-drop");
+    receiver.restart();
+    deliver(receiver, "after-restart");
+    wait_for("the spool drained by acks", || spool_drained(&spool).then_some(()), || agent.diagnostics());
+    let logs = receiver.logs();
+    assert!(!logs.contains("handshake failed"), "a handshake was refused:\n{logs}");
+}
+
+#[test]
+fn forward_tls_reconnects_to_fluentds_tls_server_after_a_drop_and_a_restart() {
+    let dir = Scratch::new("fwd-fluentd-reconnect");
+    let tls = tls_cert(&dir);
+    let mut server = FluentServer::fluentd_tls(&dir, &tls);
+    forward_tls_survives_a_drop_and_a_restart("fwd-fluentd-reconnect", &dir, &mut server, &tls.ca);
+}
+
+#[test]
+fn forward_tls_reconnects_to_the_fluent_project_server_after_a_drop_and_a_restart() {
+    let dir = Scratch::new("fwd-node-reconnect");
+    let tls = tls_cert(&dir);
+    let mut server = FluentServer::start(&dir, &["--tls", tls.cert.to_str().unwrap(), tls.key.to_str().unwrap()]);
+    forward_tls_survives_a_drop_and_a_restart("fwd-node-reconnect", &dir, &mut server, &tls.ca);
+}
+
+#[test]
+fn forward_tls_reconnects_to_the_collector_after_a_drop_and_a_restart() {
+    let dir = Scratch::new("coll-reconnect");
+    let tls = tls_cert(&dir);
+    let sink = dir.path("sink.jsonl");
+    let collector = Collector::start(
+        &dir,
+        &[
+            "--tls-cert",
+            tls.cert.to_str().unwrap(),
+            "--tls-key",
+            tls.key.to_str().unwrap(),
+            "--sink",
+            &format!("jsonl:{}", sink.display()),
+        ],
+    );
+    let mut receiver = CollectorWithSink(collector, sink);
+    forward_tls_survives_a_drop_and_a_restart("coll-reconnect", &dir, &mut receiver, &tls.ca);
 }
 
 #[test]

