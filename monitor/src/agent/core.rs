@@ -28,9 +28,19 @@ enum Command {
         session: Box<Session>,
         reply: oneshot::Sender<Result<SessionKey, String>>,
     },
-    Seen(Vec<Process>),
-    /// Names the agent learnt for a session itself (its hosts file), applied as events.
-    Names(Vec<crate::event::Resolve>),
+    /// Processes found in /proc when they were bound, answered once applied: the kernel's
+    /// events of a process come from the ring buffer on another channel, and must find its
+    /// snapshot already there (an exec applied before it would be undone by it).
+    Seen {
+        processes: Vec<Process>,
+        applied: oneshot::Sender<()>,
+    },
+    /// Names the agent learnt for a session itself (its hosts file), applied as events before
+    /// the session's first connect can be: answered once applied.
+    Names {
+        names: Vec<crate::event::Resolve>,
+        applied: oneshot::Sender<()>,
+    },
     End {
         id: String,
         reason: EndReason,
@@ -64,12 +74,20 @@ impl CoreHandle {
         rx.await.map_err(|_| GONE.to_string())?
     }
 
+    /// Returns once the engine has the snapshots: bind the processes only then.
     pub async fn seen(&self, processes: Vec<Process>) {
-        let _ = self.send(Command::Seen(processes)).await;
+        let (applied, rx) = oneshot::channel();
+        if self.send(Command::Seen { processes, applied }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
+    /// Returns once the engine has the names.
     pub async fn names(&self, names: Vec<crate::event::Resolve>) {
-        let _ = self.send(Command::Names(names)).await;
+        let (applied, rx) = oneshot::channel();
+        if self.send(Command::Names { names, applied }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub async fn end(&self, id: String, reason: EndReason) -> Result<SessionSummary, String> {
@@ -220,15 +238,17 @@ impl Core {
                 self.apply(Event::SessionStarted { ts: now_ns(), key, session }).await;
                 let _ = reply.send(Ok(key));
             }
-            Command::Seen(processes) => {
+            Command::Seen { processes, applied } => {
                 for p in processes {
                     self.apply(Event::ProcessSeen(p)).await;
                 }
+                let _ = applied.send(());
             }
-            Command::Names(names) => {
+            Command::Names { names, applied } => {
                 for r in names {
                     self.apply(Event::Resolve(r)).await;
                 }
+                let _ = applied.send(());
             }
             Command::End { id, reason, reply } => {
                 let now = now_ns();
