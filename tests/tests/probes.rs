@@ -54,9 +54,15 @@ fn outside_every_session_each_probe_costs_a_lookup_and_the_host_wide_ones_are_de
         assert!(idle.contains(always), "{always} not attached: {idle:?}");
     }
     // Host-wide hooks that only session processes need: not attached while no session exists.
-    for on_demand in
-        ["cap_capable", "getaddrinfo_enter", "getaddrinfo_exit", "ssl_write", "ssl_write_ex", "dns_ingress"]
-    {
+    for on_demand in [
+        "cap_capable",
+        "getaddrinfo_enter",
+        "getaddrinfo_exit",
+        "ssl_write",
+        "ssl_write_ex",
+        "dns_ingress",
+        "go_tls_write",
+    ] {
         assert!(!idle.contains(on_demand), "{on_demand} attached with no session on the host: {idle:?}");
     }
 
@@ -106,7 +112,8 @@ fn outside_every_session_each_probe_costs_a_lookup_and_the_host_wide_ones_are_de
         || Some(agent.attached_probes()).filter(|a| a.contains("cap_capable")),
         || format!("{:?}\n{}", agent.attached_probes(), agent.diagnostics()),
     );
-    for on_demand in ["getaddrinfo_enter", "getaddrinfo_exit", "ssl_write", "dns_ingress"] {
+    // go_tls_write: in the Go executables found at start (setup installs Go: /usr/bin/go).
+    for on_demand in ["getaddrinfo_enter", "getaddrinfo_exit", "ssl_write", "dns_ingress", "go_tls_write"] {
         assert!(running.contains(on_demand), "{on_demand} not attached while a session runs: {running:?}");
     }
     fs::write(&done, "").unwrap();

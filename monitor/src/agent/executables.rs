@@ -12,7 +12,7 @@
 //!
 //! Files are read off the async threads (a Go binary's symbol table is megabytes), each once.
 
-use std::{collections::HashSet, fs::File, os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
+use std::{collections::HashSet, fs::File, path::PathBuf, sync::Arc};
 
 use tokio::sync::mpsc;
 
@@ -125,8 +125,10 @@ impl State {
         let mut running = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            let path = PathBuf::from(format!("/proc/{pid}/exe"));
-            let Ok(file) = File::open(&path) else { continue };
+            let link = PathBuf::from(format!("/proc/{pid}/exe"));
+            let Ok(file) = File::open(&link) else { continue };
+            // Named by where it was run from (the link's text), opened through the link.
+            let path = std::fs::read_link(&link).unwrap_or(link);
             let Ok(meta) = file.metadata() else { continue };
             use std::os::unix::fs::MetadataExt as _;
             let id = FileId { dev: crate::credentials::watch::kernel_dev(meta.dev()), ino: meta.ino() };
@@ -160,18 +162,16 @@ impl State {
             tracing::warn!(path = %path.display(), "not probed: {MAX_PROBED} executables are already");
             return;
         }
-        // The kernel resolves the path when attaching: the descriptor names this very file, even
-        // once the process is gone or in another mount namespace.
-        let target = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         let mut attached = false;
         for p in &inspection.probes {
-            match probes.attach_to_executable(p, &target) {
+            match probes.attach_to_executable(p, file, path) {
                 Err(crate::probes::ProbeError::NotLoaded(_)) => {}
-                Ok(()) => {
+                Ok(now) => {
                     attached = true;
                     let took = started.elapsed();
-                    tracing::info!(path = %path.display(), symbol = p.symbol, offset = p.file_offset, ?took, "TLS probe attached");
+                    let symbol = p.symbol;
+                    tracing::info!(path = %path.display(), symbol, offset = p.file_offset, ?took, now, "TLS probe taken");
                 }
                 Err(e) => tracing::warn!(path = %path.display(), symbol = p.symbol, "TLS probe not attached: {e}"),
             }

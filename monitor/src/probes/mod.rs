@@ -8,7 +8,7 @@ pub mod stats;
 pub mod tracefs;
 mod uprobe_site;
 
-use std::path::Path;
+use std::{os::fd::AsRawFd as _, path::Path};
 
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray, RingBuf},
@@ -62,6 +62,8 @@ pub enum ProbeError {
     NoCgroup2,
     #[error("map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
+    #[error("keeping {0} open to probe it: {1}")]
+    Executable(std::path::PathBuf, #[source] std::io::Error),
 }
 
 /// Where a probe attaches.
@@ -359,7 +361,7 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::Executables { symbol: executables::GO_TLS_WRITE },
         required: false,
         provides: "tokens in TLS requests made by Go programs (crypto/tls)",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "go_tls_read",
@@ -368,14 +370,14 @@ pub const PROBES: &[ProbeSpec] = &[
         // Opt-in like ssl_read: the probes at its returns trap on every TLS read of every Go
         // program on the host.
         provides: "tokens Go programs in sessions receive from token endpoints (crypto/tls reads)",
-        when: When::OptIn,
+        when: When::OptInWhileSessions,
     },
     ProbeSpec {
         program: "go_tls_read_ret",
         attach: AttachPoint::Executables { symbol: executables::GO_TLS_READ },
         required: false,
         provides: "tokens Go programs in sessions receive from token endpoints (crypto/tls reads)",
-        when: When::OptIn,
+        when: When::OptInWhileSessions,
     },
     ProbeSpec {
         program: "tcp_egress",
@@ -469,6 +471,9 @@ pub struct Probes {
     /// The probes attached only while they are needed (see [`When::wanted`]), with their links
     /// while attached.
     on_demand: Vec<OnDemand>,
+    /// The executables the TLS probes of executables.rs go into, attached like the on-demand
+    /// probes: while their program's [`When`] wants them.
+    executable_sites: Vec<ExecutableSite>,
     sessions_running: bool,
     tokens_known: bool,
     /// Told whether anything is watched (the reader drains slower while nothing is).
@@ -483,6 +488,36 @@ struct OnDemand {
     /// Where a uprobe goes, resolved at start (a library that is missing degrades it then).
     site: Option<UprobeSite>,
     link: Option<Link>,
+}
+
+/// One executable a probe of executables.rs goes into (a Go program's crypto/tls, an OpenSSL
+/// linked in). The file stays open: the probe is attached to it again whenever it is wanted,
+/// whatever happened to its path meanwhile.
+struct ExecutableSite {
+    spec: &'static ProbeSpec,
+    file: std::fs::File,
+    /// The path it was found under, for `monitor probes`.
+    path: std::path::PathBuf,
+    file_offset: u64,
+    link: Option<aya::programs::uprobe::UProbeLinkId>,
+}
+
+impl ExecutableSite {
+    fn attach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        let program = self.spec.program;
+        let err = |source| ProbeError::Program { probe: program, source };
+        let uprobe: &mut UProbe =
+            ebpf.program_mut(program).ok_or(ProbeError::Missing(program))?.try_into().map_err(err)?;
+        // The kernel resolves the path when attaching: the descriptor names this very file.
+        let target = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        self.link = Some(uprobe.attach(self.file_offset, target, UProbeScope::AllProcesses).map_err(err)?);
+        Ok(())
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        let Some(link) = self.link.take() else { return Ok(()) };
+        detach_link(ebpf, self.spec, Link::UProbe(link))
+    }
 }
 
 /// A uprobe's place: an offset (past the frame setup, see uprobe_site) or a symbol of a file.
@@ -529,10 +564,24 @@ impl Probes {
     /// Whether `program` is attached now: an on-demand one while it is needed, the others as
     /// the load report says.
     pub fn is_attached_now(&self, program: &str) -> bool {
-        match self.on_demand.iter().find(|p| p.spec.program == program) {
-            Some(p) => p.link.is_some(),
-            None => self.report.is_attached(program),
+        if let Some(p) = self.on_demand.iter().find(|p| p.spec.program == program) {
+            return p.link.is_some();
         }
+        let per_executable =
+            PROBES.iter().any(|p| p.program == program && matches!(p.attach, AttachPoint::Executables { .. }));
+        if per_executable {
+            // Attached where it is attached to some executable now.
+            return self.executable_sites.iter().any(|s| s.spec.program == program && s.link.is_some());
+        }
+        self.report.is_attached(program)
+    }
+
+    /// The files each uprobe program is attached to now.
+    pub fn uprobe_files(&self, program: &str) -> Vec<String> {
+        let library = self.on_demand.iter().filter(|p| p.spec.program == program && p.link.is_some());
+        let library = library.filter_map(|p| p.site.as_ref()).map(|s| s.file.display().to_string());
+        let executables = self.executable_sites.iter().filter(|s| s.spec.program == program && s.link.is_some());
+        library.chain(executables.map(|s| s.path.display().to_string())).collect()
     }
 
     /// Where to say, from now on, whether anything is watched.
@@ -564,24 +613,43 @@ impl Probes {
                 (_, current) => probe.link = current,
             }
         }
+        for site in &mut self.executable_sites {
+            let want = site.spec.when.wanted(self.sessions_running, self.tokens_known).unwrap_or(true);
+            let done = match (want, site.link.is_some()) {
+                (true, false) => site.attach(&mut self.ebpf),
+                (false, true) => site.detach(&mut self.ebpf),
+                _ => Ok(()),
+            };
+            if let Err(e) = done {
+                tracing::warn!(probe = site.spec.program, path = %site.path.display(), "{}", error_chain(&e));
+            }
+        }
     }
 
-    /// Attaches one of the executable probes (see executables.rs) to the file behind `target` (a
-    /// path the kernel resolves when attaching, e.g. `/proc/self/fd/N`), for every process.
+    /// Takes one of the executable probes (see executables.rs) for `file`, found at `path`: it is
+    /// attached now if its program is wanted now (see [`When`]), and from then on whenever it
+    /// is. Returns whether it is attached now.
     pub fn attach_to_executable(
         &mut self,
         probe: &executables::ExecutableProbe,
-        target: &Path,
-    ) -> Result<(), ProbeError> {
+        file: &std::fs::File,
+        path: &Path,
+    ) -> Result<bool, ProbeError> {
         let program = self.ebpf.program_mut(probe.program).ok_or(ProbeError::Missing(probe.program))?;
         if program.fd().is_err() {
             // Not loaded: disabled, or opt-in and not enabled (see PROBES).
             return Err(ProbeError::NotLoaded(probe.program));
         }
-        let err = |source| ProbeError::Program { probe: probe.program, source };
-        let uprobe: &mut UProbe = program.try_into().map_err(err)?;
-        uprobe.attach(probe.file_offset, target, UProbeScope::AllProcesses).map_err(err)?;
-        Ok(())
+        let spec = PROBES.iter().find(|p| p.program == probe.program).ok_or(ProbeError::Missing(probe.program))?;
+        let file = file.try_clone().map_err(|e| ProbeError::Executable(path.to_path_buf(), e))?;
+        let mut site =
+            ExecutableSite { spec, file, path: path.to_path_buf(), file_offset: probe.file_offset, link: None };
+        let now = spec.when.wanted(self.sessions_running, self.tokens_known).unwrap_or(true);
+        if now {
+            site.attach(&mut self.ebpf)?;
+        }
+        self.executable_sites.push(site);
+        Ok(now)
     }
 }
 
@@ -783,6 +851,8 @@ impl Loaded {
                 let loaded = load_program(&mut self.ebpf, spec, cgroup.is_some());
                 let attached = loaded.is_ok();
                 let error = match loaded {
+                    // An executable probe has a site per executable, taken as they are found.
+                    Ok(_) if matches!(spec.attach, AttachPoint::Executables { .. }) => None,
                     Ok(site) => {
                         on_demand.push(OnDemand { spec, site, link: None });
                         None
@@ -821,6 +891,7 @@ impl Loaded {
             ebpf: self.ebpf,
             report,
             on_demand,
+            executable_sites: Vec::new(),
             sessions_running: false,
             tokens_known: false,
             watched: None,
@@ -862,7 +933,12 @@ fn load_program(ebpf: &mut Ebpf, spec: &ProbeSpec, have_cgroup: bool) -> Result<
             <&mut UProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
             Ok(Some(UprobeSite { location: SiteLocation::Symbol(symbol), file }))
         }
-        AttachPoint::CgroupSockAddr { .. } | AttachPoint::Executables { .. } => {
+        AttachPoint::Executables { .. } => {
+            // Attached to each executable as it is found (see `Probes::attach_to_executable`).
+            <&mut UProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
+            Ok(None)
+        }
+        AttachPoint::CgroupSockAddr { .. } => {
             Err(ProbeError::Missing("on-demand attachment of this kind of probe (see attach_one)"))
         }
     }

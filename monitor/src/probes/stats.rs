@@ -29,6 +29,10 @@ pub struct ProgramStats {
     /// Runs and nanoseconds since it was loaded, while counting was enabled.
     pub run_cnt: u64,
     pub run_time_ns: u64,
+    /// For a uprobe: the files it is attached to now (a library, or each executable found
+    /// with that TLS code); every process that maps one of them has the probe installed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
 }
 
 impl ProgramStats {
@@ -62,6 +66,7 @@ impl super::Probes {
                     prog_id,
                     run_cnt,
                     run_time_ns,
+                    files: self.uprobe_files(name),
                 })
             })
             .collect();
@@ -93,6 +98,9 @@ pub fn table(programs: &[ProgramStats]) -> String {
             "{:<20} {:<44} {:<9} {:>12} {:>14} {:>8}\n",
             p.program, p.attach, attached, p.run_cnt, time, per_run
         ));
+        for file in &p.files {
+            out.push_str(&format!("{:<20} in {file}\n", ""));
+        }
     }
     out
 }
