@@ -90,7 +90,8 @@ const _: () = assert!(core::mem::size_of::<DnsSocket>() == 8);
 /// Sockets of session processes that sent to port 53.
 pub const DNS_SOCKETS_CAPACITY: u32 = 8_192;
 
-/// Executables (device, inode) already reported at exec.
+/// Slots of the cache of executables (device, inode) already reported at exec: a power of two,
+/// in sets of two.
 pub const EXECUTABLES_SEEN_CAPACITY: u32 = 16_384;
 
 /// HTTP/2 connections over TLS that the probes follow.

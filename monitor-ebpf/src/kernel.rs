@@ -172,14 +172,35 @@ pub fn inode_dev(inode: u64) -> Option<u32> {
     read_at(sb, global(&SB_DEV_OFF))
 }
 
-/// The device and inode of the current task's executable (`mm->exe_file`), set by exec.
+/// Loads a field of a kernel object directly: `base` comes from a BTF-typed pointer (see
+/// [`exe_inode`]) and `offset` from a read-only global, which the verifier knows as a constant
+/// (aya freezes .rodata) and checks against the kernel's BTF type of `base`. The JIT makes it a
+/// plain load that a fault turns into 0, where each `bpf_probe_read_kernel` cost ~250 ns on
+/// the 2-vCPU VM this was measured on.
+#[inline(always)]
+fn load_at<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+    if base.is_null() || offset == 0 {
+        return None;
+    }
+    // SAFETY: a BTF-typed kernel pointer; the verifier checks the access and the JIT guards it.
+    Some(unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) })
+}
+
+/// The device and inode of the current task's executable (`mm->exe_file`), set by exec. On
+/// every exec of the host while sessions run, so it walks the pointers with direct loads from
+/// `bpf_get_current_task_btf` (5.11) instead of five helper reads (measured: the exec hook took
+/// 1.3-1.9 µs per run for processes outside sessions that way).
 #[inline(always)]
 pub fn exe_inode() -> Option<(u32, u64)> {
-    let mm: u64 = read_at(current_task(), global(&TASK_MM_OFF))?;
-    let file: u64 = read_at(mm, global(&MM_EXE_FILE_OFF))?;
-    let inode: u64 = read_at(file, global(&FILE_INODE_OFF))?;
-    let ino: u64 = read_at(inode, global(&INODE_INO_OFF))?;
-    Some((inode_dev(inode)?, ino))
+    // SAFETY: helper without preconditions.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task_btf() } as *const u8;
+    let mm: *const u8 = load_at(task, global(&TASK_MM_OFF))?;
+    let file: *const u8 = load_at(mm, global(&MM_EXE_FILE_OFF))?;
+    let inode: *const u8 = load_at(file, global(&FILE_INODE_OFF))?;
+    let ino: u64 = load_at(inode, global(&INODE_INO_OFF))?;
+    let sb: *const u8 = load_at(inode, global(&INODE_SB_OFF))?;
+    let dev: u32 = load_at(sb, global(&SB_DEV_OFF))?;
+    Some((dev, ino))
 }
 
 /// `file->f_flags`.

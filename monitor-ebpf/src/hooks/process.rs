@@ -11,7 +11,9 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use monitor_common::{EventKind, ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP};
+use monitor_common::{
+    EventKind, ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY,
+};
 
 use super::cred;
 use crate::{
@@ -90,10 +92,26 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
 fn note_executable(ctx: &TracePointContext, key: u32) {
     let Some((dev, ino)) = kernel::exe_inode() else { return };
     let id = [dev as u64, ino];
-    if EXECUTABLES_SEEN.get_ptr(&id).is_some() {
+    // Fibonacci hashing of the file to its set of two slots.
+    let hash = (ino ^ ((dev as u64) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    let set = (hash as u32) & (EXECUTABLES_SEEN_CAPACITY - 2);
+    let (Some(first), Some(second)) = (EXECUTABLES_SEEN.get_ptr_mut(set), EXECUTABLES_SEEN.get_ptr_mut(set + 1)) else {
         return;
+    };
+    // SAFETY: valid map value pointers for this program run. Concurrent execs may tear a slot:
+    // the worst is a file reported twice.
+    unsafe {
+        if *first == id || *second == id {
+            return;
+        }
+        // A new file takes the empty slot, else the second: the first keeps the file that came
+        // first to its set.
+        if *first == [0, 0] {
+            *first = id;
+        } else {
+            *second = id;
+        }
     }
-    let _ = EXECUTABLES_SEEN.insert(&id, &0u8, 0);
     let Some(mut entry) = EVENTS.reserve::<ExecutableEvent>(0) else {
         count(Stat::RingbufFull);
         return;

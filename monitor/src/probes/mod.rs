@@ -159,7 +159,9 @@ pub enum When {
     /// Attached while sessions run (their processes' requests teach tokens, see
     /// credentials/learn) or hold tokens (anyone's request may carry one, even after every
     /// session ended): the TLS library uprobes, installed into every process that maps the
-    /// library.
+    /// library; and the process and connect hooks, which have nothing to do while nothing is
+    /// watched (no process to attribute, no token to look for), so that a host with no session
+    /// runs no program of the agent at all on fork, exec, exit or connect.
     WhileSessionsOrTokens,
 }
 
@@ -184,49 +186,58 @@ pub const PROBES: &[ProbeSpec] = &[
         attach: AttachPoint::TracePoint { category: "task", name: "task_newtask" },
         required: true,
         provides: "session inheritance at fork",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "sched_process_exec",
         attach: AttachPoint::TracePoint { category: "sched", name: "sched_process_exec" },
         required: true,
         provides: "exec events",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
+    },
+    ProbeSpec {
+        // Measures, not watches: an empty program beside sched_process_exec (monitor-ebpf
+        // hooks/floor.rs), whose run time is the floor under every program's (bench, tests).
+        program: "floor_exec",
+        attach: AttachPoint::TracePoint { category: "sched", name: "sched_process_exec" },
+        required: false,
+        provides: "nothing: the BPF statistics floor, for measurements",
+        when: When::OptIn,
     },
     ProbeSpec {
         program: "sched_process_exit",
         attach: AttachPoint::TracePoint { category: "sched", name: "sched_process_exit" },
         required: true,
         provides: "exit events and session cleanup",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "connect4",
         attach: AttachPoint::CgroupSockAddr { hook: "connect4" },
         required: false,
         provides: "IPv4 connects and their enforcement",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "connect6",
         attach: AttachPoint::CgroupSockAddr { hook: "connect6" },
         required: false,
         provides: "IPv6 connects and their enforcement",
-        when: When::Always,
+        when: When::WhileSessionsOrTokens,
     },
     ProbeSpec {
         program: "sendmsg4",
         attach: AttachPoint::CgroupSockAddr { hook: "sendmsg4" },
         required: false,
         provides: "unconnected IPv4 UDP sends and their enforcement",
-        when: When::Always,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "sendmsg6",
         attach: AttachPoint::CgroupSockAddr { hook: "sendmsg6" },
         required: false,
         provides: "unconnected IPv6 UDP sends and their enforcement",
-        when: When::Always,
+        when: When::WhileSessions,
     },
     ProbeSpec {
         program: "getaddrinfo_enter",
@@ -535,6 +546,7 @@ enum Link {
     TracePoint(aya::programs::trace_point::TracePointLinkId),
     UProbe(aya::programs::uprobe::UProbeLinkId),
     Skb(aya::programs::cgroup_skb::CgroupSkbLinkId),
+    SockAddr(aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId),
 }
 
 impl Probes {
@@ -671,6 +683,14 @@ fn attach_link(ebpf: &mut Ebpf, probe: &OnDemand, cgroup: Option<&std::fs::File>
             };
             Link::Skb(hook.attach(cgroup, direction, CgroupAttachMode::default()).map_err(err)?)
         }
+        AttachPoint::CgroupSockAddr { .. } => {
+            let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
+            let hook: &mut CgroupSockAddr = program.try_into().map_err(err)?;
+            // Attached as a BPF link (kernel >= 5.7), which always coexists with other programs on
+            // the same cgroup (another agent, a CNI): a connect goes through only if every one of
+            // them allows it. `link_create` refuses attach flags, hence the default mode.
+            Link::SockAddr(hook.attach(cgroup, CgroupAttachMode::default()).map_err(err)?)
+        }
         _ => {
             let site = probe.site.as_ref().ok_or(ProbeError::Missing(spec.program))?;
             let uprobe: &mut UProbe = program.try_into().map_err(err)?;
@@ -690,6 +710,7 @@ fn detach_link(ebpf: &mut Ebpf, spec: &ProbeSpec, link: Link) -> Result<(), Prob
         Link::TracePoint(id) => <&mut TracePoint>::try_from(program).map_err(err)?.detach(id).map_err(err),
         Link::UProbe(id) => <&mut UProbe>::try_from(program).map_err(err)?.detach(id).map_err(err),
         Link::Skb(id) => <&mut CgroupSkb>::try_from(program).map_err(err)?.detach(id).map_err(err),
+        Link::SockAddr(id) => <&mut CgroupSockAddr>::try_from(program).map_err(err)?.detach(id).map_err(err),
     }
 }
 
@@ -857,6 +878,7 @@ impl Loaded {
                         on_demand.push(OnDemand { spec, site, link: None });
                         None
                     }
+                    Err(e) if spec.required => return Err(e),
                     Err(e) => Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
                 };
                 report.probes.push(ProbeStatus {
@@ -939,7 +961,11 @@ fn load_program(ebpf: &mut Ebpf, spec: &ProbeSpec, have_cgroup: bool) -> Result<
             Ok(None)
         }
         AttachPoint::CgroupSockAddr { .. } => {
-            Err(ProbeError::Missing("on-demand attachment of this kind of probe (see attach_one)"))
+            if !have_cgroup {
+                return Err(ProbeError::NoCgroup2);
+            }
+            <&mut CgroupSockAddr>::try_from(program).map_err(err)?.load().map_err(err)?;
+            Ok(None)
         }
     }
 }
@@ -960,32 +986,14 @@ fn library_site(file: &Path, symbol: &'static str, args: usize) -> UprobeSite {
     UprobeSite { location, file: file.to_path_buf() }
 }
 
-/// Loads and attaches a probe for the agent's whole run: through the same load and attach as
-/// the on-demand ones, but for the cgroup sock_addr hooks and the executables' programs (these
-/// attach per executable, see `Probes::attach_to_executable`).
+/// Loads and attaches a probe for the agent's whole run, through the same load and attach as
+/// the on-demand ones; the executables' programs are only loaded (they attach per executable,
+/// see `Probes::attach_to_executable`).
 fn attach_one(ebpf: &mut Ebpf, spec: &'static ProbeSpec, cgroup: Option<&std::fs::File>) -> Result<(), ProbeError> {
-    match spec.attach {
-        AttachPoint::CgroupSockAddr { .. } => {
-            let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
-            let err = |source| ProbeError::Program { probe: spec.program, source };
-            let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
-            let hook: &mut CgroupSockAddr = program.try_into().map_err(err)?;
-            hook.load().map_err(err)?;
-            // Attached as a BPF link (kernel >= 5.7), which always coexists with other programs on
-            // the same cgroup (another agent, a CNI): a connect goes through only if every one of
-            // them allows it. `link_create` refuses attach flags, hence the default mode.
-            hook.attach(cgroup, CgroupAttachMode::default()).map_err(err)?;
-        }
-        AttachPoint::Executables { .. } => {
-            let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
-            let err = |source| ProbeError::Program { probe: spec.program, source };
-            <&mut UProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
-        }
-        _ => {
-            let site = load_program(ebpf, spec, cgroup.is_some())?;
-            // The link stays with the program until it is dropped with the agent.
-            attach_link(ebpf, &OnDemand { spec, site, link: None }, cgroup)?;
-        }
+    let site = load_program(ebpf, spec, cgroup.is_some())?;
+    if !matches!(spec.attach, AttachPoint::Executables { .. }) {
+        // The link stays with the program until it is dropped with the agent.
+        attach_link(ebpf, &OnDemand { spec, site, link: None }, cgroup)?;
     }
     Ok(())
 }

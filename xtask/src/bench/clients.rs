@@ -7,7 +7,7 @@ use std::{fs, path::Path, process::Command};
 
 use anyhow::{bail, Context as _};
 
-use super::{exec_loop_of, seconds_from, Paired};
+use super::{exec_loop_of, seconds_from, Paired, Plan};
 
 /// `gobench URL N`: N GETs over one keep-alive connection with `Authorization: Bearer
 /// $BENCH_TOKEN`; with no arguments it exits at once (the exec benchmark).
@@ -125,9 +125,9 @@ pub fn h2_overhead(
     let url = format!("https://127.0.0.9:{port}/ok?[1-{count}]");
     let curl = ["curl", "-sk", "--http2", "-o", "/dev/null", "-H", &format!("Authorization: Bearer {token}"), &url]
         .map(String::from);
-    Paired::run(monitor, dir, agent_args, rounds, "µs/request", count, |agent| {
-        timed_in_session(monitor, &session, agent, &curl, &token)
-    })
+    let curl_path = Path::new("/usr/bin/curl");
+    let plan = Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload: curl_path };
+    Paired::run(monitor, dir, agent_args, &plan, |agent| timed_in_session(monitor, &session, agent, &curl, &token))
 }
 
 /// Paired runs of `count` HTTPS requests (HTTP/1.1, one keep-alive connection) by a Go client.
@@ -144,9 +144,8 @@ pub fn go_tls_overhead(
     let token = random_token()?;
     let session = token_session(dir)?;
     let client = [gobench.display().to_string(), format!("https://127.0.0.9:{}/bench", server.port), count.to_string()];
-    Paired::run(monitor, dir, agent_args, rounds, "µs/request", count, |agent| {
-        timed_in_session(monitor, &session, agent, &client, &token)
-    })
+    let plan = Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload: gobench };
+    Paired::run(monitor, dir, agent_args, &plan, |agent| timed_in_session(monitor, &session, agent, &client, &token))
 }
 
 /// Paired runs of `count` fork+exec+wait of a Go binary by a process outside sessions.
@@ -159,5 +158,6 @@ pub fn go_exec_overhead(
     rounds: u32,
 ) -> anyhow::Result<Paired> {
     eprintln!("bench: Go exec overhead, {rounds} paired rounds of {count} fork+exec+wait of a Go binary");
-    Paired::run(monitor, dir, agent_args, rounds, "µs/exec", count, |_| exec_loop_of(gobench, count))
+    let plan = Plan { rounds, target: 1.03, n: count, unit: "µs/exec", key: "us_per_exec", workload: gobench };
+    Paired::run(monitor, dir, agent_args, &plan, |_| exec_loop_of(gobench, count))
 }

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use super::{seconds_from, Paired};
+use super::{seconds_from, Paired, Plan};
 
 /// Paired runs of `count` openat+close of an ordinary (unwatched) file.
 pub fn open_overhead(
@@ -33,7 +33,8 @@ pub fn open_overhead(
     let xtask = std::env::current_exe()?;
     let open_loop =
         || seconds_from(Command::new(&xtask).arg("open-loop").arg(&file).arg(count.to_string()), "open loop");
-    Paired::run(monitor, dir, agent_args, rounds, "µs/open", count, |agent| match agent {
+    let plan = Plan { rounds, target: 1.03, n: count, unit: "µs/open", key: "us_per_open", workload: &xtask };
+    Paired::run(monitor, dir, agent_args, &plan, |agent| match agent {
         Some(agent) if session_on_host => super::with_session_holder(monitor, dir, agent, open_loop),
         _ => open_loop(),
     })
@@ -88,7 +89,9 @@ pub fn tls_overhead(
     let url = format!("https://127.0.0.9:{}/bench/[1-{count}]", server.port);
     let curl = ["curl", "-sk", "--http1.1", "-o", "/dev/null", "-H", &format!("Authorization: Bearer {token}"), &url]
         .map(String::from);
-    Paired::run(monitor, dir, agent_args, rounds, "µs/request", count, |agent| {
+    let workload = Path::new("/usr/bin/curl");
+    let plan = Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload };
+    Paired::run(monitor, dir, agent_args, &plan, |agent| {
         super::clients::timed_in_session(monitor, &session, agent, &curl, &token)
     })
 }

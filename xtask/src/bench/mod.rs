@@ -45,13 +45,24 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let _bpf_stats = costs::BpfStats::enable()?;
 
     if want("exec") {
+        let floor = costs::floor(&monitor, &dir, &agent_args, execs)?;
+        rows.push(costs::floor_row(&floor));
+        report.insert("bpf_floor".into(), floor);
         eprintln!("bench: exec overhead, {rounds} paired rounds of {execs} fork+exec+wait of /bin/true");
-        let p = Paired::run(&monitor, &dir, &agent_args, rounds, "µs/exec", execs, |agent| match agent {
+        let plan = Plan {
+            rounds,
+            target: 1.03,
+            n: execs,
+            unit: "µs/exec",
+            key: "us_per_exec",
+            workload: Path::new("/bin/true"),
+        };
+        let p = Paired::run(&monitor, &dir, &agent_args, &plan, |agent| match agent {
             None => exec_loop(execs),
             Some(agent) => with_session_holder(&monitor, &dir, agent, || exec_loop(execs)),
         })?;
-        rows.push(p.row("exec of /bin/true, process outside sessions (median)", execs, 1));
-        report.insert("exec_overhead".into(), p.json(execs, rounds, "us_per_exec", 1.03));
+        rows.push(p.row("exec of /bin/true, process outside sessions (median)", 1));
+        report.insert("exec_overhead".into(), p.json());
     }
     if want("connect") {
         let connect = connect_overhead(&monitor, &dir, &agent_args, connects, rounds)?;
@@ -90,35 +101,45 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             (true, "openat+close, outside sessions, one on the host", "open_overhead_session_on_host"),
         ] {
             let p = credentials::open_overhead(&monitor, &dir, &agent_args, opens, rounds, session_on_host)?;
-            rows.push(p.row(&format!("{name} (median)"), opens, 2));
-            report.insert(key.into(), p.json(opens, rounds, "us_per_open", 1.03));
+            rows.push(p.row(&format!("{name} (median)"), 2));
+            report.insert(key.into(), p.json());
         }
     }
     if want("tls") {
         let p = credentials::tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
-        rows.push(p.row("HTTPS request with a token, session process (median)", tls_requests, 1));
-        report.insert("tls_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
+        rows.push(p.row("HTTPS request with a token, session process (median)", 1));
+        report.insert("tls_request_overhead".into(), p.json());
     }
     if want("clients") {
         let p = clients::h2_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
-        rows.push(p.row("HTTP/2 request (curl) with a token, session (median)", tls_requests, 1));
-        report.insert("h2_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
+        rows.push(p.row("HTTP/2 request (curl) with a token, session (median)", 1));
+        report.insert("h2_request_overhead".into(), p.json());
         let gobench = clients::go_bench_binary(&dir)?;
         let p = clients::go_tls_overhead(&monitor, &dir, &gobench, &agent_args, tls_requests, rounds)?;
-        rows.push(p.row("HTTPS request (Go client) with a token, session (median)", tls_requests, 1));
-        report.insert("go_request_overhead".into(), p.json(tls_requests, rounds, "us_per_request", 1.10));
+        rows.push(p.row("HTTPS request (Go client) with a token, session (median)", 1));
+        report.insert("go_request_overhead".into(), p.json());
         let go_execs = execs / 2;
         let p = clients::go_exec_overhead(&monitor, &dir, &gobench, &agent_args, go_execs, rounds)?;
-        rows.push(p.row("exec of a Go binary, outside sessions (median)", go_execs, 1));
-        report.insert("go_exec_overhead".into(), p.json(go_execs, rounds, "us_per_exec", 1.03));
+        rows.push(p.row("exec of a Go binary, outside sessions (median)", 1));
+        report.insert("go_exec_overhead".into(), p.json());
     }
     if want("engine") {
         let engine = engine_bench()?;
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
         rows.push(format!(
             "{:<52} {:>14} {:>11.0}/s",
             "engine throughput, synthetic events (median)",
             "",
-            engine["events_per_sec_median"].as_f64().unwrap_or(0.0)
+            f(&engine["events_per_sec_median"])
+        ));
+        let spread = &engine["events_per_cpu_sec_middle_half"];
+        rows.push(format!(
+            "{:<52} {:>14} {:>11.0}/s  ({:.0}-{:.0})",
+            "engine, events per CPU-second of one core (median)",
+            "",
+            f(&engine["events_per_cpu_sec_median"]),
+            f(&spread[0]),
+            f(&spread[1]),
         ));
         report.insert("engine".into(), engine);
     }
@@ -186,10 +207,11 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
 }
 
 fn engine_bench() -> anyhow::Result<serde_json::Value> {
-    eprintln!("bench: engine throughput on synthetic events (one core)");
+    const RUNS: usize = 7;
+    eprintln!("bench: engine throughput on synthetic events (one core, {RUNS} runs)");
     let engine_events = 1_000_000u64;
-    let mut rates = Vec::new();
-    for _ in 0..5 {
+    let (mut rates, mut per_core) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
         let output = Command::new("cargo")
             .args(["run", "--quiet", "--release", "--package", "monitor", "--example", "engine_bench", "--"])
             .arg(engine_events.to_string())
@@ -200,10 +222,18 @@ fn engine_bench() -> anyhow::Result<serde_json::Value> {
         }
         let v: serde_json::Value = serde_json::from_slice(&output.stdout)?;
         rates.push(v["events_per_sec"].as_f64().unwrap_or(0.0));
+        per_core.push(v["events_per_cpu_sec"].as_f64().unwrap_or(0.0));
     }
-    Ok(
-        json!({ "events": engine_events, "events_per_sec_median": median(&rates), "runs": rates, "target_events_per_sec": 1_000_000 }),
-    )
+    let (q1, q3) = middle_half(&per_core);
+    Ok(json!({
+        "events": engine_events,
+        "events_per_sec_median": median(&rates),
+        "events_per_cpu_sec_median": median(&per_core),
+        "events_per_cpu_sec_middle_half": [q1, q3],
+        "runs": rates,
+        "runs_per_cpu_sec": per_core,
+        "target_events_per_sec": 1_000_000,
+    }))
 }
 
 /// One row of the table: a name, two cells, and a ratio.
@@ -212,7 +242,7 @@ fn row3(name: &str, a: String, b: String, ratio: String) -> String {
 }
 
 /// Seconds for `n` fork+exec+wait of /bin/true.
-fn exec_loop(n: u32) -> anyhow::Result<f64> {
+pub(crate) fn exec_loop(n: u32) -> anyhow::Result<f64> {
     exec_loop_of(Path::new("/bin/true"), n)
 }
 
@@ -235,13 +265,11 @@ pub(crate) fn per_exec(secs: f64, n: u32) -> f64 {
 /// The median ratio and the middle half of the pairs' ratios (25th to 75th percentile): on a
 /// shared machine the spread says how far a single figure can be trusted.
 fn ratio_cell(ratio: f64, ratios: &[f64]) -> String {
-    let mut v = ratios.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
+    if ratios.is_empty() {
         return format!("{ratio:.3}");
     }
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    format!("{ratio:.3} ({:.2}-{:.2})", at(0.25), at(0.75))
+    let (q1, q3) = middle_half(ratios);
+    format!("{ratio:.3} ({q1:.2}-{q3:.2})")
 }
 
 pub(crate) fn median(values: &[f64]) -> f64 {
@@ -471,6 +499,21 @@ pub(crate) fn seconds_from(cmd: &mut Command, what: &str) -> anyhow::Result<f64>
     Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
 }
 
+/// What a paired benchmark measures, and against which target.
+pub(crate) struct Plan<'a> {
+    /// Rounds at least: up to three times as many while the ratios' middle half is wider than
+    /// the target's margin (a spread that could flip the verdict proves nothing).
+    pub rounds: u32,
+    pub target: f64,
+    /// Operations per run, and how one is named in the log ("µs/exec") and the JSON ("us_per_exec").
+    pub n: u32,
+    pub unit: &'a str,
+    pub key: &'a str,
+    /// The executable measured: uprobes attached to it or to its libraries are installed into
+    /// each of its processes, and are reported.
+    pub workload: &'a Path,
+}
+
 /// Medians of paired runs without and with the agent.
 pub(crate) struct Paired {
     pub without: f64,
@@ -479,30 +522,56 @@ pub(crate) struct Paired {
     pub ratios: Vec<f64>,
     /// What the agent side cost per operation, median of the rounds (see costs.rs).
     pub costs: costs::PerOp,
+    target: f64,
+    n: u32,
+    key: String,
+}
+
+/// The middle half (first to third quartile) of some values.
+fn middle_half(values: &[f64]) -> (f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.25), at(0.75))
 }
 
 impl Paired {
-    /// `rounds` pairs of `measure(None)` (no agent) and `measure(Some(agent))`, alternating which
-    /// goes first so drift on the machine does not favour one side; each side is the best of
+    /// Pairs of `measure(None)` (no agent) and `measure(Some(agent))`, alternating which goes
+    /// first so drift on the machine does not favour one side; each side is the best of
     /// `SUBRUNS` runs.
     pub fn run(
         monitor: &Path,
         dir: &Path,
         agent_args: &[String],
-        rounds: u32,
-        unit: &str,
-        n: u32,
+        plan: &Plan,
         mut measure: impl FnMut(Option<&BenchAgent>) -> anyhow::Result<f64>,
     ) -> anyhow::Result<Self> {
+        let (n, unit) = (plan.n, plan.unit);
+        let workload = costs::Workload::of(plan.workload)?;
         let (mut without, mut with, mut ratios, mut costs) = (vec![], vec![], vec![], vec![]);
-        for round in 0..rounds {
+        let margin = plan.target - 1.0;
+        let mut round = 0;
+        loop {
+            if round >= plan.rounds {
+                let (q1, q3) = middle_half(&ratios);
+                if q3 - q1 <= margin || round >= plan.rounds * 3 {
+                    break;
+                }
+                eprintln!(
+                    "  middle half {q1:.3}-{q3:.3} is wider than the target's margin ({margin:.2}): one more round"
+                );
+            }
             let agent_side = |measure: &mut dyn FnMut(Option<&BenchAgent>) -> anyhow::Result<f64>| {
                 let agent = BenchAgent::start(monitor, dir, agent_args)?;
                 let before = costs::Snapshot::take(monitor, &agent)?;
                 let best = best_of(|| measure(Some(&agent)))?;
                 let after = costs::Snapshot::take(monitor, &agent)?;
                 // Every one of the `SUBRUNS` runs counts (and the round's own setup, if any).
-                anyhow::Ok((best, costs::PerOp::between(&before, &after, u64::from(n) * u64::from(SUBRUNS))))
+                let ops = u64::from(n) * u64::from(SUBRUNS);
+                anyhow::Ok((best, costs::PerOp::between(&before, &after, ops, &workload)))
             };
             let (a, (b, cost)) = if round % 2 == 0 {
                 let a = best_of(|| measure(None))?;
@@ -516,6 +585,7 @@ impl Paired {
             with.push(b);
             ratios.push(b / a);
             costs.push(cost);
+            round += 1;
         }
         Ok(Self {
             without: median(&without),
@@ -523,21 +593,23 @@ impl Paired {
             ratio: median(&ratios),
             ratios,
             costs: costs::PerOp::median(&costs),
+            target: plan.target,
+            n,
+            key: plan.key.to_string(),
         })
     }
 
     /// Per operation, in ns: the baseline and what the agent added to it.
-    fn baseline_and_overhead_ns(&self, n: u32) -> (f64, f64) {
-        let ns = |secs: f64| per_exec(secs, n) * 1000.0;
+    fn baseline_and_overhead_ns(&self) -> (f64, f64) {
+        let ns = |secs: f64| per_exec(secs, self.n) * 1000.0;
         (ns(self.without), ns(self.with) - ns(self.without))
     }
 
-    /// The table row: per-iteration medians without and with the agent (`decimals` places), and
-    /// the ratio with its spread.
-    /// The table row, and under it what the agent side cost per operation.
-    pub fn row(&self, name: &str, n: u32, decimals: usize) -> String {
-        let cell = |secs: f64| format!("{:.*} µs", decimals, per_exec(secs, n));
-        let (baseline, overhead) = self.baseline_and_overhead_ns(n);
+    /// The table row: per-operation medians without and with the agent (`decimals` places), and
+    /// the ratio with its spread; under it, what the agent side cost per operation.
+    pub fn row(&self, name: &str, decimals: usize) -> String {
+        let cell = |secs: f64| format!("{:.*} µs", decimals, per_exec(secs, self.n));
+        let (baseline, overhead) = self.baseline_and_overhead_ns();
         format!(
             "{}\n{}",
             row3(name, cell(self.without), cell(self.with), ratio_cell(self.ratio, &self.ratios)),
@@ -545,16 +617,19 @@ impl Paired {
         )
     }
 
-    pub fn json(&self, n: u32, rounds: u32, unit: &str, target: f64) -> serde_json::Value {
-        let (baseline, overhead) = self.baseline_and_overhead_ns(n);
+    pub fn json(&self) -> serde_json::Value {
+        let (baseline, overhead) = self.baseline_and_overhead_ns();
+        let (q1, q3) = middle_half(&self.ratios);
+        let unit = &self.key;
         json!({
-            "iterations": n,
-            "rounds": rounds,
-            format!("without_agent_{unit}_median"): per_exec(self.without, n),
-            format!("with_agent_{unit}_median"): per_exec(self.with, n),
+            "iterations": self.n,
+            "rounds": self.ratios.len(),
+            format!("without_agent_{unit}_median"): per_exec(self.without, self.n),
+            format!("with_agent_{unit}_median"): per_exec(self.with, self.n),
             "ratio_median_of_pairs": self.ratio,
+            "ratio_middle_half": [q1, q3],
             "ratios": self.ratios,
-            "target_ratio": target,
+            "target_ratio": self.target,
             "agent_side_per_op": self.costs.json(baseline, overhead),
         })
     }
