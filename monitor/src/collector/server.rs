@@ -102,7 +102,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Resu
 }
 
 async fn handshake(conn: &mut Box<dyn Stream>, buf: &mut ValueBuffer, key: &str, hostname: &str) -> Result<(), String> {
-    let nonce = random16();
+    let nonce = random16().ok_or("no randomness from the kernel for the handshake nonce")?;
     conn.write_all(&protocol::helo(&nonce, b"")).await.map_err(|e| e.to_string())?;
     let mut chunk = [0u8; 4096];
     let ping = loop {
@@ -138,9 +138,10 @@ fn incoming(e: protocol::Entry) -> Incoming {
     Incoming { tag: e.tag, time_ns: e.time_ns, id, count, record: e.record }
 }
 
-fn random16() -> [u8; 16] {
+/// 16 bytes from the kernel's CSPRNG, or none: a handshake never runs on a predictable nonce.
+fn random16() -> Option<[u8; 16]> {
     let mut bytes = [0u8; 16];
     // SAFETY: getrandom fills the buffer it is given.
-    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    bytes
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    (n == bytes.len() as isize).then_some(bytes)
 }

@@ -231,8 +231,10 @@ impl Redactor<'_> {
             // Three segments, or a long run that may be a JWT cut short by the argv capture.
             let whole = candidate.split('.').count() == 3 && candidate.split('.').take(2).all(|s| s.len() >= 4);
             if whole || len >= 16 {
+                let before = arg.len();
                 arg = self.replace(&arg, start..start + len, CredentialKind::Bearer);
-                from = start + "[redacted hmac-sha256:]".len() + 32;
+                // Past the marker that took its place, whatever the fingerprint's format.
+                from = start + len + arg.len() - before;
             } else {
                 from = start + 3;
             }

@@ -318,6 +318,13 @@ pub fn ack_of(v: &Value) -> Option<String> {
     map_get(v, "ack").and_then(|a| bytes_of(a)).map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
+/// Compares a handshake digest in constant time: how long a wrong one takes to refuse says
+/// nothing about how much of it was right.
+fn same_digest(got: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    got.ct_eq(expected).into()
+}
+
 /// hex(SHA-512(parts...)), as the handshake digests are computed.
 pub fn sha512_hex(parts: &[&[u8]]) -> String {
     let mut h = Sha512::new();
@@ -387,7 +394,7 @@ pub fn check_ping(v: &Value, nonce: &[u8], shared_key: &str) -> Result<(String, 
     let salt = bytes_of(&items[2]).ok_or("PING salt")?;
     let digest = bytes_of(&items[3]).ok_or("PING digest")?;
     let expected = sha512_hex(&[&salt, &hostname, nonce, shared_key.as_bytes()]);
-    if digest != expected.as_bytes() {
+    if !same_digest(&digest, expected.as_bytes()) {
         return Err("shared key mismatch");
     }
     Ok((String::from_utf8_lossy(&hostname).into_owned(), salt))
@@ -420,7 +427,7 @@ pub fn check_pong(v: &Value, salt: &str, nonce: &[u8], shared_key: &str) -> Resu
     }
     let server = bytes_of(&items[3]).unwrap_or_default();
     let digest = bytes_of(&items[4]).unwrap_or_default();
-    if digest != sha512_hex(&[salt.as_bytes(), &server, nonce, shared_key.as_bytes()]).as_bytes() {
+    if !same_digest(&digest, sha512_hex(&[salt.as_bytes(), &server, nonce, shared_key.as_bytes()]).as_bytes()) {
         return Err("the server's PONG digest does not match the shared key".into());
     }
     Ok(())

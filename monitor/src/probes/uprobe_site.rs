@@ -45,6 +45,10 @@ pub struct Site {
 pub fn entry_site(library: &Path, symbol: &str, args: usize) -> Result<Site, String> {
     let data = std::fs::read(library).map_err(|e| format!("{}: {e}", library.display()))?;
     let file = object::File::parse(&*data).map_err(|e| format!("{}: {e}", library.display()))?;
+    if file.architecture() != object::Architecture::X86_64 {
+        // The instructions are decoded as x86-64 machine code below.
+        return Err(format!("{}: {:?} code is not supported", library.display(), file.architecture()));
+    }
     let found = file
         .dynamic_symbols()
         .chain(file.symbols())

@@ -259,10 +259,14 @@ pub fn floor_row(floor: &serde_json::Value) -> String {
         .iter()
         .map(|(name, v)| format!("{name} {:.0} ns ({:+.0})", ns(&v["ns_per_run"]), ns(&v["above_floor_ns"])))
         .collect();
+    let hooks = if listed.is_empty() {
+        "none ran: nothing is attached while no session runs".to_string()
+    } else {
+        listed.join(", ")
+    };
     format!(
         "BPF run-time floor (an empty program on sched_process_exec): {:.0} ns per run\n    \
-         outside sessions, none on the host, per run (above the floor): {}",
+         outside sessions, none on the host, the process hooks per run (above the floor): {hooks}",
         ns(&floor["floor_ns_per_run"]),
-        listed.join(", ")
     )
 }
