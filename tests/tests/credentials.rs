@@ -251,6 +251,16 @@ fn a_token_in_the_environment_of_a_detached_child_that_execs_after_the_end() {
         a["rule"] == "token_outside_session" && a["credential"]["carrier"] == "COPIED"
     });
     assert_eq!(alert["session"]["id"], "env-2");
+
+    // An environment longer than the kernel scans: the token past it is not seen, and the agent
+    // says so instead of staying silent.
+    let padding = "x".repeat(9 * 1024);
+    let o = Command::new("/bin/true").env("PADDING", &padding).env("LATE_COPY", &token).output().unwrap();
+    assert!(o.status.success());
+    let blind = t.agent.wait_alert("monitor_blind for the environment past the scan", |a| {
+        a["rule"] == "monitor_blind" && a["summary"].as_str().unwrap_or("").contains("8 KiB scanned")
+    });
+    assert_eq!(blind["severity"], "high", "{blind}");
     fs::write(&done, "").unwrap();
     assert!(root.wait().unwrap().success());
     t.assert_never_output(&token);

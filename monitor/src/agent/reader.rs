@@ -79,6 +79,7 @@ pub async fn run(
             }));
         }
         let ring = fd.get_mut();
+        let mut undecodable = 0u64;
         while let Some(record) = ring.next() {
             // Credential observations are resolved here, while the record is borrowed: raw
             // request bytes never outlive it.
@@ -96,8 +97,18 @@ pub async fn run(
                     }
                 }
                 Ok(decoded) => batch.extend(observer.observe(decoded)),
-                Err(e) => tracing::warn!("dropping undecodable kernel record: {e}"),
+                Err(e) => {
+                    if undecodable == 0 {
+                        tracing::warn!("dropping undecodable kernel record: {e}");
+                    }
+                    undecodable += 1;
+                }
             }
+        }
+        if undecodable > 0 {
+            // An event the kernel sent and the agent could not read is one it did not see.
+            let source = "kernel records that did not decode".into();
+            batch.push(Event::Lost { ts: now, source, count: undecodable });
         }
         batch.extend(observer.take_awaiting_peer());
 
