@@ -10,16 +10,18 @@ use tokio::sync::mpsc;
 use crate::event::Event;
 
 const POLL: Duration = Duration::from_secs(1);
-const ENV_TRUNCATED: &str = "exec environments longer than the 8 KiB scanned: a token past it was not looked for";
-const _: () = assert!(monitor_common::ENV_SCAN_CAP == 8192, "ENV_TRUNCATED names the size");
 
 pub async fn run(stats: PerCpuArray<MapData, u64>, out: mpsc::Sender<Event>) {
     // Every counter the kernel side keeps (monitor-common Stat): each is something not seen.
-    let watched = [
+    let env_truncated = format!(
+        "exec environments longer than the {} KiB scanned: a token past it was not looked for",
+        monitor_common::ENV_SCAN_CAP / 1024
+    );
+    let watched: [(Stat, &str); 4] = [
         (Stat::RingbufFull, "kernel ring buffer full"),
         (Stat::InheritFailed, "session map full: a child was not attributed"),
         (Stat::ReadFailed, "kernel reads failed (an exec's filename, argv or environment, a parent, credentials)"),
-        (Stat::EnvTruncated, ENV_TRUNCATED),
+        (Stat::EnvTruncated, &env_truncated),
     ];
     let mut last = [0u64; 4];
     let mut interval = tokio::time::interval(POLL);

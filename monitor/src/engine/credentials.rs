@@ -124,6 +124,17 @@ impl Engine {
         }
     }
 
+    /// The summary of a use of `owner`'s token by `who`, a process of another session or of
+    /// none, `how` it was seen, and `when` (empty, or after the owner's task).
+    fn used_by_another(&self, who: &str, t: &TokenUse, owner: SessionKey, how: &str, when: &str) -> String {
+        format!(
+            "{who} (pid {}), {}, used session {}'s token {how}{when}",
+            t.actor.pid,
+            self.actor_side(t.session),
+            self.session_id(owner)
+        )
+    }
+
     /// Which misuse of a session's token `t` is, if any.
     fn token_misuse(&self, t: &TokenUse, owners: &[SessionKey]) -> Option<Misuse> {
         if owners.contains(&t.session) {
@@ -208,21 +219,10 @@ impl Engine {
                 push(self, Rule::TokenAfterTaskEnd, t.session, summary);
             }
             Some(Misuse::OutsideSession(owner)) => {
-                let summary = format!(
-                    "{who} (pid {}), {}, used session {}'s token {how}",
-                    t.actor.pid,
-                    self.actor_side(t.session),
-                    self.session_id(owner)
-                );
-                push(self, Rule::TokenOutsideSession, owner, summary);
+                push(self, Rule::TokenOutsideSession, owner, self.used_by_another(&who, t, owner, &how, ""));
             }
             Some(Misuse::AfterOwnersTask(owner)) => {
-                let summary = format!(
-                    "{who} (pid {}), {}, used session {}'s token {how} after that task ended",
-                    t.actor.pid,
-                    self.actor_side(t.session),
-                    self.session_id(owner)
-                );
+                let summary = self.used_by_another(&who, t, owner, &how, " after that task ended");
                 push(self, Rule::TokenAfterTaskEnd, owner, summary);
             }
             Some(Misuse::Excused) | None => {}

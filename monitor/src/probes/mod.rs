@@ -505,29 +505,23 @@ struct OnDemand {
 /// linked in). The file stays open: the probe is attached to it again whenever it is wanted,
 /// whatever happened to its path meanwhile.
 struct ExecutableSite {
-    spec: &'static ProbeSpec,
-    file: std::fs::File,
+    /// Attached and detached like the library uprobes, at an offset of `/proc/self/fd/N`.
+    probe: OnDemand,
+    /// Kept open: the kernel resolves the descriptor's path when attaching, to this very file.
+    _file: std::fs::File,
     /// The path it was found under, for `monitor probes`.
     path: std::path::PathBuf,
-    file_offset: u64,
-    link: Option<aya::programs::uprobe::UProbeLinkId>,
 }
 
 impl ExecutableSite {
     fn attach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-        let program = self.spec.program;
-        let err = |source| ProbeError::Program { probe: program, source };
-        let uprobe: &mut UProbe =
-            ebpf.program_mut(program).ok_or(ProbeError::Missing(program))?.try_into().map_err(err)?;
-        // The kernel resolves the path when attaching: the descriptor names this very file.
-        let target = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-        self.link = Some(uprobe.attach(self.file_offset, target, UProbeScope::AllProcesses).map_err(err)?);
+        self.probe.link = Some(attach_link(ebpf, &self.probe, None)?);
         Ok(())
     }
 
     fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-        let Some(link) = self.link.take() else { return Ok(()) };
-        detach_link(ebpf, self.spec, Link::UProbe(link))
+        let Some(link) = self.probe.link.take() else { return Ok(()) };
+        detach_link(ebpf, self.probe.spec, link)
     }
 }
 
@@ -583,7 +577,7 @@ impl Probes {
             PROBES.iter().any(|p| p.program == program && matches!(p.attach, AttachPoint::Executables { .. }));
         if per_executable {
             // Attached where it is attached to some executable now.
-            return self.executable_sites.iter().any(|s| s.spec.program == program && s.link.is_some());
+            return self.executable_sites.iter().any(|s| s.probe.spec.program == program && s.probe.link.is_some());
         }
         self.report.is_attached(program)
     }
@@ -592,7 +586,8 @@ impl Probes {
     pub fn uprobe_files(&self, program: &str) -> Vec<String> {
         let library = self.on_demand.iter().filter(|p| p.spec.program == program && p.link.is_some());
         let library = library.filter_map(|p| p.site.as_ref()).map(|s| s.file.display().to_string());
-        let executables = self.executable_sites.iter().filter(|s| s.spec.program == program && s.link.is_some());
+        let executables =
+            self.executable_sites.iter().filter(|s| s.probe.spec.program == program && s.probe.link.is_some());
         library.chain(executables.map(|s| s.path.display().to_string())).collect()
     }
 
@@ -626,14 +621,14 @@ impl Probes {
             }
         }
         for site in &mut self.executable_sites {
-            let want = site.spec.when.wanted(self.sessions_running, self.tokens_known).unwrap_or(true);
-            let done = match (want, site.link.is_some()) {
+            let want = site.probe.spec.when.wanted(self.sessions_running, self.tokens_known).unwrap_or(true);
+            let done = match (want, site.probe.link.is_some()) {
                 (true, false) => site.attach(&mut self.ebpf),
                 (false, true) => site.detach(&mut self.ebpf),
                 _ => Ok(()),
             };
             if let Err(e) = done {
-                tracing::warn!(probe = site.spec.program, path = %site.path.display(), "{}", error_chain(&e));
+                tracing::warn!(probe = site.probe.spec.program, path = %site.path.display(), "{}", error_chain(&e));
             }
         }
     }
@@ -654,8 +649,10 @@ impl Probes {
         }
         let spec = PROBES.iter().find(|p| p.program == probe.program).ok_or(ProbeError::Missing(probe.program))?;
         let file = file.try_clone().map_err(|e| ProbeError::Executable(path.to_path_buf(), e))?;
-        let mut site =
-            ExecutableSite { spec, file, path: path.to_path_buf(), file_offset: probe.file_offset, link: None };
+        let location = SiteLocation::Offset(probe.file_offset);
+        let site = UprobeSite { location, file: format!("/proc/self/fd/{}", file.as_raw_fd()).into() };
+        let probe = OnDemand { spec, site: Some(site), link: None };
+        let mut site = ExecutableSite { probe, _file: file, path: path.to_path_buf() };
         let now = spec.when.wanted(self.sessions_running, self.tokens_known).unwrap_or(true);
         if now {
             site.attach(&mut self.ebpf)?;
