@@ -103,6 +103,9 @@ pub struct ForkEvent {
 }
 const _: () = assert!(core::mem::size_of::<ForkEvent>() == 56);
 
+/// A Unix session id the kernel could not read (0 is a real one: init's session).
+pub const SID_UNKNOWN: u32 = u32::MAX;
+
 pub const FILENAME_CAP: usize = 256;
 pub const ARGV_CAP: usize = 1024;
 
@@ -118,7 +121,8 @@ pub struct ExecEvent {
     pub egid: u32,
     /// The thread id that called exec (differs from pid when a non-leader thread execs).
     pub old_pid: u32,
-    /// Its Unix session at the exec (0 when the offsets were not resolved).
+    /// Its Unix session at the exec ([`SID_UNKNOWN`] when the offsets were not resolved; 0 is
+    /// init's session, that of every process no one called `setsid` for).
     pub sid: u32,
     pub _pad0: u32,
     /// Effective capabilities after the exec (`u64::MAX` when the offset was not resolved).
@@ -233,8 +237,8 @@ pub struct EnvTokenEvent {
     pub hash: u64,
     /// The exec'ing process's parent: which lineage carried the token (alerts fold by it).
     pub ppid: u32,
-    /// Its Unix session at the exec (0 when the offsets were not resolved): whether it is the
-    /// session launcher's.
+    /// Its Unix session at the exec ([`SID_UNKNOWN`] when the offsets were not resolved):
+    /// whether it is the session launcher's.
     pub sid: u32,
     pub comm: [u8; COMM_CAP],
     /// The variable's name (never its value).

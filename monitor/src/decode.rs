@@ -133,7 +133,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
         pid: header.tgid,
         tid: header.pid,
         ppid: 0,
-        sid: 0,
+        sid: None,
         comm: lossy(comm),
         exe: String::new(),
         uid: header.uid,
@@ -158,7 +158,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
         EventKind::EnvToken => {
             let e: EnvTokenEvent = read_sized(record, kind)?;
             let name = lossy(e.name.as_slice());
-            let actor = Actor { ppid: e.ppid, sid: e.sid, ..actor(&e.comm) };
+            let actor = Actor { ppid: e.ppid, sid: known(e.sid), ..actor(&e.comm) };
             return Ok(Decoded::EnvToken { ts, session, actor, hash: e.hash, name });
         }
         EventKind::Payload => {
@@ -269,14 +269,13 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
         }
         EventKind::Exec => {
             let e: ExecEvent = read_sized(record, kind)?;
-            let known = |v: u32| (v != u32::MAX).then_some(v);
             let (argv, argv_truncated) = split_argv(e.argv.as_slice(), e.argv.is_full());
             Event::Exec(Exec {
                 ts,
                 session: header.session,
                 pid: header.tgid,
                 ppid: e.ppid,
-                sid: e.sid,
+                sid: known(e.sid),
                 exe: lossy(e.filename.as_slice()),
                 exe_real: None,
                 argv,
@@ -345,6 +344,11 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
 }
 
 /// An address as the kernel reports it (IPv4 as IPv4-mapped IPv6) to its natural form.
+/// A value the kernel could not read is `u32::MAX` (an unresolved offset, [`monitor_common::SID_UNKNOWN`]).
+fn known(v: u32) -> Option<u32> {
+    (v != u32::MAX).then_some(v)
+}
+
 fn unmap(addr: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(addr);
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
@@ -451,7 +455,7 @@ mod tests {
         let Decoded::EnvToken { hash, name, session, actor, .. } = decode(&bytes_of(&e), CLOCK).unwrap() else {
             panic!()
         };
-        assert_eq!((hash, name.as_str(), session, actor.ppid, actor.sid), (9, "SUPPORT_BOT_TOKEN", 7, 41, 40));
+        assert_eq!((hash, name.as_str(), session, actor.ppid, actor.sid), (9, "SUPPORT_BOT_TOKEN", 7, 41, Some(40)));
 
         let mut e = PayloadEvent {
             header: header(EventKind::Payload, size_of::<PayloadEvent>()),
@@ -529,7 +533,7 @@ mod tests {
         assert_eq!(x.exe, "/usr/bin/curl");
         assert_eq!(x.argv, ["curl", "-s", "http://x"]);
         assert!(!x.argv_truncated);
-        assert_eq!((x.pid, x.ppid, x.sid), (100, 99, 98));
+        assert_eq!((x.pid, x.ppid, x.sid), (100, 99, Some(98)));
         assert_eq!(x.creds, Creds { uid: 1000, gid: 1001, euid: Some(0), egid: None });
     }
 

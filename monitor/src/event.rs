@@ -142,9 +142,9 @@ pub struct Exec {
     pub session: SessionKey,
     pub pid: u32,
     pub ppid: u32,
-    /// Its Unix session at the exec, as the kernel saw it (0: unknown).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub sid: u32,
+    /// Its Unix session at the exec, as the kernel saw it (None: unknown; 0 is init's session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<u32>,
     /// The path given to exec.
     pub exe: String,
     /// The same path with symlinks resolved, when it differs (filled by enrichment).
@@ -270,9 +270,10 @@ pub struct Actor {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ppid: u32,
     /// Its Unix session (`getsid`) for a token found at an exec, as the kernel saw it at the
-    /// exec (0: unknown): whether it is the launcher's (see `Binding::launcher_sid`).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub sid: u32,
+    /// exec (None: unknown; 0 is init's session): whether it is the launcher's (see
+    /// `Binding::launcher_sid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<u32>,
     /// The kernel's task name (16 bytes).
     pub comm: String,
     /// The executable, read from /proc by enrichment (empty when the process was already gone).

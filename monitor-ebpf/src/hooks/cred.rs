@@ -15,7 +15,7 @@ use aya_ebpf::{
 use monitor_common::{
     token_hash_step, CredChangeEvent, EnvTokenEvent, EventKind, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
     CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID,
-    ENV_NAME_CAP, ENV_SCAN_CAP, TOKEN_MIN_LEN,
+    ENV_NAME_CAP, ENV_SCAN_CAP, SID_UNKNOWN, TOKEN_MIN_LEN,
 };
 
 use crate::{
@@ -239,7 +239,7 @@ fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {
         );
         (*event).hash = hash;
         (*event).ppid = kernel::parent_tgid().unwrap_or(0);
-        (*event).sid = kernel::session_id().unwrap_or(0);
+        (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
         (*event).comm = comm();
         (*event).name.len = 0;
         if len > 0 && len <= ENV_NAME_CAP {

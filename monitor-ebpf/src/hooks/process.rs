@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 use monitor_common::{
     EventKind, ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY,
+    SID_UNKNOWN,
 };
 
 use super::cred;
@@ -153,7 +154,7 @@ fn emit_exec(ctx: &TracePointContext, key: u32) {
         (*event).euid = euid;
         (*event).egid = egid;
         (*event).old_pid = ctx.read_at::<i32>(kernel::exec_old_pid_off()).unwrap_or(0) as u32;
-        (*event).sid = kernel::session_id().unwrap_or(0);
+        (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
         (*event)._pad0 = 0;
         (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
 

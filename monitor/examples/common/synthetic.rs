@@ -46,7 +46,7 @@ pub fn synthetic(n: usize) -> Vec<Event> {
             session: key,
             pid: child,
             ppid: root,
-            sid: 0,
+            sid: None,
             exe: exe.into(),
             exe_real: None,
             argv: vec![exe.into(), "-s".into(), "http://127.0.0.2/".into()],

@@ -263,10 +263,10 @@ fn enrich(event: &mut Event, procs: &mut ProcFacts) {
             // Outside sessions, at an exec: is it the launcher's Unix session (engine/credentials.rs)?
             // The exec'ing process may be gone (reaped) already; its parent then says.
             let at_exec = matches!(token.via, crate::event::TokenVia::Env { .. } | crate::event::TokenVia::Argv { .. });
-            if token.session == 0 && at_exec && token.actor.sid == 0 {
+            if token.session == 0 && at_exec && token.actor.sid.is_none() {
                 let parent = (token.actor.ppid > 1).then_some(token.actor.ppid);
                 let ids = procs.ids(token.actor.pid).or_else(|| parent.and_then(|p| procs.ids(p)));
-                token.actor.sid = ids.map_or(0, |ids| ids.sid);
+                token.actor.sid = ids.map(|ids| ids.sid);
             }
             &mut token.actor
         }
@@ -296,7 +296,7 @@ mod tests {
 
     fn access(pid: u32, ts: u64) -> Event {
         let actor =
-            Actor { pid, tid: pid, ppid: 0, sid: 0, comm: String::new(), exe: String::new(), uid: u32::MAX, cgroup: 0 };
+            Actor { pid, tid: pid, ppid: 0, sid: None, comm: String::new(), exe: String::new(), uid: u32::MAX, cgroup: 0 };
         Event::CredentialOpen(CredentialOpen { ts, session: 0, actor, path: "/secret".into(), fd: -1, write: false })
     }
 
@@ -312,7 +312,7 @@ mod tests {
                 session: 1,
                 pid,
                 ppid: 1,
-                sid: 0,
+                sid: None,
                 exe: "/usr/bin/sudo".into(),
                 exe_real: None,
                 argv: vec![],

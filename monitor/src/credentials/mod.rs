@@ -144,7 +144,7 @@ impl CredentialIndex {
                 pid: access.pid,
                 tid: access.pid,
                 ppid: 0,
-                sid: 0,
+                sid: None,
                 comm: String::new(),
                 exe: String::new(),
                 uid: u32::MAX,

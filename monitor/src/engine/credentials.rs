@@ -54,8 +54,8 @@ impl Engine {
     /// pipelines and subshells). Another login, a daemon, a `setsid` child is not the launcher.
     fn from_launcher(&self, owner: SessionKey, t: &TokenUse) -> bool {
         matches!(t.via, TokenVia::Env { .. } | TokenVia::Argv { .. })
-            && t.actor.sid != 0
-            && self.sessions.get(&owner).is_some_and(|o| o.session.binding.launcher_sid == Some(t.actor.sid))
+            && t.actor.sid.is_some()
+            && self.sessions.get(&owner).is_some_and(|o| o.session.binding.launcher_sid == t.actor.sid)
     }
 
     fn is_learned(&self, session: SessionKey, fingerprint: &str) -> bool {

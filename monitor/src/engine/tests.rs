@@ -40,7 +40,7 @@ fn exec(ts: Nanos, pid: u32, ppid: u32, exe: &str, c: Creds) -> Event {
         session: KEY,
         pid,
         ppid,
-        sid: 0,
+        sid: None,
         exe: exe.into(),
         exe_real: None,
         argv: vec![exe.into()],
@@ -363,7 +363,7 @@ mod credentials {
     }
 
     fn actor(pid: u32) -> Actor {
-        Actor { pid, tid: pid, ppid: 0, sid: 0, comm: "curl".into(), exe: "/usr/bin/curl".into(), uid: 1000, cgroup: 1 }
+        Actor { pid, tid: pid, ppid: 0, sid: None, comm: "curl".into(), exe: "/usr/bin/curl".into(), uid: 1000, cgroup: 1 }
     }
 
     fn http(ts: Nanos, session: SessionKey, pid: u32, fingerprint: &str, jwt: Option<JwtClaims>) -> Event {
@@ -665,33 +665,40 @@ mod credentials {
     }
 
     /// The launcher's shell holds the token while the task is active; its later children are
-    /// caught again once it ended.
+    /// caught again once it ended. Init's session (0: a CI runner or a container entrypoint that
+    /// never called setsid) is a session like another; an exec whose session is unknown is not
+    /// the launcher's.
     #[test]
     fn the_launcher_lineage_holds_the_token_while_the_task_is_active() {
-        let mut engine = Engine::default();
-        let mut s = with_token();
-        s.binding.launcher_sid = Some(200);
-        let mut alerts = Vec::new();
-        for e in [start(0, s), exec(S, ROOT, 300, "/bin/sh", creds(1000, 1000))] {
-            alerts.extend(engine.handle(&e));
-        }
-        let in_sid = |e: Event, sid: u32| match e {
-            Event::TokenUse(mut t) => {
-                t.actor.sid = sid;
-                Event::TokenUse(t)
+        for launcher in [200, 0] {
+            let mut engine = Engine::default();
+            let mut s = with_token();
+            s.binding.launcher_sid = Some(launcher);
+            let mut alerts = Vec::new();
+            for e in [start(0, s), exec(S, ROOT, 300, "/bin/sh", creds(1000, 1000))] {
+                alerts.extend(engine.handle(&e));
             }
-            e => e,
-        };
-        alerts.extend(engine.handle(&in_sid(env_exec(2 * S, 400, 200), 200)));
-        alerts.extend(engine.handle(&in_sid(env_exec(2 * S, 401, 400), 200)));
-        assert!(alerts.is_empty(), "{alerts:#?}");
-        let stranger = engine.handle(&in_sid(env_exec(2 * S, 900, 200), 900));
-        assert_eq!(rules(&stranger), [Rule::TokenOutsideSession]);
-        let p = stranger[0].process.as_ref().unwrap();
-        assert!(!p.in_session && stranger[0].summary.contains("in no session"), "{:?}", stranger[0]);
-        engine.handle(&exit(3 * S, ROOT));
-        let after = engine.handle(&in_sid(env_exec(10 * S, 402, 200), 200));
-        assert_eq!(rules(&after), [Rule::TokenAfterTaskEnd]);
+            let in_sid = |e: Event, sid: Option<u32>| match e {
+                Event::TokenUse(mut t) => {
+                    t.actor.sid = sid;
+                    Event::TokenUse(t)
+                }
+                e => e,
+            };
+            alerts.extend(engine.handle(&in_sid(env_exec(2 * S, 400, 200), Some(launcher))));
+            alerts.extend(engine.handle(&in_sid(env_exec(2 * S, 401, 400), Some(launcher))));
+            assert!(alerts.is_empty(), "launcher in session {launcher}: {alerts:#?}");
+            let stranger = engine.handle(&in_sid(env_exec(2 * S, 900, 200), Some(900)));
+            assert_eq!(rules(&stranger), [Rule::TokenOutsideSession], "launcher in session {launcher}");
+            let p = stranger[0].process.as_ref().unwrap();
+            assert!(!p.in_session && stranger[0].summary.contains("in no session"), "{:?}", stranger[0]);
+            let unknown = engine.handle(&in_sid(env_exec(2 * S, 901, 200), None));
+            assert_eq!(unknown.len(), 1, "an exec of unknown session is not excused: {unknown:#?}");
+            assert_eq!(unknown[0].rule, Rule::TokenOutsideSession);
+            engine.handle(&exit(3 * S, ROOT));
+            let after = engine.handle(&in_sid(env_exec(10 * S, 402, 200), Some(launcher)));
+            assert_eq!(rules(&after), [Rule::TokenAfterTaskEnd], "launcher in session {launcher}");
+        }
     }
 
     /// Session B's process sends session A's token: the alert is A's, and names B.

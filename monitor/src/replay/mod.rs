@@ -459,7 +459,7 @@ mod tests {
             session: 1,
             pid,
             ppid: 100,
-            sid: 0,
+            sid: None,
             exe: exe.into(),
             exe_real: None,
             argv: vec![exe.into(), "--flag".into()],

@@ -260,7 +260,7 @@ fn resolve(
         binding: Binding {
             root_pid: bind.pid,
             cgroup,
-            launcher_sid: caller.and_then(bind::stat_ids).map(|ids| ids.sid).filter(|sid| *sid != 0),
+            launcher_sid: caller.and_then(bind::stat_ids).map(|ids| ids.sid),
         },
     };
     Ok((session, hashes))

@@ -240,7 +240,8 @@ pub struct Binding {
     /// caller of `session start`): its terminal or job session, `getsid`. Its processes
     /// held the session's tokens before the task started (the operator's shell that exported
     /// one and ran `monitor run`): while the task is active, an exec of theirs carrying a token
-    /// is not a use outside the session.
+    /// is not a use outside the session. 0 is init's session: a launcher that no one ever
+    /// called `setsid` for (a CI runner, a container entrypoint) shares it with every such process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher_sid: Option<u32>,
 }
