@@ -182,6 +182,10 @@ pub struct AgentArgs {
     /// Sealed trace segments older than this are deleted.
     #[arg(long, value_name = "DURATION", default_value = "30days", value_parser = positive_duration)]
     pub trace_max_age: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz (e.g.
+    /// 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -272,6 +276,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     max_bytes: args.trace_max_bytes,
                     max_age: args.trace_max_age,
                 },
+                metrics: args.metrics,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;

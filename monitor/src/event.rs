@@ -75,6 +75,51 @@ impl Event {
         (key != 0).then_some(key)
     }
 
+    /// Every event's `type` in its JSON form, in the order of [`Event::kind_index`].
+    pub const KINDS: [&'static str; 15] = [
+        "session_started",
+        "session_ended",
+        "process_seen",
+        "fork",
+        "exec",
+        "exit",
+        "connect",
+        "connect_result",
+        "resolve",
+        "credential_open",
+        "token_use",
+        "cred_change",
+        "tick",
+        "agent_stopping",
+        "lost",
+    ];
+
+    /// Where the event's `type` is in [`Event::KINDS`] (counters per kind are kept in an array).
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Event::SessionStarted { .. } => 0,
+            Event::SessionEnded { .. } => 1,
+            Event::ProcessSeen(_) => 2,
+            Event::Fork(_) => 3,
+            Event::Exec(_) => 4,
+            Event::Exit(_) => 5,
+            Event::Connect(_) => 6,
+            Event::ConnectResult(_) => 7,
+            Event::Resolve(_) => 8,
+            Event::CredentialOpen(_) => 9,
+            Event::TokenUse(_) => 10,
+            Event::CredChange(_) => 11,
+            Event::Tick { .. } => 12,
+            Event::AgentStopping { .. } => 13,
+            Event::Lost { .. } => 14,
+        }
+    }
+
+    /// The event's `type` in its JSON form.
+    pub fn kind(&self) -> &'static str {
+        Self::KINDS[self.kind_index()]
+    }
+
     pub fn ts(&self) -> Nanos {
         match self {
             Event::SessionStarted { ts, .. }
@@ -384,4 +429,26 @@ pub struct CredChange {
 
 fn is_zero(v: &u32) -> bool {
     *v == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metrics' `kind` label is the event's `type` in the event log and the trace.
+    #[test]
+    fn kinds_are_the_json_types() {
+        let events = [
+            Event::Tick { ts: 1 },
+            Event::AgentStopping { ts: 1 },
+            Event::Lost { ts: 1, source: "x".into(), count: 1 },
+            Event::Exit(Exit { ts: 1, session: 1, pid: 2, exit_code: 0 }),
+            Event::SessionEnded { ts: 1, key: 1, reason: EndReason::Requested },
+        ];
+        for e in events {
+            assert_eq!(serde_json::to_value(&e).unwrap()["type"], e.kind());
+        }
+        let unique: std::collections::BTreeSet<_> = Event::KINDS.iter().collect();
+        assert_eq!(unique.len(), Event::KINDS.len());
+    }
 }

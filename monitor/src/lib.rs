@@ -18,6 +18,7 @@ pub mod engine;
 pub mod event;
 pub mod forward;
 pub mod hex;
+pub mod metrics;
 pub mod policy;
 pub mod probes;
 pub mod replay;

@@ -336,3 +336,64 @@ impl Tansu {
         );
     }
 }
+
+/// A real Prometheus (Debian's) scraping `targets` every second on loopback; its HTTP API says
+/// what it scraped.
+pub struct Prometheus {
+    pub process: Process,
+    pub port: u16,
+}
+
+impl Prometheus {
+    pub fn start(dir: &Scratch, targets: &[String]) -> Self {
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = dir.write(
+            "prometheus.yml",
+            &format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: monitor\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        );
+        let port = free_port();
+        let mut cmd = Command::new("prometheus");
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path("prometheus-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+        let process = spawn(&mut cmd, dir.path("prometheus.log"));
+        let ready = format!("http://127.0.0.1:{port}/-/ready");
+        wait_for("prometheus ready", || (http_get(&ready).0 == 200).then_some(()), || process.log_text());
+        Self { process, port }
+    }
+
+    /// The result vector of an instant query (`/api/v1/query`).
+    pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let o = Command::new("curl")
+            .args(["-s", "-G", &format!("http://127.0.0.1:{}/api/v1/query", self.port), "--data-urlencode"])
+            .arg(format!("query={expr}"))
+            .output()
+            .unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        answer["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until `expr` has a sample whose value satisfies `ok`; returns that sample.
+    pub fn wait_value(&self, expr: &str, ok: impl Fn(f64) -> bool) -> serde_json::Value {
+        wait_for(
+            &format!("prometheus: {expr}"),
+            || {
+                self.query(expr)
+                    .into_iter()
+                    .find(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(&ok))
+            },
+            || format!("{}\nlast answer: {:?}", self.process.log_text(), self.query(expr)),
+        )
+    }
+}
+
+/// GET `url` with curl: the status and the body (status 0: no answer).
+pub fn http_get(url: &str) -> (u16, String) {
+    let o = Command::new("curl").args(["-s", "-o", "-", "-w", "\n%{http_code}", url]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}

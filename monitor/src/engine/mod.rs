@@ -63,6 +63,8 @@ pub enum SessionState {
 }
 
 impl SessionState {
+    pub const NAMES: [&'static str; 3] = ["active", "ended", "expired"];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SessionState::Active => "active",
@@ -273,6 +275,15 @@ impl Engine {
 
     pub fn sessions(&self, now: Nanos) -> Vec<SessionSummary> {
         self.sessions.iter().map(|(key, t)| self.summary(*key, t, now)).collect()
+    }
+
+    /// How many sessions are in each state at `now` (for the metrics).
+    pub fn sessions_by_state(&self, now: Nanos) -> std::collections::BTreeMap<&'static str, i64> {
+        let mut by_state = std::collections::BTreeMap::new();
+        for t in self.sessions.values() {
+            *by_state.entry(t.state_at(now).as_str()).or_insert(0) += 1;
+        }
+        by_state
     }
 
     pub fn session(&self, id: &str, now: Nanos) -> Option<SessionSummary> {

@@ -363,7 +363,16 @@ mod credentials {
     }
 
     fn actor(pid: u32) -> Actor {
-        Actor { pid, tid: pid, ppid: 0, sid: None, comm: "curl".into(), exe: "/usr/bin/curl".into(), uid: 1000, cgroup: 1 }
+        Actor {
+            pid,
+            tid: pid,
+            ppid: 0,
+            sid: None,
+            comm: "curl".into(),
+            exe: "/usr/bin/curl".into(),
+            uid: 1000,
+            cgroup: 1,
+        }
     }
 
     fn http(ts: Nanos, session: SessionKey, pid: u32, fingerprint: &str, jwt: Option<JwtClaims>) -> Event {

@@ -115,6 +115,7 @@ impl ForwardOutput {
         let tls = if target.tls { Some(crate::tls::client_config(target.ca.as_deref())?) } else { None };
         let spool = Spool::open(&spool_dir, max_bytes).with_context(|| format!("spool {}", spool_dir.display()))?;
         let spool = Arc::new(Mutex::new(spool));
+        crate::metrics::get().watch_spool(&target.display(), spool.clone());
         let wake = Arc::new(Notify::new());
         tokio::spawn(sender(target.clone(), key, tls, spool.clone(), wake.clone()));
         Ok(Self { spool, wake, target, lost })
@@ -192,6 +193,7 @@ async fn sender(
             }
             Err(e) => {
                 tracing::warn!(output = %target.display(), "forward connect failed, retrying in {backoff:?}: {e:#}");
+                crate::metrics::get().forward_retry(&target.display());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -199,6 +201,7 @@ async fn sender(
         };
         if let Err(e) = deliver(&target, &mut conn, &spool, &wake).await {
             tracing::warn!(output = %target.display(), "forward connection lost, the spool keeps the alerts: {e:#}");
+            crate::metrics::get().forward_retry(&target.display());
         }
     }
 }
@@ -233,6 +236,7 @@ async fn deliver(
             other => bail!("expected the ack of chunk {chunk}, got {other:?}"),
         }
         spool.lock().unwrap_or_else(|p| p.into_inner()).commit(batch.end)?;
+        crate::metrics::get().forward_acked(&target.display(), batch.records.len() as u64);
     }
 }
 

@@ -165,6 +165,29 @@ impl Spool {
     pub fn is_drained(&self) -> bool {
         self.cursor.segment == self.head && self.cursor.offset >= self.head_len
     }
+
+    /// Bytes spooled and not yet acknowledged.
+    pub fn pending_bytes(&self) -> u64 {
+        let mut bytes = 0;
+        for seg in self.cursor.segment..=self.head {
+            let len = if seg == self.head {
+                self.head_len
+            } else {
+                fs::metadata(segment_path(&self.dir, seg)).map_or(0, |m| m.len())
+            };
+            let from = if seg == self.cursor.segment { self.cursor.offset } else { 0 };
+            bytes += len.saturating_sub(from);
+        }
+        bytes
+    }
+
+    /// The time of the oldest record not yet acknowledged (none: drained).
+    pub fn oldest_ts(&self) -> Option<u64> {
+        if self.is_drained() {
+            return None;
+        }
+        self.read_batch(1, 1 << 16).ok()?.records.first().map(|r| r.ts)
+    }
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -254,10 +277,15 @@ mod tests {
         spool.commit(batch.end).unwrap();
         drop(spool);
         let mut spool = Spool::open(&dir, 1 << 20).unwrap();
+        // What the metrics say: the oldest waiting alert, and the bytes of the six left.
+        assert_eq!(spool.oldest_ts(), Some(4));
+        let pending = spool.pending_bytes();
         let rest = spool.read_batch(100, 1 << 20).unwrap();
         assert_eq!(rest.records.iter().map(|a| a.ts).collect::<Vec<_>>(), [4, 5, 6, 7, 8, 9]);
+        assert!(pending > 0 && pending == rest.end.offset - batch.end.offset, "{pending} bytes pending");
         spool.commit(rest.end).unwrap();
         assert!(spool.is_drained());
+        assert_eq!((spool.pending_bytes(), spool.oldest_ts()), (0, None));
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -582,6 +582,11 @@ impl Probes {
         self.report.is_attached(program)
     }
 
+    /// Every program of the load report and whether it is attached now (for the metrics).
+    pub fn program_states(&self) -> Vec<(String, bool)> {
+        self.report.probes.iter().map(|p| (p.probe.to_string(), self.is_attached_now(p.probe))).collect()
+    }
+
     /// The files each uprobe program is attached to now.
     pub fn uprobe_files(&self, program: &str) -> Vec<String> {
         let library = self.on_demand.iter().filter(|p| p.spec.program == program && p.link.is_some());

@@ -187,6 +187,7 @@ impl TraceWriter {
         if let Some(file) = &mut self.file {
             if !self.buffer.is_empty() {
                 file.write_all(&self.buffer)?;
+                crate::metrics::get().trace_written(self.buffer.len() as u64);
                 self.buffer.clear();
             }
         }

@@ -1,0 +1,109 @@
+//! Running the agent as operations teams do: a real Prometheus (Debian's) scrapes its metrics,
+//! and its health endpoints answer.
+
+use std::process::{Command, Stdio};
+
+use monitor_tests::{
+    monitor_bin,
+    peers::{free_port, http_get, Collector, Prometheus},
+    session_file, stderr, wait_for, Agent, Scratch,
+};
+
+/// The agent's `/metrics`, scraped by Prometheus every second while a session runs, raises an
+/// alert and ends, and its alerts go to a collector: what an on-call engineer's dashboard reads.
+#[test]
+fn prometheus_scrapes_what_the_agent_saw_said_and_delivered() {
+    let dir = Scratch::new("ops-metrics-collector");
+    let collector = Collector::start(&dir, &[]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let forward = format!("forward://127.0.0.1:{}", collector.port);
+    let spool = dir.path("spool");
+    let agent = Agent::start_with(
+        "ops-metrics",
+        &["--metrics", &addr, "--output", &forward, "--spool-dir", spool.to_str().unwrap()],
+    );
+    assert_eq!(http_get(&format!("http://{addr}/healthz")).0, 200);
+    assert_eq!(http_get(&format!("http://{addr}/readyz")), (200, "ready\n".to_string()));
+    assert_eq!(http_get(&format!("http://{addr}/nothing-here")).0, 404);
+    let (status, text) = http_get(&format!("http://{addr}/metrics"));
+    assert_eq!(status, 200);
+    // Idle: the host-wide hooks are known and not attached.
+    assert!(text.contains("monitor_probe_attached{program=\"sched_process_exec\"} 0"), "{text}");
+
+    let prometheus = Prometheus::start(&agent.dir, std::slice::from_ref(&addr));
+    prometheus.wait_value("up{job=\"monitor\"}", |v| v == 1.0);
+
+    // While a session runs, its hooks are attached, and Prometheus says so.
+    let running = session_file(&agent.dir, "ops-running", "");
+    let done = agent.dir.path("running-done");
+    let mut task = Command::new(monitor_bin())
+        .args(["run", "--file", running.to_str().unwrap(), "--", "/bin/sh", "-c"])
+        .arg(format!("while [ ! -f {} ]; do sleep 0.05; done", done.display()))
+        .env("MONITOR_CONTROL", &agent.control)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    prometheus.wait_value("monitor_probe_attached{program=\"sched_process_exec\"}", |v| v == 1.0);
+    prometheus.wait_value("monitor_sessions{state=\"active\"}", |v| v == 1.0);
+
+    // A session whose scope allows only the shell runs two other programs: one finding, sent,
+    // updated, acknowledged by the collector.
+    let file = session_file(&agent.dir, "ops-1", "grace: 30s\nscope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
+    let o = agent.run(&file, &["/bin/sh", "-c", "/bin/true; /bin/true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    agent.wait_alert("exec_out_of_scope", |a| a["rule"] == "exec_out_of_scope");
+    std::fs::write(&done, "").unwrap();
+    assert!(task.wait().unwrap().success());
+
+    prometheus.wait_value("monitor_alerts_total{rule=\"exec_out_of_scope\",severity=\"medium\"}", |v| v >= 1.0);
+    prometheus.wait_value("monitor_events_total{kind=\"exec\"}", |v| v >= 3.0);
+    prometheus.wait_value("monitor_events_total{kind=\"session_started\"}", |v| v == 2.0);
+    prometheus.wait_value("monitor_sessions{state=\"ended\"}", |v| v == 2.0);
+    prometheus.wait_value(&format!("monitor_forward_acked_records_total{{output=\"{forward}\"}}"), |v| v >= 1.0);
+    prometheus.wait_value(&format!("monitor_spool_bytes{{output=\"{forward}\"}}"), |v| v == 0.0);
+    prometheus.wait_value("monitor_event_delay_seconds_count", |v| v >= 3.0);
+    prometheus.wait_value("monitor_process_resident_memory_bytes", |v| v > 1e6);
+    prometheus.wait_value("monitor_process_cpu_seconds_total", |v| v > 0.0);
+    // Nothing was lost: the family has no sample.
+    assert!(
+        prometheus.query("monitor_lost_events_total").is_empty(),
+        "{:?}",
+        prometheus.query("monitor_lost_events_total")
+    );
+}
+
+/// A collector that is down: the spool holds the alert, and its age grows where Prometheus
+/// sees it; the forward output's retries are counted.
+#[test]
+fn an_undelivered_alert_shows_as_spooled_bytes_and_age() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    // Nothing listens on this port: every connect fails.
+    let forward = format!("forward://127.0.0.1:{}", free_port());
+    let dir = Scratch::new("ops-metrics-down");
+    let spool = dir.path("spool");
+    let agent = Agent::start_with(
+        "ops-metrics-down-agent",
+        &["--metrics", &addr, "--output", &forward, "--spool-dir", spool.to_str().unwrap()],
+    );
+    let file = session_file(&agent.dir, "ops-down", "scope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
+    let o = agent.run(&file, &["/bin/sh", "-c", "/bin/true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    agent.wait_alert("exec_out_of_scope", |a| a["rule"] == "exec_out_of_scope");
+    let sample = |text: &str, name: &str| -> Option<f64> {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let spooled = format!("monitor_spool_bytes{{output=\"{forward}\"}}");
+    let age = format!("monitor_spool_oldest_age_seconds{{output=\"{forward}\"}}");
+    let retries = format!("monitor_forward_retries_total{{output=\"{forward}\"}}");
+    wait_for(
+        "spooled bytes, an oldest age past 1 s and retries in /metrics",
+        || {
+            let (_, text) = http_get(&format!("http://{addr}/metrics"));
+            let ok = sample(&text, &spooled).is_some_and(|v| v > 0.0)
+                && sample(&text, &age).is_some_and(|v| v > 1.0)
+                && sample(&text, &retries).is_some_and(|v| v >= 2.0);
+            ok.then_some(())
+        },
+        || http_get(&format!("http://{addr}/metrics")).1,
+    );
+}
