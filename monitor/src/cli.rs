@@ -125,6 +125,10 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// A TOML file of these settings, each under its flag's name (`output = ["stdout"]`,
+    /// `trace-dir = "/var/lib/monitor/traces"`); a flag given here overrides the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where alerts go: `stdout` (JSON lines), `jsonl:PATH`, `ocsf:PATH`, `forward://HOST:PORT`
     /// or `forward+tls://HOST:PORT` (options: `?shared_key_file=PATH&ca=PATH&server_name=NAME`).
     /// Repeatable.

@@ -10,6 +10,7 @@ pub mod alert;
 pub mod alerts_summary;
 pub mod cli;
 pub mod collector;
+pub mod config;
 pub mod credentials;
 pub mod decode;
 pub mod dns;

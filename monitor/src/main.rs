@@ -1,8 +1,14 @@
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use monitor::cli::{dispatch, Cli};
 
 fn main() {
-    let cli = Cli::parse();
+    // The agent's config file gives its flags' defaults (config.rs), before clap parses.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = monitor::config::apply(Cli::command(), &args).unwrap_or_else(|e| {
+        eprintln!("monitor: {e}");
+        std::process::exit(2);
+    });
+    let cli = Cli::from_arg_matches(&command.get_matches_from(&args)).unwrap_or_else(|e| e.exit());
     // Logs go to stderr: stdout carries alerts (agent) or command output.
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -107,3 +107,44 @@ fn an_undelivered_alert_shows_as_spooled_bytes_and_age() {
         || http_get(&format!("http://{addr}/metrics")).1,
     );
 }
+
+/// `--config agent.toml` sets what flags would, a flag overrides it, and a bad value is refused
+/// before anything starts, naming the file, the line and the key.
+#[test]
+fn the_agent_reads_its_settings_from_a_config_file() {
+    let dir = Scratch::new("ops-config");
+    let (port, flag_port) = (free_port(), free_port());
+    let traces = dir.path("traces");
+    let config = dir.write(
+        "agent.toml",
+        &format!(
+            "# as a ConfigMap would hold it\nmetrics = \"127.0.0.1:{port}\"\ntrace-dir = \"{}\"\ndisable_probe = [\"gnutls_record_send\"]\n",
+            traces.display()
+        ),
+    );
+    let flag_metrics = format!("127.0.0.1:{flag_port}");
+    let agent =
+        Agent::start_with("ops-config-agent", &["--config", config.to_str().unwrap(), "--metrics", &flag_metrics]);
+    // The flag won over the file's metrics address; the file's other settings hold.
+    assert_eq!(http_get(&format!("http://{flag_metrics}/healthz")).0, 200);
+    assert_eq!(http_get(&format!("http://127.0.0.1:{port}/healthz")).0, 0, "the file's address is not served");
+    let file = session_file(&agent.dir, "ops-cfg", "");
+    let o = agent.run(&file, &["/bin/true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for(
+        "a trace segment in the config's trace-dir",
+        || std::fs::read_dir(&traces).ok()?.next(),
+        || agent.diagnostics(),
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("gnutls_record_send") && l.contains("disabled by --disable-probe")),
+        "the file's disable-probe: {log}"
+    );
+
+    let bad = dir.write("bad.toml", "metrics = \"127.0.0.1:1\"\n\nspool-max-bytes = \"lots\"\n");
+    let o = Command::new(monitor_bin()).args(["agent", "--config", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let message = stderr(&o);
+    assert!(message.contains(&format!("{}:3: `spool-max-bytes`: invalid value 'lots'", bad.display())), "{message}");
+}
