@@ -121,6 +121,12 @@ pub struct ReplayArgs {
 pub enum PolicyCommand {
     /// Validate a policy file: errors name the file, line and field.
     Check { file: PathBuf },
+    /// Make the running agent re-read its --policy file (as SIGHUP does); a bad file is refused
+    /// with its error and the running policy stays.
+    Reload {
+        #[command(flatten)]
+        control: ControlArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -281,6 +287,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     max_age: args.trace_max_age,
                 },
                 metrics: args.metrics,
+                policy_path: args.policy.clone(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;
@@ -340,6 +347,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::read(&file)?;
             println!("{}: ok: {}", file.display(), policy.summary());
+            Ok(0)
+        }
+        Command::Policy(PolicyCommand::Reload { control }) => {
+            let data = client::call(&control.path, &Request::ReloadPolicy)?;
+            println!("{}", data["message"].as_str().unwrap_or_default());
             Ok(0)
         }
     }

@@ -53,6 +53,12 @@ pub enum Event {
         source: String,
         count: u64,
     },
+    /// The agent's policy was reloaded (SIGHUP, `monitor policy reload`): what the engine
+    /// applies from now on. In the trace, so a replay applies it at the same point.
+    PolicyReloaded {
+        ts: Nanos,
+        config: Box<crate::engine::EngineConfig>,
+    },
 }
 
 impl Event {
@@ -70,13 +76,13 @@ impl Event {
             Event::CredentialOpen(o) => o.session,
             Event::TokenUse(t) => t.session,
             Event::CredChange(c) => c.session,
-            Event::Tick { .. } | Event::AgentStopping { .. } | Event::Lost { .. } => 0,
+            Event::Tick { .. } | Event::AgentStopping { .. } | Event::Lost { .. } | Event::PolicyReloaded { .. } => 0,
         };
         (key != 0).then_some(key)
     }
 
     /// Every event's `type` in its JSON form, in the order of [`Event::kind_index`].
-    pub const KINDS: [&'static str; 15] = [
+    pub const KINDS: [&'static str; 16] = [
         "session_started",
         "session_ended",
         "process_seen",
@@ -92,6 +98,7 @@ impl Event {
         "tick",
         "agent_stopping",
         "lost",
+        "policy_reloaded",
     ];
 
     /// Where the event's `type` is in [`Event::KINDS`] (counters per kind are kept in an array).
@@ -112,6 +119,7 @@ impl Event {
             Event::Tick { .. } => 12,
             Event::AgentStopping { .. } => 13,
             Event::Lost { .. } => 14,
+            Event::PolicyReloaded { .. } => 15,
         }
     }
 
@@ -126,7 +134,8 @@ impl Event {
             | Event::SessionEnded { ts, .. }
             | Event::Tick { ts }
             | Event::AgentStopping { ts }
-            | Event::Lost { ts, .. } => *ts,
+            | Event::Lost { ts, .. }
+            | Event::PolicyReloaded { ts, .. } => *ts,
             Event::ProcessSeen(p) => p.ts,
             Event::Fork(f) => f.ts,
             Event::Exec(e) => e.ts,

@@ -148,3 +148,73 @@ fn the_agent_reads_its_settings_from_a_config_file() {
     let message = stderr(&o);
     assert!(message.contains(&format!("{}:3: `spool-max-bytes`: invalid value 'lots'", bad.display())), "{message}");
 }
+
+/// SIGHUP and `monitor policy reload` re-read the policy: a bad file is refused with its error
+/// and the old policy (an actor's exec scope, a severity) still applies; a good one applies to
+/// the next alert and the next session.
+#[test]
+fn a_reload_applies_a_good_policy_and_refuses_a_bad_one() {
+    let dir = Scratch::new("ops-reload");
+    let policy = dir.write(
+        "policy.yaml",
+        "severity: {exec_out_of_scope: low}\nactors:\n  \"svc:test-bot\":\n    exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n",
+    );
+    let agent = Agent::start_with("ops-reload-agent", &["--policy", policy.to_str().unwrap()]);
+    let run = |id: &str, script: &str| {
+        let file = session_file(&agent.dir, id, "");
+        let o = agent.run(&file, &["/bin/sh", "-c", script]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let out_of_scope = |session: &str, exe: &str| {
+        let (session, exe) = (session.to_string(), exe.to_string());
+        move |a: &serde_json::Value| {
+            a["rule"] == "exec_out_of_scope"
+                && a["session"]["id"] == session.as_str()
+                && a["process"]["exe"] == exe.as_str()
+        }
+    };
+    run("reload-1", "/bin/true");
+    let first = agent.wait_alert("exec_out_of_scope under the first policy", out_of_scope("reload-1", "/bin/true"));
+    assert_eq!(first["severity"], "low");
+
+    // A broken file and SIGHUP: refused, logged with the file and line; the old policy stays.
+    std::fs::write(&policy, "severity: {exec_out_of_scope: low\nactors: [\n").unwrap();
+    // SAFETY: a signal to the agent this test started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    wait_for(
+        "the refused reload in the agent's log",
+        || {
+            let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            log.lines()
+                .find(|l| l.contains("policy not reloaded") && l.contains(&*policy.to_string_lossy()))
+                .map(str::to_string)
+        },
+        || agent.diagnostics(),
+    );
+    let o = agent.cli(&["policy", "reload"]);
+    assert!(!o.status.success(), "a bad policy is refused");
+    assert!(stderr(&o).contains("policy not reloaded") && stderr(&o).contains("policy.yaml"), "{}", stderr(&o));
+    run("reload-2", "/bin/true");
+    let second = agent.wait_alert("exec_out_of_scope under the kept policy", out_of_scope("reload-2", "/bin/true"));
+    assert_eq!(second["severity"], "low");
+
+    // A good file: the new severity and the new actor scope hold from now on.
+    std::fs::write(
+        &policy,
+        "severity: {exec_out_of_scope: critical}\nactors:\n  \"svc:test-bot\":\n    exec: [\"/bin/sh\", \"/usr/bin/dash\", \"/bin/true\"]\n",
+    )
+    .unwrap();
+    let o = agent.cli(&["policy", "reload"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(monitor_tests::stdout(&o).contains("reloaded"), "{}", monitor_tests::stdout(&o));
+    run("reload-3", "/bin/true; /bin/cat /dev/null");
+    let third = agent.wait_alert("exec_out_of_scope under the new policy", out_of_scope("reload-3", "/bin/cat"));
+    assert_eq!(third["severity"], "critical");
+    assert!(
+        !agent.alerts().iter().any(out_of_scope("reload-3", "/bin/true")),
+        "/bin/true is in the new scope: {:?}",
+        agent.alerts()
+    );
+    let reloaded = agent.events().iter().filter(|e| e["type"] == "policy_reloaded").count();
+    assert_eq!(reloaded, 1, "one reload reached the engine");
+}

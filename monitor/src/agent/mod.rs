@@ -5,6 +5,7 @@ mod core;
 mod enforcer;
 mod executables;
 mod reader;
+mod reload;
 mod stats;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -12,7 +13,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, Mutex};
 
-pub use self::core::{CoreHandle, STOP_DRAIN};
+pub use self::{
+    core::{CoreHandle, STOP_DRAIN},
+    reload::LivePolicy,
+};
 use crate::{
     alert::Alert,
     credentials::{self, CredentialIndex, Observer},
@@ -50,6 +54,8 @@ pub struct AgentSettings {
     pub trace_output: Option<crate::forward::ForwardTarget>,
     /// Where Prometheus scrapes the agent's metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The policy's file, re-read on SIGHUP and `monitor policy reload`.
+    pub policy_path: Option<PathBuf>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -63,6 +69,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         .with_context(|| format!("fingerprint key {}", settings.key_file.display()))?;
     let key = Arc::new(key);
     let (event_tx, event_rx) = mpsc::channel(8192);
+    let policy = LivePolicy::new(settings.policy.clone(), settings.policy_path.clone(), event_tx.clone());
     let sinks = sinks::open(&settings.outputs, &settings.spool, event_tx.clone())?;
     let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
 
@@ -140,12 +147,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         rescan_executables.clone(),
     ));
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
-    let watcher = tokio::spawn(watch_credentials(
-        credentials.clone(),
-        maps.clone(),
-        probes.clone(),
-        settings.policy.credentials.watch.clone(),
-    ));
+    let watcher = tokio::spawn(watch_credentials(credentials.clone(), maps.clone(), probes.clone(), policy.clone()));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
     let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
 
@@ -158,7 +160,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         default_ttl: settings.default_ttl,
         default_grace: settings.default_grace,
         clock: clock(),
-        policy: Arc::new(settings.policy.clone()),
+        policy: policy.clone(),
         credentials,
         probes: probes.clone(),
         rescan_executables,
@@ -172,10 +174,17 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     tracing::info!(control = %settings.control.display(), "agent ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
-        r = &mut reader => r.context("ring buffer reader")?.context("ring buffer reader"),
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let outcome = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = term.recv() => break Ok(()),
+            _ = hangup.recv() => match policy.reload().await {
+                Ok(message) => tracing::info!("{message}"),
+                Err(message) => tracing::error!("{message}"),
+            },
+            r = &mut reader => break r.context("ring buffer reader")?.context("ring buffer reader"),
+        }
     };
     tracing::info!("agent stopping");
     health.set_ready(false);
@@ -213,10 +222,12 @@ async fn watch_credentials(
     index: Arc<CredentialIndex>,
     maps: Arc<Mutex<KernelMaps>>,
     probes: Arc<std::sync::Mutex<probes::Probes>>,
-    extra: Vec<String>,
+    policy: Arc<LivePolicy>,
 ) {
     loop {
         tokio::time::sleep(WATCH_RESCAN).await;
+        // The policy's watch list as it is now: a reload takes effect here.
+        let extra = policy.get().credentials.watch.clone();
         let mut maps = maps.lock().await;
         credentials::watch::refresh(&index, &mut maps, &extra);
         // Tokens sessions learnt since (see CredentialIndex::learn) are looked for in the kernel.

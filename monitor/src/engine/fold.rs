@@ -118,6 +118,11 @@ impl Folds {
         Self { window_ns, ..Default::default() }
     }
 
+    /// A reloaded policy's window: findings open now keep folding until it closes.
+    pub fn set_window(&mut self, window_ns: Nanos) {
+        self.window_ns = window_ns;
+    }
+
     /// Takes one raised alert: returns what to send now (the alert itself when it is a new
     /// finding, nothing when it was folded into an open one; an early-closed fold's update).
     pub fn offer(&mut self, mut alert: Alert, out: &mut Vec<Alert>) {

@@ -255,6 +255,10 @@ impl Engine {
             Event::Tick { ts } => self.forget_finished(*ts),
             Event::AgentStopping { .. } => {}
             Event::Lost { ts, source, count } => alerts.push(self.blind(*ts, source, *count)),
+            Event::PolicyReloaded { config, .. } => {
+                self.folds.set_window(config.fold_window_ns);
+                self.config = (**config).clone();
+            }
         }
         alerts
     }

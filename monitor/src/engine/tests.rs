@@ -173,6 +173,27 @@ fn exec_outside_the_exec_scope() {
     assert_eq!(alerts[0].owasp_nhi, ["NHI5"]);
 }
 
+/// A reloaded policy applies from its event on: the same finding before it keeps its severity.
+#[test]
+fn a_policy_reload_applies_from_its_event_on() {
+    let reloaded = EngineConfig {
+        severity: [(Rule::ExecOutOfScope, Severity::Critical)].into_iter().collect(),
+        ..Default::default()
+    };
+    let events = [
+        start(0, session(Some(&["/bin/sh"]))),
+        exec(S, ROOT, 1, "/bin/sh", creds(1000, 1000)),
+        fork(2 * S, ROOT, 101),
+        exec(3 * S, 101, ROOT, "/usr/bin/ssh", creds(1000, 1000)),
+        Event::PolicyReloaded { ts: 4 * S, config: Box::new(reloaded) },
+        fork(5 * S, ROOT, 102),
+        exec(6 * S, 102, ROOT, "/usr/bin/scp", creds(1000, 1000)),
+    ];
+    let alerts = run(&events);
+    let severities: Vec<Severity> = alerts.iter().map(|a| a.severity).collect();
+    assert_eq!(severities, [Rule::ExecOutOfScope.default_severity(), Severity::Critical], "{alerts:#?}");
+}
+
 #[test]
 fn setuid_exec_is_privilege_escalation_and_root_sessions_are_not() {
     let events = [

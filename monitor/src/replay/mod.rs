@@ -267,6 +267,10 @@ impl<'p> Replay<'p> {
 
     fn event(&mut self, mut event: Event) {
         self.events += 1;
+        if self.policy.is_some() && matches!(event, Event::PolicyReloaded { .. }) {
+            // What-if: the given policy holds for the whole replay, not the one reloaded live.
+            return;
+        }
         let run = self.run;
         if let Event::SessionStarted { key, session, ts } = &mut event {
             if let Some(policy) = self.policy {

@@ -202,7 +202,11 @@ pub fn entry(event: Event, procs: &Names) -> Option<Entry> {
     let name = |pid: u32| procs.get(&pid).map(|(exe, _)| exe.clone()).unwrap_or_else(|| Arc::from(""));
     let actor = |a: &crate::event::Actor| Arc::from(if a.exe.is_empty() { a.comm.as_str() } else { a.exe.as_str() });
     let (pid, process) = match &event {
-        Event::Fork(_) | Event::ConnectResult(_) | Event::Tick { .. } | Event::AgentStopping { .. } => return None,
+        Event::Fork(_)
+        | Event::ConnectResult(_)
+        | Event::Tick { .. }
+        | Event::AgentStopping { .. }
+        | Event::PolicyReloaded { .. } => return None,
         Event::SessionStarted { session, .. } => (session.binding.root_pid.unwrap_or(0), Arc::from("")),
         Event::SessionEnded { .. } | Event::Lost { .. } => (0, Arc::from("")),
         Event::ProcessSeen(p) => (p.pid, Arc::from(p.exe.as_str())),
@@ -229,6 +233,7 @@ pub fn describe(event: &Event) -> (&'static str, String) {
         Event::ConnectResult(r) => ("connect", format!("fd {} returned {}", r.fd, r.ret)),
         Event::Tick { .. } => ("tick", String::new()),
         Event::AgentStopping { .. } => ("agent stopping", String::new()),
+        Event::PolicyReloaded { .. } => ("policy", "reloaded".to_string()),
         Event::Exec(e) => ("exec", e.argv.join(" ")),
         Event::Exit(x) => ("exit", exit_status(x.exit_code)),
         Event::Connect(c) => {

@@ -40,6 +40,8 @@ pub enum Request {
     },
     /// The agent's eBPF programs, attached or not, with the kernel's run counts and times.
     Probes,
+    /// Re-read the agent's policy file (as SIGHUP does).
+    ReloadPolicy,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

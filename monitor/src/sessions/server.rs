@@ -27,7 +27,7 @@ pub struct ControlPlane {
     pub default_ttl: Duration,
     pub default_grace: Duration,
     pub clock: crate::decode::Clock,
-    pub policy: Arc<crate::policy::Policy>,
+    pub policy: Arc<crate::agent::LivePolicy>,
     pub credentials: Arc<crate::credentials::CredentialIndex>,
     /// For the probes attached only while sessions run.
     pub probes: Arc<std::sync::Mutex<crate::probes::Probes>>,
@@ -111,6 +111,7 @@ async fn handle(request: Request, plane: &ControlPlane, caller: Option<u32>) -> 
             let programs = plane.probes.lock().unwrap_or_else(|p| p.into_inner()).program_stats();
             Ok(json!({ "bpf_stats_enabled": crate::probes::stats::counting_enabled(), "programs": programs }))
         }
+        Request::ReloadPolicy => plane.policy.reload().await.map(|message| json!({ "message": message })),
     };
     match result {
         Ok(data) => Response::Ok { data },
@@ -148,9 +149,9 @@ async fn start(
     let mut maps = plane.maps.lock().await;
     // The session's tokens and credential files are watched before any process is bound.
     let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
-    crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.credentials.watch);
+    crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.get().credentials.watch);
     let installed = maps
-        .install_policy(key, &session, expires_at, &plane.policy.never_alert.connect)
+        .install_policy(key, &session, expires_at, &plane.policy.get().never_alert.connect)
         .and_then(|()| maps.allow_named_addresses(key, &session, &hosts_names, expires_at));
     if let Err(e) = installed {
         drop(maps);
@@ -219,7 +220,7 @@ fn resolve(
         None => None,
     };
     // Scope parts the file leaves out come from the policy's defaults for this actor.
-    let actor = plane.policy.actors.get(&file.actor).cloned().unwrap_or_default();
+    let actor = plane.policy.get().actors.get(&file.actor).cloned().unwrap_or_default();
     let mut env_values = env_tokens.into_iter();
     let mut hashes = Vec::new();
     let mut known = |raw: &[u8]| {
@@ -294,9 +295,12 @@ fn snapshots(
 ) -> Vec<crate::event::Process> {
     let mut seen: Vec<_> = pids.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect();
     for p in &mut seen {
-        crate::credentials::argv::redact(&mut p.argv, &plane.key, &plane.policy.credentials.api_key_headers, &|fp| {
-            plane.credentials.is_session_token(fp)
-        });
+        crate::credentials::argv::redact(
+            &mut p.argv,
+            &plane.key,
+            &plane.policy.get().credentials.api_key_headers,
+            &|fp| plane.credentials.is_session_token(fp),
+        );
     }
     seen
 }
