@@ -55,6 +55,7 @@ fn alert(n: u64) -> Alert {
         process: None,
         network: None,
         credential: None,
+        k8s: None,
         action: Action::Observed,
         mitre: vec!["T1021".into()],
         owasp_nhi: vec!["NHI5".into()],

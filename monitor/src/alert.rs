@@ -21,6 +21,9 @@ pub struct Alert {
     pub network: Option<NetworkRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialRef>,
+    /// The pod and container of the process, from its cgroup path (stamped by the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<crate::k8s::K8sRef>,
     pub action: Action,
     pub mitre: Vec<String>,
     pub owasp_nhi: Vec<String>,

@@ -391,3 +391,37 @@ pub fn programs_from_json(json: &str) -> Vec<Value> {
 pub fn attached_names(programs: &[Value]) -> std::collections::BTreeSet<String> {
     programs.iter().filter(|p| p["attached"] == true).filter_map(|p| Some(p["program"].as_str()?.to_string())).collect()
 }
+
+/// Checks OCSF findings against the OCSF 1.8 JSON schema (PyPI ocsf-json-schema, offline).
+const VALIDATE_OCSF_18: &str = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from ocsf_json_schema import get_ocsf_schema, OcsfJsonSchema
+schema = OcsfJsonSchema(get_ocsf_schema("1.8.0"))
+def retrieve(uri):
+    return Resource.from_contents(schema.get_schema_from_uri(uri))
+registry = Registry(retrieve=retrieve)
+n = 0
+for line in open(sys.argv[1]):
+    record = json.loads(line)
+    # Validated with the profiles the record declares (monitor: security_control).
+    profiles = record.get("metadata", {}).get("profiles", [])
+    validator = Draft202012Validator(schema.get_class_schema("detection_finding", profiles), registry=registry)
+    errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
+    for e in errors:
+        print(f"line {n + 1}: {list(e.path)}: {e.message}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+    n += 1
+print(n)
+"#;
+
+/// Validates each OCSF finding of the JSON lines file `ocsf` against the OCSF 1.8 schema
+/// (failing the test on the first error); returns how many there were.
+pub fn validate_ocsf(dir: &Scratch, ocsf: &Path) -> usize {
+    let validate = dir.write("validate_ocsf.py", VALIDATE_OCSF_18);
+    let o = Command::new("python3").arg(&validate).arg(ocsf).output().unwrap();
+    assert!(o.status.success(), "OCSF 1.8 validation failed:\n{}", stderr(&o));
+    stdout(&o).trim().parse().unwrap()
+}

@@ -119,31 +119,6 @@ fn a_token_of_one_session_used_in_another_names_both() {
     t.assert_never_output(&token);
 }
 
-/// Checks OCSF findings against the OCSF 1.8 JSON schema (PyPI ocsf-json-schema, offline).
-const VALIDATE_OCSF_18: &str = r#"
-import json, sys
-from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
-from ocsf_json_schema import get_ocsf_schema, OcsfJsonSchema
-schema = OcsfJsonSchema(get_ocsf_schema("1.8.0"))
-def retrieve(uri):
-    return Resource.from_contents(schema.get_schema_from_uri(uri))
-registry = Registry(retrieve=retrieve)
-n = 0
-for line in open(sys.argv[1]):
-    record = json.loads(line)
-    # Validated with the profiles the record declares (monitor: security_control).
-    profiles = record.get("metadata", {}).get("profiles", [])
-    validator = Draft202012Validator(schema.get_class_schema("detection_finding", profiles), registry=registry)
-    errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
-    for e in errors:
-        print(f"line {n + 1}: {list(e.path)}: {e.message}", file=sys.stderr)
-    if errors:
-        sys.exit(1)
-    n += 1
-print(n)
-"#;
-
 /// One finding repeated 30 times in a session: the agent sends it and an update (same id,
 /// count 30); the collector stores each version once and every sink gets the update; OCSF is
 /// an Update of the same finding, valid OCSF 1.8; `monitor alerts summary` counts it once.
@@ -197,10 +172,7 @@ fn an_updated_alert_reaches_the_store_and_every_sink_once() {
     );
     assert!(cef_text.lines().any(|l| l.contains(&format!("externalId={id}")) && l.contains("cnt=30")), "{cef_text}");
 
-    let validate = dir.write("validate.py", VALIDATE_OCSF_18);
-    let o = Command::new("python3").arg(&validate).arg(&ocsf).output().unwrap();
-    assert!(o.status.success(), "OCSF 1.8 validation failed:\n{}", stderr(&o));
-    assert_eq!(stdout(&o).trim(), findings.len().to_string());
+    assert_eq!(monitor_tests::validate_ocsf(&dir, &ocsf), findings.len());
 
     // The operator's table, from the agent's file and from the collector's store: one finding of
     // 30 occurrences.

@@ -131,11 +131,12 @@ fn the_agent_reads_its_settings_from_a_config_file() {
     let file = session_file(&agent.dir, "ops-cfg", "");
     let o = agent.run(&file, &["/bin/true"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    wait_for(
+    let segment = wait_for(
         "a trace segment in the config's trace-dir",
         || std::fs::read_dir(&traces).ok()?.next(),
         || agent.diagnostics(),
     );
+    assert!(segment.is_ok());
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(
         log.lines().any(|l| l.contains("gnutls_record_send") && l.contains("disabled by --disable-probe")),
@@ -217,4 +218,59 @@ fn a_reload_applies_a_good_policy_and_refuses_a_bad_one() {
     );
     let reloaded = agent.events().iter().filter(|e| e["type"] == "policy_reloaded").count();
     assert_eq!(reloaded, 1, "one reload reached the engine");
+}
+
+/// A session bound to a pod's container cgroup (laid out as the kubelet's systemd driver does,
+/// under a test cgroup as under a kind node's prefix): its alerts say the pod, the container
+/// and the QoS class, read from the process's cgroup path.
+#[test]
+fn alerts_of_a_pod_bound_session_name_the_pod_and_the_container() {
+    let dir = Scratch::new("ops-k8s-ocsf");
+    let ocsf = dir.path("alerts-ocsf.jsonl");
+    let agent = Agent::start_with("ops-k8s", &["--output", &format!("ocsf:{}", ocsf.display())]);
+    let node = monitor_tests::TestCgroup::new("k8s-node");
+    let uid = "8dbf2f1e-6b1c-4a4c-9e0e-0c1e2b3a4d5f";
+    let container = "4f1e3c0b9a8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f";
+    let levels = [
+        "kubepods.slice".to_string(),
+        "kubepods-burstable.slice".to_string(),
+        format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")),
+        format!("cri-containerd-{container}.scope"),
+    ];
+    let mut dirs = vec![node.0.clone()];
+    for level in &levels {
+        let dir = dirs.last().unwrap().join(level);
+        std::fs::create_dir(&dir).unwrap();
+        dirs.push(dir);
+    }
+    let scope = dirs.last().unwrap().clone();
+    let file = session_file(&agent.dir, "pod-task", "scope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
+    let o = agent.cli(&["session", "start", "--file", file.to_str().unwrap(), "--cgroup", scope.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = format!("echo $$ > {}/cgroup.procs && exec /bin/sh -c '/bin/true; sleep 0.5'", scope.display());
+    let o = Command::new("/bin/sh").args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alert = agent.wait_alert("exec_out_of_scope in the pod", |a| a["rule"] == "exec_out_of_scope");
+    assert_eq!(alert["k8s"]["pod_uid"], uid, "{alert}");
+    assert_eq!(alert["k8s"]["container_id"], container);
+    assert_eq!(alert["k8s"]["qos"], "burstable");
+    // For SIEMs: OCSF's container object (uid, pod_uuid), valid OCSF 1.8.
+    let findings = wait_for(
+        "the OCSF finding with its container",
+        || {
+            Some(monitor_tests::read_jsonl(&ocsf))
+                .filter(|f| f.iter().any(|f| f["evidences"][0]["container"]["uid"] == container))
+        },
+        || agent.diagnostics(),
+    );
+    let finding = findings.iter().find(|f| f["evidences"][0]["container"]["uid"] == container).unwrap();
+    assert_eq!(finding["evidences"][0]["container"]["pod_uuid"], uid);
+    assert_eq!(finding["unmapped"]["k8s"]["qos"], "burstable");
+    assert_eq!(monitor_tests::validate_ocsf(&dir, &ocsf), findings.len());
+    let o = agent.cli(&["session", "end", "pod-task"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The pod's cgroups go deepest first (the test cgroup itself on drop).
+    for dir in dirs.iter().skip(1).rev() {
+        wait_for(&format!("rmdir {}", dir.display()), || std::fs::remove_dir(dir).ok(), String::new);
+    }
 }

@@ -353,6 +353,8 @@ pub struct Stamp {
     /// The id of each finding the engine may still update, by its fold number (which only
     /// grows, so the smallest are the oldest).
     fold_ids: std::collections::BTreeMap<u64, String>,
+    /// For the pod and container of an alert's process.
+    cgroups: crate::k8s::CgroupPaths,
 }
 
 /// Findings whose id is remembered: far more than the engine keeps open at once.
@@ -360,7 +362,14 @@ const FOLD_IDS: usize = 16_384;
 
 impl Stamp {
     pub fn new() -> Self {
-        Self { ids: ulid::Generator::new(), host: hostname(), fold_ids: Default::default() }
+        Self {
+            ids: ulid::Generator::new(),
+            host: hostname(),
+            fold_ids: Default::default(),
+            cgroups: crate::k8s::CgroupPaths::new(
+                &crate::sessions::bind::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()),
+            ),
+        }
     }
 
     pub fn stamp(&mut self, mut alert: Alert) -> Alert {
@@ -379,6 +388,9 @@ impl Stamp {
             }
         };
         alert.host = self.host.clone();
+        if let Some(p) = &alert.process {
+            alert.k8s = self.cgroups.path_of(p.pid, p.cgroup).and_then(|path| crate::k8s::from_cgroup_path(&path));
+        }
         alert
     }
 }

@@ -95,6 +95,7 @@ mod tests {
             process: None,
             network: None,
             credential: None,
+            k8s: None,
             action: Action::Observed,
             mitre: vec![],
             owasp_nhi: vec![],

@@ -59,6 +59,14 @@ pub fn finding(alert: &Alert) -> Value {
         }
         evidence.insert("process".into(), process);
     }
+    // OCSF's container needs its uid (or a name): a pod's own cgroup, with no container, is
+    // only in `unmapped.k8s`.
+    if let Some(k) = alert.k8s.as_ref() {
+        if let Some(id) = &k.container_id {
+            evidence
+                .insert("container".into(), json!({ "uid": id, "pod_uuid": k.pod_uid, "orchestrator": "Kubernetes" }));
+        }
+    }
     evidence.insert(
         "actor".into(),
         // The delegated non-human identity; the principal it acts for is in `data.session`.
@@ -94,7 +102,7 @@ pub fn finding(alert: &Alert) -> Value {
     }
     evidence.insert("data".into(), data);
 
-    json!({
+    let mut finding = json!({
         "class_uid": 2004,
         "class_name": "Detection Finding",
         "category_uid": 2,
@@ -138,6 +146,15 @@ pub fn finding(alert: &Alert) -> Value {
         },
         "device": { "hostname": alert.host, "type_id": 0, "type": "Unknown" },
         "evidences": [Value::Object(evidence)],
-        "unmapped": { "owasp_nhi": alert.owasp_nhi, "nist_csf": alert.nist_csf, "rule": alert.rule.id(), "pids": alert.pids },
-    })
+        "unmapped": {
+            "owasp_nhi": alert.owasp_nhi,
+            "nist_csf": alert.nist_csf,
+            "rule": alert.rule.id(),
+            "pids": alert.pids,
+        },
+    });
+    if let Some(k) = &alert.k8s {
+        finding["unmapped"]["k8s"] = json!(k);
+    }
+    finding
 }

@@ -122,6 +122,7 @@ mod tests {
             process: None,
             network: None,
             credential: None,
+            k8s: None,
             action: Action::Blocked,
             mitre: vec!["T1021".into()],
             owasp_nhi: vec![],
