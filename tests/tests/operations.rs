@@ -406,3 +406,56 @@ fn the_helm_chart_is_valid_least_privilege_and_enough() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("Operation not permitted"), "{}", stderr(&o));
 }
+
+/// The Python client (clients/python) an agent framework or a CI runner uses: it runs a task in
+/// a session (exit code passed through), binds a running worker for a `with` block, lists and
+/// shows sessions, and gets the agent's refusals as exceptions; the agent's alerts name both.
+#[test]
+fn the_python_client_runs_tasks_in_sessions() {
+    let agent = Agent::start("ops-python");
+    let client = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python");
+    let script = agent.dir.write("task.py", PYTHON_TASKS);
+    let o = Command::new("python3").arg(&script).arg(&agent.control).env("PYTHONPATH", &client).output().unwrap();
+    assert!(o.status.success(), "{}{}", monitor_tests::stdout(&o), stderr(&o));
+    assert_eq!(monitor_tests::stdout(&o).trim(), "ok");
+    for id in ["py-run", "py-with"] {
+        let alert = agent.wait_alert(&format!("exec_out_of_scope in {id}"), |a| {
+            a["rule"] == "exec_out_of_scope" && a["session"]["id"] == id && a["process"]["exe"] == "/bin/true"
+        });
+        assert_eq!(alert["session"]["actor"], "svc:py-bot");
+    }
+}
+
+const PYTHON_TASKS: &str = r#"
+import subprocess, sys
+from monitor_client import Agent, MonitorError
+
+agent = Agent(sys.argv[1])
+def session(id):
+    return {"id": id, "principal": "alice@example.com", "actor": "svc:py-bot", "task": "python " + id,
+            "grace": "30s", "scope": {"exec": ["/bin/sh", "/usr/bin/dash"]}}
+
+code = agent.run(session("py-run"), ["/bin/sh", "-c", "/bin/true; exit 3"])
+assert code == 3, code
+assert any(s["session"]["id"] == "py-run" for s in agent.list()), agent.list()
+assert agent.show("py-run")["state"] == "ended", agent.show("py-run")
+
+worker = subprocess.Popen(["/bin/sh", "-c", "read go; /bin/true"], stdin=subprocess.PIPE)
+with agent.session(session("py-with"), pid=worker.pid) as started:
+    assert started["id"] == "py-with", started
+    assert agent.show("py-with")["state"] == "active"
+    worker.communicate(b"go\n")
+assert agent.show("py-with")["state"] == "ended"
+
+try:
+    agent.show("nothing-here")
+    raise SystemExit("an unknown session was not refused")
+except MonitorError as e:
+    assert "no session nothing-here" in str(e), e
+try:
+    agent.start({"principal": "p", "actor": "a", "task": "t", "scope": {"connect": ["not a destination"]}})
+    raise SystemExit("a bad session was not refused")
+except MonitorError as e:
+    assert "not a destination" in str(e) and "HOST:PORT" in str(e), e
+print("ok")
+"#;
