@@ -459,3 +459,31 @@ except MonitorError as e:
     assert "not a destination" in str(e) and "HOST:PORT" in str(e), e
 print("ok")
 "#;
+
+/// The systemd unit passes `systemd-analyze verify` without a warning and bounds the agent to
+/// the same measured capabilities as the Helm chart.
+#[test]
+fn the_systemd_unit_verifies_and_has_the_charts_capabilities() {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/monitor-agent.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = Scratch::new("ops-systemd");
+    let local = dir
+        .write("monitor-agent.service", &text.replace("/usr/local/bin/monitor", &monitor_bin().display().to_string()));
+    let o = Command::new("systemd-analyze").arg("verify").arg(&local).output().unwrap();
+    assert!(o.status.success() && stderr(&o).trim().is_empty(), "systemd-analyze verify: {}", stderr(&o));
+    let bounding = text.lines().find_map(|l| l.strip_prefix("CapabilityBoundingSet=")).expect("a bounding set");
+    let caps: Vec<&str> = bounding.split_whitespace().map(|c| c.trim_start_matches("CAP_")).collect();
+    let values = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/monitor/values.yaml"),
+    )
+    .unwrap();
+    let chart = values.lines().find_map(|l| l.trim().strip_prefix("add: [")).expect("the chart's capabilities");
+    let chart: Vec<&str> = chart.trim_end_matches(']').split(',').map(str::trim).collect();
+    assert_eq!(caps, chart);
+    for setting in
+        ["NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=monitor", "ExecReload=/bin/kill -HUP $MAINPID"]
+    {
+        assert!(text.contains(setting), "missing {setting}");
+    }
+}

