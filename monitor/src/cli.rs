@@ -97,6 +97,10 @@ pub struct CollectorArgs {
     /// `kafka://BROKERS/TOPIC`. Repeatable; each resumes from its own position.
     #[arg(long = "sink", value_name = "SPEC")]
     pub sinks: Vec<crate::collector::SinkSpec>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (ingest, store, each sink's position),
+    /// with /healthz and /readyz.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -314,6 +318,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 shared_key,
                 store: args.store,
                 sinks: args.sinks,
+                metrics: args.metrics,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(crate::collector::run(settings))?;

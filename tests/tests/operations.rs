@@ -487,3 +487,45 @@ fn the_systemd_unit_verifies_and_has_the_charts_capabilities() {
         assert!(text.contains(setting), "missing {setting}");
     }
 }
+
+/// The collector's own /metrics: records stored and acknowledged, each sink caught up with the
+/// store, and a connection of garbage counted as malformed input.
+#[test]
+fn the_collector_reports_ingest_store_and_sinks() {
+    let dir = Scratch::new("ops-collector-metrics");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let sink = dir.path("sink.jsonl");
+    let sink_spec = format!("jsonl:{}", sink.display());
+    let collector = Collector::start(&dir, &["--metrics", &addr, "--sink", &sink_spec]);
+    assert_eq!(http_get(&format!("http://{addr}/readyz")).0, 200);
+    let forward = format!("forward://127.0.0.1:{}", collector.port);
+    let spool = dir.path("spool");
+    let agent =
+        Agent::start_with("ops-collector-agent", &["--output", &forward, "--spool-dir", spool.to_str().unwrap()]);
+    let file = session_file(&agent.dir, "coll-1", "scope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
+    let o = agent.run(&file, &["/bin/sh", "-c", "/bin/true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Garbage on the Forward port: that connection is closed, counted, and nothing else is hurt.
+    let mut garbage = std::net::TcpStream::connect(("127.0.0.1", collector.port)).unwrap();
+    std::io::Write::write_all(&mut garbage, &[0xc1; 64]).unwrap();
+    let sample = |text: &str, name: &str| -> Option<f64> {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    // The sink is labelled by its name (as its cursor file is).
+    let sink_seq = "monitor_collector_sink_sequence{output=\"jsonl-";
+    let text = wait_for(
+        "records stored, acknowledged, delivered to the sink, and the garbage counted",
+        || {
+            let (_, text) = http_get(&format!("http://{addr}/metrics"));
+            let stored = sample(&text, "monitor_collector_stored_sequence")?;
+            let ok = sample(&text, "monitor_collector_records_total")? >= 1.0
+                && sample(&text, "monitor_collector_batches_acknowledged_total")? >= 1.0
+                && stored >= 1.0
+                && sample(&text, sink_seq)? == stored
+                && sample(&text, "monitor_collector_connection_errors_total{reason=\"malformed\"}")? >= 1.0;
+            ok.then_some(text)
+        },
+        || format!("{}\n{}", http_get(&format!("http://{addr}/metrics")).1, collector.logs()),
+    );
+    assert!(!text.contains("monitor_events_total"), "the agent's metrics are not the collector's: {text}");
+}

@@ -62,7 +62,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     // First, so a taken port fails the start and /healthz answers while the probes load.
     let health = crate::metrics::Health::default();
     let metrics_server = match settings.metrics {
-        Some(addr) => Some(crate::metrics::serve(addr, health.clone()).await?),
+        Some(addr) => Some(crate::metrics::serve(addr, health.clone(), || crate::metrics::get().render()).await?),
         None => None,
     };
     let key = FingerprintKey::load_or_create(&settings.key_file)

@@ -202,12 +202,14 @@ pub fn run(spec: SinkSpec, store_dir: PathBuf, mut durable: watch::Receiver<u64>
             Ok(()) => {
                 backoff = Duration::from_millis(100);
                 cursor = Cursor { sink_end: dest.end(), ..next };
+                crate::metrics::collector().sink_delivered(&name, cursor.seq);
                 if let Err(e) = write_cursor(&cursor_path, cursor) {
                     tracing::error!(sink = %name, "saving the sink's position: {e}");
                 }
             }
             Err(e) => {
                 tracing::warn!(sink = %name, "delivery failed, retrying in {backoff:?}: {e:#}");
+                crate::metrics::collector().sink_failed(&name);
                 destination = None;
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -26,9 +26,16 @@ pub struct CollectorSettings {
     pub shared_key: Option<String>,
     pub store: PathBuf,
     pub sinks: Vec<SinkSpec>,
+    /// Where Prometheus scrapes the collector's metrics.
+    pub metrics: Option<SocketAddr>,
 }
 
 pub async fn run(settings: CollectorSettings) -> anyhow::Result<()> {
+    let health = crate::metrics::Health::default();
+    let _metrics = match settings.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr, health.clone(), || crate::metrics::collector().render()).await?),
+        None => None,
+    };
     let tls = match &settings.tls {
         Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(cert, key)?)),
         None => None,
@@ -36,6 +43,7 @@ pub async fn run(settings: CollectorSettings) -> anyhow::Result<()> {
     let shared_key: Option<Arc<str>> = settings.shared_key.as_deref().map(Arc::from);
     let store = store::Store::open(&settings.store).with_context(|| format!("store {}", settings.store.display()))?;
     let (durable_tx, durable_rx) = watch::channel(store.last_seq());
+    crate::metrics::collector().stored_seq.set(store.last_seq() as i64);
     let (store_tx, store_rx) = mpsc::channel::<StoreRequest>(1024);
     std::thread::Builder::new().name("store-writer".into()).spawn(move || writer(store, store_rx, durable_tx))?;
 
@@ -57,6 +65,7 @@ pub async fn run(settings: CollectorSettings) -> anyhow::Result<()> {
         store = %settings.store.display(),
         "collector ready"
     );
+    health.set_ready(true);
     let config = server::Listener { tls, shared_key, hostname, store: store_tx };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -82,9 +91,13 @@ fn writer(mut store: store::Store, mut requests: mpsc::Receiver<StoreRequest>, d
         let result = store.append(entries).map_err(|e| e.to_string());
         match &result {
             Ok(last) => {
+                crate::metrics::collector().stored_seq.set(*last as i64);
                 let _ = durable.send(*last);
             }
-            Err(e) => tracing::error!(store = %store.dir().display(), "store write failed: {e}"),
+            Err(e) => {
+                crate::metrics::collector().store_failures.inc();
+                tracing::error!(store = %store.dir().display(), "store write failed: {e}");
+            }
         }
         for request in group {
             let _ = request.reply.send(result.clone().map(|_| ()));

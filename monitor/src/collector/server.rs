@@ -39,10 +39,17 @@ pub async fn serve(listener: TcpListener, config: Listener) {
             Ok((tcp, peer)) => {
                 let config = config.clone();
                 tokio::spawn(async move {
+                    let metrics = crate::metrics::collector();
+                    metrics.connections.inc();
+                    metrics.open_connections.inc();
                     match connection(tcp, peer, &config).await {
                         Ok(()) => tracing::debug!(%peer, "connection closed"),
-                        Err(reason) => tracing::warn!(%peer, "connection closed: {reason}"),
+                        Err(reason) => {
+                            tracing::warn!(%peer, "connection closed: {reason}");
+                            metrics.connection_error(&reason);
+                        }
                     }
+                    metrics.open_connections.dec();
                 });
             }
             Err(e) => {
@@ -76,12 +83,15 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Resu
         while let Some(value) = buf.next(MAX_MESSAGE).map_err(|e| e.to_string())? {
             let message = protocol::parse_message(value).map_err(|e| e.to_string())?;
             let entries: Vec<Incoming> = message.entries.into_iter().map(incoming).collect();
+            let received = entries.len() as u64;
             let (reply, durable) = oneshot::channel();
             config.store.send(StoreRequest { entries, reply }).await.map_err(|_| "the collector is stopping")?;
             match durable.await {
                 Ok(Ok(())) => {
+                    crate::metrics::collector().records.inc_by(received);
                     if let Some(chunk) = message.chunk {
                         conn.write_all(&protocol::ack(&chunk)).await.map_err(|e| e.to_string())?;
+                        crate::metrics::collector().batches_acked.inc();
                     }
                 }
                 // No ack: the sender keeps the batch and sends it again.

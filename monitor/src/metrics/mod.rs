@@ -6,6 +6,7 @@
 //! a count (probes attached, sessions by state, spools, CPU and memory) is read when scraped.
 //! Names follow the Prometheus conventions: `monitor_` prefix, `_total` counters, base units.
 
+mod collector;
 mod server;
 
 use std::{
@@ -19,7 +20,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-pub use self::server::{serve, Health};
+pub use self::{
+    collector::{collector, CollectorMetrics},
+    server::{serve, Health},
+};
 use crate::{alert::Alert, event::Event, forward::spool::Spool};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

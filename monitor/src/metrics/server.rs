@@ -35,8 +35,13 @@ impl Health {
 /// A scraper that never finishes its request holds a connection this long at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds `addr` (so a taken port fails the agent's start) and serves until the task is aborted.
-pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Binds `addr` (so a taken port fails the start) and serves until the task is aborted;
+/// `/metrics` is what `render` says at each scrape (the agent's or the collector's registry).
+pub async fn serve(
+    addr: SocketAddr,
+    health: Health,
+    render: fn() -> String,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("metrics listener {addr}: {e}"))?;
     tracing::info!(%addr, "serving metrics");
     Ok(tokio::spawn(async move {
@@ -52,7 +57,7 @@ pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<tokio::ta
             };
             let health = health.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |request| answer(request, health.clone()));
+                let service = service_fn(move |request| answer(request, health.clone(), render));
                 let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                 // A bad request or a slow client ends its connection only.
                 let _ = tokio::time::timeout(REQUEST_TIMEOUT, connection).await;
@@ -61,13 +66,17 @@ pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<tokio::ta
     }))
 }
 
-async fn answer(request: Request<hyper::body::Incoming>, health: Health) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+    health: Health,
+    render: fn() -> String,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"));
     }
     let response = match request.uri().path() {
         "/metrics" => {
-            let body = tokio::task::spawn_blocking(|| super::get().render()).await.unwrap_or_default();
+            let body = tokio::task::spawn_blocking(render).await.unwrap_or_default();
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
