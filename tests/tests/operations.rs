@@ -89,9 +89,6 @@ fn an_undelivered_alert_shows_as_spooled_bytes_and_age() {
     let o = agent.run(&file, &["/bin/sh", "-c", "/bin/true"]);
     assert!(o.status.success(), "{}", stderr(&o));
     agent.wait_alert("exec_out_of_scope", |a| a["rule"] == "exec_out_of_scope");
-    let sample = |text: &str, name: &str| -> Option<f64> {
-        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    };
     let spooled = format!("monitor_spool_bytes{{output=\"{forward}\"}}");
     let age = format!("monitor_spool_oldest_age_seconds{{output=\"{forward}\"}}");
     let retries = format!("monitor_forward_retries_total{{output=\"{forward}\"}}");
@@ -273,6 +270,11 @@ fn alerts_of_a_pod_bound_session_name_the_pod_and_the_container() {
     for dir in dirs.iter().skip(1).rev() {
         wait_for(&format!("rmdir {}", dir.display()), || std::fs::remove_dir(dir).ok(), String::new);
     }
+}
+
+/// The value of the first sample in a Prometheus text exposition whose line starts with `name`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn helm() -> std::path::PathBuf {
@@ -508,9 +510,6 @@ fn the_collector_reports_ingest_store_and_sinks() {
     // Garbage on the Forward port: that connection is closed, counted, and nothing else is hurt.
     let mut garbage = std::net::TcpStream::connect(("127.0.0.1", collector.port)).unwrap();
     std::io::Write::write_all(&mut garbage, &[0xc1; 64]).unwrap();
-    let sample = |text: &str, name: &str| -> Option<f64> {
-        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    };
     // The sink is labelled by its name (as its cursor file is).
     let sink_seq = "monitor_collector_sink_sequence{output=\"jsonl-";
     let text = wait_for(
