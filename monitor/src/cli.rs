@@ -200,6 +200,13 @@ pub struct AgentArgs {
     /// 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where the agent keeps its sessions, so a restarted or upgraded agent takes them over.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/monitor/state")]
+    pub state_dir: PathBuf,
+    /// Start without the sessions a previous agent left (they are not adopted, and the state
+    /// is replaced).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -292,6 +299,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 },
                 metrics: args.metrics,
                 policy_path: args.policy.clone(),
+                state_dir: args.state_dir,
+                fresh: args.fresh,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;

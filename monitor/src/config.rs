@@ -38,6 +38,11 @@ fn read(path: &Path, text: &str, agent: &Command) -> Result<Vec<(String, Vec<OsS
             .ok_or_else(|| {
                 at(format!("not a setting of monitor agent; the settings are its flags: {}", settings(agent)))
             })?;
+        if let (ArgAction::SetTrue, toml::Value::Boolean(on)) = (arg.get_action(), value.get_ref()) {
+            // A switch (`fresh = true`): its default becomes the file's.
+            out.push((arg.get_id().to_string(), vec![OsStr::from(on.to_string())]));
+            continue;
+        }
         let repeatable = matches!(arg.get_action(), ArgAction::Append);
         let values: Vec<String> = match value.get_ref() {
             toml::Value::Array(items) if repeatable => {
@@ -142,12 +147,13 @@ mod tests {
 
     #[test]
     fn the_file_sets_what_flags_do_not() {
-        let file = "output = [\"stdout\", \"jsonl:/tmp/a.jsonl\"]\ndefault_ttl = \"2m\"\nmetrics = \"127.0.0.1:9464\"\nspool-max-bytes = \"1M\"\ncontrol = \"/run/x.sock\"\n";
+        let file = "output = [\"stdout\", \"jsonl:/tmp/a.jsonl\"]\ndefault_ttl = \"2m\"\nmetrics = \"127.0.0.1:9464\"\nspool-max-bytes = \"1M\"\ncontrol = \"/run/x.sock\"\nfresh = true\n";
         let a = agent(file, &[]).unwrap();
         assert_eq!(a.outputs.len(), 2);
         assert_eq!(a.default_ttl, Some(std::time::Duration::from_secs(120)));
         assert_eq!(a.metrics, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(a.spool_max_bytes, 1 << 20);
+        assert!(a.fresh);
         // A flag overrides the file; a list given on the command line replaces the file's.
         let a = agent(file, &["--default-ttl", "5m", "--output", "stdout"]).unwrap();
         assert_eq!(a.default_ttl, Some(std::time::Duration::from_secs(300)));

@@ -137,6 +137,13 @@ impl Agent {
             .arg(&events)
             .args(["--log", "debug,aya=info,aya_obj=info"])
             .args(own_cgroup.iter().flat_map(|cg| [std::ffi::OsStr::new("--cgroup"), cg.0.as_os_str()]))
+            // Each agent its own state: tests run side by side and must not adopt each other's.
+            .args(
+                (!extra.contains(&"--state-dir"))
+                    .then(|| ["--state-dir".into(), dir.path("state").into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -227,6 +234,13 @@ impl Agent {
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the agent (SIGKILL: no chance to clean up, as a crash or an OOM kill) and reaps it.
+    pub fn kill(&mut self) {
+        self.stopped = true;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Stops the agent (SIGTERM) and waits for it: its outputs and trace are then complete.

@@ -528,3 +528,103 @@ fn the_collector_reports_ingest_store_and_sinks() {
     );
     assert!(!text.contains("monitor_events_total"), "the agent's metrics are not the collector's: {text}");
 }
+
+/// Kill -9 the agent while a session with a background process is active, start another: the
+/// process is still the session's (its out-of-scope connect is caught), a monitor_blind says how
+/// long no agent looked, and process_outlived_task still fires at end + grace. After a normal
+/// restart (SIGTERM) the ended session and its process are still known, and the process's next
+/// connect is still the session's.
+#[test]
+fn sessions_survive_an_agent_restart() {
+    let dir = Scratch::new("ops-restart");
+    let state = dir.path("state");
+    // The connect hooks watch a cgroup of the test's own, which the worker joins.
+    let cg = monitor_tests::TestCgroup::new("restart");
+    let state_arg = ["--state-dir", state.to_str().unwrap(), "--cgroup", cg.0.to_str().unwrap()];
+    let port = monitor_tests::tcp_listener("127.0.0.3");
+    let (go1, go2) = (dir.path("go1"), dir.path("go2"));
+    // The session's worker: connects out of scope when told, twice; then lingers.
+    let worker_script = format!(
+        "import os, socket, time\n\
+         for go in ({go1:?}, {go2:?}):\n\
+         \x20   while not os.path.exists(go): time.sleep(0.02)\n\
+         \x20   socket.create_connection(('127.0.0.3', {port})).close()\n\
+         time.sleep(60)\n",
+        go1 = go1.display().to_string(),
+        go2 = go2.display().to_string()
+    );
+    let worker = KillOnDrop(
+        Command::new("python3")
+            .args(["-c", &worker_script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = worker.0.id();
+    std::fs::write(cg.procs(), pid.to_string()).unwrap();
+
+    let mut first = Agent::start_with("ops-restart-1", &state_arg);
+    let file = session_file(&first.dir, "survive-1", "grace: 2s\nscope:\n  connect: [\"127.0.0.2:80\"]\n");
+    let o = first.cli(&["session", "start", "--file", file.to_str().unwrap(), "--pid", &pid.to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let saved = state.join("sessions.json");
+    wait_for(
+        "the session and its process in the state file",
+        || std::fs::read_to_string(&saved).ok().filter(|s| s.contains("survive-1") && s.contains(&pid.to_string())),
+        || first.diagnostics(),
+    );
+    first.kill();
+
+    let mut second = Agent::start_with("ops-restart-2", &state_arg);
+    let shown = second.cli(&["session", "show", "survive-1"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let summary: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(summary["state"], "active", "{summary}");
+    assert!(summary["live_processes"].as_array().unwrap().iter().any(|p| p["pid"] == pid), "{summary}");
+    let blind = second.wait_alert("monitor_blind for the time no agent ran", |a| {
+        a["rule"] == "monitor_blind" && a["summary"].as_str().unwrap_or("").contains("no agent was running")
+    });
+    // The agent's own alert (no session's), naming the sessions that were not watched.
+    assert!(blind["summary"].as_str().unwrap().contains("survive-1"), "{blind}");
+    std::fs::write(&go1, "").unwrap();
+    let alert = second.wait_alert("out_of_scope_connect by the adopted process", |a| {
+        a["rule"] == "out_of_scope_connect" && a["process"]["pid"] == pid
+    });
+    assert_eq!(alert["session"]["id"], "survive-1");
+    let o = second.cli(&["session", "end", "survive-1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    second.wait_alert("process_outlived_task at end + grace", |a| {
+        a["rule"] == "process_outlived_task" && a["process"]["pid"] == pid
+    });
+
+    // A normal restart: the ended session and its lingering process are taken over too.
+    second.stop();
+    let third = Agent::start_with("ops-restart-3", &state_arg);
+    let shown = third.cli(&["session", "show", "survive-1"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let summary: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(summary["state"], "ended", "{summary}");
+    std::fs::write(&go2, "").unwrap();
+    let after = third.wait_alert("the adopted process's connect after the end", |a| {
+        a["process"]["pid"] == pid && a["rule"] != "monitor_blind"
+    });
+    assert_eq!(after["session"]["id"], "survive-1", "{after}");
+
+    // --fresh: the state is not adopted.
+    drop(third);
+    let fresh_args = [state_arg.as_slice(), &["--fresh"]].concat();
+    let fresh = Agent::start_with("ops-restart-fresh", &fresh_args);
+    let o = fresh.cli(&["session", "show", "survive-1"]);
+    assert!(!o.status.success() && stderr(&o).contains("no session survive-1"), "{}", stderr(&o));
+}
+
+/// A child killed and reaped when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

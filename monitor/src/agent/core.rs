@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::now_ns;
 use crate::{
     alert::Alert,
-    engine::{Effect, Engine, SessionState, SessionSummary},
+    engine::{Adoptable, Effect, Engine, SessionState, SessionSummary},
     event::{EndReason, Event, Nanos, Process, SessionKey},
     sessions::Session,
     trace::TraceWriter,
@@ -57,6 +57,17 @@ enum Command {
     /// The agent is stopping: apply what is queued, write the trace out, end.
     Stop {
         reply: oneshot::Sender<()>,
+    },
+    /// What the state directory keeps (sessions/state.rs).
+    Adoptable {
+        reply: oneshot::Sender<Vec<Adoptable>>,
+    },
+    /// Sessions a previous agent had: started (and ended) as they were, and what was not seen
+    /// while no agent ran; answered once applied.
+    Adopt {
+        sessions: Vec<Adoptable>,
+        blind: Option<String>,
+        applied: oneshot::Sender<()>,
     },
 }
 
@@ -107,6 +118,19 @@ impl CoreHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Show { id, reply }).await?;
         rx.await.map_err(|_| GONE.to_string())?
+    }
+
+    pub async fn adoptable(&self) -> Result<Vec<Adoptable>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Adoptable { reply }).await?;
+        rx.await.map_err(|_| GONE.to_string())
+    }
+
+    pub async fn adopt(&self, sessions: Vec<Adoptable>, blind: Option<String>) {
+        let (applied, rx) = oneshot::channel();
+        if self.send(Command::Adopt { sessions, blind, applied }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Asks the core to finish: the events already queued are applied, the trace is written
@@ -288,6 +312,23 @@ impl Core {
                 let _ = reply.send(self.engine.sessions(now_ns()));
             }
             Command::Stop { .. } => {}
+            Command::Adoptable { reply } => {
+                let _ = reply.send(self.engine.adoptable());
+            }
+            Command::Adopt { sessions, blind, applied } => {
+                for a in sessions {
+                    self.next_key = self.next_key.max(a.key + 1);
+                    self.apply(Event::SessionStarted { ts: a.started, key: a.key, session: Box::new(a.session) }).await;
+                    if let Some((ts, reason)) = a.ended {
+                        self.apply(Event::SessionEnded { ts, key: a.key, reason }).await;
+                    }
+                    self.engine.set_outlived_checked(a.key, a.outlived_checked);
+                }
+                if let Some(source) = blind {
+                    self.apply(Event::Lost { ts: now_ns(), source, count: 1 }).await;
+                }
+                let _ = applied.send(());
+            }
             Command::Show { id, reply } => {
                 let now = now_ns();
                 let _ = reply.send(self.engine.session(&id, now).ok_or_else(|| self.unknown(&id, now)));

@@ -56,6 +56,9 @@ pub struct AgentSettings {
     pub metrics: Option<std::net::SocketAddr>,
     /// The policy's file, re-read on SIGHUP and `monitor policy reload`.
     pub policy_path: Option<PathBuf>,
+    /// Where sessions are kept across restarts (sessions/state.rs); `fresh`: none adopted.
+    pub state_dir: PathBuf,
+    pub fresh: bool,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -73,7 +76,17 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let sinks = sinks::open(&settings.outputs, &settings.spool, event_tx.clone())?;
     let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
 
-    let credentials = CredentialIndex::new(random_seed()?, file_access_watch(&settings.enabled_probes));
+    // A previous agent's sessions, adopted below; their token hashes were made with its seed.
+    let saved = if settings.fresh {
+        None
+    } else {
+        crate::sessions::state::load(&settings.state_dir).map_err(anyhow::Error::msg)?
+    };
+    let seed = match &saved {
+        Some(state) => state.seed,
+        None => random_seed()?,
+    };
+    let credentials = CredentialIndex::new(seed, file_access_watch(&settings.enabled_probes));
     let observer = Observer::new(
         credentials.clone(),
         key.clone(),
@@ -165,6 +178,15 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         probes: probes.clone(),
         rescan_executables,
     };
+    if let Some(state) = saved {
+        // Before the socket serves: no new session races the adopted ones for a key.
+        let adopted =
+            crate::sessions::state::adopt(&plane, &settings.state_dir, state).await.map_err(anyhow::Error::msg)?;
+        if adopted > 0 {
+            tracing::info!(adopted, state = %settings.state_dir.display(), "sessions taken over from the previous agent");
+        }
+    }
+    let keeper = tokio::spawn(crate::sessions::state::keep(plane.clone(), settings.state_dir.clone()));
     let control = tokio::spawn(server::serve(listener, plane));
     let probes_seen = probes.clone();
     crate::metrics::get().on_scrape(Box::new(move |metrics| {
@@ -189,6 +211,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     tracing::info!("agent stopping");
     health.set_ready(false);
     control.abort();
+    keeper.abort();
     stats_task.abort();
     reader.abort();
     enforcer.abort();

@@ -104,6 +104,13 @@ impl CredentialIndex {
         true
     }
 
+    /// A session's tokens (kernel hash, fingerprint) and credential paths, for the state
+    /// directory.
+    pub fn session_tokens(&self, key: SessionKey) -> (Vec<(u64, String)>, Vec<String>) {
+        let inner = self.read();
+        (inner.tokens.get(&key).cloned().unwrap_or_default(), inner.paths.get(&key).cloned().unwrap_or_default())
+    }
+
     pub fn forget_session(&self, key: SessionKey) {
         let mut inner = self.write();
         inner.tokens.remove(&key);

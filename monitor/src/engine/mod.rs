@@ -54,6 +54,18 @@ impl EngineConfig {
     }
 }
 
+/// A session as a restarted agent takes it over: persisted in the state directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Adoptable {
+    pub key: SessionKey,
+    pub session: Session,
+    pub started: Nanos,
+    pub ended: Option<(Nanos, EndReason)>,
+    pub outlived_checked: bool,
+    /// Its processes alive when saved.
+    pub pids: Vec<u32>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
@@ -279,6 +291,33 @@ impl Engine {
 
     pub fn sessions(&self, now: Nanos) -> Vec<SessionSummary> {
         self.sessions.iter().map(|(key, t)| self.summary(*key, t, now)).collect()
+    }
+
+    /// What a restarted agent needs to take the sessions over (see sessions/state.rs).
+    pub fn adoptable(&self) -> Vec<Adoptable> {
+        let mut out: Vec<Adoptable> = self
+            .sessions
+            .iter()
+            .map(|(key, t)| Adoptable {
+                key: *key,
+                session: t.session.clone(),
+                started: t.started,
+                ended: t.ended,
+                outlived_checked: t.outlived_checked,
+                pids: self.procs.live_in(*key).into_iter().filter_map(|s| self.procs.get(s)).map(|p| p.pid).collect(),
+            })
+            .collect();
+        out.sort_by_key(|a| a.key);
+        out
+    }
+
+    /// For a session taken over from a previous agent: whether its outlived check already ran
+    /// there (so it does not run twice).
+    pub fn set_outlived_checked(&mut self, key: SessionKey, checked: bool) {
+        if let Some(t) = self.sessions.get_mut(&key) {
+            t.outlived_checked = checked;
+        }
+        self.next_due = self.scan_next_deadline();
     }
 
     /// How many sessions are in each state at `now` (for the metrics).

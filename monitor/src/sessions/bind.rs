@@ -83,6 +83,14 @@ pub fn stat_ids(pid: u32) -> Option<StatIds> {
     Some(StatIds { ppid, sid })
 }
 
+/// When the process started (clock ticks since boot, /proc/PID/stat's 22nd field): with the
+/// pid, which process it is (a pid may be reused, its start time is not).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: state is field 3, starttime field 22.
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
 fn all_processes() -> Vec<(u32, u32)> {
     let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())

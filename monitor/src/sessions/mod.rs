@@ -10,6 +10,7 @@ pub mod protocol;
 mod scope;
 pub mod server;
 mod spec;
+pub mod state;
 
 pub use scope::{mapped, mapped_prefix, Destination, Host};
 pub use spec::*;

@@ -287,7 +287,7 @@ pub fn with_real_paths(exec: Vec<String>) -> Vec<String> {
 }
 
 /// What /proc says of processes joining a session, with secrets on their command lines redacted.
-fn snapshots(
+pub(super) fn snapshots(
     plane: &ControlPlane,
     pids: &[u32],
     key: crate::event::SessionKey,

@@ -333,6 +333,10 @@ impl BenchAgent {
             .arg(dir.join("fingerprint.key"))
             .arg("--output")
             .arg(format!("jsonl:{}", dir.join("alerts.jsonl").display()))
+            // A benchmark's agent starts clean and keeps its state apart.
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--fresh")
             .args(extra)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)

@@ -1,0 +1,221 @@
+//! Sessions that survive an agent restart or upgrade. The agent keeps in its state directory
+//! (`--state-dir`, default /var/lib/monitor/state, 0700) what it needs to take its sessions
+//! over: each session as resolved (scope, token fingerprints, binding), its start and end, its
+//! processes alive (pid and kernel start time, so a reused pid is not taken for one), its tokens'
+//! kernel hashes and the seed they were made with (never a token value). A new agent adopts them
+//! before it serves its control socket: the engine gets them with their own times, the kernel
+//! their policy and bindings (the processes still alive and their descendants now), and a
+//! `monitor_blind` alert says how long no agent was looking. `--fresh` starts without them.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{bind, server::ControlPlane};
+use crate::engine::Adoptable;
+
+/// The state file's format; another one is refused (start with `--fresh`, or the matching agent).
+pub const STATE_VERSION: u32 = 1;
+const STATE_FILE: &str = "sessions.json";
+/// Touched every second while nothing else changes: when the agent was last alive.
+const HEARTBEAT: &str = "heartbeat";
+/// How often the state is written while it changes.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct SavedState {
+    pub version: u32,
+    /// When it was written (ns since the epoch): the agent was not looking from then on.
+    pub saved_ns: u64,
+    /// The seed the token hashes were made with (the kernel looks for those hashes).
+    pub seed: u64,
+    pub sessions: Vec<SavedSession>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct SavedSession {
+    #[serde(flatten)]
+    pub session: Adoptable,
+    /// Kernel hash and fingerprint of each token.
+    pub tokens: Vec<(u64, String)>,
+    pub paths: Vec<String>,
+    /// The kernel start time (clock ticks since boot) of each pid in `session.pids`.
+    pub start_times: Vec<u64>,
+}
+
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(STATE_FILE)
+}
+
+/// The state a previous agent left, if any; an unreadable or foreign one is an error that says
+/// what to do.
+pub fn load(dir: &Path) -> Result<Option<SavedState>, String> {
+    let file = path(dir);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", file.display())),
+    };
+    let version = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| format!("{}: not a state file ({e}); start with --fresh to discard it", file.display()))?
+        ["version"]
+        .as_u64();
+    if version != Some(STATE_VERSION as u64) {
+        return Err(format!(
+            "{}: state format {} is not this agent's ({STATE_VERSION}); start with --fresh to discard it",
+            file.display(),
+            version.map_or("unknown".to_string(), |v| v.to_string())
+        ));
+    }
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}; start with --fresh to discard it", file.display()))
+}
+
+/// Writes the state atomically (a synced temporary file renamed over the old one).
+pub fn save(dir: &Path, state: &SavedState) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::PermissionsExt as _};
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path(dir))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Keeps the state file current: written whenever what it holds changed.
+pub async fn keep(plane: ControlPlane, dir: PathBuf) {
+    let mut last: Option<Vec<SavedSession>> = None;
+    let mut interval = tokio::time::interval(SAVE_EVERY);
+    loop {
+        interval.tick().await;
+        let Ok(adoptable) = plane.core.adoptable().await else { return };
+        let sessions: Vec<SavedSession> = adoptable
+            .into_iter()
+            .map(|session| {
+                let (tokens, paths) = plane.credentials.session_tokens(session.key);
+                let start_times = session.pids.iter().map(|p| bind::start_time(*p).unwrap_or(0)).collect();
+                SavedSession { session, tokens, paths, start_times }
+            })
+            .collect();
+        if last.as_ref() == Some(&sessions) {
+            // Unchanged: only say the agent is still alive (no sync: a lost beat costs a second).
+            let _ = std::fs::write(dir.join(HEARTBEAT), b"");
+            continue;
+        }
+        let state = SavedState {
+            version: STATE_VERSION,
+            saved_ns: crate::agent::now_ns(),
+            seed: plane.credentials.seed(),
+            sessions,
+        };
+        match save(&dir, &state) {
+            Ok(()) => last = Some(state.sessions),
+            Err(e) => tracing::error!(dir = %dir.display(), "writing the session state: {e}"),
+        }
+    }
+}
+
+/// When the previous agent was last known to be running (its last write, or heartbeat).
+fn last_alive(dir: &Path, state: &SavedState) -> u64 {
+    let heartbeat = std::fs::metadata(dir.join(HEARTBEAT))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    state.saved_ns.max(heartbeat)
+}
+
+/// Takes over the sessions a previous agent left, before the control socket is served.
+/// Returns how many it adopted.
+pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Result<usize, String> {
+    let now = crate::agent::now_ns();
+    let down_since = last_alive(dir, &state);
+    let count = state.sessions.len();
+    if count == 0 {
+        return Ok(0);
+    }
+    let ids: Vec<String> = state.sessions.iter().map(|s| s.session.session.id.to_string()).collect();
+    let source = format!(
+        "no agent was running for {:.1} s before this one took over sessions {}: their events in that time were not seen",
+        now.saturating_sub(down_since) as f64 / 1e9,
+        ids.join(", ")
+    );
+    plane.core.adopt(state.sessions.iter().map(|s| s.session.clone()).collect(), Some(source)).await;
+    for s in &state.sessions {
+        plane.credentials.add_session(s.session.key, s.tokens.clone(), s.paths.clone());
+    }
+    let mut maps = plane.maps.lock().await;
+    let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
+    crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.get().credentials.watch);
+    {
+        let mut probes = plane.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.set_sessions_running(true);
+        probes.set_tokens_known(tokens_known);
+    }
+    plane.rescan_executables.notify_one();
+    for saved in &state.sessions {
+        let (a, key) = (&saved.session, saved.session.key);
+        let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
+        let names = super::hosts::names(Path::new("/etc/hosts"), key, now);
+        plane.core.names(names.clone()).await;
+        maps.install_policy(key, &a.session, expires_at, &plane.policy.get().never_alert.connect)
+            .and_then(|()| maps.allow_named_addresses(key, &a.session, &names, expires_at))?;
+        if a.ended.is_some() {
+            maps.mark_ended(key);
+        }
+        // The processes still alive (same pid, same start: not a reused pid) and what they
+        // started while no agent was looking.
+        let mut pids: Vec<u32> = Vec::new();
+        for (pid, started) in a.pids.iter().zip(&saved.start_times) {
+            if bind::start_time(*pid) == Some(*started) {
+                for p in bind::descendants(*pid).unwrap_or_default() {
+                    if !pids.contains(&p) {
+                        pids.push(p);
+                    }
+                }
+            }
+        }
+        plane.core.seen(super::server::snapshots(plane, &pids, key, now)).await;
+        maps.bind_pids(&pids, key).map_err(|e| e.to_string())?;
+        if let Some(cgroup) = &a.session.binding.cgroup {
+            let members = bind::cgroup_members(Path::new(&cgroup.path));
+            plane.core.seen(super::server::snapshots(plane, &members, key, now)).await;
+            maps.bind_cgroup(cgroup.id, key).map_err(|e| e.to_string())?;
+        }
+        tracing::info!(session = %a.session.id, key, processes = pids.len(), "session adopted from the previous agent");
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("monitor-state-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_saved_state_loads_back_and_a_foreign_one_is_refused() {
+        let d = dir("roundtrip");
+        assert_eq!(load(&d), Ok(None), "no state: a first start");
+        let state = SavedState { version: STATE_VERSION, saved_ns: 7, seed: 42, sessions: vec![] };
+        save(&d, &state).unwrap();
+        assert_eq!(load(&d).unwrap(), Some(state));
+        std::fs::write(path(&d), r#"{"version": 99, "sessions": []}"#).unwrap();
+        let e = load(&d).unwrap_err();
+        assert!(e.contains("state format 99 is not this agent's (1)") && e.contains("--fresh"), "{e}");
+        std::fs::write(path(&d), "{not json").unwrap();
+        let e = load(&d).unwrap_err();
+        assert!(e.contains("not a state file") && e.contains("--fresh"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
