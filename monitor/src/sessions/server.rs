@@ -150,10 +150,7 @@ async fn start(
     // The session's tokens and credential files are watched before any process is bound.
     let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
     crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.get().credentials.watch);
-    let installed = maps
-        .install_policy(key, &session, expires_at, &plane.policy.get().never_alert.connect)
-        .and_then(|()| maps.allow_named_addresses(key, &session, &hosts_names, expires_at));
-    if let Err(e) = installed {
+    if let Err(e) = install_scope(&plane, &mut maps, key, &session, &hosts_names, expires_at) {
         drop(maps);
         let _ = plane.core.end(id.clone(), crate::event::EndReason::Requested).await;
         return Err(e);
@@ -183,13 +180,38 @@ async fn start(
             bound.extend(new);
         }
     }
-    if let Some(CgroupBinding { path, id: cgroup_id }) = cgroup {
-        let members = bind::cgroup_members(Path::new(&path));
-        plane.core.seen(snapshots(&plane, &members, key, now)).await;
-        maps.bind_cgroup(cgroup_id, key).map_err(|e| e.to_string())?;
+    if let Some(cgroup) = &cgroup {
+        bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
     }
     tracing::info!(session = %id, key, "session started");
     Ok(json!({ "id": id, "key": key }))
+}
+
+/// The kernel's part of a session before any process is bound: its connect scope (with the
+/// policy's never_alert exemptions) and the addresses of the names its hosts file gives.
+pub(super) fn install_scope(
+    plane: &ControlPlane,
+    maps: &mut KernelMaps,
+    key: crate::event::SessionKey,
+    session: &Session,
+    names: &[crate::event::Resolve],
+    expires_at: u64,
+) -> Result<(), String> {
+    maps.install_policy(key, session, expires_at, &plane.policy.get().never_alert.connect)
+        .and_then(|()| maps.allow_named_addresses(key, session, names, expires_at))
+}
+
+/// Binds a session's cgroup: its members' snapshots first, so their own events follow them.
+pub(super) async fn bind_cgroup(
+    plane: &ControlPlane,
+    maps: &mut KernelMaps,
+    key: crate::event::SessionKey,
+    cgroup: &CgroupBinding,
+    now: u64,
+) -> Result<(), String> {
+    let members = bind::cgroup_members(Path::new(&cgroup.path));
+    plane.core.seen(snapshots(plane, &members, key, now)).await;
+    maps.bind_cgroup(cgroup.id, key).map_err(|e| e.to_string())
 }
 
 /// Turns a session file into a [`Session`]: id, default time bounds, fingerprints, binding.

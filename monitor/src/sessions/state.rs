@@ -164,8 +164,7 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Resul
         let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
         let names = super::hosts::names(Path::new("/etc/hosts"), key, now);
         plane.core.names(names.clone()).await;
-        maps.install_policy(key, &a.session, expires_at, &plane.policy.get().never_alert.connect)
-            .and_then(|()| maps.allow_named_addresses(key, &a.session, &names, expires_at))?;
+        super::server::install_scope(plane, &mut maps, key, &a.session, &names, expires_at)?;
         if a.ended.is_some() {
             maps.mark_ended(key);
         }
@@ -184,9 +183,7 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Resul
         plane.core.seen(super::server::snapshots(plane, &pids, key, now)).await;
         maps.bind_pids(&pids, key).map_err(|e| e.to_string())?;
         if let Some(cgroup) = &a.session.binding.cgroup {
-            let members = bind::cgroup_members(Path::new(&cgroup.path));
-            plane.core.seen(super::server::snapshots(plane, &members, key, now)).await;
-            maps.bind_cgroup(cgroup.id, key).map_err(|e| e.to_string())?;
+            super::server::bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
         }
         tracing::info!(session = %a.session.id, key, processes = pids.len(), "session adopted from the previous agent");
     }
