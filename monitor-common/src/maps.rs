@@ -97,7 +97,7 @@ pub const EXECUTABLES_SEEN_CAPACITY: u32 = 16_384;
 /// HTTP/2 connections over TLS that the probes follow.
 pub const H2_TLS_CAPACITY: u32 = 16_384;
 
-pub const CGROUP_SESSIONS_CAPACITY: u32 = 4_096;
+pub const CGROUP_SESSIONS_CAPACITY: u32 = 16_384;
 pub const EVENTS_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Index of each counter in the per-CPU `STATS` array.
@@ -115,7 +115,7 @@ pub enum Stat {
 }
 pub const STAT_COUNT: u32 = 4;
 
-pub const SESSION_POLICY_CAPACITY: u32 = 4_096;
+pub const SESSION_POLICY_CAPACITY: u32 = 16_384;
 pub const SCOPE_NETS_CAPACITY: u32 = 65_536;
 
 /// The session enforces its scope: out-of-scope connects are refused.

@@ -302,6 +302,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 state_dir: args.state_dir,
                 fresh: args.fresh,
             };
+            agent::memory::bound_allocator();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(agent::run(settings))?;
             Ok(0)

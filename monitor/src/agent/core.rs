@@ -59,8 +59,10 @@ enum Command {
         reply: oneshot::Sender<()>,
     },
     /// What the state directory keeps (sessions/state.rs).
+    /// Unless the engine's generation is still `unless` (nothing changed).
     Adoptable {
-        reply: oneshot::Sender<Vec<Adoptable>>,
+        unless: Option<u64>,
+        reply: oneshot::Sender<Option<(u64, Vec<Adoptable>)>>,
     },
     /// Sessions a previous agent had: started (and ended) as they were, and what was not seen
     /// while no agent ran; answered once applied.
@@ -120,9 +122,11 @@ impl CoreHandle {
         rx.await.map_err(|_| GONE.to_string())?
     }
 
-    pub async fn adoptable(&self) -> Result<Vec<Adoptable>, String> {
+    /// The sessions as the state directory keeps them, with the engine's generation; None when
+    /// the generation is still `unless`.
+    pub async fn adoptable(&self, unless: Option<u64>) -> Result<Option<(u64, Vec<Adoptable>)>, String> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Adoptable { reply }).await?;
+        self.send(Command::Adoptable { unless, reply }).await?;
         rx.await.map_err(|_| GONE.to_string())
     }
 
@@ -160,6 +164,8 @@ pub struct Core {
     effects: mpsc::Sender<Effect>,
     /// The metrics' event counters, by [`Event::kind_index`].
     counted: [Counter; Event::KINDS.len()],
+    /// Applying the sessions a previous agent left (see `Command::Adopt`).
+    adopting: bool,
 }
 
 impl Core {
@@ -174,12 +180,31 @@ impl Core {
     ) -> (Self, CoreHandle) {
         let (tx, commands) = mpsc::channel(64);
         let counted = std::array::from_fn(|i| crate::metrics::get().events_of(Event::KINDS[i]));
-        let core = Self { engine, next_key: 1, commands, events, alerts, stamp, event_log, trace, effects, counted };
+        let core = Self {
+            engine,
+            next_key: 1,
+            commands,
+            events,
+            alerts,
+            stamp,
+            event_log,
+            trace,
+            effects,
+            counted,
+            adopting: false,
+        };
         (core, CoreHandle { tx })
     }
 
     pub async fn run(mut self) {
+        let mut last_tick = std::time::Instant::now();
         loop {
+            // A busy agent still ticks: housekeeping (forgetting finished sessions, the
+            // sessions gauge) must not wait for a quiet moment that may never come.
+            if last_tick.elapsed() >= HOUSEKEEPING {
+                self.apply(Event::Tick { ts: now_ns() }).await;
+                last_tick = std::time::Instant::now();
+            }
             let wake = self.engine.next_deadline().map(until).unwrap_or(HOUSEKEEPING);
             tokio::select! {
                 event = self.events.recv() => match event {
@@ -202,7 +227,10 @@ impl Core {
                     }
                     self.command(command).await
                 }
-                _ = tokio::time::sleep(wake) => self.apply(Event::Tick { ts: now_ns() }).await,
+                _ = tokio::time::sleep(wake) => {
+                    self.apply(Event::Tick { ts: now_ns() }).await;
+                    last_tick = std::time::Instant::now();
+                }
             }
             // The trace is written out whenever the core catches up, so it is current on disk
             // without a write per event.
@@ -256,7 +284,9 @@ impl Core {
                 tracing::error!("the enforcer is gone; effect dropped");
             }
         }
-        if matches!(event, Event::SessionStarted { .. } | Event::SessionEnded { .. } | Event::Tick { .. }) {
+        // A scan of every session: not for each of the thousands an adoption starts (it sets
+        // the gauge once, after).
+        if !self.adopting && matches!(event, Event::SessionStarted { .. } | Event::SessionEnded { .. } | Event::Tick { .. }) {
             metrics.set_sessions(&self.engine.sessions_by_state(event.ts()));
         }
         for alert in alerts {
@@ -312,10 +342,12 @@ impl Core {
                 let _ = reply.send(self.engine.sessions(now_ns()));
             }
             Command::Stop { .. } => {}
-            Command::Adoptable { reply } => {
-                let _ = reply.send(self.engine.adoptable());
+            Command::Adoptable { unless, reply } => {
+                let generation = self.engine.generation();
+                let _ = reply.send((unless != Some(generation)).then(|| (generation, self.engine.adoptable())));
             }
             Command::Adopt { sessions, blind, applied } => {
+                self.adopting = true;
                 for a in sessions {
                     self.next_key = self.next_key.max(a.key + 1);
                     self.apply(Event::SessionStarted { ts: a.started, key: a.key, session: Box::new(a.session) }).await;
@@ -324,6 +356,8 @@ impl Core {
                     }
                     self.engine.set_outlived_checked(a.key, a.outlived_checked);
                 }
+                self.adopting = false;
+                crate::metrics::get().set_sessions(&self.engine.sessions_by_state(now_ns()));
                 if let Some(source) = blind {
                     self.apply(Event::Lost { ts: now_ns(), source, count: 1 }).await;
                 }

@@ -112,6 +112,7 @@ impl State {
                 Err(e) => tracing::debug!(path = %path.display(), "not looked at: {e}"),
             }
         }
+        super::memory::give_back();
         tracing::info!(
             took = ?started.elapsed(),
             looked_at,

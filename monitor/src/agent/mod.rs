@@ -4,6 +4,7 @@
 mod core;
 mod enforcer;
 mod executables;
+pub mod memory;
 mod reader;
 mod reload;
 mod stats;
@@ -180,12 +181,16 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     };
     if let Some(state) = saved {
         // Before the socket serves: no new session races the adopted ones for a key.
+        let started = std::time::Instant::now();
         let adopted =
             crate::sessions::state::adopt(&plane, &settings.state_dir, state).await.map_err(anyhow::Error::msg)?;
         if adopted > 0 {
-            tracing::info!(adopted, state = %settings.state_dir.display(), "sessions taken over from the previous agent");
+            let took = started.elapsed();
+            tracing::info!(adopted, state = %settings.state_dir.display(), ?took, "sessions taken over from the previous agent");
         }
     }
+    // Loading the probes (the kernel's BTF) and adopting allocated much that is free now.
+    memory::give_back();
     let keeper = tokio::spawn(crate::sessions::state::keep(plane.clone(), settings.state_dir.clone()));
     let control = tokio::spawn(server::serve(listener, plane));
     let probes_seen = probes.clone();

@@ -37,6 +37,8 @@ use crate::{
 pub struct CredentialIndex {
     seed: u64,
     inner: RwLock<Inner>,
+    /// Bumped whenever a session's tokens or paths change (see `generation`).
+    changes: std::sync::atomic::AtomicU64,
     /// Reads and writes of the watched files, when fanotify is in use (the default; the
     /// `sys_exit_openat` tracepoints are the opt-in alternative).
     files: Option<FileAccessWatch>,
@@ -62,7 +64,7 @@ impl CredentialIndex {
     /// `seed` seeds the kernel's token hash (random per agent start); `files` watches the
     /// credential files (see fanotify.rs).
     pub fn new(seed: u64, files: Option<FileAccessWatch>) -> Arc<Self> {
-        Arc::new(Self { seed, inner: RwLock::new(Inner::default()), files })
+        Arc::new(Self { seed, inner: RwLock::new(Inner::default()), changes: Default::default(), files })
     }
 
     pub fn seed(&self) -> u64 {
@@ -82,11 +84,22 @@ impl CredentialIndex {
         self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A number that changes whenever the sessions' tokens or paths have. Bumped while the
+    /// write lock is held, after the change: whoever reads the new number then reads the data.
+    pub fn generation(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
     /// Registers a session's tokens (kernel hash, fingerprint) and credential paths.
     pub fn add_session(&self, key: SessionKey, tokens: Vec<(u64, String)>, paths: Vec<String>) {
         let mut inner = self.write();
         inner.tokens.insert(key, tokens);
         inner.paths.insert(key, paths);
+        self.changed();
     }
 
     /// Adds a credential a session learnt (see engine/credentials.rs) to what the probes look
@@ -101,6 +114,7 @@ impl CredentialIndex {
             return false;
         }
         tokens.push((hash, fingerprint));
+        self.changed();
         true
     }
 
@@ -115,6 +129,7 @@ impl CredentialIndex {
         let mut inner = self.write();
         inner.tokens.remove(&key);
         inner.paths.remove(&key);
+        self.changed();
     }
 
     /// Every token hash the kernel should look for in exec environments.

@@ -169,6 +169,9 @@ pub struct Engine {
     next_due: Option<Nanos>,
     effects: Vec<Effect>,
     folds: fold::Folds,
+    /// Bumped whenever a session starts, ends, is checked for outliving processes or is
+    /// forgotten (see `generation`).
+    session_changes: u64,
 }
 
 impl Engine {
@@ -236,6 +239,7 @@ impl Engine {
         self.settle_deadlines(event.ts(), &mut alerts);
         match event {
             Event::SessionStarted { ts, key, session } => {
+                self.session_changes += 1;
                 self.sessions.insert(
                     *key,
                     Tracked {
@@ -293,6 +297,12 @@ impl Engine {
         self.sessions.iter().map(|(key, t)| self.summary(*key, t, now)).collect()
     }
 
+    /// A number that changes whenever what `adoptable` returns may have: the state
+    /// directory's keeper asks for the sessions only then (thousands of them on a busy node).
+    pub fn generation(&self) -> u64 {
+        self.session_changes.wrapping_add(self.procs.changes())
+    }
+
     /// What a restarted agent needs to take the sessions over (see sessions/state.rs).
     pub fn adoptable(&self) -> Vec<Adoptable> {
         let mut out: Vec<Adoptable> = self
@@ -316,8 +326,21 @@ impl Engine {
     pub fn set_outlived_checked(&mut self, key: SessionKey, checked: bool) {
         if let Some(t) = self.sessions.get_mut(&key) {
             t.outlived_checked = checked;
+            self.session_changes += 1;
+            if !checked {
+                let deadline = t.grace_deadline();
+                self.due_by(deadline);
+            }
         }
-        self.next_due = self.scan_next_deadline();
+        // A deadline checked already may leave `next_due` early: the next settle finds nothing
+        // due there and rescans. No scan of every session here: adoption calls this for each.
+    }
+
+    /// Makes sure `next_due` is no later than `deadline`.
+    fn due_by(&mut self, deadline: Option<Nanos>) {
+        if let Some(d) = deadline {
+            self.next_due = Some(self.next_due.map_or(d, |n| n.min(d)));
+        }
     }
 
     /// How many sessions are in each state at `now` (for the metrics).
@@ -358,11 +381,13 @@ impl Engine {
     fn end_session(&mut self, key: SessionKey, ts: Nanos, reason: EndReason) {
         if let Some(t) = self.sessions.get_mut(&key) {
             if t.ended.is_none() {
+                self.session_changes += 1;
                 t.ended = Some((ts, reason));
                 self.effects.push(Effect::SessionEnded(key));
+                let deadline = (!t.outlived_checked).then(|| t.grace_deadline()).flatten();
+                self.due_by(deadline);
             }
         }
-        self.next_due = self.scan_next_deadline();
     }
 
     fn settle_deadlines(&mut self, now: Nanos, alerts: &mut Vec<Alert>) {
@@ -391,6 +416,7 @@ impl Engine {
             }
             if let Some(t) = self.sessions.get_mut(&key) {
                 t.outlived_checked = true;
+                self.session_changes += 1;
             }
         }
         self.next_due = self.scan_next_deadline();
@@ -409,10 +435,13 @@ impl Engine {
             })
             .map(|(k, _)| *k)
             .collect();
-        for key in done {
-            self.sessions.remove(&key);
-            self.procs.forget(key);
-            self.effects.push(Effect::Forget(key));
+        for key in &done {
+            self.session_changes += 1;
+            self.sessions.remove(key);
+            self.effects.push(Effect::Forget(*key));
+        }
+        if !done.is_empty() {
+            self.procs.forget(&done.into_iter().collect());
         }
     }
 

@@ -1,7 +1,7 @@
 //! The process table: every session process the engine has seen, alive or dead, linked to its
 //! parent by a serial number rather than by pid, so a reused pid never joins an old lineage.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::{
     alert::{Ancestor, ProcessRef},
@@ -37,7 +37,12 @@ const MAX_CHAIN: usize = 64;
 pub struct ProcTable {
     procs: HashMap<Serial, Proc>,
     live: HashMap<u32, Serial>,
+    /// The live processes of each session, so asking for one session's costs that session's
+    /// processes, not the whole table's (thousands of sessions on a node).
+    live_by_session: HashMap<SessionKey, BTreeSet<Serial>>,
     next: Serial,
+    /// Bumped whenever a process joins or leaves the live set (see `changes`).
+    changes: u64,
 }
 
 impl ProcTable {
@@ -71,34 +76,56 @@ impl ProcTable {
     pub fn insert(&mut self, proc: Proc) -> Serial {
         self.next += 1;
         let serial = self.next;
+        self.changes += 1;
         if let Some(stale) = self.live.insert(proc.pid, serial) {
             if let Some(old) = self.procs.get_mut(&stale) {
                 old.exited.get_or_insert(proc.started);
+                let session = old.session;
+                self.unlist(session, stale);
             }
         }
+        self.live_by_session.entry(proc.session).or_default().insert(serial);
         self.procs.insert(serial, proc);
         serial
     }
 
     pub fn exit(&mut self, pid: u32, ts: Nanos) -> Option<Serial> {
         let serial = self.live.remove(&pid)?;
+        self.changes += 1;
         if let Some(p) = self.procs.get_mut(&serial) {
             p.exited = Some(ts);
+            let session = p.session;
+            self.unlist(session, serial);
         }
         Some(serial)
     }
 
+    fn unlist(&mut self, session: SessionKey, serial: Serial) {
+        if let Some(set) = self.live_by_session.get_mut(&session) {
+            set.remove(&serial);
+            if set.is_empty() {
+                self.live_by_session.remove(&session);
+            }
+        }
+    }
+
     /// Live processes of a session, by pid.
     pub fn live_in(&self, session: SessionKey) -> Vec<Serial> {
-        let mut v: Vec<_> =
-            self.live.values().copied().filter(|s| self.procs.get(s).is_some_and(|p| p.session == session)).collect();
+        let mut v: Vec<_> = self.live_by_session.get(&session).into_iter().flatten().copied().collect();
         v.sort_by_key(|s| self.procs[s].pid);
         v
     }
 
-    /// Forgets every process of a session (once it is over and nothing of it lives).
-    pub fn forget(&mut self, session: SessionKey) {
-        self.procs.retain(|_, p| p.session != session);
+    /// A number that changes whenever a process joins or leaves the live set: the state
+    /// directory's keeper rewrites its file only then.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Forgets every process of these sessions (once they are over and nothing of them lives),
+    /// in one pass over the table.
+    pub fn forget(&mut self, sessions: &std::collections::HashSet<SessionKey>) {
+        self.procs.retain(|_, p| !sessions.contains(&p.session));
     }
 
     /// The alert's view of a process, with its ancestors up to the session root.

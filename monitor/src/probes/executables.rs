@@ -61,7 +61,7 @@ pub fn inspect(file: &File) -> Result<Inspection, String> {
         });
     }
     if let Some(table) = elf.section_by_name(".gopclntab") {
-        return inspect_go(&elf, &table);
+        return inspect_go(&elf, file, &table);
     }
     let mut inspection = Inspection::default();
     for (program, symbol) in [("ssl_write", "SSL_write"), ("ssl_write_ex", "SSL_write_ex")] {
@@ -75,6 +75,7 @@ pub fn inspect(file: &File) -> Result<Inspection, String> {
 
 fn inspect_go<'d, R: object::ReadRef<'d>>(
     elf: &object::File<'d, R>,
+    file: &File,
     table: &object::Section<'d, '_, R>,
 ) -> Result<Inspection, String> {
     let data = table.data().map_err(|e| format!(".gopclntab: {e}"))?;
@@ -85,13 +86,13 @@ fn inspect_go<'d, R: object::ReadRef<'d>>(
     };
     // A Go program without crypto/tls (the linker drops what is not used).
     let Some(write) = write else { return Ok(Inspection::default()) };
-    let mut probes = vec![go_entry_probe(elf, write, "go_tls_write", GO_TLS_WRITE)?];
+    let mut probes = vec![go_entry_probe(elf, file, write, "go_tls_write", GO_TLS_WRITE)?];
     if let Some(read) = read {
         // Its results at each `ret`: Go breaks under uretprobes (it moves stacks).
-        probes.push(go_entry_probe(elf, read, "go_tls_read", GO_TLS_READ)?);
+        probes.push(go_entry_probe(elf, file, read, "go_tls_read", GO_TLS_READ)?);
         let entry = file_offset(elf, read.entry)?;
         let len = (read.end - read.entry).min(MAX_FUNCTION_BYTES);
-        let code = code_range(elf, read.entry, len)?;
+        let code = code_range(elf, file, read.entry, len)?;
         for at in go::returns(&code, read.entry) {
             probes.push(ExecutableProbe { program: "go_tls_read_ret", symbol: GO_TLS_READ, file_offset: entry + at });
         }
@@ -105,12 +106,13 @@ fn inspect_go<'d, R: object::ReadRef<'d>>(
 /// most of the cost of a Go client's request).
 fn go_entry_probe<'d, R: object::ReadRef<'d>>(
     elf: &object::File<'d, R>,
+    file: &File,
     function: go::GoFunction,
     program: &'static str,
     symbol: &'static str,
 ) -> Result<ExecutableProbe, String> {
     let entry = file_offset(elf, function.entry)?;
-    let code = code_range(elf, function.entry, (function.end - function.entry).min(MAX_FUNCTION_BYTES))?;
+    let code = code_range(elf, file, function.entry, (function.end - function.entry).min(MAX_FUNCTION_BYTES))?;
     let mut past = go::past_stack_check(&code, function.entry, &GO_WRITE_ARGS).unwrap_or(0);
     if past > 0 {
         let rest = &code[(past as usize).min(code.len())..];
@@ -141,23 +143,25 @@ fn file_offset<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>, address: u
     Ok(offset + (address - section.address()))
 }
 
-/// Up to `len` bytes of code at `address`.
+/// Up to `len` bytes of code at `address`, read from the file itself: through the ELF reader's
+/// cache it would be the whole section (a Go program's `.text` is tens of MB).
 fn code_range<'d, R: object::ReadRef<'d>>(
     elf: &object::File<'d, R>,
+    file: &File,
     address: u64,
     len: u64,
 ) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt as _;
     let section = elf
         .sections()
         .find(|s| s.address() <= address && address < s.address() + s.size())
         .ok_or_else(|| format!("{address:#x} is in no section"))?;
-    let len = len.min(section.address() + section.size() - address);
-    section
-        .data_range(address, len)
-        .ok()
-        .flatten()
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| format!("{address:#x}: code not in the file"))
+    let (offset, size) = section.file_range().ok_or_else(|| format!("{address:#x}: code not in the file"))?;
+    let within = address - section.address();
+    let len = len.min(size.saturating_sub(within));
+    let mut code = vec![0; len as usize];
+    file.read_exact_at(&mut code, offset + within).map_err(|e| format!("{address:#x}: {e}"))?;
+    Ok(code)
 }
 
 /// Where executables are looked for at start, before they run: the tools a delegated actor is

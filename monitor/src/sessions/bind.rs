@@ -28,7 +28,18 @@ pub enum BindError {
 }
 
 /// Where cgroup2 is mounted (here `/sys/fs/cgroup/unified`, elsewhere usually `/sys/fs/cgroup`).
+/// Found once (a snapshot of each process of thousands of sessions asks), then kept: the
+/// hierarchy does not move while the agent runs.
 pub fn cgroup2_mount() -> Option<PathBuf> {
+    static MOUNT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(dir) = MOUNT.get() {
+        return Some(dir.clone());
+    }
+    let dir = find_cgroup2_mount()?;
+    Some(MOUNT.get_or_init(|| dir).clone())
+}
+
+fn find_cgroup2_mount() -> Option<PathBuf> {
     let mounts = fs::read_to_string("/proc/mounts").ok()?;
     mounts.lines().find_map(|line| {
         let mut f = line.split_whitespace();
@@ -47,11 +58,40 @@ pub fn resolve_cgroup(path: &str) -> Result<(PathBuf, u64), BindError> {
     Ok((dir, meta.ino()))
 }
 
-/// `pid` and all its living descendants, parents first.
+/// `pid` and all its living descendants, parents first. Walks each process's children
+/// (`/proc/PID/task/TID/children`, one file per thread that forked), so the cost is that of the
+/// subtree, not of every process on the host: a session start or an adoption on a node with
+/// thousands of processes reads a few files. Kernels without those files (no
+/// CONFIG_PROC_CHILDREN) get the same answer from a scan of every process's parent.
 pub fn descendants(pid: u32) -> Result<Vec<u32>, BindError> {
     if !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(BindError::NoProcess(pid));
     }
+    let mut out = Vec::new();
+    let mut queue = VecDeque::from([pid]);
+    while let Some(p) = queue.pop_front() {
+        out.push(p);
+        match children(p) {
+            Some(kids) => queue.extend(kids),
+            None if p == pid => return Ok(descendants_by_scan(pid)),
+            // Gone since its parent listed it: nothing of it to bind.
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The children of `pid`, from every thread's `children` file; None when unreadable.
+fn children(pid: u32) -> Option<Vec<u32>> {
+    let mut kids = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let text = fs::read_to_string(task.path().join("children")).ok()?;
+        kids.extend(text.split_whitespace().filter_map(|k| k.parse::<u32>().ok()));
+    }
+    Some(kids)
+}
+
+fn descendants_by_scan(pid: u32) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for (p, ppid) in all_processes() {
         children.entry(ppid).or_default().push(p);
@@ -62,7 +102,7 @@ pub fn descendants(pid: u32) -> Result<Vec<u32>, BindError> {
         out.push(p);
         queue.extend(children.get(&p).into_iter().flatten());
     }
-    Ok(out)
+    out
 }
 
 /// A process's parent and Unix session (`getsid`; 0 when it has none), from /proc/PID/stat:
@@ -186,5 +226,38 @@ impl KernelMaps {
     pub fn sync_cgroup_count(&mut self) -> Result<(), aya::maps::MapError> {
         let count = self.cgroup_sessions.keys().filter(Result::is_ok).count() as u64;
         self.config.set(CONFIG_CGROUP_BINDINGS, count, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_from_children_files_match_a_scan_of_every_process() {
+        // A shell with two children, one of which has a child of its own.
+        let mut root = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"])
+            .spawn()
+            .unwrap();
+        let pid = root.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = descendants(pid).unwrap();
+        while found.len() < 4 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            found = descendants(pid).unwrap();
+        }
+        let mut scanned = descendants_by_scan(pid);
+        for p in found.iter().skip(1) {
+            let _ = std::process::Command::new("kill").arg(p.to_string()).status();
+        }
+        let _ = root.kill();
+        let _ = root.wait();
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert_eq!(found[0], pid, "the root first");
+        found.sort();
+        scanned.sort();
+        assert_eq!(found, scanned);
+        assert!(matches!(descendants(u32::MAX - 1), Err(BindError::NoProcess(_))));
     }
 }

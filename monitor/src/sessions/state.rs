@@ -8,6 +8,7 @@
 //! `monitor_blind` alert says how long no agent was looking. `--fresh` starts without them.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -88,23 +89,54 @@ pub fn save(dir: &Path, state: &SavedState) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Keeps the state file current: written whenever what it holds changed.
+/// Keeps the state file current: written whenever what it holds changed. The engine and the
+/// credential index each say when something did (a generation number), so an idle agent with
+/// thousands of sessions does not gather and compare them every second.
 pub async fn keep(plane: ControlPlane, dir: PathBuf) {
-    let mut last: Option<Vec<SavedSession>> = None;
+    let mut last: Option<(u64, u64)> = None;
+    // What was written last, as a digest: a copy of thousands of sessions would double the
+    // agent's memory for them.
+    let mut saved: Option<u64> = None;
+    // Kernel start time of each pid saved last time: read from /proc once per process.
+    let mut start_times: HashMap<u32, u64> = HashMap::new();
     let mut interval = tokio::time::interval(SAVE_EVERY);
     loop {
         interval.tick().await;
-        let Ok(adoptable) = plane.core.adoptable().await else { return };
+        let credentials = plane.credentials.generation();
+        let Ok(answer) = plane.core.adoptable(last.map(|(engine, _)| engine)).await else { return };
+        let (engine, adoptable) = match answer {
+            Some(fresh) => fresh,
+            None if last.is_some_and(|(_, c)| c == credentials) => {
+                // Unchanged: only say the agent is still alive (no sync: a lost beat costs a second).
+                let _ = std::fs::write(dir.join(HEARTBEAT), b"");
+                continue;
+            }
+            None => match plane.core.adoptable(None).await {
+                Ok(Some(fresh)) => fresh,
+                _ => return,
+            },
+        };
+        let mut kept: HashMap<u32, u64> = HashMap::new();
         let sessions: Vec<SavedSession> = adoptable
             .into_iter()
             .map(|session| {
                 let (tokens, paths) = plane.credentials.session_tokens(session.key);
-                let start_times = session.pids.iter().map(|p| bind::start_time(*p).unwrap_or(0)).collect();
+                let start_times = session
+                    .pids
+                    .iter()
+                    .map(|p| {
+                        let t = start_times.get(p).copied().or_else(|| bind::start_time(*p)).unwrap_or(0);
+                        kept.insert(*p, t);
+                        t
+                    })
+                    .collect();
                 SavedSession { session, tokens, paths, start_times }
             })
             .collect();
-        if last.as_ref() == Some(&sessions) {
-            // Unchanged: only say the agent is still alive (no sync: a lost beat costs a second).
+        start_times = kept;
+        let digest = digest(&sessions);
+        if saved == Some(digest) {
+            last = Some((engine, credentials));
             let _ = std::fs::write(dir.join(HEARTBEAT), b"");
             continue;
         }
@@ -115,10 +147,22 @@ pub async fn keep(plane: ControlPlane, dir: PathBuf) {
             sessions,
         };
         match save(&dir, &state) {
-            Ok(()) => last = Some(state.sessions),
+            Ok(()) => {
+                last = Some((engine, credentials));
+                saved = Some(digest);
+            }
             Err(e) => tracing::error!(dir = %dir.display(), "writing the session state: {e}"),
         }
     }
+}
+
+/// A digest of the sessions as they would be written (not a security boundary: it only saves
+/// rewriting an unchanged file).
+fn digest(sessions: &[SavedSession]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(sessions).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// When the previous agent was last known to be running (its last write, or heartbeat).
@@ -159,19 +203,20 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Resul
         probes.set_tokens_known(tokens_known);
     }
     plane.rescan_executables.notify_one();
+    // The hosts file is read once for every session (each gets its own copy of the names), and
+    // the engine gets every session's names and processes in one batch, before the kernel
+    // binds them (so their first events find them known): thousands adopt in well under a second.
+    let hosts = super::hosts::names(Path::new("/etc/hosts"), 0, now);
+    let mut names = Vec::new();
+    let mut seen = Vec::new();
+    let mut bound: Vec<Vec<u32>> = Vec::new();
     for saved in &state.sessions {
-        let (a, key) = (&saved.session, saved.session.key);
-        let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
-        let names = super::hosts::names(Path::new("/etc/hosts"), key, now);
-        plane.core.names(names.clone()).await;
-        super::server::install_scope(plane, &mut maps, key, &a.session, &names, expires_at)?;
-        if a.ended.is_some() {
-            maps.mark_ended(key);
-        }
+        let key = saved.session.key;
+        names.extend(hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }));
         // The processes still alive (same pid, same start: not a reused pid) and what they
         // started while no agent was looking.
         let mut pids: Vec<u32> = Vec::new();
-        for (pid, started) in a.pids.iter().zip(&saved.start_times) {
+        for (pid, started) in saved.session.pids.iter().zip(&saved.start_times) {
             if bind::start_time(*pid) == Some(*started) {
                 for p in bind::descendants(*pid).unwrap_or_default() {
                     if !pids.contains(&p) {
@@ -180,12 +225,24 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Resul
                 }
             }
         }
-        plane.core.seen(super::server::snapshots(plane, &pids, key, now)).await;
+        seen.extend(super::server::snapshots(plane, &pids, key, now));
+        bound.push(pids);
+    }
+    plane.core.names(names).await;
+    plane.core.seen(seen).await;
+    for (saved, pids) in state.sessions.iter().zip(bound) {
+        let (a, key) = (&saved.session, saved.session.key);
+        let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
+        let session_names: Vec<_> = hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }).collect();
+        super::server::install_scope(plane, &mut maps, key, &a.session, &session_names, expires_at)?;
+        if a.ended.is_some() {
+            maps.mark_ended(key);
+        }
         maps.bind_pids(&pids, key).map_err(|e| e.to_string())?;
         if let Some(cgroup) = &a.session.binding.cgroup {
             super::server::bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
         }
-        tracing::info!(session = %a.session.id, key, processes = pids.len(), "session adopted from the previous agent");
+        tracing::debug!(session = %a.session.id, key, processes = pids.len(), "session adopted from the previous agent");
     }
     Ok(count)
 }

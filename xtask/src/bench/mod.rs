@@ -15,6 +15,7 @@ mod clients;
 mod costs;
 mod credentials;
 mod delivery;
+mod sessions;
 pub use credentials::{open_loop, timed};
 
 pub struct Sizes {
@@ -30,7 +31,7 @@ pub struct Sizes {
 }
 
 /// The parts of the benchmark, in the order they run; `--only` picks some.
-pub const PARTS: &[&str] = &["exec", "connect", "open", "tls", "clients", "engine", "replay", "ingest", "latency"];
+pub const PARTS: &[&str] = &["exec", "connect", "open", "tls", "clients", "engine", "replay", "ingest", "latency", "sessions"];
 
 pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let Sizes { execs, connects, opens, tls_requests, rounds, agent_args, only } = sizes;
@@ -187,6 +188,11 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         ));
         report.insert("delivery_latency".into(), latency);
     }
+    if want("sessions") {
+        let measured = sessions::run(&monitor, &dir, &agent_args)?;
+        rows.extend(measured.rows);
+        report.insert("sessions".into(), measured.json);
+    }
 
     println!();
     println!("{:<52} {:>14} {:>14} {:>22}", "benchmark", "without agent", "with agent", "ratio (middle half)");
@@ -195,7 +201,8 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     }
     println!(
         "targets: exec ratio <= 1.03; connect ratio <= 1.03 outside, <= 1.15 in a session; openat <= 1.03; HTTPS <= 1.10; \
-         engine >= 1,000,000 events/s; replay of 1M events <= 2 s; ingest >= 200,000/s; latency p50 <= 50 ms, p99 <= 250 ms"
+         engine >= 1,000,000 events/s; replay of 1M events <= 2 s; ingest >= 200,000/s; latency p50 <= 50 ms, p99 <= 250 ms; \
+         10k sessions: RSS <= 30 MB, CPU <= 1%, restart to ready <= 2 s"
     );
     let out = if out.is_absolute() { out.to_path_buf() } else { root.join(out) };
     if let Some(parent) = out.parent() {
@@ -322,9 +329,27 @@ impl BenchAgent {
         self.child.id()
     }
 
+    /// An agent that starts clean, its state kept apart (`target/bench/state`).
     pub fn start(monitor: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        Ok(Self::launch(monitor, dir, extra, &dir.join("state"), true, &dir.join("agent.log"))?.0)
+    }
+
+    /// An agent that takes over the sessions a previous one left in `state`, and the seconds
+    /// from its spawn to ready.
+    pub fn restart(monitor: &Path, dir: &Path, extra: &[String], state: &Path, log: &Path) -> anyhow::Result<(Self, f64)> {
+        Self::launch(monitor, dir, extra, state, false, log)
+    }
+
+    pub(crate) fn launch(
+        monitor: &Path,
+        dir: &Path,
+        extra: &[String],
+        state: &Path,
+        fresh: bool,
+        log: &Path,
+    ) -> anyhow::Result<(Self, f64)> {
         let control = dir.join("control.sock");
-        let log = dir.join("agent.log");
+        let start = Instant::now();
         let child = Command::new(monitor)
             .arg("agent")
             .arg("--control")
@@ -333,26 +358,31 @@ impl BenchAgent {
             .arg(dir.join("fingerprint.key"))
             .arg("--output")
             .arg(format!("jsonl:{}", dir.join("alerts.jsonl").display()))
-            // A benchmark's agent starts clean and keeps its state apart.
             .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--fresh")
+            .arg(state)
+            .args(fresh.then_some("--fresh"))
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
+            .stderr(fs::File::create(log)?)
             .spawn()?;
         let agent = Self { child, control };
-        let start = Instant::now();
+        let mut ready_secs = None;
         // Ready, and done probing executables in advance (at start, in the background): a
         // measurement must not run beside that.
-        let ready = |log: &str| log.contains("agent ready") && log.contains("probed in advance");
-        while !ready(&fs::read_to_string(&log).unwrap_or_default()) {
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("agent not ready: {}", fs::read_to_string(&log).unwrap_or_default());
+        loop {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            if ready_secs.is_none() && text.contains("agent ready") {
+                ready_secs = Some(start.elapsed().as_secs_f64());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if ready_secs.is_some() && text.contains("probed in advance") {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("agent not ready: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(agent)
+        Ok((agent, ready_secs.unwrap_or_default()))
     }
 }
 

@@ -1,0 +1,32 @@
+//! Keeping the agent's resident memory to what it uses. Its start reads large things once (the
+//! kernel's BTF while loading the probes, the symbol tables of Go executables while probing
+//! them, thousands of sessions while adopting them), and glibc's allocator keeps what was freed:
+//! after a large buffer is freed it raises its mmap threshold (so the next ones come from a
+//! heap and stay there), and each thread that allocates gets an arena of its own. A DaemonSet
+//! agent on every node is judged by its RSS, so it bounds both and gives the free pages back
+//! after each such phase.
+
+/// Allocations above this are mapped on their own and unmapped when freed (glibc's
+/// starting threshold, kept fixed instead of growing).
+const MMAP_THRESHOLD: i32 = 256 << 10;
+/// Arenas at most (glibc's default is 8 per core): the agent's threads are mostly idle.
+const ARENA_MAX: i32 = 2;
+
+/// Before any thread starts.
+pub fn bound_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
+    }
+}
+
+/// Returns the allocator's free pages to the kernel, after a phase that allocated much.
+pub fn give_back() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim is thread-safe and only releases memory no allocation holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
