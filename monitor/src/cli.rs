@@ -207,6 +207,13 @@ pub struct AgentArgs {
     /// is replaced).
     #[arg(long)]
     pub fresh: bool,
+    /// Where the maps that bind processes and cgroups to sessions are pinned (on bpffs, mounted
+    /// at /sys/fs/bpf if nothing is), so they outlive the agent and a restarted one finds them.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/monitor")]
+    pub pin_dir: PathBuf,
+    /// Do not pin them: they end with the agent.
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -301,6 +308,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 policy_path: args.policy.clone(),
                 state_dir: args.state_dir,
                 fresh: args.fresh,
+                pin_dir: (!args.no_pin).then_some(args.pin_dir),
             };
             agent::memory::bound_allocator();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -74,6 +74,33 @@ impl Scratch {
     }
 }
 
+/// A directory on bpffs for an agent's pinned maps (`--pin-dir`), removed (the maps unpinned,
+/// so the kernel frees them) when dropped. Agents of one test share one to take over each
+/// other's maps; every other agent gets its own.
+pub struct PinScratch(pub PathBuf);
+
+impl PinScratch {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = Path::new("/sys/fs/bpf/monitor-tests").join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        Self(dir)
+    }
+
+    pub fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for PinScratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         // MONITOR_TEST_KEEP_SCRATCH=1 keeps every test's files (to count or read its outputs).
@@ -92,6 +119,7 @@ pub struct Agent {
     pub events: PathBuf,
     pub log: PathBuf,
     _cgroup: Option<TestCgroup>,
+    _pins: Option<PinScratch>,
     stopped: bool,
 }
 
@@ -113,6 +141,8 @@ impl Agent {
         require_root();
         let dir = Scratch::new(name);
         let own_cgroup = (!extra.contains(&"--cgroup")).then(|| TestCgroup::new(&format!("agent-{name}")));
+        // Each agent its own pinned maps unless the test shares some between its agents.
+        let own_pins = (!extra.contains(&"--pin-dir") && !extra.contains(&"--no-pin")).then(|| PinScratch::new(name));
         let control = dir.path("control.sock");
         let alerts = dir.path("alerts.jsonl");
         let events = dir.path("events.jsonl");
@@ -144,12 +174,14 @@ impl Agent {
                     .into_iter()
                     .flatten(),
             )
+            .args(own_pins.iter().flat_map(|p| ["--pin-dir", p.arg()]))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting monitor agent");
-        let mut agent = Self { child, dir, control, alerts, events, log, _cgroup: own_cgroup, stopped: false };
+        let mut agent =
+            Self { child, dir, control, alerts, events, log, _cgroup: own_cgroup, _pins: own_pins, stopped: false };
         agent.wait_ready();
         agent
     }

@@ -553,27 +553,10 @@ fn sessions_survive_an_agent_restart() {
         go1 = go1.display().to_string(),
         go2 = go2.display().to_string()
     );
-    let worker = KillOnDrop(
-        Command::new("python3")
-            .args(["-c", &worker_script])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let worker = worker_in(&cg, &worker_script);
     let pid = worker.0.id();
-    std::fs::write(cg.procs(), pid.to_string()).unwrap();
-
     let mut first = Agent::start_with("ops-restart-1", &state_arg);
-    let file = session_file(&first.dir, "survive-1", "grace: 2s\nscope:\n  connect: [\"127.0.0.2:80\"]\n");
-    let o = first.cli(&["session", "start", "--file", file.to_str().unwrap(), "--pid", &pid.to_string()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let saved = state.join("sessions.json");
-    wait_for(
-        "the session and its process in the state file",
-        || std::fs::read_to_string(&saved).ok().filter(|s| s.contains("survive-1") && s.contains(&pid.to_string())),
-        || first.diagnostics(),
-    );
+    start_and_save(&first, &state, "survive-1", "grace: 2s\nscope:\n  connect: [\"127.0.0.2:80\"]\n", pid);
     first.kill();
 
     let mut second = Agent::start_with("ops-restart-2", &state_arg);
@@ -617,6 +600,109 @@ fn sessions_survive_an_agent_restart() {
     let fresh = Agent::start_with("ops-restart-fresh", &fresh_args);
     let o = fresh.cli(&["session", "show", "survive-1"]);
     assert!(!o.status.success() && stderr(&o).contains("no session survive-1"), "{}", stderr(&o));
+}
+
+/// The maps that bind processes to sessions are pinned: a process the state file never saw (a
+/// session process forked it, then exited, while the agent could not save: here the agent is
+/// SIGSTOPped, then killed) is still the session's after a restart, because the kernel's map
+/// kept it. Without the pins the new agent would know only the saved processes and their
+/// descendants, and this daemonised grandchild is neither.
+#[test]
+fn pinned_maps_keep_a_process_the_state_file_never_saw() {
+    let dir = Scratch::new("ops-pins");
+    let state = dir.path("state");
+    let pins = monitor_tests::PinScratch::new("ops-pins");
+    let cg = monitor_tests::TestCgroup::new("pins");
+    let args = ["--state-dir", state.to_str().unwrap(), "--pin-dir", pins.arg(), "--cgroup", cg.0.to_str().unwrap()];
+    let port = monitor_tests::tcp_listener("127.0.0.3");
+    let (fork, grandchild_pid, go) = (dir.path("fork"), dir.path("grandchild.pid"), dir.path("go"));
+    // The worker double-forks when told: the middle process exits at once, so the grandchild
+    // is reparented away from the session's root; it connects out of scope when told.
+    let worker_script = format!(
+        "import os, socket, time\n\
+         while not os.path.exists({fork:?}): time.sleep(0.02)\n\
+         if os.fork() == 0:\n\
+         \x20   if os.fork() == 0:\n\
+         \x20       open({pidfile:?}, 'w').write(str(os.getpid()))\n\
+         \x20       while not os.path.exists({go:?}): time.sleep(0.02)\n\
+         \x20       socket.create_connection(('127.0.0.3', {port})).close()\n\
+         \x20       time.sleep(60)\n\
+         \x20   os._exit(0)\n\
+         time.sleep(60)\n",
+        fork = fork.display().to_string(),
+        pidfile = grandchild_pid.display().to_string(),
+        go = go.display().to_string(),
+    );
+    let worker = worker_in(&cg, &worker_script);
+    let pid = worker.0.id();
+    let mut first = Agent::start_with("ops-pins-1", &args);
+    let saved = start_and_save(&first, &state, "pinned-1", "scope:\n  connect: [\"127.0.0.2:80\"]\n", pid);
+    // The agent can no longer save anything; its programs still run in the kernel. The fork
+    // follows at once, well within the slack the next agent allows after the last heartbeat
+    // (a process started later could hold a reused pid and is not taken from the map).
+    // SAFETY: signalling the agent, our own child.
+    unsafe { libc::kill(first.pid() as i32, libc::SIGSTOP) };
+    std::fs::write(&fork, "").unwrap();
+    let grandchild: u32 = wait_for(
+        "the grandchild's pid",
+        || std::fs::read_to_string(&grandchild_pid).ok().and_then(|t| t.trim().parse().ok()),
+        || first.diagnostics(),
+    );
+    let state_text = std::fs::read_to_string(&saved).unwrap();
+    let state_json: serde_json::Value = serde_json::from_str(&state_text).unwrap();
+    let saved_pids: Vec<u64> =
+        state_json["sessions"][0]["pids"].as_array().unwrap().iter().filter_map(|p| p.as_u64()).collect();
+    assert!(!saved_pids.contains(&(grandchild as u64)), "the state file must not know the grandchild: {saved_pids:?}");
+    first.kill();
+
+    let second = Agent::start_with("ops-pins-2", &args);
+    let log = std::fs::read_to_string(&second.log).unwrap();
+    assert!(log.contains("bindings taken from the pinned maps"), "{}", second.diagnostics());
+    let shown = second.cli(&["session", "show", "pinned-1"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let summary: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(
+        summary["live_processes"].as_array().unwrap().iter().any(|p| p["pid"] == grandchild),
+        "the grandchild is the session's again: {summary}"
+    );
+    std::fs::write(&go, "").unwrap();
+    let alert = second.wait_alert("out_of_scope_connect by the grandchild only the pinned map knew", |a| {
+        a["rule"] == "out_of_scope_connect" && a["process"]["pid"] == grandchild
+    });
+    assert_eq!(alert["session"]["id"], "pinned-1", "{alert}");
+    drop(second);
+
+    // --fresh: the pinned bindings go too; the grandchild belongs to no session.
+    let fresh_args = [args.as_slice(), &["--fresh"]].concat();
+    let fresh = Agent::start_with("ops-pins-fresh", &fresh_args);
+    let o = fresh.cli(&["session", "show", "pinned-1"]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(&fresh.log).unwrap();
+    assert!(!log.contains("bindings taken from the pinned maps"), "{}", fresh.diagnostics());
+}
+
+/// A Python worker running `script`, in the test cgroup `cg` (whose connects the agent sees).
+fn worker_in(cg: &monitor_tests::TestCgroup, script: &str) -> KillOnDrop {
+    let worker = KillOnDrop(
+        Command::new("python3").args(["-c", script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+    );
+    std::fs::write(cg.procs(), worker.0.id().to_string()).unwrap();
+    worker
+}
+
+/// Starts session `id` (`extra` appended to its file) bound to `pid`, and waits until the
+/// agent has saved it with that process in `state`; returns the state file.
+fn start_and_save(agent: &Agent, state: &std::path::Path, id: &str, extra: &str, pid: u32) -> std::path::PathBuf {
+    let file = session_file(&agent.dir, id, extra);
+    let o = agent.cli(&["session", "start", "--file", file.to_str().unwrap(), "--pid", &pid.to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let saved = state.join("sessions.json");
+    wait_for(
+        "the session and its process in the state file",
+        || std::fs::read_to_string(&saved).ok().filter(|s| s.contains(id) && s.contains(&pid.to_string())),
+        || agent.diagnostics(),
+    );
+    saved
 }
 
 /// A child killed and reaped when the test ends, passed or not.

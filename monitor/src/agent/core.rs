@@ -286,7 +286,9 @@ impl Core {
         }
         // A scan of every session: not for each of the thousands an adoption starts (it sets
         // the gauge once, after).
-        if !self.adopting && matches!(event, Event::SessionStarted { .. } | Event::SessionEnded { .. } | Event::Tick { .. }) {
+        if !self.adopting
+            && matches!(event, Event::SessionStarted { .. } | Event::SessionEnded { .. } | Event::Tick { .. })
+        {
             metrics.set_sessions(&self.engine.sessions_by_state(event.ts()));
         }
         for alert in alerts {

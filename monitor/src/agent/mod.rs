@@ -60,6 +60,8 @@ pub struct AgentSettings {
     /// Where sessions are kept across restarts (sessions/state.rs); `fresh`: none adopted.
     pub state_dir: PathBuf,
     pub fresh: bool,
+    /// Where the session binding maps are pinned (probes/pins.rs); None: not pinned.
+    pub pin_dir: Option<PathBuf>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -75,7 +77,17 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let (event_tx, event_rx) = mpsc::channel(8192);
     let policy = LivePolicy::new(settings.policy.clone(), settings.policy_path.clone(), event_tx.clone());
     let sinks = sinks::open(&settings.outputs, &settings.spool, event_tx.clone())?;
-    let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load()?;
+    let pins = settings.pin_dir.as_deref().and_then(|dir| match probes::pins::PinDir::prepare(dir, settings.fresh) {
+        Ok(pins) => Some(pins),
+        Err(e) => {
+            tracing::warn!(
+                "session bindings not pinned ({e}): they end with this agent, and a restarted one takes sessions over from the state directory alone"
+            );
+            None
+        }
+    });
+    let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load(pins.as_ref())?;
+    let pinned = pins.as_ref().is_some_and(|p| p.reused);
 
     // A previous agent's sessions, adopted below; their token hashes were made with its seed.
     let saved = if settings.fresh {
@@ -87,6 +99,9 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         Some(state) => state.seed,
         None => random_seed()?,
     };
+    if saved.is_none() && pinned {
+        crate::sessions::state::clear_bindings(&mut maps).map_err(anyhow::Error::msg)?;
+    }
     let credentials = CredentialIndex::new(seed, file_access_watch(&settings.enabled_probes));
     let observer = Observer::new(
         credentials.clone(),
@@ -182,8 +197,9 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     if let Some(state) = saved {
         // Before the socket serves: no new session races the adopted ones for a key.
         let started = std::time::Instant::now();
-        let adopted =
-            crate::sessions::state::adopt(&plane, &settings.state_dir, state).await.map_err(anyhow::Error::msg)?;
+        let adopted = crate::sessions::state::adopt(&plane, &settings.state_dir, state, pinned)
+            .await
+            .map_err(anyhow::Error::msg)?;
         if adopted > 0 {
             let took = started.elapsed();
             tracing::info!(adopted, state = %settings.state_dir.display(), ?took, "sessions taken over from the previous agent");

@@ -4,6 +4,7 @@
 mod btf;
 pub mod executables;
 mod go;
+pub mod pins;
 pub mod stats;
 pub mod tracefs;
 mod uprobe_site;
@@ -737,7 +738,9 @@ pub struct Loaded {
     missing_offsets: Vec<&'static str>,
 }
 
-pub fn load() -> Result<(Loaded, Handles), ProbeError> {
+/// Loads the eBPF object; with `pins`, the session binding maps are the pinned ones (see
+/// pins.rs), made and pinned if none are there.
+pub fn load(pins: Option<&pins::PinDir>) -> Result<(Loaded, Handles), ProbeError> {
     check_environment()?;
     raise_memlock_limit();
     let offsets = KernelOffsets::from_sys()?;
@@ -793,6 +796,10 @@ pub fn load() -> Result<(Loaded, Handles), ProbeError> {
     let mut loader = EbpfLoader::new();
     for (name, value) in &values {
         loader.override_global(*name, value, true);
+    }
+    let pinned: Vec<(&'static str, std::path::PathBuf)> = pins.map(|p| p.maps().collect()).unwrap_or_default();
+    for (name, path) in &pinned {
+        loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps = KernelMaps {

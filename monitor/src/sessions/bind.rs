@@ -131,6 +131,13 @@ pub fn start_time(pid: u32) -> Option<u64> {
     stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
 }
 
+/// When a process started, in boot-clock ns (its start time in clock ticks, converted).
+pub fn start_boot_ns(pid: u32) -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    start_time(pid).map(|ticks| ticks.saturating_mul(1_000_000_000) / hz)
+}
+
 fn all_processes() -> Vec<(u32, u32)> {
     let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -222,6 +229,25 @@ impl KernelMaps {
         self.sync_cgroup_count().map_err(|e| BindError::Map("CONFIG", e))
     }
 
+    /// What the binding maps hold: a previous agent's bindings when they are pinned (see
+    /// probes/pins.rs).
+    pub fn bindings(&self) -> (Vec<(u32, SessionKey)>, Vec<(u64, SessionKey)>) {
+        let procs = self.proc_sessions.iter().filter_map(Result::ok).collect();
+        let cgroups = self.cgroup_sessions.iter().filter_map(Result::ok).collect();
+        (procs, cgroups)
+    }
+
+    /// Drops bindings that no session takes over (gone processes, unknown sessions).
+    pub fn unbind(&mut self, pids: &[u32], cgroups: &[u64]) -> Result<(), BindError> {
+        for pid in pids {
+            let _ = self.proc_sessions.remove(pid);
+        }
+        for cgroup in cgroups {
+            let _ = self.cgroup_sessions.remove(cgroup);
+        }
+        self.sync_cgroup_count().map_err(|e| BindError::Map("CONFIG", e))
+    }
+
     /// Tells the probes how many cgroups are bound: with none, they skip the cgroup lookup.
     pub fn sync_cgroup_count(&mut self) -> Result<(), aya::maps::MapError> {
         let count = self.cgroup_sessions.keys().filter(Result::is_ok).count() as u64;
@@ -236,10 +262,8 @@ mod tests {
     #[test]
     fn descendants_from_children_files_match_a_scan_of_every_process() {
         // A shell with two children, one of which has a child of its own.
-        let mut root = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"])
-            .spawn()
-            .unwrap();
+        let mut root =
+            std::process::Command::new("sh").args(["-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"]).spawn().unwrap();
         let pid = root.id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut found = descendants(pid).unwrap();

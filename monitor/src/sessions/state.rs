@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{bind, server::ControlPlane};
 use crate::engine::Adoptable;
+use crate::event::SessionKey;
 
 /// The state file's format; another one is refused (start with `--fresh`, or the matching agent).
 pub const STATE_VERSION: u32 = 1;
@@ -156,6 +157,54 @@ pub async fn keep(plane: ControlPlane, dir: PathBuf) {
     }
 }
 
+/// The processes a previous agent's pinned map binds to the sessions adopted, by session: those
+/// still alive that started before that agent stopped (a pid reused since is another process).
+/// Every other entry is removed, and cgroup bindings of sessions not adopted.
+fn pinned_processes(
+    maps: &mut crate::probes::KernelMaps,
+    state: &SavedState,
+    down_since_boot_ns: u64,
+) -> Result<HashMap<SessionKey, Vec<u32>>, String> {
+    // The previous agent wrote its heartbeat each second: it stopped (and with it the exit
+    // hook that keeps the map current) at most about a second after the last one. A process
+    // started later may hold a pid reused from one that exited unseen: not taken. Plus a clock
+    // tick (/proc gives start times in ticks).
+    const SLACK_NS: u64 = 2 * SAVE_EVERY.as_nanos() as u64 + 10_000_000;
+    let keys: std::collections::HashSet<SessionKey> = state.sessions.iter().map(|s| s.session.key).collect();
+    let (procs, cgroups) = maps.bindings();
+    let mut kept: HashMap<SessionKey, Vec<u32>> = HashMap::new();
+    let mut dropped = Vec::new();
+    for (pid, key) in procs {
+        let before_the_gap = bind::start_boot_ns(pid).is_some_and(|t| t <= down_since_boot_ns + SLACK_NS);
+        if keys.contains(&key) && before_the_gap {
+            kept.entry(key).or_default().push(pid);
+        } else {
+            dropped.push(pid);
+        }
+    }
+    let stale_cgroups: Vec<u64> =
+        cgroups.into_iter().filter(|(_, key)| !keys.contains(key)).map(|(id, _)| id).collect();
+    tracing::info!(
+        processes = kept.values().map(Vec::len).sum::<usize>(),
+        dropped = dropped.len(),
+        stale_cgroups = stale_cgroups.len(),
+        "bindings taken from the pinned maps"
+    );
+    maps.unbind(&dropped, &stale_cgroups).map_err(|e| e.to_string())?;
+    Ok(kept)
+}
+
+/// Empties pinned binding maps that no session takes over (no state, or `--fresh`).
+pub fn clear_bindings(maps: &mut crate::probes::KernelMaps) -> Result<(), String> {
+    let (procs, cgroups) = maps.bindings();
+    let pids: Vec<u32> = procs.into_iter().map(|(pid, _)| pid).collect();
+    let cgroups: Vec<u64> = cgroups.into_iter().map(|(id, _)| id).collect();
+    if !pids.is_empty() || !cgroups.is_empty() {
+        tracing::info!(processes = pids.len(), cgroups = cgroups.len(), "pinned bindings of no session removed");
+    }
+    maps.unbind(&pids, &cgroups).map_err(|e| e.to_string())
+}
+
 /// A digest of the sessions as they would be written (not a security boundary: it only saves
 /// rewriting an unchanged file).
 fn digest(sessions: &[SavedSession]) -> u64 {
@@ -175,13 +224,17 @@ fn last_alive(dir: &Path, state: &SavedState) -> u64 {
     state.saved_ns.max(heartbeat)
 }
 
-/// Takes over the sessions a previous agent left, before the control socket is served.
-/// Returns how many it adopted.
-pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Result<usize, String> {
+/// Takes over the sessions a previous agent left, before the control socket is served; with
+/// `pinned`, the kernel's binding maps are that agent's (probes/pins.rs) and their entries are
+/// checked. Returns how many it adopted.
+pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: bool) -> Result<usize, String> {
     let now = crate::agent::now_ns();
     let down_since = last_alive(dir, &state);
     let count = state.sessions.len();
     if count == 0 {
+        if pinned {
+            clear_bindings(&mut *plane.maps.lock().await)?;
+        }
         return Ok(0);
     }
     let ids: Vec<String> = state.sessions.iter().map(|s| s.session.session.id.to_string()).collect();
@@ -210,15 +263,27 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Resul
     let mut names = Vec::new();
     let mut seen = Vec::new();
     let mut bound: Vec<Vec<u32>> = Vec::new();
+    let mut in_pinned_map =
+        if pinned { pinned_processes(&mut maps, &state, plane.clock.boot(down_since))? } else { HashMap::new() };
     for saved in &state.sessions {
         let key = saved.session.key;
         names.extend(hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }));
-        // The processes still alive (same pid, same start: not a reused pid) and what they
-        // started while no agent was looking.
+        // The processes still alive (same pid, same start: not a reused pid), those the pinned
+        // map still had, and what they started while no agent was looking.
         let mut pids: Vec<u32> = Vec::new();
-        for (pid, started) in saved.session.pids.iter().zip(&saved.start_times) {
-            if bind::start_time(*pid) == Some(*started) {
-                for p in bind::descendants(*pid).unwrap_or_default() {
+        let pinned_roots = in_pinned_map.remove(&key).unwrap_or_default();
+        let saved_roots = saved
+            .session
+            .pids
+            .iter()
+            .zip(&saved.start_times)
+            .filter(|(pid, started)| !pinned_roots.contains(pid) && bind::start_time(**pid) == Some(**started))
+            .map(|(pid, _)| *pid)
+            .collect::<Vec<_>>();
+        let roots = pinned_roots.into_iter().chain(saved_roots);
+        for root in roots {
+            if !pids.contains(&root) {
+                for p in bind::descendants(root).unwrap_or_default() {
                     if !pids.contains(&p) {
                         pids.push(p);
                     }
@@ -233,7 +298,8 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState) -> Resul
     for (saved, pids) in state.sessions.iter().zip(bound) {
         let (a, key) = (&saved.session, saved.session.key);
         let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
-        let session_names: Vec<_> = hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }).collect();
+        let session_names: Vec<_> =
+            hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }).collect();
         super::server::install_scope(plane, &mut maps, key, &a.session, &session_names, expires_at)?;
         if a.ended.is_some() {
             maps.mark_ended(key);

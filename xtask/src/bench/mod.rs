@@ -31,7 +31,8 @@ pub struct Sizes {
 }
 
 /// The parts of the benchmark, in the order they run; `--only` picks some.
-pub const PARTS: &[&str] = &["exec", "connect", "open", "tls", "clients", "engine", "replay", "ingest", "latency", "sessions"];
+pub const PARTS: &[&str] =
+    &["exec", "connect", "open", "tls", "clients", "engine", "replay", "ingest", "latency", "sessions"];
 
 pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let Sizes { execs, connects, opens, tls_requests, rounds, agent_args, only } = sizes;
@@ -208,6 +209,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent)?;
     }
+    let _ = fs::remove_dir_all(BENCH_PINS);
     fs::write(&out, serde_json::to_string_pretty(&serde_json::Value::Object(report))?)?;
     println!("report: {}", out.display());
     Ok(())
@@ -319,6 +321,9 @@ pub(crate) fn with_session_holder(
     result
 }
 
+/// Where benchmark agents pin their session maps (removed when the benchmark ends).
+pub(crate) const BENCH_PINS: &str = "/sys/fs/bpf/monitor-bench";
+
 pub(crate) struct BenchAgent {
     child: Child,
     pub control: PathBuf,
@@ -336,7 +341,13 @@ impl BenchAgent {
 
     /// An agent that takes over the sessions a previous one left in `state`, and the seconds
     /// from its spawn to ready.
-    pub fn restart(monitor: &Path, dir: &Path, extra: &[String], state: &Path, log: &Path) -> anyhow::Result<(Self, f64)> {
+    pub fn restart(
+        monitor: &Path,
+        dir: &Path,
+        extra: &[String],
+        state: &Path,
+        log: &Path,
+    ) -> anyhow::Result<(Self, f64)> {
         Self::launch(monitor, dir, extra, state, false, log)
     }
 
@@ -360,6 +371,8 @@ impl BenchAgent {
             .arg(format!("jsonl:{}", dir.join("alerts.jsonl").display()))
             .arg("--state-dir")
             .arg(state)
+            // Its own pinned maps, apart from any agent this machine runs.
+            .args(["--pin-dir", BENCH_PINS])
             .args(fresh.then_some("--fresh"))
             .args(extra)
             .stdout(Stdio::null())

@@ -114,7 +114,12 @@ pub fn run(monitor: &Path, dir: &Path, agent_args: &[String]) -> anyhow::Result<
     drop(restarted);
     drop(holders);
     let _ = fs::remove_dir_all(&state);
-    rows.push(format!("{:<52} {:>14} {:>10.2} s", format!("restart to ready, {last} sessions adopted"), "", ready_secs));
+    rows.push(format!(
+        "{:<52} {:>14} {:>10.2} s",
+        format!("restart to ready, {last} sessions adopted"),
+        "",
+        ready_secs
+    ));
     rows.push(format!(
         "{:<52} {:>14} {:>10.1} MB  {:>5.2}% CPU",
         format!("restarted agent idle, {last} sessions"),
