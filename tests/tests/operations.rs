@@ -196,10 +196,17 @@ fn a_reload_applies_a_good_policy_and_refuses_a_bad_one() {
     let second = agent.wait_alert("exec_out_of_scope under the kept policy", out_of_scope("reload-2", "/bin/true"));
     assert_eq!(second["severity"], "low");
 
-    // A good file: the new severity and the new actor scope hold from now on.
+    // A good file: the new severity, actor scope, session defaults and tool directory hold from
+    // now on.
+    let tools = dir.path("tools");
+    std::fs::create_dir_all(&tools).unwrap();
     std::fs::write(
         &policy,
-        "severity: {exec_out_of_scope: critical}\nactors:\n  \"svc:test-bot\":\n    exec: [\"/bin/sh\", \"/usr/bin/dash\", \"/bin/true\"]\n",
+        format!(
+            "severity: {{exec_out_of_scope: critical}}\nactors:\n  \"svc:test-bot\":\n    exec: [\"/bin/sh\", \"/usr/bin/dash\", \"/bin/true\"]\n\
+             defaults: {{ttl: 7m, grace: 4s}}\ntls:\n  executable_dirs: [{:?}]\n",
+            tools.display().to_string()
+        ),
     )
     .unwrap();
     let o = agent.cli(&["policy", "reload"]);
@@ -215,6 +222,22 @@ fn a_reload_applies_a_good_policy_and_refuses_a_bad_one() {
     );
     let reloaded = agent.events().iter().filter(|e| e["type"] == "policy_reloaded").count();
     assert_eq!(reloaded, 1, "one reload reached the engine");
+    // A session file without ttl and grace gets the reloaded defaults.
+    let file = session_file(&agent.dir, "reload-4", "");
+    let o = agent.cli(&["session", "start", "--file", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown: serde_json::Value = serde_json::from_slice(&agent.cli(&["session", "show", "reload-4"]).stdout).unwrap();
+    assert_eq!(shown["session"]["ttl_ns"], 420_000_000_000u64, "{shown}");
+    assert_eq!(shown["session"]["grace_ns"], 4_000_000_000u64, "{shown}");
+    // The new tool directory is looked through at once (the first look was at start).
+    wait_for(
+        "the reloaded executable_dirs looked through",
+        || {
+            let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            (log.matches("executables with their own TLS code probed in advance").count() == 2).then_some(())
+        },
+        || agent.diagnostics(),
+    );
 }
 
 /// A session bound to a pod's container cgroup (laid out as the kubelet's systemd driver does,

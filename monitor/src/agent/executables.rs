@@ -36,13 +36,15 @@ pub struct NewExecutable {
 
 pub async fn run(
     probes: Arc<std::sync::Mutex<Probes>>,
-    extra_dirs: Vec<PathBuf>,
+    mut policy: tokio::sync::watch::Receiver<Arc<crate::policy::Policy>>,
     mut new: mpsc::Receiver<NewExecutable>,
     rescan: Arc<tokio::sync::Notify>,
 ) {
     let mut state = State { probes, seen: HashSet::new(), probed: 0 };
+    let mut extra_dirs = policy.borrow_and_update().tls.executable_dirs.clone();
+    let dirs = extra_dirs.clone();
     let state_at_start = tokio::task::spawn_blocking(move || {
-        state.probe_at_start(&extra_dirs);
+        state.probe_at_start(&dirs);
         state
     })
     .await;
@@ -53,6 +55,24 @@ pub async fn run(
                 Some(exe) => exe,
                 None => return,
             },
+            Ok(()) = policy.changed() => {
+                // A reload: directories it adds are looked through now (what was probed stays).
+                let dirs = policy.borrow_and_update().tls.executable_dirs.clone();
+                if dirs == extra_dirs {
+                    continue;
+                }
+                extra_dirs = dirs.clone();
+                state = match tokio::task::spawn_blocking(move || {
+                    state.probe_dirs(&dirs, false);
+                    state
+                })
+                .await
+                {
+                    Ok(state) => state,
+                    Err(_) => return,
+                };
+                continue;
+            }
             () = rescan.notified() => {
                 // A session started: the execs made while nothing was watched reported nothing.
                 state = match tokio::task::spawn_blocking(move || {
@@ -97,10 +117,16 @@ struct State {
 impl State {
     /// The executables of running processes, then those in the tool directories.
     fn probe_at_start(&mut self, extra_dirs: &[PathBuf]) {
-        let started = std::time::Instant::now();
         self.probe_running();
-        let mut dirs: Vec<PathBuf> = executables::DEFAULT_DIRS.iter().map(PathBuf::from).collect();
-        dirs.extend(extra_dirs.iter().cloned());
+        self.probe_dirs(extra_dirs, true);
+    }
+
+    /// The executables in the tool directories (the defaults with `extra_dirs`, or those alone)
+    /// not looked at yet.
+    fn probe_dirs(&mut self, extra_dirs: &[PathBuf], with_defaults: bool) {
+        let started = std::time::Instant::now();
+        let defaults = executables::DEFAULT_DIRS.iter().filter(|_| with_defaults).map(PathBuf::from);
+        let dirs: Vec<PathBuf> = defaults.chain(extra_dirs.iter().cloned()).collect();
         let candidates = executables::candidates(&dirs);
         let looked_at = candidates.len();
         for (path, id) in candidates {

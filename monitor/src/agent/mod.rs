@@ -35,8 +35,10 @@ pub struct AgentSettings {
     pub outputs: Vec<OutputSpec>,
     pub control: PathBuf,
     pub key_file: PathBuf,
-    pub default_ttl: Duration,
-    pub default_grace: Duration,
+    /// `--default-ttl`/`--default-grace`: these, else the policy's `defaults` (live: a reload
+    /// changes them), else the built-in ones.
+    pub default_ttl: Option<Duration>,
+    pub default_grace: Option<Duration>,
     /// Every session event as a JSON line, for debugging and tests.
     pub event_log: Option<PathBuf>,
     /// The cgroup v2 directory the connect hooks attach to (default: the hierarchy's root).
@@ -103,12 +105,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         crate::sessions::state::clear_bindings(&mut maps).map_err(anyhow::Error::msg)?;
     }
     let credentials = CredentialIndex::new(seed, file_access_watch(&settings.enabled_probes));
-    let observer = Observer::new(
-        credentials.clone(),
-        key.clone(),
-        settings.policy.credentials.api_key_headers.clone(),
-        settings.policy.credentials.learn_tokens,
-    );
+    let observer = Observer::new(credentials.clone(), key.clone(), policy.subscribe());
     maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
     credentials::watch::refresh(&credentials, &mut maps, &settings.policy.credentials.watch);
 
@@ -169,12 +166,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let core = tokio::spawn(core.run());
     let probes = Arc::new(std::sync::Mutex::new(probes));
     let rescan_executables = Arc::new(tokio::sync::Notify::new());
-    let executable_task = tokio::spawn(executables::run(
-        probes.clone(),
-        settings.policy.tls.executable_dirs.clone(),
-        executable_rx,
-        rescan_executables.clone(),
-    ));
+    let executable_task =
+        tokio::spawn(executables::run(probes.clone(), policy.subscribe(), executable_rx, rescan_executables.clone()));
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
     let watcher = tokio::spawn(watch_credentials(credentials.clone(), maps.clone(), probes.clone(), policy.clone()));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));

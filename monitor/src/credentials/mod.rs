@@ -205,6 +205,8 @@ impl CredentialIndex {
 pub struct Observer {
     index: Arc<CredentialIndex>,
     key: Arc<FingerprintKey>,
+    /// The policy in force: its API-key headers and token learning, taken again after a reload.
+    policy: tokio::sync::watch::Receiver<Arc<crate::policy::Policy>>,
     api_key_headers: Vec<String>,
     /// Whether credentials session processes send or receive are learnt (the policy's
     /// `credentials.learn_tokens`).
@@ -225,13 +227,13 @@ impl Observer {
     pub fn new(
         index: Arc<CredentialIndex>,
         key: Arc<FingerprintKey>,
-        api_key_headers: Vec<String>,
-        learn_tokens: bool,
+        mut policy: tokio::sync::watch::Receiver<Arc<crate::policy::Policy>>,
     ) -> Self {
-        let api_key_headers = api_key_headers.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+        let (api_key_headers, learn_tokens) = Self::settings(&policy.borrow_and_update());
         Self {
             index,
             key,
+            policy,
             api_key_headers,
             learn_tokens,
             h2: h2::Connections::default(),
@@ -240,9 +242,17 @@ impl Observer {
         }
     }
 
+    fn settings(policy: &crate::policy::Policy) -> (Vec<String>, bool) {
+        let headers = policy.credentials.api_key_headers.iter().map(|h| h.to_ascii_lowercase()).collect();
+        (headers, policy.credentials.learn_tokens)
+    }
+
     /// The events an observation gives: none for what concerns no session (an unknown token in
     /// a process outside sessions), one per credential otherwise.
     pub fn observe(&mut self, decoded: Decoded<'_>) -> Vec<Event> {
+        if self.policy.has_changed().unwrap_or(false) {
+            (self.api_key_headers, self.learn_tokens) = Self::settings(&self.policy.borrow_and_update());
+        }
         match decoded {
             Decoded::Event(Event::Exec(mut exec)) => {
                 let found = self.redact_argv(&mut exec.argv);

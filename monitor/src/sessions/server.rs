@@ -24,8 +24,9 @@ pub struct ControlPlane {
     pub core: CoreHandle,
     pub maps: Arc<Mutex<KernelMaps>>,
     pub key: Arc<FingerprintKey>,
-    pub default_ttl: Duration,
-    pub default_grace: Duration,
+    /// The flags' defaults, over the policy's (see `AgentSettings`).
+    pub default_ttl: Option<Duration>,
+    pub default_grace: Option<Duration>,
     pub clock: crate::decode::Clock,
     pub policy: Arc<crate::agent::LivePolicy>,
     pub credentials: Arc<crate::credentials::CredentialIndex>,
@@ -242,7 +243,8 @@ fn resolve(
         None => None,
     };
     // Scope parts the file leaves out come from the policy's defaults for this actor.
-    let actor = plane.policy.get().actors.get(&file.actor).cloned().unwrap_or_default();
+    let policy = plane.policy.get();
+    let actor = policy.actors.get(&file.actor).cloned().unwrap_or_default();
     let mut env_values = env_tokens.into_iter();
     let mut hashes = Vec::new();
     let mut known = |raw: &[u8]| {
@@ -270,8 +272,13 @@ fn resolve(
         actor: file.actor,
         task: file.task,
         sponsor: file.sponsor,
-        ttl_ns: file.ttl.unwrap_or(plane.default_ttl).as_nanos() as u64,
-        grace_ns: file.grace.unwrap_or(plane.default_grace).as_nanos() as u64,
+        ttl_ns: file.ttl.or(plane.default_ttl).or(policy.defaults.ttl).unwrap_or(super::DEFAULT_TTL).as_nanos() as u64,
+        grace_ns: file
+            .grace
+            .or(plane.default_grace)
+            .or(policy.defaults.grace)
+            .unwrap_or(super::DEFAULT_GRACE)
+            .as_nanos() as u64,
         scope: Scope {
             connect: file.scope.connect.or(actor.connect),
             credentials: if file.scope.credentials.is_empty() { actor.credentials } else { file.scope.credentials },
