@@ -375,6 +375,44 @@ fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
     t.assert_never_output(&token);
 }
 
+/// The same over HTTP/2: curl `--http2` POSTs to nghttpd's token resource, and the token is
+/// learnt from the response's DATA frame (the POST is told from the HEADERS frame's indexed
+/// `:method`); the job left behind uses it, over HTTP/2 too, after the end.
+#[test]
+fn a_token_obtained_over_http2_during_the_task_and_used_after_the_end_is_learnt() {
+    let mut args = Vec::new();
+    for probe in ["ssl_read", "ssl_read_ret", "ssl_read_ex", "ssl_read_ex_ret"] {
+        args.extend(["--enable-probe", probe]);
+    }
+    let t = Creds::start("clients-oauth-h2", &args);
+    let dir = &t.agent.dir;
+    let server = nghttpd(dir, "127.0.0.2", true);
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let token = format!("at-h2-{nonce:x}-{}", std::process::id());
+    fs::write(dir.path("docroot/token"), format!("{{\"access_token\":\"{token}\",\"token_type\":\"Bearer\"}}")).unwrap();
+    let (saved, header) = (dir.path("token.json"), dir.path("auth.header"));
+    let session = session_file(dir, "oauth-h2", "grace: 1s\n");
+    let script = format!(
+        "curl -sk --http2 -X POST -d grant_type=client_credentials -o {saved} https://127.0.0.2:{port}/token && \
+         (sleep 2; python3 -c 'import json, sys; print(\"Authorization: Bearer \" + json.load(open(sys.argv[1]))[\"access_token\"])' \
+         {saved} > {header}; curl -sk --http2 -H @{header} https://127.0.0.2:{port}/refunds) > /dev/null 2>&1 &",
+        saved = saved.display(),
+        header = header.display(),
+        port = server.port
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let received =
+        t.agent.wait_event("the token response over HTTP/2", |e| e["type"] == "token_use" && e["via"] == "received");
+    assert_eq!(received["field"], "access_token");
+    let alert = t.agent.wait_alert("token_after_task_end for the token learnt over HTTP/2", |a| {
+        a["rule"] == "token_after_task_end" && a["session"]["id"] == "oauth-h2" && a["credential"]["seen_in"] == "https"
+    });
+    assert_eq!(alert["credential"]["learned"], true, "{alert}");
+    assert_eq!(alert["credential"]["fingerprint"], received["credential"]["fingerprint"]);
+    t.assert_never_output(&token);
+}
+
 /// `gettoken URL OUT`: a Go client of a token endpoint (client credentials grant) that saves the
 /// response body; without arguments it exits at once.
 const GO_GET_TOKEN: &str = r#"package main

@@ -50,6 +50,80 @@ fn is_lone_frame_without_headers(frame: [u8; H2_FRAME_HEADER], len: usize) -> bo
     H2_FRAME_HEADER + payload == len && kind != H2_HEADERS && kind != H2_CONTINUATION && kind != H2_PUSH_PROMISE
 }
 
+/// HEADERS frame flags that put fields before the header block (RFC 9113 §6.2).
+const H2_FLAG_PADDED: u8 = 0x8;
+const H2_FLAG_PRIORITY: u8 = 0x20;
+/// `:method: POST` as HPACK encodes it when indexed (static table entry 3, RFC 7541 App. A):
+/// what curl (nghttp2) and Go's http2 send for a POST.
+const HPACK_METHOD_POST: u8 = 0x83;
+/// `:method: GET` (entry 2).
+const HPACK_METHOD_GET: u8 = 0x82;
+
+/// Frames looked through for a HEADERS frame in one write (the client preface's write holds
+/// SETTINGS and WINDOW_UPDATE before the first request).
+const H2_FRAMES_WALKED: usize = 4;
+/// The client connection preface's length (RFC 9113 §3.4).
+const H2_PREFACE_LEN: usize = 24;
+
+/// For an HTTP/2 write (`at` past the preface if it has one): whether the first HEADERS frame in
+/// it opens a POST (Some(true)), another request (Some(false)), or cannot be told (None: no
+/// HEADERS frame among its first frames, or the method is not the block's first field, or is
+/// not indexed).
+#[inline(always)]
+fn h2_request_is_post(buf: u64, mut at: usize, len: usize) -> Option<bool> {
+    for _ in 0..H2_FRAMES_WALKED {
+        if at + H2_FRAME_HEADER > len {
+            return None;
+        }
+        // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
+        let frame = unsafe { bpf_probe_read_user((buf + at as u64) as *const [u8; H2_FRAME_HEADER]) }.ok()?;
+        let payload = ((frame[0] as usize) << 16) | ((frame[1] as usize) << 8) | frame[2] as usize;
+        if frame[3] != H2_HEADERS {
+            at += H2_FRAME_HEADER + payload;
+            continue;
+        }
+        let mut block = at + H2_FRAME_HEADER;
+        if frame[4] & H2_FLAG_PADDED != 0 {
+            block += 1;
+        }
+        if frame[4] & H2_FLAG_PRIORITY != 0 {
+            block += 5;
+        }
+        if block >= len {
+            return None;
+        }
+        // SAFETY: as above.
+        let first = unsafe { bpf_probe_read_user((buf + block as u64) as *const u8) }.ok()?;
+        return match first {
+            HPACK_METHOD_POST => Some(true),
+            HPACK_METHOD_GET => Some(false),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// Marks (or unmarks) an HTTP/2 connection whose response the reads capture: see
+/// [`h2_request_is_post`].
+#[inline(always)]
+fn note_h2_method(conn: &TlsConnKey, buf: u64, at: usize, len: usize) {
+    match h2_request_is_post(buf, at, len) {
+        Some(true) => {
+            let _ = TLS_POSTS.insert(conn, &0u8, 0);
+        }
+        Some(false) => {
+            let _ = TLS_POSTS.remove(conn);
+        }
+        None => {}
+    }
+}
+
+/// Whether the writes of `source` have their reads probed too (the response of a POST is read).
+#[inline(always)]
+fn reads_probed(source: u8) -> bool {
+    source == PAYLOAD_SSL_WRITE || source == PAYLOAD_SSL_WRITE_EX || source == PAYLOAD_GO_TLS
+}
+
 /// Whether the first four bytes are an HTTP/1.x method (the request line's start).
 #[inline(always)]
 fn is_http_request(head: [u8; 4]) -> bool {
@@ -244,8 +318,7 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
     // A request line first: an `SSL *` freed by an HTTP/2 connection may be reused by an
     // HTTP/1.x one (a frame cannot start like a method: that would be a length over 4 MiB).
     let flags = if is_http_request(head) {
-        let reads_probed = source == PAYLOAD_SSL_WRITE || source == PAYLOAD_SSL_WRITE_EX || source == PAYLOAD_GO_TLS;
-        if key != 0 && reads_probed {
+        if key != 0 && reads_probed(source) {
             // Token requests are POSTs (RFC 6749 §3.2): the response is read (see ssl_read).
             if head == *b"POST" {
                 let _ = TLS_POSTS.insert(&conn, &0u8, 0);
@@ -256,6 +329,9 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
         0
     } else if head == H2_PREFACE_HEAD {
         let _ = H2_TLS_CONNS.insert(&conn, &0u8, 0);
+        if key != 0 && reads_probed(source) {
+            note_h2_method(&conn, buf, H2_PREFACE_LEN, num as usize);
+        }
         PAYLOAD_FLAG_H2
     } else if H2_TLS_CONNS.get_ptr(&conn).is_some() {
         if num as usize >= H2_FRAME_HEADER {
@@ -263,6 +339,10 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
             let Ok(frame) = (unsafe { bpf_probe_read_user(buf as *const [u8; H2_FRAME_HEADER]) }) else { return };
             if is_lone_frame_without_headers(frame, num as usize) {
                 return;
+            }
+            // A POST's response is read as over HTTP/1.x (token endpoints, see ssl_read).
+            if key != 0 && reads_probed(source) {
+                note_h2_method(&conn, buf, 0, num as usize);
             }
         }
         PAYLOAD_FLAG_H2

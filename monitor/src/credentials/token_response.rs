@@ -1,7 +1,8 @@
 //! Token responses (OAuth 2.0, RFC 6749 §5.1; token exchange, RFC 8693 §2.2.1) a session process
 //! receives: the tokens in them become the session's, so a job that keeps one after the task is
 //! caught when it uses it. The capture is a TLS read on a connection whose last request was a
-//! POST; it may hold the response head, the body, or both, and a chunked body's size line.
+//! POST; it may hold the response head, the body, or both, and a chunked body's size line; or,
+//! on an HTTP/2 connection, frames, whose DATA payloads are the body.
 
 /// The members of a token response that carry credentials.
 const TOKEN_FIELDS: [&str; 3] = ["access_token", "id_token", "refresh_token"];
@@ -11,6 +12,9 @@ const MAX_TOKEN: usize = 16 * 1024;
 /// The credentials in the JSON object the capture holds, by member name. The raw values: turn
 /// them into fingerprints and drop them.
 pub fn tokens(data: &[u8]) -> Vec<(&'static str, String)> {
+    if let Some(bodies) = h2_data(data) {
+        return bodies.into_iter().flat_map(body_tokens).collect();
+    }
     let body = match data.strip_prefix(b"HTTP/") {
         Some(_) => match data.windows(4).position(|w| w == b"\r\n\r\n") {
             Some(end) => &data[end + 4..],
@@ -18,6 +22,46 @@ pub fn tokens(data: &[u8]) -> Vec<(&'static str, String)> {
         },
         None => data,
     };
+    body_tokens(body)
+}
+
+/// HTTP/2 frame types (RFC 9113 §6) and the DATA frame's PADDED flag.
+const H2_DATA: u8 = 0x0;
+const H2_LAST_TYPE: u8 = 0x9;
+const H2_PADDED: u8 = 0x8;
+const H2_FRAME_HEADER: usize = 9;
+
+/// The DATA payloads of a capture that is a run of HTTP/2 frames (the last may be cut where the
+/// capture ends); None when it is not one (an HTTP/1.x response does not parse as frames: its
+/// first bytes would be a length of several MiB or an unknown type).
+fn h2_data(data: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut rest = data;
+    let mut payloads = Vec::new();
+    while !rest.is_empty() {
+        let header = rest.get(..H2_FRAME_HEADER)?;
+        let len = (header[0] as usize) << 16 | (header[1] as usize) << 8 | header[2] as usize;
+        let (kind, flags) = (header[3], header[4]);
+        if kind > H2_LAST_TYPE || len > 1 << 24 {
+            return None;
+        }
+        let payload = &rest[H2_FRAME_HEADER..];
+        let (payload, next) = payload.split_at(len.min(payload.len()));
+        if kind == H2_DATA {
+            let unpadded = match flags & H2_PADDED {
+                0 => payload,
+                _ => {
+                    let pad = *payload.first()? as usize;
+                    payload.get(1..payload.len().saturating_sub(pad)).unwrap_or_default()
+                }
+            };
+            payloads.push(unpadded);
+        }
+        rest = next;
+    }
+    (!payloads.is_empty() || data.len() >= H2_FRAME_HEADER).then_some(payloads)
+}
+
+fn body_tokens(body: &[u8]) -> Vec<(&'static str, String)> {
     // A chunked body starts with its size line; the object with its first brace.
     let Some(start) = body.iter().position(|b| *b == b'{') else { return Vec::new() };
     let mut values = serde_json::Deserializer::from_slice(&body[start..]).into_iter::<serde_json::Value>();
@@ -49,6 +93,33 @@ mod tests {
         let exchange =
             r#"{"access_token":"ex-1","issued_token_type":"urn:ietf:params:oauth:token-type:jwt","id_token":"id-1"}"#;
         assert_eq!(tokens(exchange.as_bytes()), [("access_token", "ex-1".into()), ("id_token", "id-1".into())]);
+    }
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags, 0, 0, 0, 1];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn tokens_from_http2_data_frames_padded_or_not() {
+        let body = br#"{"access_token":"h2-at","token_type":"Bearer"}"#;
+        // SETTINGS, then the response's HEADERS (an HPACK block: binary, a brace among it), then
+        // its DATA, as one read may hold them.
+        let mut read = frame(0x4, 0, &[]);
+        read.extend(frame(0x1, 0x4, &[0x88, 0x7b, 0x5f, 0x8b]));
+        read.extend(frame(0x0, 0x1, body));
+        assert_eq!(tokens(&read), [("access_token", "h2-at".into())]);
+        let mut padded = vec![3u8];
+        padded.extend_from_slice(body);
+        padded.extend_from_slice(&[0, 0, 0]);
+        assert_eq!(tokens(&frame(0x0, 0x8 | 0x1, &padded)), [("access_token", "h2-at".into())]);
+        // Headers alone: frames, no body, nothing (and no HTTP/1.x reading of the binary).
+        assert!(tokens(&frame(0x1, 0x4, b"{\"access_token\":\"no\"}")).is_empty());
+        for cut in 0..read.len() {
+            let _ = tokens(&read[..cut]);
+        }
     }
 
     #[test]
