@@ -342,16 +342,21 @@ fn token_endpoint(dir: &Scratch) -> TokenEndpoint {
     TokenEndpoint { _server, port, issued, job, saved: dir.path("token.json") }
 }
 
+/// An agent with the opt-in probes that read OpenSSL's TLS reads (token responses).
+fn with_ssl_read_probes(name: &str) -> Creds {
+    let mut args = Vec::new();
+    for probe in ["ssl_read", "ssl_read_ret", "ssl_read_ex", "ssl_read_ex_ret"] {
+        args.extend(["--enable-probe", probe]);
+    }
+    Creds::start(name, &args)
+}
+
 /// The task obtains a token from a token endpoint (and never sends it); a job it leaves behind
 /// uses it after the end: the token was learnt from the response (the opt-in SSL_read probes),
 /// so that use is caught.
 #[test]
 fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
-    let mut args = Vec::new();
-    for probe in ["ssl_read", "ssl_read_ret", "ssl_read_ex", "ssl_read_ex_ret"] {
-        args.extend(["--enable-probe", probe]);
-    }
-    let t = Creds::start("clients-oauth", &args);
+    let t = with_ssl_read_probes("clients-oauth");
     let dir = &t.agent.dir;
     let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
     let session = session_file(dir, "oauth", "grace: 1s\n");
@@ -380,11 +385,7 @@ fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
 /// `:method`); the job left behind uses it, over HTTP/2 too, after the end.
 #[test]
 fn a_token_obtained_over_http2_during_the_task_and_used_after_the_end_is_learnt() {
-    let mut args = Vec::new();
-    for probe in ["ssl_read", "ssl_read_ret", "ssl_read_ex", "ssl_read_ex_ret"] {
-        args.extend(["--enable-probe", probe]);
-    }
-    let t = Creds::start("clients-oauth-h2", &args);
+    let t = with_ssl_read_probes("clients-oauth-h2");
     let dir = &t.agent.dir;
     let server = nghttpd(dir, "127.0.0.2", true);
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
