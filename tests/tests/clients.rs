@@ -390,7 +390,8 @@ fn a_token_obtained_over_http2_during_the_task_and_used_after_the_end_is_learnt(
     let server = nghttpd(dir, "127.0.0.2", true);
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let token = format!("at-h2-{nonce:x}-{}", std::process::id());
-    fs::write(dir.path("docroot/token"), format!("{{\"access_token\":\"{token}\",\"token_type\":\"Bearer\"}}")).unwrap();
+    fs::write(dir.path("docroot/token"), format!("{{\"access_token\":\"{token}\",\"token_type\":\"Bearer\"}}"))
+        .unwrap();
     let (saved, header) = (dir.path("token.json"), dir.path("auth.header"));
     let session = session_file(dir, "oauth-h2", "grace: 1s\n");
     let script = format!(
@@ -411,6 +412,37 @@ fn a_token_obtained_over_http2_during_the_task_and_used_after_the_end_is_learnt(
     });
     assert_eq!(alert["credential"]["learned"], true, "{alert}");
     assert_eq!(alert["credential"]["fingerprint"], received["credential"]["fingerprint"]);
+    t.assert_never_output(&token);
+}
+
+/// The same with wget, whose TLS is GnuTLS: its response is read at `gnutls_record_recv`'s
+/// return (opt-in probes, like OpenSSL's).
+#[test]
+fn a_token_wget_obtained_during_the_task_and_used_after_the_end_is_learnt() {
+    let args = ["--enable-probe", "gnutls_record_recv", "--enable-probe", "gnutls_record_recv_ret"];
+    let t = Creds::start("clients-oauth-wget", &args);
+    let dir = &t.agent.dir;
+    let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
+    let session = session_file(dir, "oauth-wget", "grace: 1s\n");
+    let script = format!(
+        "wget -q --no-check-certificate --post-data grant_type=client_credentials -O {saved} https://127.0.0.2:{port}/token && \
+         (sleep 2; python3 {job} https://127.0.0.2:{port}/refunds {saved}) > /dev/null 2>&1 &",
+        saved = saved.display(),
+        job = job.display()
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let received =
+        t.agent.wait_event("the token response read by wget", |e| e["type"] == "token_use" && e["via"] == "received");
+    assert_eq!(received["actor"]["comm"], "wget");
+    let alert = t.agent.wait_alert("token_after_task_end for the token wget got", |a| {
+        a["rule"] == "token_after_task_end"
+            && a["session"]["id"] == "oauth-wget"
+            && a["credential"]["seen_in"] == "https"
+    });
+    assert_eq!(alert["credential"]["learned"], true, "{alert}");
+    assert_eq!(alert["credential"]["fingerprint"], received["credential"]["fingerprint"]);
+    let token = fs::read_to_string(&issued).unwrap().trim().to_string();
     t.assert_never_output(&token);
 }
 

@@ -121,7 +121,10 @@ fn note_h2_method(conn: &TlsConnKey, buf: u64, at: usize, len: usize) {
 /// Whether the writes of `source` have their reads probed too (the response of a POST is read).
 #[inline(always)]
 fn reads_probed(source: u8) -> bool {
-    source == PAYLOAD_SSL_WRITE || source == PAYLOAD_SSL_WRITE_EX || source == PAYLOAD_GO_TLS
+    source == PAYLOAD_SSL_WRITE
+        || source == PAYLOAD_SSL_WRITE_EX
+        || source == PAYLOAD_GO_TLS
+        || source == PAYLOAD_GNUTLS
 }
 
 /// Whether the first four bytes are an HTTP/1.x method (the request line's start).
@@ -193,6 +196,21 @@ pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
 pub fn ssl_read_ex_ret(ctx: RetProbeContext) -> u32 {
     let ret: i64 = ctx.ret::<i32>() as i64;
     on_read_return(ret, true);
+    0
+}
+
+/// `ssize_t gnutls_record_recv(gnutls_session_t session, void *data, size_t data_size)` (wget,
+/// apt): the session pointer names the connection as the `SSL *` does for OpenSSL.
+#[uprobe]
+pub fn gnutls_record_recv(ctx: ProbeContext) -> u32 {
+    on_read_entry(&ctx, false);
+    0
+}
+
+/// Its return: the bytes read, or a negative GnuTLS error.
+#[uretprobe]
+pub fn gnutls_record_recv_ret(ctx: RetProbeContext) -> u32 {
+    on_read_return(ctx.ret::<i64>(), false);
     0
 }
 

@@ -179,6 +179,8 @@ impl When {
 }
 
 const LIBSSL: &str = "libssl.so.3";
+/// GnuTLS 3 (Debian's wget and apt link it).
+const LIBGNUTLS: &str = "libgnutls.so.30";
 
 /// Every probe the agent knows about.
 pub const PROBES: &[ProbeSpec] = &[
@@ -363,10 +365,25 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         program: "gnutls_record_send",
-        attach: AttachPoint::Library { file: "libgnutls.so.30", symbol: "gnutls_record_send", args: 3 },
+        attach: AttachPoint::Library { file: LIBGNUTLS, symbol: "gnutls_record_send", args: 3 },
         required: false,
         provides: "tokens in TLS requests made with GnuTLS (wget, apt)",
         when: When::WhileSessionsOrTokens,
+    },
+    ProbeSpec {
+        program: "gnutls_record_recv",
+        attach: AttachPoint::Library { file: LIBGNUTLS, symbol: "gnutls_record_recv", args: 3 },
+        required: false,
+        // Opt-in like ssl_read, for the same cost (a uretprobe on every TLS read).
+        provides: "tokens session processes receive from token endpoints over GnuTLS (gnutls_record_recv)",
+        when: When::OptIn,
+    },
+    ProbeSpec {
+        program: "gnutls_record_recv_ret",
+        attach: AttachPoint::LibraryReturn { file: LIBGNUTLS, symbol: "gnutls_record_recv" },
+        required: false,
+        provides: "tokens session processes receive from token endpoints over GnuTLS (gnutls_record_recv)",
+        when: When::OptIn,
     },
     ProbeSpec {
         program: "go_tls_write",
