@@ -1,7 +1,7 @@
 //! Applies the engine's effects: the kernel's view of ended and forgotten sessions, and the
 //! killing of processes an enforcing session's task left behind.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use tokio::sync::{mpsc, Mutex};
 
@@ -17,15 +17,40 @@ pub async fn run(
     probes: Arc<std::sync::Mutex<Probes>>,
     mut effects: mpsc::Receiver<Effect>,
 ) {
-    while let Some(effect) = effects.recv().await {
+    // An effect taken from the queue while gathering forgotten sessions, handled next.
+    let mut held: Option<Effect> = None;
+    loop {
+        let effect = match held.take() {
+            Some(effect) => effect,
+            None => match effects.recv().await {
+                Some(effect) => effect,
+                None => return,
+            },
+        };
         match effect {
             Effect::SessionEnded(key) => maps.lock().await.mark_ended(key),
             Effect::Forget(key) => {
+                // Sessions are forgotten together (all those done by one housekeeping pass):
+                // one walk of the kernel maps for all of them, not one per session.
+                let mut keys = HashSet::from([key]);
+                while let Ok(next) = effects.try_recv() {
+                    match next {
+                        Effect::Forget(key) => {
+                            keys.insert(key);
+                        }
+                        other => {
+                            held = Some(other);
+                            break;
+                        }
+                    }
+                }
                 // A forgotten session's tokens are no longer looked for; its files go at the
                 // next rescan.
-                credentials.forget_session(key);
+                for key in &keys {
+                    credentials.forget_session(*key);
+                }
                 let mut maps = maps.lock().await;
-                maps.forget(key);
+                maps.forget(&keys);
                 let tokens_known = maps.sync_token_hashes(credentials.seed(), &credentials.token_hashes());
                 probes.lock().unwrap_or_else(|p| p.into_inner()).set_tokens_known(tokens_known);
             }

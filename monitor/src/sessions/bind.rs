@@ -248,10 +248,11 @@ impl KernelMaps {
         self.sync_cgroup_count().map_err(|e| BindError::Map("CONFIG", e))
     }
 
-    /// Tells the probes how many cgroups are bound: with none, they skip the cgroup lookup.
+    /// Tells the probes whether any cgroup is bound: with none, they skip the cgroup lookup.
+    /// (One key is looked for, not all counted: a node binds thousands of pods' cgroups.)
     pub fn sync_cgroup_count(&mut self) -> Result<(), aya::maps::MapError> {
-        let count = self.cgroup_sessions.keys().filter(Result::is_ok).count() as u64;
-        self.config.set(CONFIG_CGROUP_BINDINGS, count, 0)
+        let any = self.cgroup_sessions.keys().next().is_some_and(|k| k.is_ok());
+        self.config.set(CONFIG_CGROUP_BINDINGS, any as u64, 0)
     }
 }
 

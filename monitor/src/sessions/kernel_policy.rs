@@ -173,15 +173,22 @@ impl KernelMaps {
         }
     }
 
-    /// Drops everything the kernel holds for a forgotten session.
-    pub fn forget(&mut self, key: SessionKey) {
-        let _ = self.session_policy.remove(&key);
-        let nets: Vec<_> =
-            self.scope_nets.keys().filter_map(Result::ok).filter(|k| k.data().session == key.to_ne_bytes()).collect();
+    /// Drops everything the kernel holds for forgotten sessions, in one walk of each map.
+    pub fn forget(&mut self, keys: &std::collections::HashSet<SessionKey>) {
+        for key in keys {
+            let _ = self.session_policy.remove(key);
+        }
+        let nets: Vec<_> = self
+            .scope_nets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| keys.contains(&SessionKey::from_ne_bytes(k.data().session)))
+            .collect();
         for k in nets {
             let _ = self.scope_nets.remove(&k);
         }
-        let names: Vec<NameKey> = self.scope_names.keys().filter_map(Result::ok).filter(|k| k.session == key).collect();
+        let names: Vec<NameKey> =
+            self.scope_names.keys().filter_map(Result::ok).filter(|k| keys.contains(&k.session)).collect();
         for k in names {
             let _ = self.scope_names.remove(&k);
         }
@@ -190,7 +197,7 @@ impl KernelMaps {
             .cgroup_sessions
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, session)| *session == key)
+            .filter(|(_, session)| keys.contains(session))
             .map(|(cgroup, _)| cgroup)
             .collect();
         for cgroup in &cgroups {
