@@ -426,6 +426,9 @@ fn the_helm_chart_is_valid_least_privilege_and_enough() {
         .args(["--key-file"])
         .arg(dir.path("none.key"))
         .args(["--spool-dir", spool.to_str().unwrap()])
+        // Nothing of this machine's default pin directory or state is touched by a test.
+        .args(["--no-pin", "--state-dir"])
+        .arg(dir.path("none-state"))
         .output()
         .unwrap();
     assert!(!o.status.success());
