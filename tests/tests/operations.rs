@@ -347,7 +347,7 @@ fn the_helm_chart_is_valid_least_privilege_and_enough() {
         .skip(1)
         .map_while(|l| l.trim().strip_prefix("- ").map(str::to_string))
         .collect();
-    assert_eq!(added, ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"], "{rendered}");
+    assert_eq!(added, ["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"], "{rendered}");
 
     // The chart's agent.toml is one the agent takes (its node paths replaced by the test's).
     let toml: String = rendered
@@ -795,7 +795,7 @@ fn the_image_runs_the_agent_as_the_chart_does() {
         "--read-only",
         "--cap-drop=ALL",
     ];
-    for cap in ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"] {
+    for cap in ["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"] {
         run.extend(["--cap-add", cap]);
     }
     for m in &mounts {
