@@ -127,6 +127,11 @@ pub struct ProcessRef {
     pub session: Option<ProcessSession>,
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub in_session: bool,
+    /// Its Unix session (`getsid`), where the kernel reported it (a token found at an exec):
+    /// the terminal session or job an analyst traces the process back to, and a lineage alerts
+    /// fold by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<u32>,
 }
 
 fn yes() -> bool {

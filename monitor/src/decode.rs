@@ -62,6 +62,8 @@ pub enum Decoded<'a> {
         ts: Nanos,
         session: SessionKey,
         actor: Actor,
+        /// The connection, as for [`Decoded::Payload`]: the reads of one response follow it.
+        conn: u64,
         data: &'a [u8],
     },
     /// An executable file exec'd for the first time (by any process): one to look at for TLS
@@ -180,13 +182,13 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
             let held = (record.len() - data_at - 4).min(PAYLOAD_CAP);
             let data = &record[data_at + 4..data_at + 4 + len.min(held)];
             let tls = source != PAYLOAD_TCP;
+            let conn_at = core::mem::offset_of!(PayloadEvent, conn);
+            let conn = u64::from_ne_bytes(record[conn_at..conn_at + 8].try_into().unwrap_or([0; 8]));
             if source == PAYLOAD_SSL_READ {
-                return Ok(Decoded::Received { ts, session, actor: actor(&record[comm_at..comm_at + 16]), data });
+                return Ok(Decoded::Received { ts, session, actor: actor(&record[comm_at..comm_at + 16]), conn, data });
             }
             let dst = (!tls && port != 0).then(|| std::net::SocketAddr::new(unmap(addr), port));
             let u32_at = |at: usize| u32::from_ne_bytes(record[at..at + 4].try_into().unwrap_or([0; 4]));
-            let conn_at = core::mem::offset_of!(PayloadEvent, conn);
-            let conn = u64::from_ne_bytes(record[conn_at..conn_at + 8].try_into().unwrap_or([0; 8]));
             let h2 = record[core::mem::offset_of!(PayloadEvent, flags)] & PAYLOAD_FLAG_H2 != 0;
             let seq = (!tls).then(|| u32_at(core::mem::offset_of!(PayloadEvent, seq)));
             let total_len = (u32_at(core::mem::offset_of!(PayloadEvent, total_len)) as usize).max(data.len());

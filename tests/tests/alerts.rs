@@ -29,9 +29,11 @@ fn counts(alerts: &[Value], rule: &str) -> BTreeMap<String, u64> {
     out
 }
 
-/// The operator's shell exports the token and runs the task: while it is active, the commands
-/// it runs carry the token and raise nothing. After the end, 50 execs carrying it are one
-/// token_after_task_end (past the grace period) whose update counts them all.
+/// The operator's shell (a terminal: a Unix session of its own) exports the token and runs the
+/// task: while it is active, the commands it runs carry the token and raise nothing. After the
+/// end, 50 execs carrying it are one token_after_task_end (past the grace period) whose update
+/// counts them all, and so are 10 more run two subshells deep, whose parents the agent never saw
+/// (processes outside sessions have no chain): the terminal's Unix session is their lineage.
 #[test]
 fn the_launcher_holds_the_token_and_a_flood_after_the_end_is_one_alert() {
     let t = Creds::start("alerts-launcher", &[]);
@@ -47,14 +49,23 @@ fn the_launcher_holds_the_token_and_a_flood_after_the_end_is_one_alert() {
          touch {during}
          wait
          sleep 1.5
-         i=0; while [ $i -lt 50 ]; do /bin/true; i=$((i+1)); done",
+         i=0; while [ $i -lt 50 ]; do /bin/true; i=$((i+1)); done
+         i=0; while [ $i -lt 5 ]; do ( ( /bin/true; /bin/true ); /bin/true ); i=$((i+1)); done",
         monitor = monitor.display(),
         session = session.display(),
         started = started.display(),
         done = done.display(),
         during = during.display(),
     );
-    let mut launcher = t.command(&script, &[("BOT_TOKEN", &token)]).spawn().unwrap();
+    let mut terminal = t.command(&script, &[("BOT_TOKEN", &token)]);
+    // SAFETY: setsid is async-signal-safe; the child only calls it before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut terminal, || match libc::setsid() {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        });
+    }
+    let mut launcher = terminal.spawn().unwrap();
     wait_for("the launcher's commands during the task", || during.exists().then_some(()), || t.agent.diagnostics());
     // They were seen (token uses in the event log), and raised nothing.
     wait_for(
@@ -69,8 +80,8 @@ fn the_launcher_holds_the_token_and_a_flood_after_the_end_is_one_alert() {
     assert!(launcher.wait().unwrap().success());
     assert!(t.alerts_of("token_outside_session").is_empty(), "{}", t.agent.diagnostics());
 
-    let update = t.agent.wait_alert("token_after_task_end with count >= 50", |a| {
-        a["rule"] == "token_after_task_end" && a["count"].as_u64().unwrap_or(0) >= 50
+    let update = t.agent.wait_alert("token_after_task_end with count >= 65", |a| {
+        a["rule"] == "token_after_task_end" && a["count"].as_u64().unwrap_or(0) >= 65
     });
     let all = t.agent.alerts();
     let ids = counts(&all, "token_after_task_end");
@@ -79,6 +90,7 @@ fn the_launcher_holds_the_token_and_a_flood_after_the_end_is_one_alert() {
     assert!(sent <= 3, "the first alert and few updates, not 50 alerts: {sent}");
     assert_eq!(update["session"]["id"], "launch-1");
     assert!(update["pids"].as_array().unwrap().len() >= 50);
+    assert!(update["process"]["sid"].as_u64().is_some_and(|sid| sid > 1), "the terminal's Unix session: {update}");
     assert!(update["first_seen"].as_str().unwrap() < update["last_seen"].as_str().unwrap());
     t.assert_never_output(&token);
 }

@@ -281,7 +281,10 @@ fn tokens_from_a_stripped_go_binary_and_from_wget_over_gnutls_after_the_end() {
 
 /// A token endpoint (RFC 6749 §5.1) over TLS on 127.0.0.2: POST gives a fresh access token as
 /// JSON (and writes it where the test can read it, to search the outputs for it); any other
-/// request is answered 200.
+/// request is answered 200. The response is longer than one kernel capture (4 KiB) and the token
+/// comes after the first 4 KiB of the body, as in a response whose long id_token or scope list
+/// comes first: the clients read it in more than one piece (Go's reader takes 4 KiB at a time),
+/// which the agent joins again.
 const TOKEN_ENDPOINT: &str = r#"
 import http.server, json, secrets, ssl, sys
 port, cert, key, issued = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -292,7 +295,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         token = "at-" + secrets.token_urlsafe(24)
         with open(issued, "a") as f:
             f.write(token + "\n")
-        body = json.dumps({"access_token": token, "token_type": "Bearer", "expires_in": 3600}).encode()
+        scope = " ".join("refunds:%d:write" % i for i in range(400))
+        body = json.dumps({"scope": scope, "access_token": token, "token_type": "Bearer", "expires_in": 3600}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

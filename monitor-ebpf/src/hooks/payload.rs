@@ -293,10 +293,23 @@ fn emit_read(conn: u64, buf: u64, len: i32) {
     let Some(key) = session::of_current(tgid) else { return };
     if len as usize <= PAYLOAD_SMALL_CAP {
         emit_tls_write::<PAYLOAD_SMALL_CAP>(buf, len, PAYLOAD_SSL_READ, key, conn, 0);
-    } else {
-        emit_tls_write::<PAYLOAD_CAP>(buf, len, PAYLOAD_SSL_READ, key, conn, 0);
+        return;
+    }
+    // A read longer than one capture (a whole 16 KiB TLS record holding a response with long
+    // JWTs) goes out as consecutive captures, which userspace joins again.
+    let mut chunk = 0;
+    while chunk < READ_CAPTURES {
+        let offset = chunk * PAYLOAD_CAP as i32;
+        if offset >= len {
+            break;
+        }
+        emit_tls_write::<PAYLOAD_CAP>(buf + offset as u64, len - offset, PAYLOAD_SSL_READ, key, conn, 0);
+        chunk += 1;
     }
 }
+
+/// Captures one TLS read gives at most (16 KiB: a TLS record's plaintext).
+const READ_CAPTURES: i32 = 4;
 
 /// A `size_t` length as the `int` the capture works with (a write over 2 GiB is reported as
 /// one of 2 GiB: only its start is read).

@@ -218,6 +218,8 @@ pub struct Observer {
     /// Token uses from TLS writes whose connection's peer is not known yet: it follows the write
     /// in the ring buffer, from the first segment the write sends.
     awaiting_peer: Vec<((u32, u64), Event)>,
+    /// The token responses session processes are reading, until each is whole.
+    responses: token_response::Responses,
 }
 
 /// TLS connections whose peer is remembered; past this the table starts over.
@@ -239,6 +241,7 @@ impl Observer {
             h2: h2::Connections::default(),
             tls_peers: HashMap::new(),
             awaiting_peer: Vec::new(),
+            responses: token_response::Responses::default(),
         }
     }
 
@@ -284,6 +287,10 @@ impl Observer {
                 }
                 events
             }
+            Decoded::Event(Event::Exit(exit)) => {
+                self.responses.forget_pid(exit.pid);
+                vec![Event::Exit(exit)]
+            }
             Decoded::Event(event) => vec![event],
             // The reader hands these to the executable probes (agent/executables.rs).
             Decoded::Executable { .. } | Decoded::Nothing => Vec::new(),
@@ -297,7 +304,7 @@ impl Observer {
                 self.awaiting_peer = waiting;
                 ready.into_iter().map(|(_, event)| with_dst(event, dst)).collect()
             }
-            Decoded::Received { ts, session, actor, data } => self.received(ts, session, actor, data),
+            Decoded::Received { ts, session, actor, conn, data } => self.received(ts, session, actor, conn, data),
             Decoded::FileOpen { ts, session, actor, dev, ino, fd, write } => {
                 // An inode no longer watched (the list changed since the kernel saw it) is dropped.
                 let Some(path) = self.index.path_of(dev, ino) else { return Vec::new() };
@@ -376,11 +383,12 @@ impl Observer {
     }
 
     /// The tokens of a token response a session process received: each becomes the session's.
-    fn received(&self, ts: u64, session: SessionKey, actor: Actor, data: &[u8]) -> Vec<Event> {
+    fn received(&mut self, ts: u64, session: SessionKey, actor: Actor, conn: u64, data: &[u8]) -> Vec<Event> {
         if session == 0 || !self.learn_tokens {
             return Vec::new();
         }
-        token_response::tokens(data)
+        self.responses
+            .read(ts, actor.pid, conn, data)
             .into_iter()
             .map(|(field, value)| {
                 let fingerprint = self.key.fingerprint(value.as_bytes());

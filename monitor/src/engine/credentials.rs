@@ -72,7 +72,8 @@ impl Engine {
     /// what the credential probe said about it.
     fn actor_process(&self, session: SessionKey, actor: &Actor) -> Option<ProcessRef> {
         let known = self.procs.live(actor.pid).filter(|s| self.procs.get(*s).is_some_and(|p| p.session == session));
-        if let Some(p) = known.and_then(|s| self.procs.describe(s)) {
+        if let Some(mut p) = known.and_then(|s| self.procs.describe(s)) {
+            p.sid = actor.sid;
             return Some(p);
         }
         Some(ProcessRef {
@@ -86,6 +87,7 @@ impl Engine {
             chain: Vec::new(),
             session: None,
             in_session: true,
+            sid: actor.sid,
         })
     }
 

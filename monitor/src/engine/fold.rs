@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use crate::{
-    alert::{rfc3339, Alert, MAX_FOLDED_PIDS},
+    alert::{rfc3339, Alert, ProcessRef, MAX_FOLDED_PIDS},
     event::Nanos,
     rules::Rule,
 };
@@ -65,6 +65,11 @@ struct Fold {
     lineage: BTreeSet<u32>,
     /// The first raiser's parent: its later children (a loop in one shell) are the lineage too.
     parent: u32,
+    /// The first raiser's Unix session, when it is a session of its own (a terminal, a job
+    /// started with setsid), not init's: everything run from that terminal is the lineage too,
+    /// down any depth of subshells, which the parent alone misses for processes outside
+    /// sessions (the engine knows no ancestors for them).
+    sid: Option<u32>,
     /// The occurrence not yet sent that came first, if any.
     unsent_since: Option<Nanos>,
 }
@@ -78,6 +83,7 @@ impl Fold {
         self.lineage.contains(&p.pid)
             || self.lineage.contains(&p.ppid)
             || (p.ppid > 1 && p.ppid == self.parent)
+            || (self.sid.is_some() && own_unix_session(p) == self.sid)
             || p.chain.iter().any(|a| self.lineage.contains(&a.pid))
     }
 
@@ -99,6 +105,12 @@ impl Fold {
     fn take_update(&mut self) -> Option<Alert> {
         self.unsent_since.take().map(|_| self.alert.clone())
     }
+}
+
+/// A process's Unix session when it is a lineage: not init's (0, 1), where every process of a
+/// CI runner or container that never called setsid shares one.
+fn own_unix_session(p: &ProcessRef) -> Option<u32> {
+    p.sid.filter(|&sid| sid > 1)
 }
 
 /// The findings folded so far.
@@ -153,12 +165,20 @@ impl Folds {
             let mut oldest = self.open.remove(0);
             out.extend(oldest.take_update());
         }
-        let (lineage, parent) = match &alert.process {
-            Some(p) => (BTreeSet::from([p.pid]), p.ppid),
-            None => (BTreeSet::new(), 0),
+        let (lineage, parent, sid) = match &alert.process {
+            Some(p) => (BTreeSet::from([p.pid]), p.ppid, own_unix_session(p)),
+            None => (BTreeSet::new(), 0, None),
         };
         self.wake_by(alert.ts.saturating_add(window));
-        self.open.push(Fold { key, first_ts: alert.ts, lineage, parent, unsent_since: None, alert: alert.clone() });
+        self.open.push(Fold {
+            key,
+            first_ts: alert.ts,
+            lineage,
+            parent,
+            sid,
+            unsent_since: None,
+            alert: alert.clone(),
+        });
         out.push(alert);
     }
 

@@ -7,13 +7,14 @@
 //! - Several names may share an address (virtual hosts, a CDN): all of them count.
 //! - A name holds for its DNS TTL, at least [`MIN_HOLD_NS`] (a TTL of 0 still covers the connect
 //!   right after the answer), or [`RESOLVED_TTL_NS`] where the source has no TTL, the same time
-//!   the kernel allows the addresses of an enforcing session's names.
+//!   the kernel allows the addresses of an enforcing session's names. A hosts-file name holds
+//!   for the session's life.
 
 use std::{collections::HashMap, net::IpAddr};
 
 use monitor_common::RESOLVED_TTL_NS;
 
-use crate::event::{Nanos, Resolve};
+use crate::event::{NameSource, Nanos, Resolve};
 
 /// The least time a DNS answer's name holds for its addresses.
 pub const MIN_HOLD_NS: Nanos = 30 * 1_000_000_000;
@@ -41,17 +42,27 @@ impl Names {
         if name.is_empty() || name.parse::<IpAddr>().is_ok() {
             return;
         }
-        let hold = match r.ttl_secs {
-            Some(ttl) => (ttl as Nanos * 1_000_000_000).max(MIN_HOLD_NS),
-            None => RESOLVED_TTL_NS,
+        let until = match (r.source, r.ttl_secs) {
+            // The hosts file does not expire: its names hold for the session's life, as the
+            // kernel allows their addresses until the session's own expiry.
+            (NameSource::Hosts, _) => Nanos::MAX,
+            (_, Some(ttl)) => r.ts.saturating_add((ttl as Nanos * 1_000_000_000).max(MIN_HOLD_NS)),
+            (_, None) => r.ts.saturating_add(RESOLVED_TTL_NS),
         };
-        let until = r.ts.saturating_add(hold);
         for addr in &r.addrs {
             if !self.by_addr.contains_key(addr) && self.by_addr.len() >= ADDRESSES {
                 self.make_room(r.ts);
             }
             let names = self.by_addr.entry(*addr).or_default();
-            names.retain(|l| l.name != name);
+            // A name learnt again keeps the longer of its holds (a DNS answer for a name the
+            // hosts file also gives does not shorten it).
+            let mut until = until;
+            names.retain(|l| {
+                if l.name == name {
+                    until = until.max(l.until);
+                }
+                l.name != name
+            });
             names.push(Learnt { name: name.clone(), at: r.ts, until });
             if names.len() > NAMES_PER_ADDRESS {
                 names.remove(0);
@@ -86,7 +97,6 @@ impl Names {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::NameSource;
 
     const S: Nanos = 1_000_000_000;
 
@@ -133,6 +143,19 @@ mod tests {
         // getaddrinfo gives no TTL: the kernel's hold for resolved addresses.
         names.learn(&resolve(S, "gai.example.test", "10.0.0.1", None));
         assert_eq!(names.of(addr, S + RESOLVED_TTL_NS - 1), ["gai.example.test"]);
+    }
+
+    #[test]
+    fn a_hosts_file_name_holds_for_the_session_s_life() {
+        let mut names = Names::default();
+        let addr: IpAddr = "127.0.0.2".parse().unwrap();
+        let hosts = Resolve { source: NameSource::Hosts, ..resolve(S, "api.example.test", "127.0.0.2", None) };
+        names.learn(&hosts);
+        // A day later (a Go client, whose resolver reads the hosts file without getaddrinfo).
+        assert_eq!(names.of(addr, S + 86_400 * S), ["api.example.test"]);
+        // A short DNS answer for the same name does not shorten it.
+        names.learn(&resolve(2 * S, "api.example.test", "127.0.0.2", Some(5)));
+        assert_eq!(names.of(addr, S + 86_400 * S), ["api.example.test"]);
     }
 
     #[test]

@@ -152,6 +152,7 @@ impl ProcTable {
             chain,
             session: None,
             in_session: true,
+            sid: None,
         })
     }
 }

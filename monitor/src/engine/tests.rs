@@ -683,6 +683,33 @@ mod credentials {
         assert_eq!((stop[0].fold, stop[0].count), (first[0].fold, 2));
     }
 
+    /// Outside sessions the engine knows no ancestors: a command run from a subshell of the
+    /// terminal that raised the finding folds by the terminal's Unix session; in init's session
+    /// (0, 1), shared by everything a CI runner starts, the session is no lineage.
+    #[test]
+    fn a_terminal_session_is_one_lineage_but_init_s_is_not() {
+        let in_sid = |e: Event, sid: u32| match e {
+            Event::TokenUse(mut t) => {
+                t.actor.sid = Some(sid);
+                Event::TokenUse(t)
+            }
+            e => e,
+        };
+        for (sid, folded) in [(4000, true), (0, false), (1, false)] {
+            let mut engine = folding(60 * S);
+            for e in task() {
+                engine.handle(&e);
+            }
+            engine.handle(&exit(2 * S, ROOT));
+            let first = engine.handle(&in_sid(env_exec(10 * S, 5000, 4000), sid));
+            // A grandchild of the terminal by a subshell (pid 5100, never seen).
+            let deeper = engine.handle(&in_sid(env_exec(10 * S + 1, 5101, 5100), sid));
+            assert_eq!(first.len(), 1);
+            assert_eq!(deeper.is_empty(), folded, "session {sid}: {deeper:#?}");
+            assert_eq!(first[0].process.as_ref().unwrap().sid, Some(sid), "the alert names the Unix session");
+        }
+    }
+
     #[test]
     fn folding_off_sends_every_occurrence() {
         let mut engine = folding(0);
