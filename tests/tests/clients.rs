@@ -451,7 +451,8 @@ fn a_token_wget_obtained_during_the_task_and_used_after_the_end_is_learnt() {
 }
 
 /// `gettoken URL OUT`: a Go client of a token endpoint (client credentials grant) that saves the
-/// response body; without arguments it exits at once.
+/// response body; without arguments it exits at once. It speaks HTTP/2 where the server offers
+/// it (ALPN), HTTP/1.1 otherwise.
 const GO_GET_TOKEN: &str = r#"package main
 
 import (
@@ -466,7 +467,8 @@ func main() {
 	if len(os.Args) < 3 {
 		os.Exit(2)
 	}
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	transport := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, ForceAttemptHTTP2: true}
+	client := &http.Client{Transport: transport}
 	resp, err := client.PostForm(os.Args[1], url.Values{"grant_type": {"client_credentials"}})
 	if err != nil {
 		os.Exit(1)
@@ -505,5 +507,48 @@ fn a_token_a_go_client_obtained_during_the_task_and_used_after_the_end_is_learnt
     });
     assert_eq!(alert["credential"]["learned"], true, "{alert}");
     let token = fs::read_to_string(&issued).unwrap().trim().to_string();
+    t.assert_never_output(&token);
+}
+
+/// A Go client gets its token over HTTP/2: Go's header block starts with `:authority`, a literal,
+/// and `:method` follows it, so the kernel steps over the first field to tell the POST whose
+/// response is read. The job left behind uses the token with curl over HTTP/2 after the end.
+#[test]
+fn a_token_a_go_client_obtained_over_http2_during_the_task_and_used_after_the_end_is_learnt() {
+    let t =
+        Creds::start("clients-oauth-go-h2", &["--enable-probe", "go_tls_read", "--enable-probe", "go_tls_read_ret"]);
+    let dir = &t.agent.dir;
+    let gettoken = dir.path("gettoken");
+    fs::copy(go::build("gettoken", GO_GET_TOKEN, ""), &gettoken).unwrap();
+    first_run_in_a_session(&t, &gettoken);
+    let server = nghttpd(dir, "127.0.0.2", true);
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let token = format!("at-go-h2-{nonce:x}-{}", std::process::id());
+    fs::write(dir.path("docroot/token"), format!("{{\"access_token\":\"{token}\",\"token_type\":\"Bearer\"}}"))
+        .unwrap();
+    let (saved, header) = (dir.path("token.json"), dir.path("auth.header"));
+    let session = session_file(dir, "oauth-go-h2", "grace: 1s\n");
+    let script = format!(
+        "{gettoken} https://127.0.0.2:{port}/token {saved} && \
+         (sleep 2; python3 -c 'import json, sys; print(\"Authorization: Bearer \" + json.load(open(sys.argv[1]))[\"access_token\"])' \
+         {saved} > {header}; curl -sk --http2 -H @{header} https://127.0.0.2:{port}/refunds) > /dev/null 2>&1 &",
+        gettoken = gettoken.display(),
+        saved = saved.display(),
+        header = header.display(),
+        port = server.port
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let received = t
+        .agent
+        .wait_event("the token response Go read over HTTP/2", |e| e["type"] == "token_use" && e["via"] == "received");
+    assert_eq!(received["actor"]["comm"], "gettoken");
+    let alert = t.agent.wait_alert("token_after_task_end for the token Go got over HTTP/2", |a| {
+        a["rule"] == "token_after_task_end"
+            && a["session"]["id"] == "oauth-go-h2"
+            && a["credential"]["seen_in"] == "https"
+    });
+    assert_eq!(alert["credential"]["learned"], true, "{alert}");
+    assert_eq!(alert["credential"]["fingerprint"], received["credential"]["fingerprint"]);
     t.assert_never_output(&token);
 }

@@ -67,8 +67,7 @@ const H2_PREFACE_LEN: usize = 24;
 
 /// For an HTTP/2 write (`at` past the preface if it has one): whether the first HEADERS frame in
 /// it opens a POST (Some(true)), another request (Some(false)), or cannot be told (None: no
-/// HEADERS frame among its first frames, or the method is not the block's first field, or is
-/// not indexed).
+/// HEADERS frame among its first frames, or see [`hpack_method_is_post`]).
 #[inline(always)]
 fn h2_request_is_post(buf: u64, mut at: usize, len: usize) -> Option<bool> {
     for _ in 0..H2_FRAMES_WALKED {
@@ -89,16 +88,70 @@ fn h2_request_is_post(buf: u64, mut at: usize, len: usize) -> Option<bool> {
         if frame[4] & H2_FLAG_PRIORITY != 0 {
             block += 5;
         }
-        if block >= len {
+        return hpack_method_is_post(buf, block, len);
+    }
+    None
+}
+
+/// Header fields looked through for `:method` at the start of a header block. Pseudo-header
+/// fields come first (RFC 9113 §8.3) but in any order: Go sends `:authority` before `:method`.
+const HPACK_FIELDS_WALKED: usize = 4;
+/// The static table's two `:method` entries (RFC 7541 App. A), as a literal field's name index.
+const HPACK_NAME_METHOD: [u8; 2] = [2, 3];
+
+/// Whether the header block at `at` is a POST's (Some(true)), another method's (Some(false)), or
+/// cannot be told cheaply (None). Indexed fields (one byte) and literal fields with an indexed
+/// name and a short value are stepped over; `:method` as a literal is read as such. A new name, a
+/// multi-byte index or length, or a Huffman-coded method ends the walk (no encoder sends POST or
+/// GET that way: both are in the static table).
+#[inline(always)]
+fn hpack_method_is_post(buf: u64, mut at: usize, len: usize) -> Option<bool> {
+    for _ in 0..HPACK_FIELDS_WALKED {
+        if at >= len {
+            return None;
+        }
+        // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
+        let first = unsafe { bpf_probe_read_user((buf + at as u64) as *const u8) }.ok()?;
+        let name = match first {
+            HPACK_METHOD_POST => return Some(true),
+            HPACK_METHOD_GET => return Some(false),
+            // Another indexed field (`:scheme`, `:path`, an entry of the dynamic table).
+            0x80..=0xfe => {
+                at += 1;
+                continue;
+            }
+            // A dynamic table size update (001xxxxx), one byte below 31.
+            0x20..=0x3e => {
+                at += 1;
+                continue;
+            }
+            // Literal with incremental indexing (01xxxxxx), 6-bit name index.
+            0x41..=0x7e => first & 0x3f,
+            // Literal without indexing (0000xxxx) or never indexed (0001xxxx), 4-bit name index.
+            0x01..=0x0e | 0x11..=0x1e => first & 0x0f,
+            _ => return None,
+        };
+        if at + 1 >= len {
             return None;
         }
         // SAFETY: as above.
-        let first = unsafe { bpf_probe_read_user((buf + block as u64) as *const u8) }.ok()?;
-        return match first {
-            HPACK_METHOD_POST => Some(true),
-            HPACK_METHOD_GET => Some(false),
-            _ => None,
-        };
+        let length = unsafe { bpf_probe_read_user((buf + at as u64 + 1) as *const u8) }.ok()?;
+        if length & 0x7f == 0x7f {
+            return None;
+        }
+        let value_len = (length & 0x7f) as usize;
+        if name == HPACK_NAME_METHOD[0] || name == HPACK_NAME_METHOD[1] {
+            if length & 0x80 != 0 {
+                return None;
+            }
+            if value_len != 4 {
+                return Some(false);
+            }
+            // SAFETY: as above.
+            let method = unsafe { bpf_probe_read_user((buf + at as u64 + 2) as *const [u8; 4]) }.ok()?;
+            return Some(method == *b"POST");
+        }
+        at += 2 + value_len;
     }
     None
 }
