@@ -319,19 +319,30 @@ pub const DNS_CAP: usize = 1024;
 
 /// A DNS message received from port 53 by a socket a session process sent a query from (UDP, or
 /// one TCP segment that holds a whole message): userspace reads the names and addresses in it.
+/// Or, with [`DNS_TCP_PIECE`], a TCP segment that holds part of the stream (a length prefix sent
+/// on its own, a message over several segments): userspace joins the pieces by `seq`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DnsAnswerEvent {
     pub header: EventHeader,
     /// IPPROTO_UDP (17) or IPPROTO_TCP (6).
     pub transport: u8,
-    pub _pad0: [u8; 3],
-    /// Length of the whole message (`data` holds at most [`DNS_CAP`] bytes of it).
+    /// [`DNS_TCP_PIECE`] or 0.
+    pub flags: u8,
+    pub _pad0: [u8; 2],
+    /// Length of the whole message, or of the segment's payload for a piece (`data` holds at
+    /// most [`DNS_CAP`] bytes of it).
     pub total_len: u32,
+    /// The receiving socket (its cookie): the stream a piece belongs to.
+    pub socket: u64,
+    /// The TCP sequence number of the segment's first payload byte (TCP only).
+    pub seq: u32,
     pub data: Bytes<DNS_CAP>,
-    pub _pad1: u32,
 }
-const _: () = assert!(core::mem::size_of::<DnsAnswerEvent>() == 48 + 8 + 4 + DNS_CAP + 4);
+const _: () = assert!(core::mem::size_of::<DnsAnswerEvent>() == 48 + 8 + 8 + 4 + 4 + DNS_CAP);
+
+/// [`DnsAnswerEvent::flags`]: the data is a TCP segment's payload, not a whole message.
+pub const DNS_TCP_PIECE: u8 = 1;
 
 /// The TCP peer of a TLS connection (`conn` as in [`PayloadRecord::conn`]): seen when the first
 /// segment a reported TLS write made leaves the host, from the same thread.

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use monitor_common::{
     ConnectEvent, ConnectResultEvent, CredChangeEvent, DnsAnswerEvent, EnvTokenEvent, EventHeader, EventKind,
     ExecEvent, ExecutableEvent, ExitEvent, FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, TlsPeerEvent,
-    CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, HOOK_CONNECT, PAYLOAD_CAP,
+    CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, DNS_TCP_PIECE, HOOK_CONNECT, PAYLOAD_CAP,
     PAYLOAD_FLAG_H2, PAYLOAD_SSL_READ, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED,
     VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
@@ -66,6 +66,22 @@ pub enum Decoded<'a> {
         conn: u64,
         data: &'a [u8],
     },
+    /// A segment of a DNS-over-TCP stream a session process receives: one whole message
+    /// without its length prefix (`whole`), or a piece of the stream, which
+    /// [`crate::dns::TcpStreams`] joins into messages (by `seq`, so the whole ones count too).
+    DnsPiece {
+        ts: Nanos,
+        session: SessionKey,
+        pid: u32,
+        /// The receiving socket's cookie.
+        socket: u64,
+        seq: u32,
+        /// The segment's payload length (without the length prefix of a whole message);
+        /// `data` may hold only its start.
+        total_len: usize,
+        whole: bool,
+        data: &'a [u8],
+    },
     /// An executable file exec'd for the first time (by any process): one to look at for TLS
     /// code to probe. Not an event of the engine.
     Executable {
@@ -116,6 +132,9 @@ impl Clock {
 }
 
 /// Decodes one ring-buffer record.
+/// DnsAnswerEvent::transport of DNS over TCP.
+const IPPROTO_TCP: u8 = 6;
+
 pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
     let header: EventHeader = read(record).ok_or(DecodeError::Short(record.len()))?;
     if header.version != WIRE_VERSION {
@@ -212,16 +231,22 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
         }
         EventKind::DnsAnswer => {
             let e: DnsAnswerEvent = read_sized(record, kind)?;
+            if e.transport == IPPROTO_TCP {
+                let data_at = core::mem::offset_of!(DnsAnswerEvent, data) + 4;
+                let data = &record[data_at..data_at + e.data.as_slice().len()];
+                return Ok(Decoded::DnsPiece {
+                    ts,
+                    session,
+                    pid: header.tgid,
+                    socket: e.socket,
+                    seq: e.seq,
+                    total_len: e.total_len as usize,
+                    whole: e.flags & DNS_TCP_PIECE == 0,
+                    data,
+                });
+            }
             let Some(answer) = crate::dns::answer(e.data.as_slice()) else { return Ok(Decoded::Nothing) };
-            return Ok(Decoded::Event(Event::Resolve(Resolve {
-                ts,
-                session,
-                pid: header.tgid,
-                name: answer.name,
-                addrs: answer.addrs,
-                source: crate::event::NameSource::Dns,
-                ttl_secs: Some(answer.ttl_secs),
-            })));
+            return Ok(Decoded::Event(Event::Resolve(crate::dns::resolve(ts, session, header.tgid, answer))));
         }
         EventKind::Executable => {
             let e: ExecutableEvent = read_sized(record, kind)?;

@@ -209,3 +209,96 @@ fn an_enforcing_session_reaches_the_in_scope_names_its_resolver_answers() {
     assert_eq!(alert["network"]["dst_ip"], "127.0.0.10");
     assert_eq!(out_of_scope(&t, "dns-enforce").len(), 1, "{}", t.agent.diagnostics());
 }
+
+/// A DNS server over TCP (RFC 7766) that answers in pieces, as a server that writes the length
+/// prefix on its own and the message in two writes does: three segments, not one whole message.
+/// `dns_tcp_pieces.py ADDR NAME=IP...`.
+const DNS_TCP_PIECES: &str = r#"
+import socket, struct, sys, time
+addr, answers = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((addr, 53))
+server.listen()
+def exactly(c, n):
+    b = b""
+    while len(b) < n:
+        more = c.recv(n - len(b))
+        if not more:
+            return None
+        b += more
+    return b
+while True:
+    c, _ = server.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    head = exactly(c, 2)
+    query = head and exactly(c, struct.unpack(">H", head)[0])
+    if not query:
+        c.close()
+        continue
+    i, labels = 12, []
+    while query[i]:
+        labels.append(query[i + 1:i + 1 + query[i]].decode())
+        i += 1 + query[i]
+    ip = answers.get(".".join(labels))
+    body = struct.pack(">HHHHHH", struct.unpack(">H", query[:2])[0], 0x8180, 1, 1 if ip else 0, 0, 0) + query[12:i + 5]
+    if ip:
+        body += struct.pack(">HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(ip)
+    for piece in (struct.pack(">H", len(body)), body[:10], body[10:]):
+        c.sendall(piece)
+        time.sleep(0.02)
+    c.close()
+"#;
+
+/// A tool that speaks DNS itself, over TCP (no getaddrinfo, no resolv.conf), then connects by
+/// the address: `dns_tcp_connect.py SERVER NAME PORT`.
+const DNS_TCP_CONNECT: &str = r#"
+import socket, struct, sys
+server, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+query = struct.pack(">HHHHHH", 0x4711, 0x0100, 1, 0, 0, 0)
+query += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.create_connection((server, 53))
+s.sendall(struct.pack(">H", len(query)) + query)
+def exactly(n):
+    b = b""
+    while len(b) < n:
+        b += s.recv(n - len(b))
+    return b
+answer = exactly(struct.unpack(">H", exactly(2))[0])
+socket.create_connection((socket.inet_ntoa(answer[-4:]), port)).close()
+"#;
+
+/// Names from DNS answers over TCP that arrive in pieces (a length prefix on its own, a message
+/// over two segments): the agent joins the stream, so the in-scope name raises nothing and the
+/// out-of-scope one is named on its alert.
+#[test]
+fn names_from_dns_over_tcp_answers_in_pieces() {
+    let t = Creds::start("names-dns-tcp", &[]);
+    let (allowed, denied) = (tcp_listener("127.0.0.11"), tcp_listener("127.0.0.12"));
+    let server = t.agent.dir.write("dns_tcp_pieces.py", DNS_TCP_PIECES);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&server).args(["127.0.0.57", "api.example.test=127.0.0.11", "evil.example.test=127.0.0.12"]);
+    let _dns = Server::spawn(&t.agent.dir, "dns-tcp.log", cmd, "127.0.0.57", 53);
+    let client = t.agent.dir.write("dns_tcp_connect.py", DNS_TCP_CONNECT);
+    let session = session_file(
+        &t.agent.dir,
+        "dns-tcp",
+        &format!("grace: 1s\nscope:\n  connect: [\"api.example.test:{allowed}\", \"127.0.0.57:53\"]\n"),
+    );
+    let script = format!(
+        "python3 {c} 127.0.0.57 api.example.test {allowed} && python3 {c} 127.0.0.57 evil.example.test {denied}",
+        c = client.display()
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let alert = t.agent.wait_alert("out_of_scope_connect to the name outside the scope", |a| {
+        a["rule"] == "out_of_scope_connect" && a["session"]["id"] == "dns-tcp"
+    });
+    assert_eq!(alert["network"]["dst_ip"], "127.0.0.12");
+    assert_eq!(alert["network"]["dst_name"], "evil.example.test");
+    let learnt = t.agent.wait_event("the in-scope name from the TCP answer", |e| {
+        e["type"] == "resolve" && e["source"] == "dns" && e["name"] == "api.example.test"
+    });
+    assert_eq!(learnt["addrs"][0], "127.0.0.11");
+    assert_eq!(out_of_scope(&t, "dns-tcp").len(), 1, "only the out-of-scope name: {}", t.agent.diagnostics());
+}

@@ -10,7 +10,7 @@
 //! it always returns 1.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use monitor_common::{DnsAnswerEvent, DnsSocket, EventKind, Stat, DNS_CAP, NAME_CAP, RESOLVE_ADDRS};
+use monitor_common::{DnsAnswerEvent, DnsSocket, EventKind, Stat, DNS_CAP, DNS_TCP_PIECE, NAME_CAP, RESOLVE_ADDRS};
 
 use super::dns::{allow_addresses, granted_ports};
 
@@ -41,18 +41,21 @@ fn on_ingress(ctx: &SkBuffContext) {
         return;
     }
     let total = ctx.len() as usize;
-    let start = if proto == IPPROTO_UDP {
-        l4 + UDP_HEADER
+    let (start, seq, piece) = if proto == IPPROTO_UDP {
+        (l4 + UDP_HEADER, 0, false)
     } else {
         let Ok(doff) = ctx.load::<u8>(l4 + 12) else { return };
-        // DNS over TCP: a two-byte length, then the message. Only a segment that holds a whole
-        // message is read (answers are small); the rest of a longer one is not followed.
+        let Ok(seq) = ctx.load::<u32>(l4 + 4) else { return };
+        // DNS over TCP: a two-byte length, then the message. A segment that holds a whole
+        // message (the usual answer) is read here; any other segment with data (a length sent
+        // on its own, a message over several segments) goes to userspace as a piece of the
+        // stream, which joins them: its names count, but an enforcing session's addresses are
+        // allowed only from whole messages, here, before the process reads them.
         let at = l4 + ((doff >> 4) as usize) * 4;
-        let Ok(len) = ctx.load::<u16>(at) else { return };
-        if at + 2 + u16::from_be(len) as usize != total {
-            return;
+        match ctx.load::<u16>(at) {
+            Ok(len) if at + 2 + u16::from_be(len) as usize == total => (at + 2, u32::from_be(seq), false),
+            _ => (at, u32::from_be(seq), true),
         }
-        at + 2
     };
     if total <= start {
         return;
@@ -73,12 +76,14 @@ fn on_ingress(ctx: &SkBuffContext) {
         let uid = ctx.get_socket_uid();
         kernel::fill_socket_header(&mut (*event).header, EventKind::DnsAnswer, size, owner.session, owner.tgid, uid);
         (*event).transport = proto;
-        (*event)._pad0 = [0; 3];
+        (*event).flags = if piece { DNS_TCP_PIECE } else { 0 };
+        (*event)._pad0 = [0; 2];
         (*event).total_len = (total - start) as u32;
-        (*event)._pad1 = 0;
+        (*event).socket = cookie;
+        (*event).seq = seq;
         let len = kernel::skb_copy(ctx, start, total - start, &mut (*event).data.buf);
         (*event).data.len = len as u32;
-        if len > 0 {
+        if len > 0 && !piece {
             allow_answered(owner.session, &(*event).data.buf, len);
         }
     }

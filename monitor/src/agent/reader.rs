@@ -38,6 +38,7 @@ pub async fn run(
     let mut batch = Vec::new();
     let mut uid_changes_held = Vec::new();
     let mut recent_execs = RecentExecs::default();
+    let mut dns_streams = crate::dns::TcpStreams::default();
     let mut watch_open = true;
     loop {
         // The probes wake this task only when a lot is waiting (see submit_flags in
@@ -96,7 +97,19 @@ pub async fn run(
                         });
                     }
                 }
-                Ok(decoded) => batch.extend(observer.observe(decoded)),
+                Ok(Decoded::DnsPiece { ts, session, pid, socket, seq, total_len, whole, data }) => {
+                    let answers = match whole {
+                        true => dns_streams.message(ts, pid, socket, seq, total_len, data),
+                        false => dns_streams.piece(ts, pid, socket, seq, total_len, data),
+                    };
+                    batch.extend(answers.into_iter().map(|a| Event::Resolve(crate::dns::resolve(ts, session, pid, a))));
+                }
+                Ok(decoded) => {
+                    if let Decoded::Event(Event::Exit(exit)) = &decoded {
+                        dns_streams.forget_pid(exit.pid);
+                    }
+                    batch.extend(observer.observe(decoded))
+                }
                 Err(e) => {
                     if undecodable == 0 {
                         tracing::warn!("dropping undecodable kernel record: {e}");

@@ -292,8 +292,9 @@ impl Observer {
                 vec![Event::Exit(exit)]
             }
             Decoded::Event(event) => vec![event],
-            // The reader hands these to the executable probes (agent/executables.rs).
-            Decoded::Executable { .. } | Decoded::Nothing => Vec::new(),
+            // The reader hands these to the executable probes (agent/executables.rs) and to the
+            // DNS-over-TCP streams.
+            Decoded::Executable { .. } | Decoded::DnsPiece { .. } | Decoded::Nothing => Vec::new(),
             Decoded::TlsPeer { pid, conn, dst } => {
                 if self.tls_peers.len() >= TLS_PEERS {
                     self.tls_peers.clear();
