@@ -54,7 +54,8 @@ pub struct TcpOwner {
     pub tgid: u32,
     pub session: u32,
     pub port: u16,
-    /// How many payload segments were looked at; the hook stops after a few that are not HTTP.
+    /// How many payload segments were looked at; the hook stops after a few unless the first was
+    /// an HTTP/1.x request.
     pub segments: u16,
     /// `TCP_OWNER_*` flags.
     pub flags: u32,
@@ -67,6 +68,9 @@ const _: () = assert!(core::mem::size_of::<TcpOwner>() == 48);
 /// The connection sent the HTTP/2 client preface: every later segment that may hold a header
 /// block is reported (HPACK needs each block of the connection, in order).
 pub const TCP_OWNER_H2: u32 = 1;
+/// The connection's first payload segment was an HTTP/1.x request: every later segment that
+/// starts like one is reported too (keep-alive requests, whose tokens may differ).
+pub const TCP_OWNER_HTTP1: u32 = 2;
 
 /// Key of an HTTP/2 connection over TLS: the process and its `SSL *`.
 #[repr(C)]

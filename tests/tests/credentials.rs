@@ -404,3 +404,60 @@ fn setuid_family_and_capset_raising_privileges_in_a_session() {
     // setpriv's own drop and restore of its capabilities is not an escalation.
     assert_eq!(t.alerts_of("privilege_escalation").len(), 2, "{}", t.agent.diagnostics());
 }
+
+/// A plaintext HTTP/1.1 server that keeps connections open (Python's http.server speaks 1.0 and
+/// closes each): `keepalive_server.py ADDR PORT`.
+const KEEPALIVE_SERVER: &str = r#"
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+"#;
+
+/// A keep-alive client: eight requests on one connection, the token only in the last
+/// (`keepalive_client.py HOST PORT TOKEN_FILE`).
+const KEEPALIVE_CLIENT: &str = r#"
+import http.client, sys
+connection = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]))
+token = open(sys.argv[3]).read().strip()
+for i in range(8):
+    headers = {"Authorization": "Bearer " + token} if i == 7 else {}
+    connection.request("GET", "/refunds/%d" % i, headers=headers)
+    connection.getresponse().read()
+"#;
+
+/// The token in the eighth request of a keep-alive connection (plaintext HTTP/1.1), sent after
+/// the task ended: every request of the connection is looked at, not only its first segments.
+#[test]
+fn a_token_in_a_later_request_of_a_keep_alive_connection() {
+    let t = Creds::start("cred-keepalive", &[]);
+    let dir = &t.agent.dir;
+    let port = free_port_on("127.0.0.3");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(dir.write("keepalive_server.py", KEEPALIVE_SERVER)).arg("127.0.0.3").arg(port.to_string());
+    let _server = Server::spawn(dir, "keepalive.log", cmd, "127.0.0.3", port);
+    let client = dir.write("keepalive_client.py", KEEPALIVE_CLIENT);
+    let token = jwt(3600, "keepalive");
+    let token_file = dir.write("keepalive.token", &format!("{token}\n"));
+    // The client reads a copy (a file the session does not declare, so not watched): the wire is
+    // where the token is seen.
+    let copy = dir.write("keepalive.copy", &format!("{token}\n"));
+    let session = session_file(dir, "keepalive", &format!("grace: 1s\ntokens:\n  - file: {}\n", token_file.display()));
+    let script =
+        format!("(sleep 2; python3 {} 127.0.0.3 {port} {}) > /dev/null 2>&1 &", client.display(), copy.display());
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alert = t.agent.wait_alert("token_after_task_end from the eighth request", |a| {
+        a["rule"] == "token_after_task_end" && a["session"]["id"] == "keepalive" && a["credential"]["seen_in"] == "http"
+    });
+    assert_eq!(alert["credential"]["request"], format!("GET http://127.0.0.3:{port}/refunds/7"));
+    assert_eq!(alert["network"]["dst_port"], port);
+    t.assert_never_output(&token);
+}

@@ -20,7 +20,7 @@ use aya_ebpf::{
 use monitor_common::{
     EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, TlsConnKey, TlsPeerEvent, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
     PAYLOAD_FLAG_H2, PAYLOAD_GNUTLS, PAYLOAD_GO_TLS, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_READ, PAYLOAD_SSL_WRITE,
-    PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP, TCP_OWNER_H2,
+    PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP, TCP_OWNER_H2, TCP_OWNER_HTTP1,
 };
 
 use super::cred::comm;
@@ -481,8 +481,9 @@ fn emit_tls_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32, conn
 
 // ---- plaintext TCP ----------------------------------------------------------------------------
 
-/// Payload segments of a connection looked at before the hook gives up on it (a protocol that is
-/// not HTTP/1.x, or TLS, whose first segment is a ClientHello).
+/// Payload segments of a connection looked at before the hook gives up on it, unless its first
+/// was an HTTP/1.x request (a protocol that is not HTTP, or TLS, whose first segment is a
+/// ClientHello).
 const SEGMENTS_LOOKED_AT: u16 = 4;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
@@ -505,7 +506,8 @@ fn on_egress(ctx: &SkBuffContext) {
     let owner = unsafe { &mut *owner };
     report_tls_peer(owner, cookie);
     let h2 = owner.flags & TCP_OWNER_H2 != 0;
-    if !h2 && owner.segments >= SEGMENTS_LOOKED_AT {
+    let http1 = owner.flags & TCP_OWNER_HTTP1 != 0;
+    if !h2 && !http1 && owner.segments >= SEGMENTS_LOOKED_AT {
         return;
     }
     let Some((tcp_at, offset)) = payload_offset(ctx) else { return };
@@ -522,11 +524,17 @@ fn on_egress(ctx: &SkBuffContext) {
         }
         PAYLOAD_FLAG_H2
     } else {
-        owner.segments += 1;
+        owner.segments = owner.segments.saturating_add(1);
         if head == H2_PREFACE_HEAD {
             owner.flags |= TCP_OWNER_H2;
             PAYLOAD_FLAG_H2
         } else if is_http_request(head) {
+            // Every later request of the connection is looked at, not only its first few
+            // segments: a keep-alive client may send a token in its hundredth request. A body
+            // segment costs the 4-byte load above.
+            if owner.segments == 1 {
+                owner.flags |= TCP_OWNER_HTTP1;
+            }
             0
         } else {
             return;
