@@ -164,7 +164,8 @@ pub struct NetworkRef {
 /// and the decoded claims of a JWT.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CredentialRef {
-    /// `bearer`, `basic`, `aws_sigv4`, `api_key`, `authorization`, `env` or `file`.
+    /// `bearer`, `basic`, `aws_sigv4`, `api_key`, `authorization`, `query` (a secret query
+    /// parameter), `cookie`, `env` or `file`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,

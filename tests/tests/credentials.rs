@@ -461,3 +461,53 @@ fn a_token_in_a_later_request_of_a_keep_alive_connection() {
     assert_eq!(alert["network"]["dst_port"], port);
     t.assert_never_output(&token);
 }
+
+/// A client that sends the token in the query string or as a cookie
+/// (`query_or_cookie.py query|cookie HOST PORT TOKEN_FILE`).
+const QUERY_OR_COOKIE_CLIENT: &str = r#"
+import http.client, sys, urllib.parse
+mode, host, port, token = sys.argv[1], sys.argv[2], int(sys.argv[3]), open(sys.argv[4]).read().strip()
+connection = http.client.HTTPConnection(host, port)
+if mode == "query":
+    connection.request("GET", "/export?format=csv&access_token=" + urllib.parse.quote(token, safe=""))
+else:
+    connection.request("GET", "/export", headers={"Cookie": "theme=dark; session=" + token})
+connection.getresponse().read()
+"#;
+
+/// After the task ended, one job sends its session's token as `?access_token=` (percent-encoded),
+/// another its session's token as a cookie: each is token_after_task_end, with the kind and
+/// where in the request it was.
+#[test]
+fn tokens_in_the_query_string_and_in_a_cookie_after_the_end() {
+    let t = Creds::start("cred-query-cookie", &[]);
+    let dir = &t.agent.dir;
+    let port = free_port_on("127.0.0.3");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(dir.write("keepalive_server.py", KEEPALIVE_SERVER)).arg("127.0.0.3").arg(port.to_string());
+    let _server = Server::spawn(dir, "query-cookie.log", cmd, "127.0.0.3", port);
+    let client = dir.write("query_or_cookie.py", QUERY_OR_COOKIE_CLIENT);
+    for (mode, kind, header) in [("query", "query", "?access_token"), ("cookie", "cookie", "cookie")] {
+        // A token with characters a URL must encode: the agent decodes it before fingerprinting.
+        let token = format!("tok/{}+{}=", mode, std::process::id());
+        let declared = dir.write(&format!("{mode}.token"), &format!("{token}\n"));
+        let copy = dir.write(&format!("{mode}.copy"), &format!("{token}\n"));
+        let id = format!("sent-as-{mode}");
+        let session = session_file(dir, &id, &format!("grace: 1s\ntokens:\n  - file: {}\n", declared.display()));
+        let script = format!(
+            "(sleep 2; python3 {} {mode} 127.0.0.3 {port} {}) > /dev/null 2>&1 &",
+            client.display(),
+            copy.display()
+        );
+        let o = t.run_session(&session, &script, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let alert = t.agent.wait_alert(&format!("token_after_task_end for the token sent as {mode}"), |a| {
+            a["rule"] == "token_after_task_end" && a["session"]["id"] == id && a["credential"]["seen_in"] == "http"
+        });
+        assert_eq!(alert["credential"]["kind"], kind, "{alert}");
+        assert_eq!(alert["credential"]["carrier"], header, "{alert}");
+        assert_eq!(alert["credential"]["request"], format!("GET http://127.0.0.3:{port}/export"));
+        t.assert_never_output(&token);
+        t.assert_never_output(&token.replace('/', "%2F").replace('+', "%2B").replace('=', "%3D"));
+    }
+}

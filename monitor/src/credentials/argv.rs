@@ -20,24 +20,6 @@ pub struct ArgvCredential {
 /// Flags whose value is a secret: `--token X`, `--api-key=X`, `--password X` …
 const SECRET_FLAG_WORDS: &[&str] =
     &["token", "password", "passwd", "secret", "api-key", "apikey", "api_key", "credential"];
-/// Query parameters whose value is a secret.
-const SECRET_QUERY_PARAMS: &[&str] = &[
-    "access_token",
-    "token",
-    "id_token",
-    "refresh_token",
-    "api_key",
-    "apikey",
-    "key",
-    "secret",
-    "password",
-    "client_secret",
-    "sig",
-    "signature",
-    "x-amz-signature",
-    "x-amz-security-token",
-    "code",
-];
 /// Environment-style assignments (`NAME=value`) whose value is a secret when NAME contains one.
 const SECRET_NAME_WORDS: &[&str] =
     &["TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "CREDENTIAL", "PRIVATE_KEY"];
@@ -210,7 +192,7 @@ impl Redactor<'_> {
         }
         for (name_start, eq, end) in params.into_iter().rev() {
             let name = arg[name_start..eq].to_ascii_lowercase();
-            if SECRET_QUERY_PARAMS.contains(&name.as_str()) {
+            if super::http::SECRET_QUERY_PARAMS.contains(&name.as_str()) {
                 arg = self.replace(&arg, eq + 1..end, CredentialKind::Authorization);
             }
         }

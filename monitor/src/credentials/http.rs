@@ -20,6 +20,10 @@ pub enum CredentialKind {
     Env,
     /// A credential file.
     File,
+    /// A secret query parameter of the request target (`?access_token=`, `?token=` …).
+    Query,
+    /// A cookie's value (`Cookie: name=value`).
+    Cookie,
 }
 
 impl CredentialKind {
@@ -32,16 +36,56 @@ impl CredentialKind {
             CredentialKind::Authorization => "authorization",
             CredentialKind::Env => "env",
             CredentialKind::File => "file",
+            CredentialKind::Query => "query",
+            CredentialKind::Cookie => "cookie",
         }
     }
+
+    /// Whether a credential of this kind that a session process sends during its task, and no
+    /// session holds, becomes the session's. Not a cookie: servers set many (tracking, state),
+    /// and a cookie is a session's token only when the session declared it.
+    pub fn learnable(self) -> bool {
+        matches!(
+            self,
+            CredentialKind::Bearer
+                | CredentialKind::Basic
+                | CredentialKind::ApiKey
+                | CredentialKind::Authorization
+                | CredentialKind::Query
+        )
+    }
 }
+
+/// Query parameters whose value is a secret (command lines are redacted by the same list).
+pub const SECRET_QUERY_PARAMS: &[&str] = &[
+    "access_token",
+    "token",
+    "id_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+    "key",
+    "secret",
+    "password",
+    "client_secret",
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-security-token",
+    "code",
+];
+
+/// Of those, the values made for one request (signatures, authorization codes): never a token a
+/// session holds, so not looked at on the wire.
+const ONE_OFF_QUERY_PARAMS: &[&str] = &["sig", "signature", "x-amz-signature", "code"];
 
 /// A credential found in a request. `value` is the raw secret: fingerprint it and drop it.
 pub struct RawCredential<'a> {
     pub kind: CredentialKind,
-    /// The header it came in, lowercased.
+    /// The header it came in, lowercased (`?name` for a query parameter).
     pub header: String,
-    pub value: &'a [u8],
+    /// As sent, or percent-decoded for a query parameter.
+    pub value: std::borrow::Cow<'a, [u8]>,
     /// An identifier that is not secret (the AWS access key id), reported as is.
     pub key_id: Option<String>,
 }
@@ -114,12 +158,82 @@ fn build<'a>(data: &'a [u8], parsed: &[u8], req: &httparse::Request, api_key_hea
         let value = trim(in_data(h.value));
         if name == "host" {
             host = Some(String::from_utf8_lossy(value).into_owned());
+        } else if name == "cookie" {
+            credentials.extend(cookie_credentials(value));
         } else if let Some(c) = header_credential(name, value, api_key_headers) {
             credentials.push(c);
         }
     }
     let target = req.path.unwrap_or("");
+    if !target.is_empty() {
+        credentials.extend(query_credentials(in_data(target.as_bytes())));
+    }
     Request { method: req.method.unwrap_or("").to_string(), path: without_query(target), host, credentials }
+}
+
+/// The secret query parameters of a request target, percent-decoded (RFC 3986 §2.1).
+fn query_credentials(target: &[u8]) -> Vec<RawCredential<'_>> {
+    let Some(start) = target.iter().position(|b| *b == b'?') else { return Vec::new() };
+    let end = target.iter().position(|b| *b == b'#').filter(|e| *e > start).unwrap_or(target.len());
+    target[start + 1..end]
+        .split(|b| *b == b'&')
+        .filter_map(|param| {
+            let eq = param.iter().position(|b| *b == b'=')?;
+            let (name, value) = (param[..eq].to_ascii_lowercase(), &param[eq + 1..]);
+            let name = std::str::from_utf8(&name).ok()?;
+            let secret = SECRET_QUERY_PARAMS.contains(&name) && !ONE_OFF_QUERY_PARAMS.contains(&name);
+            (secret && !value.is_empty()).then(|| RawCredential {
+                kind: CredentialKind::Query,
+                header: format!("?{name}"),
+                value: percent_decoded(value),
+                key_id: None,
+            })
+        })
+        .collect()
+}
+
+fn percent_decoded(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !value.contains(&b'%') && !value.contains(&b'+') {
+        return value.into();
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        match (value[i], value.get(i + 1).copied().and_then(hex), value.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push(high << 4 | low);
+                i += 3;
+            }
+            // A form-encoded space.
+            (b'+', ..) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out.into()
+}
+
+/// The cookies of a `Cookie` header (RFC 6265 §5.4: `name=value; name=value`), each a
+/// credential: a session's token sent as a cookie is matched like one sent as a header.
+fn cookie_credentials(value: &[u8]) -> impl Iterator<Item = RawCredential<'_>> {
+    value.split(|b| *b == b';').filter_map(|pair| {
+        let pair = trim(pair);
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let value = trim(&pair[eq + 1..]);
+        let value = value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
+        (!value.is_empty()).then(|| RawCredential {
+            kind: CredentialKind::Cookie,
+            header: "cookie".into(),
+            value: value.into(),
+            key_id: None,
+        })
+    })
 }
 
 /// The request an HTTP/2 header block describes (`:method`, `:authority`, `:path` and the
@@ -130,7 +244,12 @@ pub fn from_h2_fields<'a>(fields: &'a [(Vec<u8>, Vec<u8>)], api_key_headers: &[S
         let text = || String::from_utf8_lossy(value).into_owned();
         match name.as_slice() {
             b":method" => request.method = text(),
-            b":path" => request.path = without_query(&text()),
+            b":path" => {
+                request.path = without_query(&text());
+                request.credentials.extend(query_credentials(value));
+            }
+            // HTTP/2 may split cookies over several fields (RFC 9113 §8.2.3).
+            b"cookie" => request.credentials.extend(cookie_credentials(trim(value))),
             b":authority" => request.host = Some(text()),
             // HTTP/1.1 style, allowed by RFC 9113 §8.3.1 when :authority is absent.
             b"host" if request.host.is_none() => request.host = Some(text()),
@@ -152,7 +271,7 @@ fn header_credential<'a>(name: String, value: &'a [u8], api_key_headers: &[Strin
     } else if !value.is_empty()
         && (DEFAULT_API_KEY_HEADERS.contains(&name.as_str()) || api_key_headers.iter().any(|k| k == &name))
     {
-        Some(RawCredential { kind: CredentialKind::ApiKey, header: name, value, key_id: None })
+        Some(RawCredential { kind: CredentialKind::ApiKey, header: name, value: value.into(), key_id: None })
     } else {
         None
     }
@@ -163,14 +282,16 @@ fn without_query(target: &str) -> String {
     target.split(['?', '#']).next().unwrap_or("").to_string()
 }
 
-fn authorization(header: String, value: &[u8]) -> Option<RawCredential<'_>> {
+fn authorization<'a>(header: String, value: &'a [u8]) -> Option<RawCredential<'a>> {
     let split = value.iter().position(|b| *b == b' ').unwrap_or(value.len());
     let (scheme, rest) = (&value[..split], trim(&value[split..]));
     if rest.is_empty() {
         return None;
     }
     let scheme = scheme.to_ascii_lowercase();
-    let credential = |kind, value, key_id| Some(RawCredential { kind, header: header.clone(), value, key_id });
+    let credential = |kind, value: &'a [u8], key_id| {
+        Some(RawCredential { kind, header: header.clone(), value: value.into(), key_id })
+    };
     match scheme.as_slice() {
         b"bearer" => credential(CredentialKind::Bearer, rest, None),
         // Fingerprinted by its password (see `basic_password`): a token is often sent as one.
@@ -233,9 +354,14 @@ mod tests {
         .unwrap();
         assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/v1/refunds/4711"));
         assert_eq!(r.host.as_deref(), Some("api.example:8443"));
-        assert_eq!(r.credentials.len(), 1);
-        assert_eq!(r.credentials[0].kind, CredentialKind::Bearer);
-        assert_eq!(r.credentials[0].value, b"abc.def.ghi");
+        let found: Vec<_> = r.credentials.iter().map(|c| (c.kind, c.header.as_str(), &*c.value)).collect();
+        assert_eq!(
+            found,
+            [
+                (CredentialKind::Bearer, "authorization", &b"abc.def.ghi"[..]),
+                (CredentialKind::Query, "?access_token", b"zzz")
+            ]
+        );
         assert!(!format!("{r:?}").contains("abc.def"), "Debug must not show secrets");
     }
 
@@ -260,19 +386,19 @@ mod tests {
                 (CredentialKind::AwsSigv4, "proxy-authorization"),
             ]
         );
-        assert_eq!(basic_password(r.credentials[0].value).unwrap(), b"s3cret");
+        assert_eq!(basic_password(&r.credentials[0].value).unwrap(), b"s3cret");
         assert_eq!(r.credentials[3].key_id.as_deref(), Some("AKIAEXAMPLE123"));
-        assert_eq!(r.credentials[3].value, b"AKIAEXAMPLE123");
+        assert_eq!(&*r.credentials[3].value, b"AKIAEXAMPLE123");
         let r = parse_str("GET / HTTP/1.1\r\nAuthorization: token ghp_x\r\n\r\n").unwrap();
         assert_eq!(r.credentials[0].kind, CredentialKind::Authorization);
-        assert_eq!(r.credentials[0].value, b"ghp_x");
+        assert_eq!(&*r.credentials[0].value, b"ghp_x");
     }
 
     #[test]
     fn a_capture_cut_short_keeps_only_complete_lines() {
         let r = parse_str("GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer abc\r\nX-API-Key: cut-he").unwrap();
         assert_eq!(r.credentials.len(), 1);
-        assert_eq!(r.credentials[0].value, b"abc");
+        assert_eq!(&*r.credentials[0].value, b"abc");
         let r = parse_str("GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer ab").unwrap();
         assert!(r.credentials.is_empty());
     }
@@ -293,8 +419,46 @@ mod tests {
         let r = from_h2_fields(&fields, &["x-custom-key".to_string()]);
         assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/pkg.Service/Call"));
         assert_eq!(r.host.as_deref(), Some("api.example:8443"));
-        let found: Vec<_> = r.credentials.iter().map(|c| (c.kind, c.value)).collect();
-        assert_eq!(found, [(CredentialKind::Bearer, &b"abc.def.ghi"[..]), (CredentialKind::ApiKey, &b"key-2"[..])]);
+        let found: Vec<_> = r.credentials.iter().map(|c| (c.kind, &*c.value)).collect();
+        assert_eq!(
+            found,
+            [
+                (CredentialKind::Query, &b"zzz"[..]),
+                (CredentialKind::Bearer, b"abc.def.ghi"),
+                (CredentialKind::ApiKey, b"key-2")
+            ]
+        );
+    }
+
+    #[test]
+    fn tokens_in_the_query_string_and_in_cookies() {
+        let r = parse_str(concat!(
+            "GET /cb?state=x&ACCESS_TOKEN=a%2Bb%3D&code=one-off&sig=s1&empty=&token=t-2#frag HTTP/1.1\r\n",
+            "Cookie: theme=dark; session=\"c-1\"\r\n",
+            "\r\n"
+        ))
+        .unwrap();
+        assert_eq!(r.path, "/cb");
+        let found: Vec<_> = r.credentials.iter().map(|c| (c.kind, c.header.as_str(), &*c.value)).collect();
+        assert_eq!(
+            found,
+            [
+                (CredentialKind::Cookie, "cookie", &b"dark"[..]),
+                (CredentialKind::Cookie, "cookie", b"c-1"),
+                // Percent-decoded; signatures and codes are made for one request and skipped.
+                (CredentialKind::Query, "?access_token", b"a+b="),
+                (CredentialKind::Query, "?token", b"t-2"),
+            ]
+        );
+        assert!(CredentialKind::Query.learnable() && !CredentialKind::Cookie.learnable());
+        // HTTP/2: cookies may come in several fields.
+        let fields = vec![(b"cookie".to_vec(), b"a=1".to_vec()), (b"cookie".to_vec(), b"b=2; c=3".to_vec())];
+        assert_eq!(from_h2_fields(&fields, &[]).credentials.len(), 3);
+        // Damaged encodings never panic and give what they can.
+        for target in ["/x?token=%", "/x?token=%G1", "/x?=&&token", "/x?token=%e2%82"] {
+            let _ = query_credentials(target.as_bytes());
+        }
+        assert_eq!(&*query_credentials(b"/x?token=%zz")[0].value, b"%zz");
     }
 
     #[test]

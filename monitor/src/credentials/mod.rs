@@ -413,14 +413,16 @@ impl Observer {
         let mut events = Vec::new();
         for raw in &request.credentials {
             let secret: std::borrow::Cow<[u8]> = match raw.kind {
-                CredentialKind::Basic => http::basic_password(raw.value).map_or(raw.value.into(), Into::into),
-                _ => raw.value.into(),
+                CredentialKind::Basic => http::basic_password(&raw.value).map_or(raw.value.clone(), Into::into),
+                _ => raw.value.clone(),
             };
             let fingerprint = self.key.fingerprint(&secret);
             let jwt = match raw.kind {
-                CredentialKind::Bearer | CredentialKind::Authorization | CredentialKind::ApiKey => {
-                    std::str::from_utf8(raw.value).ok().and_then(jwt::decode)
-                }
+                CredentialKind::Bearer
+                | CredentialKind::Authorization
+                | CredentialKind::ApiKey
+                | CredentialKind::Query
+                | CredentialKind::Cookie => std::str::from_utf8(&raw.value).ok().and_then(jwt::decode),
                 _ => None,
             };
             // Outside sessions only what concerns a session is kept: its token, or an expired JWT.
@@ -429,7 +431,7 @@ impl Observer {
             if session == 0 && !expired && !self.index.is_session_token(&fingerprint) {
                 continue;
             }
-            if session != 0 && self.learn_tokens && !self.index.is_session_token(&fingerprint) {
+            if session != 0 && self.learn_tokens && raw.kind.learnable() && !self.index.is_session_token(&fingerprint) {
                 // Looked for from now on: by other processes, in exec environments (the kernel's
                 // hash is synced by the credential watch), after the task.
                 self.index.learn(session, self.index.token_hash(&secret), fingerprint.clone());

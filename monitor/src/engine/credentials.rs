@@ -4,7 +4,6 @@
 use super::{Engine, Tracked};
 use crate::{
     alert::{Alert, CredentialRef, NetworkRef, ProcessRef},
-    credentials::CredentialKind,
     event::{Actor, CredCall, CredChange, CredentialOpen, Nanos, SessionKey, TokenUse, TokenVia},
     rules::Rule,
 };
@@ -31,11 +30,7 @@ impl Engine {
     /// like a declared one's (the delegation's "token transformation": a token exchanged or
     /// minted during the task). Returns whether it was learnt now.
     fn learn_token(&mut self, t: &TokenUse) -> bool {
-        let learnable = matches!(
-            t.credential.kind,
-            CredentialKind::Bearer | CredentialKind::Basic | CredentialKind::ApiKey | CredentialKind::Authorization
-        );
-        if !self.config.learn_tokens || !learnable || self.authority_over(t.session, t.ts) {
+        if !self.config.learn_tokens || !t.credential.kind.learnable() || self.authority_over(t.session, t.ts) {
             return false;
         }
         if !self.token_owners(&t.credential.fingerprint).is_empty() {
