@@ -6,6 +6,7 @@ pub const MAP_PROC_SESSIONS: &str = "PROC_SESSIONS";
 pub const MAP_CGROUP_SESSIONS: &str = "CGROUP_SESSIONS";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_STATS: &str = "STATS";
+pub const MAP_SESSION_LOSSES: &str = "SESSION_LOSSES";
 /// One-element array; element 0 is the number of cgroup bindings, so a process outside every
 /// session costs one lookup when no cgroup is bound.
 pub const MAP_CONFIG: &str = "CONFIG";
@@ -120,6 +121,8 @@ pub enum Stat {
 pub const STAT_COUNT: u32 = 4;
 
 pub const SESSION_POLICY_CAPACITY: u32 = 16_384;
+/// Sessions whose lost records are counted apart (LRU: the oldest counts go first).
+pub const SESSION_LOSSES_CAPACITY: u32 = 4_096;
 pub const SCOPE_NETS_CAPACITY: u32 = 65_536;
 
 /// The session enforces its scope: out-of-scope connects are refused.

@@ -2,13 +2,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
     DnsSocket, NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, TlsConnKey,
     WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_SCAN_CAP, EVENTS_BYTES,
     EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY,
-    SCOPE_NETS_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT, TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
+    SCOPE_NETS_CAPACITY, SESSION_LOSSES_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT, TOKEN_HASHES_CAPACITY,
+    WATCHED_INODES_CAPACITY,
 };
 
 #[map]
@@ -22,6 +23,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Records lost to a full ring buffer, by the session whose process made them (per CPU, summed
+/// by userspace): `monitor_blind` names the sessions whose events it did not see.
+#[map]
+pub static SESSION_LOSSES: LruPerCpuHashMap<u32, u64> = LruPerCpuHashMap::with_max_entries(SESSION_LOSSES_CAPACITY, 0);
 
 #[map]
 pub static SESSION_POLICY: HashMap<u32, SessionPolicy> = HashMap::with_max_entries(SESSION_POLICY_CAPACITY, 0);
@@ -146,6 +152,23 @@ pub fn submit_flags() -> u64 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// A record that did not fit in the ring buffer: counted host-wide, and for its session (0: a
+/// process outside sessions).
+#[inline(always)]
+pub fn ringbuf_full(session: u32) {
+    count(Stat::RingbufFull);
+    if session == 0 {
+        return;
+    }
+    match SESSION_LOSSES.get_ptr_mut(&session) {
+        // SAFETY: the pointer comes from the map and is this CPU's value for this program run.
+        Some(lost) => unsafe { *lost += 1 },
+        None => {
+            let _ = SESSION_LOSSES.insert(&session, &1, 0);
+        }
     }
 }
 

@@ -47,11 +47,14 @@ pub enum Event {
     AgentStopping {
         ts: Nanos,
     },
-    /// The agent lost events (ring buffer full, a failed probe): it is blind for `count` of them.
+    /// The agent lost events (ring buffer full, a failed probe): it is blind for `count` of them,
+    /// of `session` where the loss is known to be one session's (else host-wide).
     Lost {
         ts: Nanos,
         source: String,
         count: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<SessionKey>,
     },
     /// The agent's policy was reloaded (SIGHUP, `monitor policy reload`): what the engine
     /// applies from now on. In the trace, so a replay applies it at the same point.
@@ -76,7 +79,8 @@ impl Event {
             Event::CredentialOpen(o) => o.session,
             Event::TokenUse(t) => t.session,
             Event::CredChange(c) => c.session,
-            Event::Tick { .. } | Event::AgentStopping { .. } | Event::Lost { .. } | Event::PolicyReloaded { .. } => 0,
+            Event::Lost { session, .. } => session.unwrap_or(0),
+            Event::Tick { .. } | Event::AgentStopping { .. } | Event::PolicyReloaded { .. } => 0,
         };
         (key != 0).then_some(key)
     }
@@ -450,7 +454,7 @@ mod tests {
         let events = [
             Event::Tick { ts: 1 },
             Event::AgentStopping { ts: 1 },
-            Event::Lost { ts: 1, source: "x".into(), count: 1 },
+            Event::Lost { ts: 1, source: "x".into(), count: 1, session: None },
             Event::Exit(Exit { ts: 1, session: 1, pid: 2, exit_code: 0 }),
             Event::SessionEnded { ts: 1, key: 1, reason: EndReason::Requested },
         ];

@@ -197,3 +197,42 @@ fn an_updated_alert_reaches_the_store_and_every_sink_once() {
         assert_eq!(&cols[..4], ["upd-1", "exec_out_of_scope", "1", "30"], "{table}");
     }
 }
+
+/// The agent stops reading (SIGSTOP, as a starved or paused agent would) while a session's
+/// process storms: fork, exec and exit records overflow the ring buffer. Once it reads again,
+/// `monitor_blind` names that session and how many of its records were lost (the kernel counts
+/// losses by session), not only "host-wide".
+#[test]
+fn a_ring_buffer_overflow_names_the_session_whose_events_were_lost() {
+    let t = Creds::start("alerts-blind", &[]);
+    let dir = &t.agent.dir;
+    let session = session_file(dir, "storm", "grace: 1s\n");
+    let (started, go, done, end) = (dir.path("started"), dir.path("go"), dir.path("done"), dir.path("end"));
+    let script = format!(
+        "touch {started}; while [ ! -f {go} ]; do sleep 0.02; done; \
+         i=0; while [ $i -lt 4000 ]; do /bin/true; i=$((i+1)); done; touch {done}; \
+         while [ ! -f {end} ]; do sleep 0.05; done",
+        started = started.display(),
+        go = go.display(),
+        done = done.display(),
+        end = end.display()
+    );
+    let mut root = t.spawn_session(&session, &script, &[]);
+    wait_for("the storm session running", || started.exists().then_some(()), || t.agent.diagnostics());
+    // SAFETY: signalling the agent, our own child.
+    unsafe { libc::kill(t.agent.pid() as i32, libc::SIGSTOP) };
+    fs::write(&go, "").unwrap();
+    wait_for("4,000 execs while the agent is stopped", || done.exists().then_some(()), String::new);
+    // SAFETY: as above.
+    unsafe { libc::kill(t.agent.pid() as i32, libc::SIGCONT) };
+    let blind = t.agent.wait_alert("monitor_blind naming the storm session", |a| {
+        a["rule"] == "monitor_blind" && a["session"]["id"] == "storm"
+    });
+    let summary = blind["summary"].as_str().unwrap();
+    assert!(summary.contains("of session storm") && summary.contains("ring buffer full"), "{summary}");
+    let lost: u64 = summary.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(lost > 0, "how many were lost: {summary}");
+    assert_eq!(blind["session"]["actor"], "svc:test-bot");
+    fs::write(&end, "").unwrap();
+    assert!(root.wait().unwrap().success());
+}

@@ -20,7 +20,10 @@ use monitor_common::{
 
 use crate::{
     kernel,
-    maps::{config, count, submit_flags, ENV_SCRATCH, ENV_STATE, EVENTS, LAST_CAPS, TOKEN_HASHES, WATCHED_INODES},
+    maps::{
+        config, count, ringbuf_full, submit_flags, ENV_SCRATCH, ENV_STATE, EVENTS, LAST_CAPS, TOKEN_HASHES,
+        WATCHED_INODES,
+    },
     session,
 };
 
@@ -65,7 +68,7 @@ fn on_open_exit(ctx: &TracePointContext) {
     let (_, tgid) = session::current_ids();
     let key = session::of_current(tgid).unwrap_or(0);
     let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -216,7 +219,7 @@ unsafe fn end_entry(scan: *mut EnvScan, at: u64) {
 fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {
     let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return };
     let Some(mut entry) = EVENTS.reserve::<EnvTokenEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(session_key);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -323,7 +326,7 @@ pub fn remember_caps(tgid: u32) {
 #[inline(always)]
 fn emit_cred_change(key: u32, call: u32) {
     let Some(mut entry) = EVENTS.reserve::<CredChangeEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return;
     };
     let event = entry.as_mut_ptr();

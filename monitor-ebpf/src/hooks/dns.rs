@@ -9,13 +9,13 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use monitor_common::{
-    name_hash_step, EventKind, NameKey, PortRanges, ResolveEvent, Resolved, ResolvedKey, SessionPolicy, Stat, NAME_CAP,
+    name_hash_step, EventKind, NameKey, PortRanges, ResolveEvent, Resolved, ResolvedKey, SessionPolicy, NAME_CAP,
     NAME_EXACT, NAME_HASH_SEED, NAME_SUFFIX, POLICY_ENFORCE, RESOLVED_TTL_NS, RESOLVE_ADDRS,
 };
 
 use crate::{
     kernel,
-    maps::{count, submit_flags, EVENTS, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
+    maps::{ringbuf_full, submit_flags, EVENTS, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
     session,
 };
 
@@ -60,7 +60,7 @@ pub fn getaddrinfo_exit(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let Some(mut entry) = EVENTS.reserve::<ResolveEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return 0;
     };
     let event = entry.as_mut_ptr();

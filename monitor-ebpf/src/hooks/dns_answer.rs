@@ -10,13 +10,13 @@
 //! it always returns 1.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use monitor_common::{DnsAnswerEvent, DnsSocket, EventKind, Stat, DNS_CAP, DNS_TCP_PIECE, NAME_CAP, RESOLVE_ADDRS};
+use monitor_common::{DnsAnswerEvent, DnsSocket, EventKind, DNS_CAP, DNS_TCP_PIECE, NAME_CAP, RESOLVE_ADDRS};
 
 use super::dns::{allow_addresses, granted_ports};
 
 use crate::{
     kernel,
-    maps::{count, submit_flags, DNS_SCRATCH, DNS_SOCKETS, EVENTS},
+    maps::{ringbuf_full, submit_flags, DNS_SCRATCH, DNS_SOCKETS, EVENTS},
 };
 
 const PASS: i32 = 1;
@@ -66,7 +66,7 @@ fn on_ingress(ctx: &SkBuffContext) {
     // SAFETY: valid map value pointer for this program run.
     let owner: DnsSocket = unsafe { *owner };
     let Some(mut entry) = EVENTS.reserve::<DnsAnswerEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(owner.session);
         return;
     };
     let event = entry.as_mut_ptr();

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, DnsSocket, EventKind, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner,
+    ConnectEvent, ConnectResultEvent, DnsSocket, EventKind, ResolvedKey, ScopeNet, SessionPolicy, TcpOwner,
     CONFIG_TCP_OWNERS, CONFIG_TOKEN_COUNT, HOOK_CONNECT, HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED,
     POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
 };
@@ -23,7 +23,7 @@ use monitor_common::{
 use crate::{
     kernel,
     maps::{
-        config, count, submit_flags, CONNECT_FDS, DNS_SOCKETS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY,
+        config, ringbuf_full, submit_flags, CONNECT_FDS, DNS_SOCKETS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY,
         TCP_OWNERS, UDP_FLOWS,
     },
     session,
@@ -209,7 +209,10 @@ fn new_udp_flow(tgid: u32, port: u16, addr: &[u8; 16]) -> bool {
     fresh
 }
 
+// Inlined: BPF calls take at most five arguments in registers ("stack arguments are not
+// supported").
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn emit(key: u32, family: u16, sock_type: u16, protocol: u32, port: u16, hook: u8, verdict: u8, addr: &[u8; 16]) {
     let (tid, _) = session::current_ids();
     let fd = match CONNECT_FDS.get_ptr_mut(tid) {
@@ -224,7 +227,7 @@ fn emit(key: u32, family: u16, sock_type: u16, protocol: u32, port: u16, hook: u
         _ => -1,
     };
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -275,7 +278,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from this kernel's tracefs format of sys_exit_connect.
     let ret = unsafe { ctx.read_at::<i64>(kernel::connect_ret_off()) }.unwrap_or(0);
     let Some(mut entry) = EVENTS.reserve::<ConnectResultEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return 0;
     };
     let event = entry.as_mut_ptr();

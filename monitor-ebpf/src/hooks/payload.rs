@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, SkBuffContext},
 };
 use monitor_common::{
-    EventKind, PayloadEvent, PayloadRecord, Stat, TcpOwner, TlsConnKey, TlsPeerEvent, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
+    EventKind, PayloadEvent, PayloadRecord, TcpOwner, TlsConnKey, TlsPeerEvent, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
     PAYLOAD_FLAG_H2, PAYLOAD_GNUTLS, PAYLOAD_GO_TLS, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_READ, PAYLOAD_SSL_WRITE,
     PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP, TCP_OWNER_H2, TCP_OWNER_HTTP1,
 };
@@ -27,8 +27,8 @@ use super::cred::comm;
 use crate::{
     kernel,
     maps::{
-        config, count, submit_flags, EVENTS, GO_READS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS, TLS_PENDING_PEER,
-        TLS_POSTS, TLS_READS,
+        config, ringbuf_full, submit_flags, EVENTS, GO_READS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS,
+        TLS_PENDING_PEER, TLS_POSTS, TLS_READS,
     },
     session,
 };
@@ -447,7 +447,7 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
 #[inline(always)]
 fn emit_tls_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32, conn: u64, flags: u8) {
     let Some(mut entry) = EVENTS.reserve::<PayloadRecord<N>>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -543,7 +543,7 @@ fn on_egress(ctx: &SkBuffContext) {
     let seq = u32::from_be(ctx.load::<u32>(tcp_at + 4).unwrap_or(0));
     let owner: TcpOwner = *owner;
     let Some(mut entry) = EVENTS.reserve::<PayloadEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(owner.session);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -585,7 +585,7 @@ fn report_tls_peer(owner: &TcpOwner, cookie: u64) {
     }
     let _ = TLS_PEER_SOCKETS.insert(&key, &cookie, 0);
     let Some(mut entry) = EVENTS.reserve::<TlsPeerEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(owner.session);
         return;
     };
     let event = entry.as_mut_ptr();

@@ -18,7 +18,7 @@ use monitor_common::{
 use super::cred;
 use crate::{
     kernel,
-    maps::{count, submit_flags, EVENTS, EXECUTABLES_SEEN, LAST_CAPS, PROC_SESSIONS},
+    maps::{count, ringbuf_full, submit_flags, EVENTS, EXECUTABLES_SEEN, LAST_CAPS, PROC_SESSIONS},
     session,
 };
 
@@ -51,7 +51,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
     // The child starts with the parent's credentials.
     cred::remember_caps(child);
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return Ok(());
     };
     let event = entry.as_mut_ptr();
@@ -139,7 +139,7 @@ fn note_executable(ctx: &TracePointContext, key: u32) {
 
 fn emit_exec(ctx: &TracePointContext, key: u32) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -210,7 +210,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let _ = PROC_SESSIONS.remove(tgid);
     let _ = LAST_CAPS.remove(&tgid);
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
-        count(Stat::RingbufFull);
+        ringbuf_full(key);
         return Ok(());
     };
     let event = entry.as_mut_ptr();

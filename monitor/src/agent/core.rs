@@ -361,7 +361,7 @@ impl Core {
                 self.adopting = false;
                 crate::metrics::get().set_sessions(&self.engine.sessions_by_state(now_ns()));
                 if let Some(source) = blind {
-                    self.apply(Event::Lost { ts: now_ns(), source, count: 1 }).await;
+                    self.apply(Event::Lost { ts: now_ns(), source, count: 1, session: None }).await;
                 }
                 let _ = applied.send(());
             }

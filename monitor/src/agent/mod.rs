@@ -88,7 +88,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
             None
         }
     });
-    let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map }) = probes::load(pins.as_ref())?;
+    let (loaded, probes::Handles { mut maps, events: ring, stats: stats_map, session_losses }) =
+        probes::load(pins.as_ref())?;
     let pinned = pins.as_ref().is_some_and(|p| p.reused);
 
     // A previous agent's sessions, adopted below; their token hashes were made with its seed.
@@ -171,7 +172,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
     let watcher = tokio::spawn(watch_credentials(credentials.clone(), maps.clone(), probes.clone(), policy.clone()));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
-    let stats_task = tokio::spawn(stats::run(stats_map, event_tx));
+    let stats_task = tokio::spawn(stats::run(stats_map, session_losses, event_tx));
 
     let stopper = handle.clone();
     let listener = server::listen(&settings.control).await?;

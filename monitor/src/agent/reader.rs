@@ -59,14 +59,14 @@ pub async fn run(
         let lost = observer.drain_file_accesses(now, &mut outside);
         if lost > 0 {
             let source = "credential file events (fanotify queue overflow)".into();
-            batch.push(Event::Lost { ts: now, source, count: lost });
+            batch.push(Event::Lost { ts: now, source, count: lost, session: None });
         }
         let mut new_uid_changes = Vec::new();
         if let Some(connector) = &uid_changes {
             let mut changes = Vec::new();
             if connector.drain(&mut changes) {
                 let source = "uid change events (process events connector overflow)".into();
-                batch.push(Event::Lost { ts: now, source, count: 1 });
+                batch.push(Event::Lost { ts: now, source, count: 1, session: None });
             }
             // Every thread of a process reports the same change (glibc applies it to each).
             changes.dedup_by_key(|c| (c.pid, c.ruid, c.euid));
@@ -94,6 +94,7 @@ pub async fn run(
                             ts: now,
                             source: "new executables to look at for TLS code (queue full)".into(),
                             count: 1,
+                            session: None,
                         });
                     }
                 }
@@ -121,7 +122,7 @@ pub async fn run(
         if undecodable > 0 {
             // An event the kernel sent and the agent could not read is one it did not see.
             let source = "kernel records that did not decode".into();
-            batch.push(Event::Lost { ts: now, source, count: undecodable });
+            batch.push(Event::Lost { ts: now, source, count: undecodable, session: None });
         }
         batch.extend(observer.take_awaiting_peer());
 

@@ -366,7 +366,7 @@ impl Observer {
             // dropped anyway, and this would report every busy client on the host.
             if wire.session != 0 {
                 let source = format!("HTTP/2 requests of pid {} on one connection: {why}", wire.actor.pid);
-                events.push(Event::Lost { ts: wire.ts, source, count: 1 });
+                events.push(Event::Lost { ts: wire.ts, source, count: 1, session: Some(wire.session) });
             }
         }
         events

@@ -270,7 +270,7 @@ impl Engine {
             Event::CredChange(c) => self.cred_change(c, &mut alerts),
             Event::Tick { ts } => self.forget_finished(*ts),
             Event::AgentStopping { .. } => {}
-            Event::Lost { ts, source, count } => alerts.push(self.blind(*ts, source, *count)),
+            Event::Lost { ts, source, count, session } => alerts.push(self.blind(*ts, source, *count, *session)),
             Event::PolicyReloaded { config, .. } => {
                 self.folds.set_window(config.fold_window_ns);
                 self.config = (**config).clone();
@@ -617,8 +617,20 @@ impl Engine {
         }
     }
 
-    fn blind(&self, ts: Nanos, source: &str, count: u64) -> Alert {
-        let summary = format!("the agent lost {count} event(s) ({source}): it was blind for them");
+    /// The agent lost events: of one session where the kernel or the agent knows whose, else
+    /// host-wide (processes outside sessions may have been sessions' too: a loss is never
+    /// assumed harmless).
+    fn blind(&self, ts: Nanos, source: &str, count: u64, session: Option<SessionKey>) -> Alert {
+        let (summary, session) = match session.and_then(|key| self.session_ref(key, ts)) {
+            Some(session) => (
+                format!("the agent lost {count} event(s) of session {} ({source}): it was blind for them", session.id),
+                session,
+            ),
+            None => (
+                format!("the agent lost {count} event(s) host-wide ({source}): it was blind for them"),
+                SessionRef::default(),
+            ),
+        };
         Alert {
             id: String::new(),
             time: rfc3339(ts),
@@ -626,7 +638,7 @@ impl Engine {
             rule: Rule::MonitorBlind,
             severity: self.severity(Rule::MonitorBlind),
             summary,
-            session: SessionRef::default(),
+            session,
             process: None,
             network: None,
             credential: None,
@@ -648,8 +660,9 @@ impl Engine {
         self.config.severity.get(&rule).copied().unwrap_or(rule.default_severity())
     }
 
-    fn alert(&self, rule: Rule, key: SessionKey, serial: Option<Serial>, ts: Nanos, summary: String) -> Alert {
-        let session = self.sessions.get(&key).map(|t| SessionRef {
+    /// A session as an alert names it, in its state at `ts`.
+    fn session_ref(&self, key: SessionKey, ts: Nanos) -> Option<SessionRef> {
+        self.sessions.get(&key).map(|t| SessionRef {
             id: t.session.id.to_string(),
             principal: t.session.principal.clone(),
             actor: t.session.actor.clone(),
@@ -658,7 +671,11 @@ impl Engine {
             state: t.state_at(ts).as_str().to_string(),
             started: rfc3339(t.started),
             ended: t.ended.map(|(at, _)| rfc3339(at)),
-        });
+        })
+    }
+
+    fn alert(&self, rule: Rule, key: SessionKey, serial: Option<Serial>, ts: Nanos, summary: String) -> Alert {
+        let session = self.session_ref(key, ts);
         Alert {
             id: String::new(),
             time: rfc3339(ts),

@@ -239,9 +239,22 @@ fn a_reused_pid_does_not_join_the_old_lineage() {
 
 #[test]
 fn lost_events_raise_monitor_blind() {
-    let alerts = run(&[Event::Lost { ts: S, source: "ring buffer full".into(), count: 3 }]);
+    let alerts = run(&[Event::Lost { ts: S, source: "ring buffer full".into(), count: 3, session: None }]);
     assert_eq!(rules(&alerts), [Rule::MonitorBlind]);
     assert!(alerts[0].summary.contains('3'));
+    assert!(alerts[0].summary.contains("host-wide"), "{}", alerts[0].summary);
+    assert!(alerts[0].session.id.is_empty());
+}
+
+#[test]
+fn lost_events_of_a_session_name_it() {
+    let alerts = run(&[
+        start(S, session(None)),
+        Event::Lost { ts: 2 * S, source: "kernel ring buffer full".into(), count: 7, session: Some(KEY) },
+    ]);
+    assert_eq!(rules(&alerts), [Rule::MonitorBlind]);
+    assert_eq!(alerts[0].session.id, session(None).id.to_string());
+    assert!(alerts[0].summary.contains("lost 7 event(s) of session"), "{}", alerts[0].summary);
 }
 
 #[test]

@@ -158,6 +158,7 @@ impl ForwardOutput {
                 ts: crate::agent::now_ns(),
                 source: format!("forward spool for {} full: oldest alerts dropped", self.target.display()),
                 count: dropped,
+                session: None,
             };
             let _ = self.lost.try_send(event);
         }

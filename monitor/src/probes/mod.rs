@@ -21,8 +21,8 @@ use aya::{
 };
 use monitor_common::{
     globals, NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, WatchedDevs, MAP_CGROUP_SESSIONS,
-    MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS, MAP_RESOLVED, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_POLICY,
-    MAP_STATS, MAP_TOKEN_HASHES, MAP_WATCHED_INODES,
+    MAP_CONFIG, MAP_EVENTS, MAP_PROC_SESSIONS, MAP_RESOLVED, MAP_SCOPE_NAMES, MAP_SCOPE_NETS, MAP_SESSION_LOSSES,
+    MAP_SESSION_POLICY, MAP_STATS, MAP_TOKEN_HASHES, MAP_WATCHED_INODES,
 };
 use serde::Serialize;
 
@@ -491,6 +491,8 @@ pub struct Handles {
     pub maps: KernelMaps,
     pub events: RingBuf<MapData>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// Ring-buffer losses by session (see agent/stats.rs).
+    pub session_losses: aya::maps::PerCpuHashMap<MapData, u32, u64>,
 }
 
 /// The loaded programs. Dropping this detaches every probe.
@@ -830,7 +832,12 @@ pub fn load(pins: Option<&pins::PinDir>) -> Result<(Loaded, Handles), ProbeError
         token_hashes: take(&mut ebpf, MAP_TOKEN_HASHES)?,
         resolved: take(&mut ebpf, MAP_RESOLVED)?,
     };
-    let handles = Handles { maps, events: take(&mut ebpf, MAP_EVENTS)?, stats: take(&mut ebpf, MAP_STATS)? };
+    let handles = Handles {
+        maps,
+        events: take(&mut ebpf, MAP_EVENTS)?,
+        stats: take(&mut ebpf, MAP_STATS)?,
+        session_losses: take(&mut ebpf, MAP_SESSION_LOSSES)?,
+    };
     let mut missing_offsets = offsets.missing();
     if exit_group_dead == u32::MAX {
         missing_offsets.push("sched_process_exit.group_dead (falls back to the leader's exit)");
