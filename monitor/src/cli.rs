@@ -101,6 +101,13 @@ pub struct CollectorArgs {
     /// with /healthz and /readyz.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Connections served at once; a connection past it is refused (closed at once, logged).
+    #[arg(long, value_name = "N", default_value_t = crate::collector::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Bytes of messages not yet whole that all connections may hold together; a connection
+    /// that would pass it stops being read (TCP back-pressure) until others free some.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub max_buffered: u64,
 }
 
 #[derive(Debug, Args)]
@@ -337,6 +344,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 store: args.store,
                 sinks: args.sinks,
                 metrics: args.metrics,
+                limits: crate::collector::Limits {
+                    connections: args.max_connections.max(1),
+                    buffered: usize::try_from(args.max_buffered).unwrap_or(usize::MAX),
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(crate::collector::run(settings))?;

@@ -67,6 +67,8 @@ fn after_the_end(t: &Creds, files: &TokenFiles, client: &str, wire: &Wire, name:
         e["type"] == "token_use"
             && e["via"] == "http"
             && e["session"] == started["key"]
+            // The Authorization header's token (a request may carry a query token too).
+            && e["credential"]["kind"] == "bearer"
             // The task name: the process may be gone before its exe could be read.
             && e["actor"]["comm"] == wire.exe
     });

@@ -489,7 +489,8 @@ fn tokens_in_the_query_string_and_in_a_cookie_after_the_end() {
     let client = dir.write("query_or_cookie.py", QUERY_OR_COOKIE_CLIENT);
     for (mode, kind, header) in [("query", "query", "?access_token"), ("cookie", "cookie", "cookie")] {
         // A token with characters a URL must encode: the agent decodes it before fingerprinting.
-        let token = format!("tok/{}+{}=", mode, std::process::id());
+        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let token = format!("tok/{mode}+{nonce:x}{}=", std::process::id());
         let declared = dir.write(&format!("{mode}.token"), &format!("{token}\n"));
         let copy = dir.write(&format!("{mode}.copy"), &format!("{token}\n"));
         let id = format!("sent-as-{mode}");

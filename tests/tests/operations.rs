@@ -555,6 +555,79 @@ fn the_collector_reports_ingest_store_and_sinks() {
     assert!(!text.contains("monitor_events_total"), "the agent's metrics are not the collector's: {text}");
 }
 
+/// 500 peers connect and each sends the start of a frame, then nothing (a slow-loris, no
+/// authentication): the collector holds them within its limits, a well-behaved agent's alert is
+/// still stored and acknowledged meanwhile, its memory stays bounded, and the slow ones are
+/// closed once the time for a first message runs out. Past --max-connections, new connections
+/// are refused with a log line.
+#[test]
+fn slow_peers_cannot_exhaust_the_collector() {
+    let dir = Scratch::new("ops-collector-slow");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let collector = Collector::start(&dir, &["--metrics", &addr, "--max-connections", "600"]);
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.parse().ok()).unwrap()
+    };
+    let pid = collector.process.child.id();
+    let before = rss(pid);
+    // A fixarray of 3 (a Forward message), a str of 13 announced, 5 of its bytes sent.
+    let slow: Vec<std::net::TcpStream> = (0..500)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", collector.port)).unwrap();
+            std::io::Write::write_all(&mut s, b"\x93\xadmonit").unwrap();
+            s
+        })
+        .collect();
+    wait_for(
+        "500 slow connections open",
+        || {
+            (sample(&http_get(&format!("http://{addr}/metrics")).1, "monitor_collector_open_connections")? >= 500.0)
+                .then_some(())
+        },
+        || collector.logs(),
+    );
+    let forward = format!("forward://127.0.0.1:{}", collector.port);
+    let spool = dir.path("spool");
+    let agent = Agent::start_with("ops-slow-agent", &["--output", &forward, "--spool-dir", spool.to_str().unwrap()]);
+    let file = session_file(&agent.dir, "slow-1", "scope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
+    let o = agent.run(&file, &["/bin/sh", "-c", "/bin/true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for(
+        "the agent's alert stored and acknowledged beside the slow peers",
+        || {
+            let text = http_get(&format!("http://{addr}/metrics")).1;
+            (sample(&text, "monitor_collector_batches_acknowledged_total")? >= 1.0).then_some(())
+        },
+        || collector.logs(),
+    );
+    let during = rss(pid);
+    assert!(during < before + 64 * 1024, "RSS {before} kB before, {during} kB with 500 slow peers");
+    // Past the limit: refused at once, and said so.
+    let extra: Vec<std::net::TcpStream> =
+        (0..150).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", collector.port)).ok()).collect();
+    wait_for(
+        "connections past --max-connections refused and logged",
+        || collector.logs().contains("refusing connections").then_some(()),
+        || collector.logs(),
+    );
+    drop(extra);
+    // The slow ones never sent a whole message: closed when their time ran out.
+    let text = wait_for(
+        "the slow peers closed",
+        || {
+            let text = http_get(&format!("http://{addr}/metrics")).1;
+            (sample(&text, "monitor_collector_connection_errors_total{reason=\"slow\"}")? >= 500.0).then_some(text)
+        },
+        || collector.logs(),
+    );
+    assert!(
+        sample(&text, "monitor_collector_connection_errors_total{reason=\"refused\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    drop(slow);
+}
+
 /// Kill -9 the agent while a session with a background process is active, start another: the
 /// process is still the session's (its out-of-scope connect is caught), a monitor_blind says how
 /// long no agent looked, and process_outlived_task still fires at end + grace. After a normal

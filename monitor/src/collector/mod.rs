@@ -28,7 +28,20 @@ pub struct CollectorSettings {
     pub sinks: Vec<SinkSpec>,
     /// Where Prometheus scrapes the collector's metrics.
     pub metrics: Option<SocketAddr>,
+    pub limits: Limits,
 }
+
+/// What the network may make the collector hold: applied from the moment a connection is
+/// accepted, before TLS or the shared key, so an unauthenticated peer is bounded too.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once.
+    pub connections: usize,
+    /// Bytes of messages not yet whole, all connections together.
+    pub buffered: usize,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 
 pub async fn run(settings: CollectorSettings) -> anyhow::Result<()> {
     let health = crate::metrics::Health::default();
@@ -66,7 +79,14 @@ pub async fn run(settings: CollectorSettings) -> anyhow::Result<()> {
         "collector ready"
     );
     health.set_ready(true);
-    let config = server::Listener { tls, shared_key, hostname, store: store_tx };
+    raise_open_files(settings.limits.connections);
+    let config = server::Listener {
+        tls,
+        shared_key,
+        hostname,
+        store: store_tx,
+        limits: Arc::new(server::Budget::new(settings.limits)),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = server::serve(listener, config) => {}
@@ -101,6 +121,23 @@ fn writer(mut store: store::Store, mut requests: mpsc::Receiver<StoreRequest>, d
         }
         for request in group {
             let _ = request.reply.send(result.clone().map(|_| ()));
+        }
+    }
+}
+
+/// Lets the process open a descriptor per allowed connection and some to spare: past the soft
+/// limit, accept itself would fail (EMFILE) before the connection limit could refuse cleanly.
+fn raise_open_files(connections: usize) {
+    let want = (connections as u64).saturating_add(256);
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= want {
+            return;
+        }
+        limit.rlim_cur = want.min(limit.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            tracing::warn!("could not raise the open files limit to {want}: connections past it fail at accept");
         }
     }
 }

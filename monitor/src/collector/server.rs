@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, Semaphore},
 };
 
 use super::store::Incoming;
@@ -25,6 +25,26 @@ pub struct Listener {
     pub shared_key: Option<Arc<str>>,
     pub hostname: Arc<str>,
     pub store: mpsc::Sender<StoreRequest>,
+    pub limits: Arc<Budget>,
+}
+
+/// The connection slots and the bytes of unfinished messages the network may hold.
+pub struct Budget {
+    connections: Arc<Semaphore>,
+    /// In KiB, so a 256 MiB budget fits the semaphore's permit count.
+    buffered_kib: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+impl Budget {
+    pub fn new(limits: super::Limits) -> Self {
+        let kib = (limits.buffered / 1024).clamp(1, Semaphore::MAX_PERMITS);
+        Budget {
+            connections: Arc::new(Semaphore::new(limits.connections.min(Semaphore::MAX_PERMITS))),
+            buffered_kib: Arc::new(Semaphore::new(kib)),
+            max_connections: limits.connections,
+        }
+    }
 }
 
 /// One message, at most (a PackedForward batch of many alerts is one message).
@@ -32,13 +52,29 @@ const MAX_MESSAGE: usize = 32 << 20;
 /// A client that sends nothing for this long is disconnected.
 const IDLE: Duration = Duration::from_secs(300);
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// A peer that has not finished the handshake and a first message within this is closed: a
+/// slow or silent peer (or one that never authenticates) holds a slot this long at most.
+const FIRST_MESSAGE: Duration = Duration::from_secs(10);
+/// How long a connection waits for the buffer budget before it is closed.
+const BUDGET_WAIT: Duration = Duration::from_secs(30);
+/// Bytes read at a time.
+const READ_CHUNK: usize = 16 << 10;
 
 pub async fn serve(listener: TcpListener, config: Listener) {
+    let mut refused = Refusals::default();
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let Ok(slot) = config.limits.connections.clone().try_acquire_owned() else {
+                    // Closed at once: the peer retries later (the agent's spool keeps its alerts).
+                    drop(tcp);
+                    crate::metrics::collector().connection_error("refused");
+                    refused.note(peer, config.limits.max_connections);
+                    continue;
+                };
                 let config = config.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let metrics = crate::metrics::collector();
                     metrics.connections.inc();
                     metrics.open_connections.inc();
@@ -60,10 +96,75 @@ pub async fn serve(listener: TcpListener, config: Listener) {
     }
 }
 
+/// Refused connections, logged at most once a second with how many there were.
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, peer: SocketAddr, max: usize) {
+        self.since_log += 1;
+        if self.logged_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        tracing::warn!(
+            %peer,
+            refused = self.since_log,
+            "refusing connections: {max} open already (--max-connections)"
+        );
+        self.since_log = 0;
+        self.logged_at = Some(std::time::Instant::now());
+    }
+}
+
+/// The part of the buffer budget one connection holds; given back when it ends.
+struct Held {
+    budget: Arc<Semaphore>,
+    kib: u32,
+}
+
+impl Held {
+    /// Holds enough for `bytes`: more is waited for (the connection is not read meanwhile: TCP
+    /// back-pressure), less is given back.
+    async fn resize(&mut self, bytes: usize) -> Result<(), String> {
+        let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        if want > self.kib {
+            let more = want - self.kib;
+            let permits = tokio::time::timeout(BUDGET_WAIT, self.budget.acquire_many(more))
+                .await
+                .map_err(|_| "buffered-bytes budget exhausted (--max-buffered) for too long".to_string())?
+                .map_err(|_| "the collector is stopping".to_string())?;
+            permits.forget();
+        } else if want < self.kib {
+            self.budget.add_permits((self.kib - want) as usize);
+        }
+        self.kib = want;
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.kib as usize);
+    }
+}
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 async fn connection(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Result<(), String> {
+    // Until the handshake and a first whole message, the whole connection has FIRST_MESSAGE.
+    let first_by = tokio::time::Instant::now() + FIRST_MESSAGE;
+    let (conn, buf) = tokio::time::timeout_at(first_by, open(tcp, peer, config))
+        .await
+        .map_err(|_| "no handshake within the time allowed".to_string())??;
+    serve_messages(conn, buf, config, first_by).await
+}
+
+/// TLS and the shared-key handshake, as configured.
+async fn open(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Result<(Box<dyn Stream>, ValueBuffer), String> {
     let _ = tcp.set_nodelay(true);
     let mut conn: Box<dyn Stream> = match &config.tls {
         Some(acceptor) => match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
@@ -78,9 +179,22 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Resu
         handshake(&mut conn, &mut buf, key, &config.hostname).await?;
         tracing::debug!(%peer, "shared key accepted");
     }
-    let mut chunk = vec![0u8; 256 << 10];
+    Ok((conn, buf))
+}
+
+/// Reads messages until the peer closes: each batch stored, then acknowledged.
+async fn serve_messages(
+    mut conn: Box<dyn Stream>,
+    mut buf: ValueBuffer,
+    config: &Listener,
+    first_by: tokio::time::Instant,
+) -> Result<(), String> {
+    let mut held = Held { budget: config.limits.buffered_kib.clone(), kib: 0 };
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut first_message = true;
     loop {
         while let Some(value) = buf.next(MAX_MESSAGE).map_err(|e| e.to_string())? {
+            first_message = false;
             let message = protocol::parse_message(value).map_err(|e| e.to_string())?;
             let entries: Vec<Incoming> = message.entries.into_iter().map(incoming).collect();
             let received = entries.len() as u64;
@@ -99,14 +213,19 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Resu
                 Err(_) => return Err("the store writer is gone".into()),
             }
         }
-        let n = match tokio::time::timeout(IDLE, conn.read(&mut chunk)).await {
+        held.resize(buf.len()).await?;
+        let deadline = if first_message { first_by } else { tokio::time::Instant::now() + IDLE };
+        let n = match tokio::time::timeout_at(deadline, conn.read(&mut chunk)).await {
             Ok(Ok(0)) => {
                 return if buf.is_empty() { Ok(()) } else { Err("connection closed in the middle of a message".into()) }
             }
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) if first_message => return Err("no whole message within the time allowed".into()),
             Err(_) => return Err("idle".into()),
         };
+        // The budget is held before the bytes are: a connection never holds more than it got.
+        held.resize(buf.len() + n).await?;
         buf.extend(&chunk[..n]);
     }
 }

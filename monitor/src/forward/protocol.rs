@@ -225,54 +225,87 @@ fn field<'a>(map: &'a [u8], key: &str) -> Option<&'a [u8]> {
 /// The length of the MessagePack value at the start of `b`, walked without allocating:
 /// `Ok(None)` if `b` holds only part of it, `Err` if it is not MessagePack.
 pub fn value_len(b: &[u8]) -> Result<Option<usize>, StreamError> {
-    let mut at = 0usize;
-    // Values still to walk: containers add their elements.
-    let mut pending: u64 = 1;
-    while pending > 0 {
-        pending -= 1;
-        let Some(&m) = b.get(at) else { return Ok(None) };
-        let be = |from: usize, n: usize| -> Option<u64> {
-            b.get(at + from..at + from + n).map(|s| s.iter().fold(0u64, |acc, x| acc << 8 | *x as u64))
-        };
-        let (header, body, elements): (usize, Option<u64>, u64) = match m {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, Some(0), 0),
-            0x80..=0x8f => (1, Some(0), 2 * (m & 0x0f) as u64),
-            0x90..=0x9f => (1, Some(0), (m & 0x0f) as u64),
-            0xa0..=0xbf => (1, Some((m & 0x1f) as u64), 0),
-            0xc1 => return Err(StreamError::Malformed),
-            0xc4 | 0xd9 => (2, be(1, 1), 0),
-            0xc5 | 0xda => (3, be(1, 2), 0),
-            0xc6 | 0xdb => (5, be(1, 4), 0),
-            0xc7 => (3, be(1, 1), 0),
-            0xc8 => (4, be(1, 2), 0),
-            0xc9 => (6, be(1, 4), 0),
-            0xca => (1, Some(4), 0),
-            0xcb => (1, Some(8), 0),
-            0xcc | 0xd0 => (1, Some(1), 0),
-            0xcd | 0xd1 => (1, Some(2), 0),
-            0xce | 0xd2 => (1, Some(4), 0),
-            0xcf | 0xd3 => (1, Some(8), 0),
-            0xd4 => (2, Some(1), 0),
-            0xd5 => (2, Some(2), 0),
-            0xd6 => (2, Some(4), 0),
-            0xd7 => (2, Some(8), 0),
-            0xd8 => (2, Some(16), 0),
-            0xdc => (3, Some(0), be(1, 2).unwrap_or(u64::MAX)),
-            0xdd => (5, Some(0), be(1, 4).unwrap_or(u64::MAX)),
-            0xde => (3, Some(0), be(1, 2).map_or(u64::MAX, |n| 2 * n)),
-            0xdf => (5, Some(0), be(1, 4).map_or(u64::MAX, |n| 2 * n)),
-        };
-        let Some(body) = body else { return Ok(None) };
-        if elements == u64::MAX {
-            return Ok(None);
-        }
-        at = at.saturating_add(header).saturating_add(body as usize);
-        if at > b.len() {
-            return Ok(None);
-        }
-        pending += elements;
+    Walk::default().resume(b)
+}
+
+/// A walk over one MessagePack value that can stop where the bytes end and resume there when
+/// more come, so a large message arriving in many reads is walked once in all (linear), not
+/// from its start at every read.
+#[derive(Debug, Clone, Copy)]
+pub struct Walk {
+    /// Where the next element starts.
+    at: usize,
+    /// Values still to walk: containers add their elements.
+    pending: u64,
+}
+
+impl Default for Walk {
+    fn default() -> Self {
+        Walk { at: 0, pending: 1 }
     }
-    Ok(Some(at))
+}
+
+impl Walk {
+    /// Walks on over `b` (the same bytes as before, maybe more of them): the value's length once
+    /// whole, `Ok(None)` while `b` holds only part of it.
+    pub fn resume(&mut self, b: &[u8]) -> Result<Option<usize>, StreamError> {
+        while self.pending > 0 {
+            match element_len(b, self.at)? {
+                Some((len, elements)) => {
+                    self.at += len;
+                    self.pending = (self.pending - 1).saturating_add(elements);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(self.at))
+    }
+}
+
+/// The length of the element's own bytes at `at` (its header and body, not a container's
+/// elements) and how many elements it contains; `Ok(None)` if `b` ends before it does.
+fn element_len(b: &[u8], at: usize) -> Result<Option<(usize, u64)>, StreamError> {
+    let Some(&m) = b.get(at) else { return Ok(None) };
+    let be = |from: usize, n: usize| -> Option<u64> {
+        b.get(at + from..at + from + n).map(|s| s.iter().fold(0u64, |acc, x| acc << 8 | *x as u64))
+    };
+    let (header, body, elements): (usize, Option<u64>, u64) = match m {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, Some(0), 0),
+        0x80..=0x8f => (1, Some(0), 2 * (m & 0x0f) as u64),
+        0x90..=0x9f => (1, Some(0), (m & 0x0f) as u64),
+        0xa0..=0xbf => (1, Some((m & 0x1f) as u64), 0),
+        0xc1 => return Err(StreamError::Malformed),
+        0xc4 | 0xd9 => (2, be(1, 1), 0),
+        0xc5 | 0xda => (3, be(1, 2), 0),
+        0xc6 | 0xdb => (5, be(1, 4), 0),
+        0xc7 => (3, be(1, 1), 0),
+        0xc8 => (4, be(1, 2), 0),
+        0xc9 => (6, be(1, 4), 0),
+        0xca => (1, Some(4), 0),
+        0xcb => (1, Some(8), 0),
+        0xcc | 0xd0 => (1, Some(1), 0),
+        0xcd | 0xd1 => (1, Some(2), 0),
+        0xce | 0xd2 => (1, Some(4), 0),
+        0xcf | 0xd3 => (1, Some(8), 0),
+        0xd4 => (2, Some(1), 0),
+        0xd5 => (2, Some(2), 0),
+        0xd6 => (2, Some(4), 0),
+        0xd7 => (2, Some(8), 0),
+        0xd8 => (2, Some(16), 0),
+        0xdc => (3, Some(0), be(1, 2).unwrap_or(u64::MAX)),
+        0xdd => (5, Some(0), be(1, 4).unwrap_or(u64::MAX)),
+        0xde => (3, Some(0), be(1, 2).map_or(u64::MAX, |n| 2 * n)),
+        0xdf => (5, Some(0), be(1, 4).map_or(u64::MAX, |n| 2 * n)),
+    };
+    let Some(body) = body else { return Ok(None) };
+    if elements == u64::MAX {
+        return Ok(None);
+    }
+    let len = header.saturating_add(body as usize);
+    if at.saturating_add(len) > b.len() {
+        return Ok(None);
+    }
+    Ok(Some((len, elements)))
 }
 
 pub fn map_get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -437,6 +470,10 @@ pub fn check_pong(v: &Value, salt: &str, nonce: &[u8], shared_key: &str) -> Resu
 #[derive(Default)]
 pub struct ValueBuffer {
     buf: Vec<u8>,
+    /// Where the unread bytes start: values read are skipped, not shifted out one by one.
+    start: usize,
+    /// How far the next value was walked.
+    walk: Walk,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -453,25 +490,40 @@ impl ValueBuffer {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes held that are not a value read yet.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.start
     }
 
     /// The next whole value, if the buffer holds one. `max` bounds a value's size.
     pub fn next(&mut self, max: usize) -> Result<Option<Value>, StreamError> {
-        if self.buf.is_empty() {
+        if self.is_empty() {
             return Ok(None);
         }
-        // Only a whole value is decoded: a large batch arriving in many reads is walked (cheap),
-        // not decoded again at every read.
-        let Some(len) = value_len(&self.buf)? else {
-            return if self.buf.len() > max { Err(StreamError::Oversized(max)) } else { Ok(None) };
+        // Only a whole value is decoded, and a value arriving in many reads is walked once: the
+        // walk resumes where the last read's bytes ended.
+        let unread = &self.buf[self.start..];
+        let Some(len) = self.walk.resume(unread)? else {
+            return if unread.len() > max { Err(StreamError::Oversized(max)) } else { Ok(None) };
         };
         if len > max {
             return Err(StreamError::Oversized(max));
         }
         let value =
-            rmpv::decode::read_value_with_max_depth(&mut &self.buf[..len], 64).map_err(|_| StreamError::Malformed)?;
-        self.buf.drain(..len);
+            rmpv::decode::read_value_with_max_depth(&mut &unread[..len], 64).map_err(|_| StreamError::Malformed)?;
+        self.start += len;
+        self.walk = Walk::default();
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start >= self.buf.len() / 2 {
+            // Shifted once the read part is the larger: each byte moves a bounded number of times.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         Ok(Some(value))
     }
 }
@@ -571,6 +623,58 @@ mod tests {
         assert_eq!(str_field(&bytes, "id").as_deref(), Some("01ABC"));
         assert_eq!(str_field(&bytes, "nested"), None);
         assert_eq!(value_len(&[0xc1]), Err(StreamError::Malformed));
+        // A walk resumed over the same bytes, more at a time, ends where a whole walk does.
+        for step in [1, 7, 4096] {
+            let mut walk = Walk::default();
+            let mut end = None;
+            for upto in (step..bytes.len() + step).step_by(step) {
+                end = walk.resume(&bytes[..upto.min(bytes.len())]).unwrap();
+                if end.is_some() {
+                    break;
+                }
+            }
+            assert_eq!(end, Some(bytes.len()), "step {step}");
+        }
+    }
+
+    /// A 16 MiB Forward-mode message (320,000 small entries) arriving 4 KiB at a
+    /// time, then several messages in one read: each is read whole and once. Walking from the
+    /// start at every read would walk up to 16 MiB 4,096 times.
+    #[test]
+    fn a_16_mib_message_in_4_kib_reads_is_walked_once() {
+        let record = encoded(&Value::Map(vec![(Value::from("alert"), Value::from("x".repeat(40)))]));
+        let entries: Vec<Value> = (0..320_000)
+            .map(|i| Value::Array(vec![Value::from(i as u64), rmpv::decode::read_value(&mut &record[..]).unwrap()]))
+            .collect();
+        let message = encoded(&Value::Array(vec![Value::from("monitor.alert"), Value::Array(entries)]));
+        assert!(message.len() > 16 << 20, "{}", message.len());
+        let started = std::time::Instant::now();
+        let mut buf = ValueBuffer::default();
+        let mut read = Vec::new();
+        for piece in message.chunks(4096) {
+            buf.extend(piece);
+            while let Some(v) = buf.next(32 << 20).unwrap() {
+                read.push(v);
+            }
+        }
+        assert_eq!(read.len(), 1);
+        assert!(buf.is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+        let small = encoded(&record_value(7));
+        let mut many = Vec::new();
+        for _ in 0..1000 {
+            many.extend_from_slice(&small);
+        }
+        buf.extend(&many);
+        let mut n = 0;
+        while buf.next(1 << 20).unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!((n, buf.len()), (1000, 0));
+    }
+
+    fn record_value(n: u64) -> Value {
+        record(n)
     }
 
     #[test]

@@ -106,7 +106,13 @@ impl CollectorMetrics {
 /// A bounded label from a connection's error message (the messages name peers and sizes).
 fn error_kind(reason: &str) -> &'static str {
     let r = reason.to_ascii_lowercase();
-    if r.contains("tls") {
+    if r == "refused" {
+        "refused"
+    } else if r.contains("budget") {
+        "budget"
+    } else if r.contains("within the time allowed") {
+        "slow"
+    } else if r.contains("tls") {
         "tls"
     } else if r.contains("shared key") || r.contains("helo") || r.contains("ping") || r.contains("handshake") {
         "auth"
