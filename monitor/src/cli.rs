@@ -396,6 +396,7 @@ fn session(command: SessionCommand) -> anyhow::Result<i32> {
         SessionCommand::Start { file, id, pid, cgroup, control } => {
             let request = start_request(&file, id, BindRequest { pid, cgroup })?;
             let data = client::call(&control.path, &request)?;
+            print_warnings("monitor session start", &data);
             println!("{}", data["id"].as_str().unwrap_or_default());
         }
         SessionCommand::End { id, control } => {
@@ -418,6 +419,14 @@ fn session(command: SessionCommand) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Prints the agent's warnings about a session it started (a declared token it cannot know) on
+/// stderr: the operator sees them where the command ran, not only in the agent's log.
+pub fn print_warnings(command: &str, started: &serde_json::Value) {
+    for warning in started["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
+        eprintln!("{command}: warning: {warning}");
+    }
 }
 
 /// Reads and validates a session file and collects its env tokens from this process's

@@ -69,7 +69,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let started = client::call(&args.control.path, &request);
     let id = match started {
-        Ok(data) => data["id"].as_str().unwrap_or_default().to_string(),
+        Ok(data) => {
+            crate::cli::print_warnings("monitor run", &data);
+            data["id"].as_str().unwrap_or_default().to_string()
+        }
         Err(e) => {
             drop(go_write); // the child sees EOF and exits without running the task
             wait(child);

@@ -512,3 +512,26 @@ fn tokens_in_the_query_string_and_in_a_cookie_after_the_end() {
         t.assert_never_output(&token.replace('/', "%2F").replace('+', "%2B").replace('=', "%3D"));
     }
 }
+
+/// A declared token the agent cannot know (an unset variable, a token file it cannot read) is
+/// said where the operator started the session, and in the agent's log: its uses would go
+/// unrecognised. The task still runs.
+#[test]
+fn a_declared_token_that_cannot_be_known_is_warned_about_at_start() {
+    let t = Creds::start("cred-unknown-token", &[]);
+    let dir = &t.agent.dir;
+    let missing = dir.path("no-such.token");
+    let session = session_file(
+        dir,
+        "unknown-token",
+        &format!("grace: 1s\ntokens:\n  - env: NOT_SET_TOKEN\n  - file: {}\n", missing.display()),
+    );
+    let o = t.run_session(&session, "exit 0", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("monitor run: warning: token env:NOT_SET_TOKEN: the variable is not set"), "{err}");
+    let file_warning = format!("monitor run: warning: token file:{}: the agent cannot read it", missing.display());
+    assert!(err.contains(&file_warning), "{err}");
+    let log = fs::read_to_string(&t.agent.log).unwrap();
+    assert!(log.contains("token env:NOT_SET_TOKEN") && log.contains("WARN"), "{log}");
+}

@@ -129,8 +129,11 @@ async fn start(
     env_tokens: Vec<Option<super::fingerprint::Secret>>,
     caller: Option<u32>,
 ) -> Result<serde_json::Value, String> {
-    let (session, token_hashes) = resolve(plane, origin, file, id, &bind, env_tokens, caller)?;
+    let (session, token_hashes, warnings) = resolve(plane, origin, file, id, &bind, env_tokens, caller)?;
     let id = session.id.to_string();
+    for warning in &warnings {
+        tracing::warn!(session = %id, "{warning}");
+    }
     let cgroup = session.binding.cgroup.clone();
     let key = plane.core.start(session.clone()).await?;
     // The names its processes will find in their hosts file, before any of them runs.
@@ -185,7 +188,7 @@ async fn start(
         bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
     }
     tracing::info!(session = %id, key, "session started");
-    Ok(json!({ "id": id, "key": key }))
+    Ok(json!({ "id": id, "key": key, "warnings": warnings }))
 }
 
 /// The kernel's part of a session before any process is bound: its connect scope (with the
@@ -216,7 +219,8 @@ pub(super) async fn bind_cgroup(
 }
 
 /// Turns a session file into a [`Session`]: id, default time bounds, fingerprints, binding.
-/// Also returns, for each token whose value is known, its kernel prefilter hash and fingerprint.
+/// Also returns, for each token whose value is known, its kernel prefilter hash and fingerprint,
+/// and a warning for each declared token whose value is not (its uses would go unrecognised).
 fn resolve(
     plane: &ControlPlane,
     origin: &str,
@@ -225,7 +229,7 @@ fn resolve(
     bind: &BindRequest,
     env_tokens: Vec<Option<super::fingerprint::Secret>>,
     caller: Option<u32>,
-) -> Result<(Session, Vec<(u64, String)>), String> {
+) -> Result<(Session, Vec<(u64, String)>, Vec<String>), String> {
     let id = match id.or(file.id) {
         Some(id) => id,
         None => SessionId::try_from(format!("s-{}", ulid::Ulid::new().to_string().to_lowercase()))?,
@@ -252,18 +256,38 @@ fn resolve(
         hashes.push((plane.credentials.token_hash(raw), fingerprint.clone()));
         fingerprint
     };
+    let mut warnings = Vec::new();
     let tokens = file
         .tokens
         .iter()
         .map(|t| match t {
-            TokenSpec::Env(name) => TokenRef {
-                source: format!("env:{name}"),
-                fingerprint: env_values.next().flatten().map(|v| known(v.expose())),
-            },
-            TokenSpec::File(path) => TokenRef {
-                source: format!("file:{path}"),
-                fingerprint: std::fs::read(path).ok().map(|raw| known(trim_newline(&raw))),
-            },
+            TokenSpec::Env(name) => {
+                let value = env_values.next().flatten();
+                if value.is_none() {
+                    warnings.push(format!(
+                        "token env:{name}: the variable is not set in the environment of the command that \
+                         started the session, so its uses will not be recognised"
+                    ));
+                }
+                TokenRef { source: format!("env:{name}"), fingerprint: value.map(|v| known(v.expose())) }
+            }
+            TokenSpec::File(path) => {
+                let fingerprint = match std::fs::read(path) {
+                    Ok(raw) if !trim_newline(&raw).is_empty() => Some(known(trim_newline(&raw))),
+                    Ok(_) => {
+                        warnings
+                            .push(format!("token file:{path}: the file is empty, so its uses will not be recognised"));
+                        None
+                    }
+                    Err(e) => {
+                        warnings.push(format!(
+                            "token file:{path}: the agent cannot read it ({e}), so its uses will not be recognised"
+                        ));
+                        None
+                    }
+                };
+                TokenRef { source: format!("file:{path}"), fingerprint }
+            }
         })
         .collect();
     let session = Session {
@@ -293,7 +317,7 @@ fn resolve(
             launcher_sid: caller.and_then(bind::stat_ids).map(|ids| ids.sid),
         },
     };
-    Ok((session, hashes))
+    Ok((session, hashes, warnings))
 }
 
 fn trim_newline(raw: &[u8]) -> &[u8] {
