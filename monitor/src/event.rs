@@ -62,13 +62,25 @@ pub enum Event {
         ts: Nanos,
         config: Box<crate::engine::EngineConfig>,
     },
+    /// A token file the session declared now holds another value (a rotated credential:
+    /// Kubernetes projects a new service-account token about every hour, by a symlink swap).
+    /// The new value is the session's too; the ones before stay so.
+    TokenRotated {
+        ts: Nanos,
+        key: SessionKey,
+        /// `file:PATH`, as the session's token list names it.
+        source: String,
+        fingerprint: String,
+    },
 }
 
 impl Event {
     /// The session the event names (`None` for processes outside sessions, ticks, losses).
     pub fn session_key(&self) -> Option<SessionKey> {
         let key = match self {
-            Event::SessionStarted { key, .. } | Event::SessionEnded { key, .. } => *key,
+            Event::SessionStarted { key, .. } | Event::SessionEnded { key, .. } | Event::TokenRotated { key, .. } => {
+                *key
+            }
             Event::ProcessSeen(p) => p.session,
             Event::Fork(f) => f.session,
             Event::Exec(e) => e.session,
@@ -86,7 +98,7 @@ impl Event {
     }
 
     /// Every event's `type` in its JSON form, in the order of [`Event::kind_index`].
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 17] = [
         "session_started",
         "session_ended",
         "process_seen",
@@ -103,6 +115,7 @@ impl Event {
         "agent_stopping",
         "lost",
         "policy_reloaded",
+        "token_rotated",
     ];
 
     /// Where the event's `type` is in [`Event::KINDS`] (counters per kind are kept in an array).
@@ -124,6 +137,7 @@ impl Event {
             Event::AgentStopping { .. } => 13,
             Event::Lost { .. } => 14,
             Event::PolicyReloaded { .. } => 15,
+            Event::TokenRotated { .. } => 16,
         }
     }
 
@@ -139,7 +153,8 @@ impl Event {
             | Event::Tick { ts }
             | Event::AgentStopping { ts }
             | Event::Lost { ts, .. }
-            | Event::PolicyReloaded { ts, .. } => *ts,
+            | Event::PolicyReloaded { ts, .. }
+            | Event::TokenRotated { ts, .. } => *ts,
             Event::ProcessSeen(p) => p.ts,
             Event::Fork(f) => f.ts,
             Event::Exec(e) => e.ts,

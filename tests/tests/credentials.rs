@@ -535,3 +535,53 @@ fn a_declared_token_that_cannot_be_known_is_warned_about_at_start() {
     let log = fs::read_to_string(&t.agent.log).unwrap();
     assert!(log.contains("token env:NOT_SET_TOKEN") && log.contains("WARN"), "{log}");
 }
+
+/// A projected token rotated as the kubelet rotates one: the session declares DIR/token, a
+/// symlink to ..data/token, where ..data is a symlink to a timestamped directory; the kubelet
+/// writes a new directory and swaps ..data. The new value is the session's too: a job that uses
+/// it after the end raises token_after_task_end for it.
+#[test]
+fn a_rotated_token_file_is_followed() {
+    use std::os::unix::fs::symlink;
+    let t = Creds::start("cred-rotation", &[]);
+    let dir = &t.agent.dir;
+    let port = free_port_on("127.0.0.3");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(dir.write("keepalive_server.py", KEEPALIVE_SERVER)).arg("127.0.0.3").arg(port.to_string());
+    let _server = Server::spawn(dir, "rotation.log", cmd, "127.0.0.3", port);
+    let client = dir.write("keepalive_client.py", KEEPALIVE_CLIENT);
+    let projected = dir.path("projected");
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let (first, second) = (format!("sa-token-1-{nonce:x}"), format!("sa-token-2-{nonce:x}"));
+    fs::create_dir_all(projected.join("..2026_12_06_v1")).unwrap();
+    fs::write(projected.join("..2026_12_06_v1/token"), &first).unwrap();
+    symlink("..2026_12_06_v1", projected.join("..data")).unwrap();
+    symlink("..data/token", projected.join("token")).unwrap();
+    let session =
+        session_file(dir, "rotated", &format!("grace: 1s\ntokens:\n  - file: {}\n", projected.join("token").display()));
+    let (go, copy) = (dir.path("go"), dir.path("rotated.copy"));
+    let script = format!(
+        "(while [ ! -f {go} ]; do sleep 0.05; done; python3 {} 127.0.0.3 {port} {}) > /dev/null 2>&1 &",
+        client.display(),
+        copy.display(),
+        go = go.display()
+    );
+    let o = t.run_session(&session, &script, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The kubelet's rotation: a new directory, then ..data swapped to it in one rename.
+    fs::create_dir_all(projected.join("..2026_12_06_v2")).unwrap();
+    fs::write(projected.join("..2026_12_06_v2/token"), &second).unwrap();
+    symlink("..2026_12_06_v2", projected.join("..data_tmp")).unwrap();
+    fs::rename(projected.join("..data_tmp"), projected.join("..data")).unwrap();
+    let rotated = t.agent.wait_event("the rotation seen", |e| e["type"] == "token_rotated");
+    assert_eq!(rotated["source"], format!("file:{}", projected.join("token").display()));
+    // The job uses the new token after the end.
+    fs::write(&copy, &second).unwrap();
+    fs::write(&go, "").unwrap();
+    let alert = t.agent.wait_alert("token_after_task_end for the rotated token", |a| {
+        a["rule"] == "token_after_task_end" && a["session"]["id"] == "rotated" && a["credential"]["seen_in"] == "http"
+    });
+    assert_eq!(alert["credential"]["fingerprint"], rotated["fingerprint"], "{alert}");
+    t.assert_never_output(&first);
+    t.assert_never_output(&second);
+}

@@ -42,6 +42,11 @@ enum Command {
         names: Vec<crate::event::Resolve>,
         applied: oneshot::Sender<()>,
     },
+    /// Events the control plane observed itself (a rotated token file), in order with the rest.
+    Apply {
+        events: Vec<Event>,
+        applied: oneshot::Sender<()>,
+    },
     End {
         id: String,
         reason: EndReason,
@@ -100,6 +105,14 @@ impl CoreHandle {
     pub async fn names(&self, names: Vec<crate::event::Resolve>) {
         let (applied, rx) = oneshot::channel();
         if self.send(Command::Names { names, applied }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Returns once the engine has the events.
+    pub async fn apply(&self, events: Vec<Event>) {
+        let (applied, rx) = oneshot::channel();
+        if self.send(Command::Apply { events, applied }).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -322,6 +335,12 @@ impl Core {
             Command::Names { names, applied } => {
                 for r in names {
                     self.apply(Event::Resolve(r)).await;
+                }
+                let _ = applied.send(());
+            }
+            Command::Apply { events, applied } => {
+                for event in events {
+                    self.apply(event).await;
                 }
                 let _ = applied.send(());
             }

@@ -187,6 +187,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         credentials,
         probes: probes.clone(),
         rescan_executables,
+        token_files: Default::default(),
     };
     if let Some(state) = saved {
         // Before the socket serves: no new session races the adopted ones for a key.
@@ -202,6 +203,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     // Loading the probes (the kernel's BTF) and adopting allocated much that is free now.
     memory::give_back();
     let keeper = tokio::spawn(crate::sessions::state::keep(plane.clone(), settings.state_dir.clone()));
+    let token_files = tokio::spawn(crate::sessions::token_files::run(plane.clone()));
     let control = tokio::spawn(server::serve(listener, plane));
     let probes_seen = probes.clone();
     crate::metrics::get().on_scrape(Box::new(move |metrics| {
@@ -227,6 +229,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     health.set_ready(false);
     control.abort();
     keeper.abort();
+    token_files.abort();
     stats_task.abort();
     reader.abort();
     enforcer.abort();

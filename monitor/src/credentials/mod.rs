@@ -125,6 +125,11 @@ impl CredentialIndex {
         (inner.tokens.get(&key).cloned().unwrap_or_default(), inner.paths.get(&key).cloned().unwrap_or_default())
     }
 
+    /// Whether the session is known (not forgotten yet).
+    pub fn has_session(&self, key: SessionKey) -> bool {
+        self.read().paths.contains_key(&key)
+    }
+
     pub fn forget_session(&self, key: SessionKey) {
         let mut inner = self.write();
         inner.tokens.remove(&key);

@@ -25,6 +25,21 @@ impl Engine {
             .collect()
     }
 
+    /// A declared token file of the session holds a new value: it is the session's too (its
+    /// use after the end or by another process is caught like the first one's). Bounded like
+    /// the tokens a session learns.
+    pub(super) fn token_rotated(&mut self, key: SessionKey, source: &str, fingerprint: &str) {
+        let Some(tracked) = self.sessions.get_mut(&key) else { return };
+        let tokens = &mut tracked.session.tokens;
+        if tokens.iter().any(|t| t.fingerprint.as_deref() == Some(fingerprint)) || tokens.len() >= LEARNED_PER_SESSION {
+            return;
+        }
+        tokens
+            .push(crate::sessions::TokenRef { source: source.to_string(), fingerprint: Some(fingerprint.to_string()) });
+        // The state directory keeps the session's tokens (their fingerprints).
+        self.session_changes += 1;
+    }
+
     /// A credential a process of an active session sent or received that no session holds
     /// becomes that session's: its use after the task, or by another process, is then caught
     /// like a declared one's (the delegation's "token transformation": a token exchanged or

@@ -275,6 +275,7 @@ impl Engine {
                 self.folds.set_window(config.fold_window_ns);
                 self.config = (**config).clone();
             }
+            Event::TokenRotated { key, source, fingerprint, .. } => self.token_rotated(*key, source, fingerprint),
         }
         alerts
     }

@@ -465,6 +465,31 @@ mod credentials {
         assert_eq!(read(&engine, ROOT, 0), None, "an exited process is no longer the session's");
     }
 
+    /// A declared token file rotated: the new value is the session's, used by a process outside
+    /// after the end it is token_after_task_end; the same rotation seen twice adds nothing.
+    #[test]
+    fn a_rotated_token_is_the_session_s_too() {
+        const ROTATED: &str = "hmac-sha256:0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f";
+        let rotation = |ts| Event::TokenRotated {
+            ts,
+            key: KEY,
+            source: "file:/run/secrets/bot/token".into(),
+            fingerprint: ROTATED.into(),
+        };
+        let mut events = task();
+        events.extend([rotation(2 * S), rotation(3 * S), exit(4 * S, ROOT), http(10 * S, 0, 900, ROTATED, None)]);
+        let alerts = run(&events);
+        assert_eq!(rules(&alerts), [Rule::TokenAfterTaskEnd]);
+        assert_eq!(alerts[0].credential.as_ref().unwrap().fingerprint.as_deref(), Some(ROTATED));
+        let mut engine = Engine::default();
+        for e in &events[..4] {
+            engine.handle(e);
+        }
+        let tokens = &engine.adoptable()[0].session.tokens;
+        assert_eq!(tokens.iter().filter(|t| t.fingerprint.as_deref() == Some(ROTATED)).count(), 1, "{tokens:?}");
+        assert_eq!(tokens.len(), 3, "the old values stay the session's");
+    }
+
     #[test]
     fn token_inside_its_active_session_is_only_observed() {
         let mut events = task();

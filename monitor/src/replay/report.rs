@@ -207,6 +207,7 @@ pub fn entry(event: Event, procs: &Names) -> Option<Entry> {
         | Event::Tick { .. }
         | Event::AgentStopping { .. }
         | Event::PolicyReloaded { .. } => return None,
+        Event::TokenRotated { .. } => (0, Arc::from("")),
         Event::SessionStarted { session, .. } => (session.binding.root_pid.unwrap_or(0), Arc::from("")),
         Event::SessionEnded { .. } | Event::Lost { .. } => (0, Arc::from("")),
         Event::ProcessSeen(p) => (p.pid, Arc::from(p.exe.as_str())),
@@ -234,6 +235,7 @@ pub fn describe(event: &Event) -> (&'static str, String) {
         Event::Tick { .. } => ("tick", String::new()),
         Event::AgentStopping { .. } => ("agent stopping", String::new()),
         Event::PolicyReloaded { .. } => ("policy", "reloaded".to_string()),
+        Event::TokenRotated { source, fingerprint, .. } => ("token", format!("rotated: {source} now {fingerprint}")),
         Event::Exec(e) => ("exec", e.argv.join(" ")),
         Event::Exit(x) => ("exit", exit_status(x.exit_code)),
         Event::Connect(c) => {

@@ -11,6 +11,7 @@ mod scope;
 pub mod server;
 mod spec;
 pub mod state;
+pub mod token_files;
 
 pub use scope::{mapped, mapped_prefix, Destination, Host};
 pub use spec::*;

@@ -35,6 +35,8 @@ pub struct ControlPlane {
     /// Wakes the executable prober (agent/executables.rs) when a session starts on an idle host:
     /// while nothing was watched, execs did not report their executables.
     pub rescan_executables: Arc<tokio::sync::Notify>,
+    /// The sessions' declared token files, looked at for rotation (sessions/token_files.rs).
+    pub token_files: Arc<super::token_files::TokenFiles>,
 }
 
 /// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
@@ -146,6 +148,7 @@ async fn start(
     let mut paths = session.scope.credentials.clone();
     paths.extend(session.tokens.iter().filter_map(|t| t.source.strip_prefix("file:").map(str::to_string)));
     plane.credentials.add_session(key, token_hashes, paths);
+    plane.token_files.add(key, session.tokens.iter().map(|t| t.source.as_str()));
 
     // The policy goes in before any process is bound, so the first connect is already enforced.
     let now = crate::agent::now_ns();
@@ -320,7 +323,7 @@ fn resolve(
     Ok((session, hashes, warnings))
 }
 
-fn trim_newline(raw: &[u8]) -> &[u8] {
+pub(super) fn trim_newline(raw: &[u8]) -> &[u8] {
     raw.strip_suffix(b"\n").map(|r| r.strip_suffix(b"\r").unwrap_or(r)).unwrap_or(raw)
 }
 

@@ -246,6 +246,7 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
     plane.core.adopt(state.sessions.iter().map(|s| s.session.clone()).collect(), Some(source)).await;
     for s in &state.sessions {
         plane.credentials.add_session(s.session.key, s.tokens.clone(), s.paths.clone());
+        plane.token_files.adopt(s.session.key, s.session.session.tokens.iter().map(|t| t.source.as_str()));
     }
     let mut maps = plane.maps.lock().await;
     let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
