@@ -421,6 +421,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
 "#;
 
+/// The keep-alive server on 127.0.0.3, and its port.
+fn keepalive_server(dir: &Scratch) -> (Server, u16) {
+    let port = free_port_on("127.0.0.3");
+    let mut cmd = Command::new("python3");
+    cmd.arg(dir.write("keepalive_server.py", KEEPALIVE_SERVER)).arg("127.0.0.3").arg(port.to_string());
+    (Server::spawn(dir, "keepalive.log", cmd, "127.0.0.3", port), port)
+}
+
 /// A keep-alive client: eight requests on one connection, the token only in the last
 /// (`keepalive_client.py HOST PORT TOKEN_FILE`).
 const KEEPALIVE_CLIENT: &str = r#"
@@ -439,10 +447,7 @@ for i in range(8):
 fn a_token_in_a_later_request_of_a_keep_alive_connection() {
     let t = Creds::start("cred-keepalive", &[]);
     let dir = &t.agent.dir;
-    let port = free_port_on("127.0.0.3");
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(dir.write("keepalive_server.py", KEEPALIVE_SERVER)).arg("127.0.0.3").arg(port.to_string());
-    let _server = Server::spawn(dir, "keepalive.log", cmd, "127.0.0.3", port);
+    let (_server, port) = keepalive_server(dir);
     let client = dir.write("keepalive_client.py", KEEPALIVE_CLIENT);
     let token = jwt(3600, "keepalive");
     let token_file = dir.write("keepalive.token", &format!("{token}\n"));
@@ -482,10 +487,7 @@ connection.getresponse().read()
 fn tokens_in_the_query_string_and_in_a_cookie_after_the_end() {
     let t = Creds::start("cred-query-cookie", &[]);
     let dir = &t.agent.dir;
-    let port = free_port_on("127.0.0.3");
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(dir.write("keepalive_server.py", KEEPALIVE_SERVER)).arg("127.0.0.3").arg(port.to_string());
-    let _server = Server::spawn(dir, "query-cookie.log", cmd, "127.0.0.3", port);
+    let (_server, port) = keepalive_server(dir);
     let client = dir.write("query_or_cookie.py", QUERY_OR_COOKIE_CLIENT);
     for (mode, kind, header) in [("query", "query", "?access_token"), ("cookie", "cookie", "cookie")] {
         // A token with characters a URL must encode: the agent decodes it before fingerprinting.
@@ -545,10 +547,7 @@ fn a_rotated_token_file_is_followed() {
     use std::os::unix::fs::symlink;
     let t = Creds::start("cred-rotation", &[]);
     let dir = &t.agent.dir;
-    let port = free_port_on("127.0.0.3");
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(dir.write("keepalive_server.py", KEEPALIVE_SERVER)).arg("127.0.0.3").arg(port.to_string());
-    let _server = Server::spawn(dir, "rotation.log", cmd, "127.0.0.3", port);
+    let (_server, port) = keepalive_server(dir);
     let client = dir.write("keepalive_client.py", KEEPALIVE_CLIENT);
     let projected = dir.path("projected");
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
