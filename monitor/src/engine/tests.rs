@@ -3,7 +3,7 @@
 use super::*;
 use crate::{
     event::{Connect, Creds, Exec, Exit, Fork},
-    sessions::{Binding, Scope, Session, SessionId},
+    sessions::{Session, SessionId},
 };
 
 const S: Nanos = 1_000_000_000;
@@ -11,19 +11,7 @@ const KEY: SessionKey = 1;
 const ROOT: u32 = 100;
 
 fn session(exec: Option<&[&str]>) -> Session {
-    Session {
-        id: SessionId::try_from("t-1".to_string()).unwrap(),
-        principal: "alice@example.com".into(),
-        actor: "svc:bot".into(),
-        task: "refund".into(),
-        sponsor: "payments".into(),
-        ttl_ns: 600 * S,
-        grace_ns: 2 * S,
-        scope: Scope { exec: exec.map(|e| e.iter().map(|s| s.to_string()).collect()), ..Default::default() },
-        tokens: vec![],
-        enforce: false,
-        binding: Binding { root_pid: Some(ROOT), cgroup: None, launcher_sid: None },
-    }
+    Session::example(exec, 2 * S, ROOT)
 }
 
 fn creds(uid: u32, euid: u32) -> Creds {

@@ -435,26 +435,14 @@ mod tests {
     use super::*;
     use crate::{
         event::{Creds, EndReason, Exec, Exit},
-        sessions::{Binding, Scope, Session, SessionId},
+        sessions::Session,
         trace::{RunInfo, TraceLimits, TraceWriter},
     };
 
     const S: u64 = 1_000_000_000;
 
     fn session() -> Session {
-        Session {
-            id: SessionId::try_from("t-1".to_string()).unwrap(),
-            principal: "alice@example.com".into(),
-            actor: "svc:bot".into(),
-            task: "refund".into(),
-            sponsor: "payments".into(),
-            ttl_ns: 600 * S,
-            grace_ns: S,
-            scope: Scope { exec: Some(vec!["/bin/sh".into()]), ..Default::default() },
-            tokens: vec![],
-            enforce: false,
-            binding: Binding { root_pid: Some(100), cgroup: None, launcher_sid: None },
-        }
+        Session::example(Some(&["/bin/sh"]), S, 100)
     }
 
     fn exec(ts: u64, pid: u32, exe: &str) -> Event {

@@ -200,6 +200,27 @@ pub struct Session {
     pub binding: Binding,
 }
 
+#[cfg(test)]
+impl Session {
+    /// The session the unit tests share: t-1, alice@example.com's svc:bot on a refund, ten
+    /// minutes of authority, rooted at `root_pid`.
+    pub fn example(exec: Option<&[&str]>, grace_ns: u64, root_pid: u32) -> Self {
+        Session {
+            id: SessionId::try_from("t-1".to_string()).expect("a valid id"),
+            principal: "alice@example.com".into(),
+            actor: "svc:bot".into(),
+            task: "refund".into(),
+            sponsor: "payments".into(),
+            ttl_ns: 600 * 1_000_000_000,
+            grace_ns,
+            scope: Scope { exec: exec.map(|e| e.iter().map(|s| s.to_string()).collect()), ..Default::default() },
+            tokens: vec![],
+            enforce: false,
+            binding: Binding { root_pid: Some(root_pid), cgroup: None, launcher_sid: None },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Scope {
     /// `None`: any destination.
