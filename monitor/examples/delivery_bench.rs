@@ -1,8 +1,8 @@
 //! Delivery benchmarks, used by `cargo xtask bench`. Prints one JSON object.
 //!
-//! `delivery_bench ingest MONITOR_BIN SENDERS ALERTS`: starts `monitor collector` on loopback
-//! and has SENDERS concurrent Forward clients send ALERTS distinct alerts in all, as
-//! PackedForward batches of 1000 with a chunk id each, every batch waiting for its ack (which
+//! `delivery_bench ingest MONITOR_BIN SENDERS ALERTS [BATCH]`: starts `monitor collector` on
+//! loopback and has SENDERS concurrent Forward clients send ALERTS distinct alerts in all, as
+//! PackedForward batches of BATCH (default 1000) with a chunk id each, every batch waiting for its ack (which
 //! the collector sends only once the batch is synced to its store). Reports acknowledged,
 //! durable alerts per second.
 //!
@@ -28,9 +28,12 @@ const BATCH: usize = 1000;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("ingest") => ingest(&args[2], args[3].parse()?, args[4].parse()?),
+        Some("ingest") => {
+            let batch = args.get(5).map(|b| b.parse()).transpose()?.unwrap_or(BATCH);
+            ingest(&args[2], args[3].parse()?, args[4].parse()?, batch)
+        }
         Some("latency") => latency(std::path::Path::new(&args[2])),
-        _ => anyhow::bail!("usage: delivery_bench ingest MONITOR_BIN SENDERS ALERTS | latency STORE_DIR"),
+        _ => anyhow::bail!("usage: delivery_bench ingest MONITOR_BIN SENDERS ALERTS [BATCH] | latency STORE_DIR"),
     }
 }
 
@@ -69,7 +72,7 @@ fn alert(n: u64) -> Alert {
     }
 }
 
-fn ingest(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
+fn ingest(monitor: &str, senders: usize, alerts: usize, batch: usize) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("monitor-ingest-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -88,10 +91,10 @@ fn ingest(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
     let per_sender = alerts / senders;
     let batches: Vec<Vec<(String, Vec<u8>)>> = (0..senders)
         .map(|s| {
-            (0..per_sender.div_ceil(BATCH))
+            (0..per_sender.div_ceil(batch))
                 .map(|b| {
-                    let first = (s * per_sender + b * BATCH) as u64;
-                    let count = BATCH.min(per_sender - b * BATCH) as u64;
+                    let first = (s * per_sender + b * batch) as u64;
+                    let count = batch.min(per_sender - b * batch) as u64;
                     let records: Vec<_> = (first..first + count).map(|n| (n, record_of(&alert(n)).unwrap())).collect();
                     let entries: Vec<(u64, &[u8])> = records.iter().map(|(n, r)| (*n, r.as_slice())).collect();
                     let chunk = format!("c{s}-{b}");
@@ -101,6 +104,7 @@ fn ingest(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
                 .collect()
         })
         .collect();
+    let largest_message = batches.iter().flatten().map(|(_, bytes)| bytes.len()).max().unwrap_or(0);
     let start = Instant::now();
     let threads: Vec<_> = batches
         .into_iter()
@@ -138,7 +142,8 @@ fn ingest(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "{}",
-        serde_json::json!({ "senders": senders, "alerts": sent, "seconds": secs, "alerts_per_sec": sent as f64 / secs, "store_bytes": store_bytes })
+        serde_json::json!({ "senders": senders, "alerts": sent, "batch": batch, "largest_message_bytes": largest_message,
+            "seconds": secs, "alerts_per_sec": sent as f64 / secs, "store_bytes": store_bytes })
     );
     Ok(())
 }

@@ -40,6 +40,23 @@ pub fn ingest(monitor: &Path) -> anyhow::Result<Value> {
     )
 }
 
+/// 3 runs of one sender of 4 messages of 42,000 alerts each (over 16 MiB a message: the
+/// collector reads each in many reads, and must walk it once, not at every read).
+pub fn ingest_large(monitor: &Path) -> anyhow::Result<Value> {
+    eprintln!("bench: collector ingest of 16 MiB messages, 1 sender, 4 x 42,000 acknowledged durable alerts (3 runs)");
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let v = example(&["ingest", monitor.to_str().unwrap(), "1", "168000", "42000"])?;
+        eprintln!("  {v}");
+        runs.push(v);
+    }
+    let rates: Vec<f64> = runs.iter().map(|r| r["alerts_per_sec"].as_f64().unwrap_or(0.0)).collect();
+    let bytes = runs.first().and_then(|r| r["largest_message_bytes"].as_u64()).unwrap_or(0);
+    Ok(
+        json!({ "senders": 1, "alerts": 168000, "message_bytes": bytes, "alerts_per_sec_median": median(&rates), "runs": runs }),
+    )
+}
+
 /// An agent forwarding to a collector; a session process execs outside its scope every 20 ms,
 /// 250 times; each alert's time from the exec to the collector's store.
 pub fn latency(monitor: &Path, dir: &Path) -> anyhow::Result<Value> {

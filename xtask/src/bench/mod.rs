@@ -177,6 +177,17 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             ingest["alerts_per_sec_median"].as_f64().unwrap_or(0.0)
         ));
         report.insert("collector_ingest".into(), ingest);
+        let large = delivery::ingest_large(&monitor)?;
+        rows.push(format!(
+            "{:<52} {:>14} {:>11.0}/s",
+            format!(
+                "  the same in {:.1} MiB messages (median)",
+                large["message_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+            ),
+            "",
+            large["alerts_per_sec_median"].as_f64().unwrap_or(0.0)
+        ));
+        report.insert("collector_ingest_large_messages".into(), large);
     }
     if want("latency") {
         let latency = delivery::latency(&monitor, &dir)?;
