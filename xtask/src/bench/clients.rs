@@ -126,7 +126,15 @@ pub fn h2_overhead(
     let curl = ["curl", "-sk", "--http2", "-o", "/dev/null", "-H", &format!("Authorization: Bearer {token}"), &url]
         .map(String::from);
     let curl_path = Path::new("/usr/bin/curl");
-    let plan = Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload: curl_path };
+    let plan = Plan {
+        rounds,
+        target: 1.10,
+        n: count,
+        unit: "µs/request",
+        key: "us_per_request",
+        workload: curl_path,
+        warm_up: true,
+    };
     Paired::run(monitor, dir, agent_args, &plan, |agent| timed_in_session(monitor, &session, agent, &curl, &token))
 }
 
@@ -144,7 +152,15 @@ pub fn go_tls_overhead(
     let token = random_token()?;
     let session = token_session(dir)?;
     let client = [gobench.display().to_string(), format!("https://127.0.0.9:{}/bench", server.port), count.to_string()];
-    let plan = Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload: gobench };
+    let plan = Plan {
+        rounds,
+        target: 1.10,
+        n: count,
+        unit: "µs/request",
+        key: "us_per_request",
+        workload: gobench,
+        warm_up: true,
+    };
     Paired::run(monitor, dir, agent_args, &plan, |agent| timed_in_session(monitor, &session, agent, &client, &token))
 }
 
@@ -158,6 +174,9 @@ pub fn go_exec_overhead(
     rounds: u32,
 ) -> anyhow::Result<Paired> {
     eprintln!("bench: Go exec overhead, {rounds} paired rounds of {count} fork+exec+wait of a Go binary");
-    let plan = Plan { rounds, target: 1.03, n: count, unit: "µs/exec", key: "us_per_exec", workload: gobench };
+    let plan =
+        Plan {
+            rounds, target: 1.03, n: count, unit: "µs/exec", key: "us_per_exec", workload: gobench, warm_up: false
+        };
     Paired::run(monitor, dir, agent_args, &plan, |_| exec_loop_of(gobench, count))
 }

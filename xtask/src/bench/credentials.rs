@@ -33,7 +33,8 @@ pub fn open_overhead(
     let xtask = std::env::current_exe()?;
     let open_loop =
         || seconds_from(Command::new(&xtask).arg("open-loop").arg(&file).arg(count.to_string()), "open loop");
-    let plan = Plan { rounds, target: 1.03, n: count, unit: "µs/open", key: "us_per_open", workload: &xtask };
+    let plan =
+        Plan { rounds, target: 1.03, n: count, unit: "µs/open", key: "us_per_open", workload: &xtask, warm_up: false };
     Paired::run(monitor, dir, agent_args, &plan, |agent| match agent {
         Some(agent) if session_on_host => super::with_session_holder(monitor, dir, agent, open_loop),
         _ => open_loop(),
@@ -90,7 +91,8 @@ pub fn tls_overhead(
     let curl = ["curl", "-sk", "--http1.1", "-o", "/dev/null", "-H", &format!("Authorization: Bearer {token}"), &url]
         .map(String::from);
     let workload = Path::new("/usr/bin/curl");
-    let plan = Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload };
+    let plan =
+        Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload, warm_up: true };
     Paired::run(monitor, dir, agent_args, &plan, |agent| {
         super::clients::timed_in_session(monitor, &session, agent, &curl, &token)
     })
