@@ -52,9 +52,11 @@ const MAX_MESSAGE: usize = 32 << 20;
 /// A client that sends nothing for this long is disconnected.
 const IDLE: Duration = Duration::from_secs(300);
 const HANDSHAKE: Duration = Duration::from_secs(10);
-/// A peer that has not finished the handshake and a first message within this is closed: a
-/// slow or silent peer (or one that never authenticates) holds a slot this long at most.
-const FIRST_MESSAGE: Duration = Duration::from_secs(10);
+/// The time for TLS and the shared-key handshake, all of it, and for each read while part of a
+/// message is held: a peer that never authenticates, or sends the start of a frame and stalls
+/// (a slow-loris), holds a slot and its bytes this long at most. An agent idle between alerts
+/// holds nothing partial and keeps its connection for IDLE.
+const SLOW: Duration = Duration::from_secs(10);
 /// How long a connection waits for the buffer budget before it is closed.
 const BUDGET_WAIT: Duration = Duration::from_secs(30);
 /// Bytes read at a time.
@@ -155,12 +157,10 @@ trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 async fn connection(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Result<(), String> {
-    // Until the handshake and a first whole message, the whole connection has FIRST_MESSAGE.
-    let first_by = tokio::time::Instant::now() + FIRST_MESSAGE;
-    let (conn, buf) = tokio::time::timeout_at(first_by, open(tcp, peer, config))
+    let (conn, buf) = tokio::time::timeout(SLOW, open(tcp, peer, config))
         .await
         .map_err(|_| "no handshake within the time allowed".to_string())??;
-    serve_messages(conn, buf, config, first_by).await
+    serve_messages(conn, buf, config).await
 }
 
 /// TLS and the shared-key handshake, as configured.
@@ -183,18 +183,11 @@ async fn open(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Result<(Bo
 }
 
 /// Reads messages until the peer closes: each batch stored, then acknowledged.
-async fn serve_messages(
-    mut conn: Box<dyn Stream>,
-    mut buf: ValueBuffer,
-    config: &Listener,
-    first_by: tokio::time::Instant,
-) -> Result<(), String> {
+async fn serve_messages(mut conn: Box<dyn Stream>, mut buf: ValueBuffer, config: &Listener) -> Result<(), String> {
     let mut held = Held { budget: config.limits.buffered_kib.clone(), kib: 0 };
     let mut chunk = vec![0u8; READ_CHUNK];
-    let mut first_message = true;
     loop {
         while let Some(value) = buf.next(MAX_MESSAGE).map_err(|e| e.to_string())? {
-            first_message = false;
             let message = protocol::parse_message(value).map_err(|e| e.to_string())?;
             let entries: Vec<Incoming> = message.entries.into_iter().map(incoming).collect();
             let received = entries.len() as u64;
@@ -214,14 +207,14 @@ async fn serve_messages(
             }
         }
         held.resize(buf.len()).await?;
-        let deadline = if first_message { first_by } else { tokio::time::Instant::now() + IDLE };
-        let n = match tokio::time::timeout_at(deadline, conn.read(&mut chunk)).await {
+        let partial = !buf.is_empty();
+        let n = match tokio::time::timeout(if partial { SLOW } else { IDLE }, conn.read(&mut chunk)).await {
             Ok(Ok(0)) => {
                 return if buf.is_empty() { Ok(()) } else { Err("connection closed in the middle of a message".into()) }
             }
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) if first_message => return Err("no whole message within the time allowed".into()),
+            Err(_) if partial => return Err("a message's next bytes not within the time allowed".into()),
             Err(_) => return Err("idle".into()),
         };
         // The budget is held before the bytes are: a connection never holds more than it got.
