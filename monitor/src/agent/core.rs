@@ -36,13 +36,8 @@ enum Command {
         processes: Vec<Process>,
         applied: oneshot::Sender<()>,
     },
-    /// Names the agent learnt for a session itself (its hosts file), applied as events before
-    /// the session's first connect can be: answered once applied.
-    Names {
-        names: Vec<crate::event::Resolve>,
-        applied: oneshot::Sender<()>,
-    },
-    /// Events the control plane observed itself (a rotated token file), in order with the rest.
+    /// Events the control plane observed itself (a session's hosts-file names, before its first
+    /// connect can be; a rotated token file), in order with the rest: answered once applied.
     Apply {
         events: Vec<Event>,
         applied: oneshot::Sender<()>,
@@ -103,10 +98,7 @@ impl CoreHandle {
 
     /// Returns once the engine has the names.
     pub async fn names(&self, names: Vec<crate::event::Resolve>) {
-        let (applied, rx) = oneshot::channel();
-        if self.send(Command::Names { names, applied }).await.is_ok() {
-            let _ = rx.await;
-        }
+        self.apply(names.into_iter().map(Event::Resolve).collect()).await;
     }
 
     /// Returns once the engine has the events.
@@ -329,12 +321,6 @@ impl Core {
             Command::Seen { processes, applied } => {
                 for p in processes {
                     self.apply(Event::ProcessSeen(p)).await;
-                }
-                let _ = applied.send(());
-            }
-            Command::Names { names, applied } => {
-                for r in names {
-                    self.apply(Event::Resolve(r)).await;
                 }
                 let _ = applied.send(());
             }
