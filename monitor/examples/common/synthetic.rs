@@ -10,6 +10,12 @@ const SESSIONS: u32 = 100;
 /// Sessions whose processes fork, exec (some out of scope) and exit; a tenth of the sessions end
 /// midway and keep acting, so the time rules and alert building are exercised too.
 pub fn synthetic(n: usize) -> Vec<Event> {
+    synthetic_spaced(n, 1_000)
+}
+
+/// The same, with `step_ns` between one command and the next (all sessions together).
+#[allow(dead_code)] // engine_bench includes this file too, and needs only the default spacing.
+pub fn synthetic_spaced(n: usize, step_ns: u64) -> Vec<Event> {
     let s = 1_000_000_000u64;
     let mut events = Vec::with_capacity(n);
     for key in 1..=SESSIONS {
@@ -35,7 +41,7 @@ pub fn synthetic(n: usize) -> Vec<Event> {
         let key = 1 + i % SESSIONS;
         let root = 100_000 + key;
         let child = 200_000 + i % 50_000;
-        ts += 1_000;
+        ts += step_ns;
         if i % 100_000 == 50_000 && key % 10 == 0 {
             events.push(Event::SessionEnded { ts, key, reason: EndReason::Requested });
         }

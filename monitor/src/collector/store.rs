@@ -6,7 +6,7 @@
 //! count as the alert (see [`latest_alerts`]).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs,
     io::Write as _,
     path::{Path, PathBuf},
@@ -14,7 +14,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::trace::format::{self, Frame};
+use crate::trace::{
+    format::{self, Frame},
+    frames::{Frames, Next},
+};
 
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +87,60 @@ pub struct Incoming {
 /// The de-duplication key of a stored alert version.
 type Version = (String, u64);
 
+/// What the store holds already, so that each alert version and each trace frame is stored once
+/// however often an agent resends it.
+#[derive(Default)]
+struct Seen {
+    alerts: HashSet<Version>,
+    /// Session trace frames (id `trace:RUN:SEQ`): an agent sends a run's frames in order and
+    /// resends only from its oldest unacknowledged one, so a run's last seq tells a resent frame
+    /// from a new one. Memory per agent run, not per frame (traces are most of a store).
+    trace_runs: HashMap<String, u64>,
+}
+
+enum Key {
+    Alert(Version),
+    Trace(String, u64),
+}
+
+impl Key {
+    fn of(tag: &str, id: &str, count: u64) -> Self {
+        let trace = (tag == super::fanout::TRACE_TAG).then(|| id.strip_prefix("trace:")?.rsplit_once(':')).flatten();
+        match trace.and_then(|(run, seq)| Some((run, seq.parse().ok()?))) {
+            Some((run, seq)) => Key::Trace(run.to_string(), seq),
+            None => Key::Alert((id.to_string(), count)),
+        }
+    }
+}
+
+impl Seen {
+    fn holds(&self, key: &Key) -> bool {
+        match key {
+            Key::Alert(version) => self.alerts.contains(version),
+            Key::Trace(run, seq) => self.trace_runs.get(run).is_some_and(|last| seq <= last),
+        }
+    }
+
+    fn insert(&mut self, key: Key) {
+        match key {
+            Key::Alert(version) => {
+                self.alerts.insert(version);
+            }
+            Key::Trace(run, seq) => {
+                let last = self.trace_runs.entry(run).or_insert(seq);
+                *last = (*last).max(seq);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Seen) {
+        self.alerts.extend(other.alerts);
+        for (run, seq) in other.trace_runs {
+            self.insert(Key::Trace(run, seq));
+        }
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
     segment_bytes: u64,
@@ -91,42 +148,42 @@ pub struct Store {
     file: fs::File,
     head_len: u64,
     next_seq: u64,
-    ids: HashSet<Version>,
+    seen: Seen,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         let segments = segments(dir)?;
-        let mut ids = HashSet::new();
+        let mut seen = Seen::default();
         let mut next_seq = 1;
         for seg in &segments {
             read_segment(&segment_path(dir, *seg), 0, &mut |s: Stored, _| {
                 next_seq = s.seq + 1;
-                if let Some(id) = s.id {
-                    ids.insert((id, s.count));
+                if let Some(id) = &s.id {
+                    seen.insert(Key::of(&s.tag, id, s.count));
                 }
             })?;
         }
         let head = segments.last().copied().unwrap_or(1);
         let file = open_segment(dir, head)?;
         let head_len = file.metadata()?.len();
-        Ok(Self { dir: dir.to_path_buf(), segment_bytes: 64 << 20, head, file, head_len, next_seq, ids })
+        Ok(Self { dir: dir.to_path_buf(), segment_bytes: 64 << 20, head, file, head_len, next_seq, seen })
     }
 
     /// Appends the batch (skipping alerts already stored) and syncs it. Returns the last
     /// sequence number now durable.
     pub fn append(&mut self, batch: Vec<Incoming>) -> std::io::Result<u64> {
         let mut buf = Vec::new();
-        let mut new_ids = HashSet::new();
+        let mut new = Seen::default();
         let now = crate::agent::now_ns();
         for e in batch {
             if let Some(id) = &e.id {
-                let version = (id.clone(), e.count);
-                if self.ids.contains(&version) || new_ids.contains(&version) {
+                let key = Key::of(&e.tag, id, e.count);
+                if self.seen.holds(&key) || new.holds(&key) {
                     continue;
                 }
-                new_ids.insert(version);
+                new.insert(key);
             }
             let stored = Stored {
                 seq: self.next_seq,
@@ -157,7 +214,7 @@ impl Store {
             return Err(e);
         }
         self.head_len += buf.len() as u64;
-        self.ids.extend(new_ids);
+        self.seen.merge(new);
         Ok(self.next_seq - 1)
     }
 
@@ -199,30 +256,28 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(seqs)
 }
 
-/// Reads a segment from `offset`; calls `f` with each record and the offset after it. Damaged
-/// frames are skipped (logged). Returns the offset where reading stopped.
+/// Reads a segment from `offset` as a stream; calls `f` with each record and the offset after
+/// it. Damaged frames are skipped (logged). Returns the offset where reading stopped: the end,
+/// or the start of a frame still being written.
 pub fn read_segment(path: &Path, offset: u64, f: &mut dyn FnMut(Stored, u64)) -> std::io::Result<u64> {
-    let data = match fs::read(path) {
-        Ok(d) => d,
+    use std::io::{Seek as _, SeekFrom};
+    let mut file = match fs::File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(offset),
         Err(e) => return Err(e),
     };
-    let mut at = offset as usize;
-    while at < data.len() {
-        match format::decode::<Stored>(&data[at..]) {
-            Frame::Record(s, len) => {
-                at += len;
-                f(*s, at as u64);
-            }
-            Frame::Truncated => break,
-            Frame::Bad(reason) => {
-                let next = format::next_sync(&data, at + 1).unwrap_or(data.len());
-                tracing::warn!(segment = %path.display(), offset = at, reason, skipped = next - at, "damaged store frame skipped");
-                at = next;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut frames = Frames::new(file, offset);
+    while let Some(next) = frames.next::<Stored>()? {
+        match next {
+            Next::Record(s, after) => f(s, after),
+            Next::Truncated { offset, .. } => return Ok(offset),
+            Next::Damaged { offset, reason, skipped } => {
+                tracing::warn!(segment = %path.display(), offset, reason, skipped, "damaged store frame skipped");
             }
         }
     }
-    Ok(at as u64)
+    Ok(frames.offset())
 }
 
 #[cfg(test)]
@@ -249,6 +304,40 @@ mod tests {
         let mut seen = Vec::new();
         read_segment(&segment_path(&dir, 1), 0, &mut |s, _| seen.push((s.id.unwrap(), s.count))).unwrap();
         assert_eq!(seen, [("a".into(), 1), ("a".into(), 7), ("a".into(), 9)]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn trace_frame(run: &str, seq: u64) -> Incoming {
+        Incoming {
+            tag: crate::collector::fanout::TRACE_TAG.into(),
+            time_ns: 1,
+            id: Some(format!("trace:{run}:{seq}")),
+            count: 1,
+            record: vec![0x80],
+        }
+    }
+
+    #[test]
+    fn stores_each_trace_frame_once_remembering_only_runs() {
+        let dir = std::env::temp_dir().join(format!("monitor-store-trace-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir).unwrap();
+        let batch = |run: &str, seqs: std::ops::Range<u64>| seqs.map(|n| trace_frame(run, n)).collect::<Vec<_>>();
+        assert_eq!(store.append(batch("a", 0..3)).unwrap(), 3);
+        // A resend of an unacknowledged batch, then the run goes on; another agent's run.
+        assert_eq!(store.append([batch("a", 1..3), batch("a", 3..5), batch("b:1", 0..2)].concat()).unwrap(), 7);
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        assert_eq!(store.seen.trace_runs.len(), 2);
+        assert!(store.seen.alerts.is_empty());
+        assert_eq!(store.append([batch("a", 4..6), batch("b:1", 0..3)].concat()).unwrap(), 9);
+        let mut seen = Vec::new();
+        read_segment(&segment_path(&dir, 1), 0, &mut |s, _| seen.push(s.id.unwrap())).unwrap();
+        let expected: Vec<String> = ["a:0", "a:1", "a:2", "a:3", "a:4", "b:1:0", "b:1:1", "a:5", "b:1:2"]
+            .iter()
+            .map(|s| format!("trace:{s}"))
+            .collect();
+        assert_eq!(seen, expected);
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -32,6 +32,13 @@ pub struct Proc {
 
 /// Ancestors listed in an alert's chain, at most.
 const MAX_CHAIN: usize = 64;
+/// An exited process is kept this long after its exit (event time), for what reaches the engine
+/// after it (uid changes from the process events connector, records still in the ring buffer),
+/// and for as long as a process kept descends from it (its lineage).
+const KEEP_EXITED_NS: Nanos = 30_000_000_000;
+/// The table is compacted once it holds this many more processes than it kept last time, and
+/// at least as many again: amortised, each process costs a constant share of the passes.
+const COMPACT_SLACK: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct ProcTable {
@@ -43,6 +50,8 @@ pub struct ProcTable {
     next: Serial,
     /// Bumped whenever a process joins or leaves the live set (see `changes`).
     changes: u64,
+    /// The table's size that starts the next compaction (see [`ProcTable::compact`]).
+    compact_at: usize,
 }
 
 impl ProcTable {
@@ -84,9 +93,33 @@ impl ProcTable {
                 self.unlist(session, stale);
             }
         }
+        let now = proc.started;
         self.live_by_session.entry(proc.session).or_default().insert(serial);
         self.procs.insert(serial, proc);
+        if self.procs.len() > self.compact_at.max(COMPACT_SLACK) {
+            self.compact(now);
+        }
         serial
+    }
+
+    /// Forgets the processes that exited more than [`KEEP_EXITED_NS`] before `now` and from
+    /// which no process kept descends: a session that runs a million short commands holds its
+    /// live processes, their lineage and the last moments' exits, not a million entries.
+    fn compact(&mut self, now: Nanos) {
+        let recent = |p: &Proc| p.exited.is_none_or(|at| now.saturating_sub(at) <= KEEP_EXITED_NS);
+        let mut keep = std::collections::HashSet::new();
+        for (serial, _) in self.procs.iter().filter(|(_, p)| recent(p)) {
+            let mut cursor = Some(*serial);
+            while let Some(s) = cursor {
+                if !keep.insert(s) {
+                    break;
+                }
+                cursor = self.procs.get(&s).and_then(|p| p.parent);
+            }
+        }
+        self.procs.retain(|s, _| keep.contains(s));
+        self.procs.shrink_to(self.procs.len() * 2);
+        self.compact_at = self.procs.len() * 2 + COMPACT_SLACK;
     }
 
     pub fn exit(&mut self, pid: u32, ts: Nanos) -> Option<Serial> {
@@ -156,3 +189,52 @@ impl ProcTable {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Nanos = 1_000_000_000;
+
+    fn proc(session: SessionKey, pid: u32, parent: Option<Serial>, started: Nanos) -> Proc {
+        Proc {
+            session,
+            pid,
+            ppid: 1,
+            parent,
+            exe: "/bin/true".into(),
+            argv: vec![],
+            creds: Creds::default(),
+            caps: None,
+            exec_caps: None,
+            cgroup: 0,
+            started,
+            exited: None,
+        }
+    }
+
+    #[test]
+    fn a_session_of_many_short_commands_keeps_the_living_their_lineage_and_recent_exits() {
+        let mut table = ProcTable::default();
+        let root = table.insert(proc(1, 100, None, 0));
+        let shell = table.insert(proc(1, 101, Some(root), 0));
+        // The root exits; its child lives on: the root stays, as the shell's lineage.
+        table.exit(100, 1);
+        let commands = 200_000u32;
+        for i in 0..commands {
+            let ts = 2 * S + u64::from(i) * 1_000_000;
+            let pid = 1000 + i % 30_000;
+            table.insert(proc(1, pid, Some(shell), ts));
+            table.exit(pid, ts + 10);
+        }
+        let now = 2 * S + u64::from(commands) * 1_000_000;
+        // 30 s of exits at 1,000 a second, and at most what a compaction lets grow before it.
+        assert!(table.procs.len() < 30_000 * 2 + COMPACT_SLACK + 10, "{} kept", table.procs.len());
+        let chain = table.describe(table.live(101).unwrap()).unwrap().chain;
+        assert_eq!(chain.len(), 1, "the root, exited long ago, is still the shell's parent");
+        // A process that exited a moment ago is still found for what comes late.
+        let last = 1000 + (commands - 1) % 30_000;
+        assert!(table.at(last, now - 1_000_000).is_some());
+    }
+}
+

@@ -212,17 +212,15 @@ fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
 }
 
 fn count_frames(path: &Path, from: u64) -> u64 {
-    let Ok(data) = fs::read(path) else { return 0 };
-    let mut at = from as usize;
+    let Ok(mut file) = fs::File::open(path) else { return 0 };
+    if file.seek(SeekFrom::Start(from)).is_err() {
+        return 0;
+    }
+    let mut frames = crate::trace::frames::Frames::new(file, from);
     let mut n = 0;
-    while at < data.len() {
-        match format::decode::<SpoolRecord>(&data[at..]) {
-            Frame::Record(_, len) => {
-                n += 1;
-                at += len;
-            }
-            Frame::Truncated => break,
-            Frame::Bad(_) => at = format::next_sync(&data, at + 1).unwrap_or(data.len()),
+    while let Ok(Some(next)) = frames.next::<SpoolRecord>() {
+        if let crate::trace::frames::Next::Record(..) = next {
+            n += 1;
         }
     }
     n

@@ -55,20 +55,33 @@ pub fn run(settings: ReplaySettings) -> anyhow::Result<i32> {
     let all_files = if traces.is_empty() { Vec::new() } else { reader::expand(&traces)? };
     let mut sources: Vec<Source> =
         select_segments(all_files.clone(), settings.session.as_deref()).into_iter().map(Source::File).collect();
+    sources.extend(stores.iter().cloned().map(Source::CollectorStore));
+    let mut sized = all_files.clone();
     for store in &stores {
-        let runs = reader::from_collector_store(store)?;
-        if runs.is_empty() {
-            anyhow::bail!(
-                "{}: this collector store holds no session traces (agents send them with --trace-output)",
-                store.display()
-            );
-        }
-        sources.extend(runs.into_iter().map(|(name, bytes)| Source::Bytes(name, bytes)));
+        let segments = crate::collector::store::segments(store).unwrap_or_default();
+        sized.extend(segments.into_iter().map(|seg| crate::collector::store::segment_path(store, seg)));
     }
-    let mut progress = Progress::new(&all_files);
-    let detail = if settings.format == Format::Ocsf { Detail::Alerts } else { Detail::Timeline };
-    let report = replay_sources(sources, settings.policy.as_ref(), detail, &mut progress)?;
+    let mut progress = Progress::new(&sized);
+    // OCSF findings are written as the replay raises them; the other formats are documents
+    // built from the whole report.
+    let mut ocsf_out = match settings.format {
+        Format::Ocsf => Some(OcsfLines::open(settings.output.as_deref(), settings.session.clone())?),
+        _ => None,
+    };
+    let mut write_finding = |alert: &Alert| {
+        if let Some(out) = &mut ocsf_out {
+            out.write(alert);
+        }
+    };
+    let (detail, stream) = match settings.format {
+        Format::Ocsf => (Detail::Alerts, Some(&mut write_finding as &mut dyn FnMut(&Alert))),
+        _ => (Detail::Timeline, None),
+    };
+    let report = replay_sources(sources, settings.policy.as_ref(), detail, stream, &mut progress)?;
     progress.done();
+    if let Some(out) = ocsf_out {
+        out.finish()?;
+    }
     for damage in &report.damage {
         eprintln!("warning: {damage}");
     }
@@ -97,14 +110,8 @@ pub fn run(settings: ReplaySettings) -> anyhow::Result<i32> {
     let text = match settings.format {
         Format::Timeline => timeline::render(&report, color_for(&settings.output)),
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
-        Format::Ocsf => {
-            let mut out = String::new();
-            for alert in report.sessions.iter().flat_map(|s| &s.alerts) {
-                out.push_str(&serde_json::to_string(&crate::encode::ocsf::finding(alert))?);
-                out.push('\n');
-            }
-            out
-        }
+        // Written while replaying.
+        Format::Ocsf => return Ok(0),
         Format::Html => html::render(&report),
     };
     match &settings.output {
@@ -112,6 +119,46 @@ pub fn run(settings: ReplaySettings) -> anyhow::Result<i32> {
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
     Ok(0)
+}
+
+/// OCSF findings, one JSON line per alert, written as they are raised (of one session with
+/// `--session`). The first write error is kept and reported at the end.
+struct OcsfLines {
+    out: std::io::BufWriter<Box<dyn std::io::Write>>,
+    session: Option<String>,
+    failed: Option<std::io::Error>,
+    path: Option<PathBuf>,
+}
+
+impl OcsfLines {
+    fn open(path: Option<&Path>, session: Option<String>) -> anyhow::Result<Self> {
+        let out: Box<dyn std::io::Write> = match path {
+            Some(path) => {
+                Box::new(std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?)
+            }
+            None => Box::new(std::io::stdout()),
+        };
+        Ok(Self { out: std::io::BufWriter::new(out), session, failed: None, path: path.map(Path::to_path_buf) })
+    }
+
+    fn write(&mut self, alert: &Alert) {
+        if self.failed.is_some() || self.session.as_ref().is_some_and(|id| alert.session.id != *id) {
+            return;
+        }
+        let written = serde_json::to_writer(&mut self.out, &crate::encode::ocsf::finding(alert))
+            .map_err(std::io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"));
+        self.failed = written.err();
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        let flushed = self.out.flush();
+        let name = self.path.as_ref().map_or("standard output".to_string(), |p| p.display().to_string());
+        match self.failed.take().map_or(flushed, Err) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("writing {name}: {e}")),
+        }
+    }
 }
 
 fn color_for(output: &Option<PathBuf>) -> bool {
@@ -135,23 +182,31 @@ pub fn replay_files(
     detail: Detail,
     progress: &mut Progress,
 ) -> anyhow::Result<Report> {
-    replay_sources(files.iter().cloned().map(Source::File).collect(), policy, detail, progress)
+    replay_sources(files.iter().cloned().map(Source::File).collect(), policy, detail, None, progress)
 }
 
-/// Where trace records come from: a segment file, or a segment assembled in memory.
+/// Where trace records come from.
 pub enum Source {
+    /// An agent's segment file.
     File(PathBuf),
-    Bytes(PathBuf, Vec<u8>),
+    /// A collector's store: the traces agents forwarded (`--trace-output`), streamed.
+    CollectorStore(PathBuf),
 }
 
-fn replay_sources(
+/// Replays `sources`; with `stream`, the sessions' alerts go there as they are raised and the
+/// report's sessions hold none.
+fn replay_sources<'a>(
     sources: Vec<Source>,
-    policy: Option<&Policy>,
+    policy: Option<&'a Policy>,
     detail: Detail,
+    stream: Option<&'a mut dyn FnMut(&Alert)>,
     progress: &mut Progress,
 ) -> anyhow::Result<Report> {
     enum Msg {
         Records(Vec<Record>),
+        /// The following records belong to this agent run (from a collector's store, where
+        /// the runs of several agents interleave).
+        Run(String),
         Damage(Damage),
         At(u64),
         FileDone,
@@ -161,23 +216,51 @@ fn replay_sources(
     let decoder = std::thread::spawn(move || -> Result<(), reader::TraceError> {
         for source in &sources {
             let mut batch = Vec::with_capacity(BATCH);
-            let mut on_record = |record| {
-                batch.push(record);
-                if batch.len() == BATCH {
-                    let _ = tx.send(Msg::Records(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))));
-                }
+            let flush = |batch: &mut Vec<Record>| {
+                let _ = tx.send(Msg::Records(std::mem::replace(batch, Vec::with_capacity(BATCH))));
             };
             let mut damage = Vec::new();
             let mut at = 0;
             match source {
-                Source::File(file) => {
-                    reader::read_segment(file, &mut on_record, &mut |d| damage.push(d), &mut |a| at = a)?
-                }
-                Source::Bytes(name, bytes) => {
-                    reader::read_bytes(name, bytes, &mut on_record, &mut |d| damage.push(d), &mut |a| at = a)?
+                Source::File(file) => reader::read_segment(
+                    file,
+                    &mut |record| {
+                        batch.push(record);
+                        if batch.len() == BATCH {
+                            flush(&mut batch);
+                        }
+                    },
+                    &mut |d| damage.push(d),
+                    &mut |a| at = a,
+                )?,
+                Source::CollectorStore(dir) => {
+                    let mut runs = ForwardedRuns::default();
+                    reader::read_collector_store(
+                        dir,
+                        &mut |frame| {
+                            match runs.admit(dir, &frame) {
+                                Admit::Duplicate => return,
+                                Admit::SameRun => {}
+                                Admit::OtherRun => {
+                                    flush(&mut batch);
+                                    let _ = tx.send(Msg::Run(frame.run_id.clone()));
+                                }
+                            }
+                            batch.push(frame.record);
+                            if batch.len() == BATCH {
+                                flush(&mut batch);
+                            }
+                        },
+                        &mut |d| damage.push(d),
+                        &mut |a| at = a,
+                    )?;
+                    if runs.last.is_empty() {
+                        return Err(reader::TraceError::NoForwardedTraces { path: dir.display().to_string() });
+                    }
+                    damage.append(&mut runs.missing);
                 }
             }
-            let _ = tx.send(Msg::Records(batch));
+            flush(&mut batch);
             for d in damage {
                 let _ = tx.send(Msg::Damage(d));
             }
@@ -186,7 +269,7 @@ fn replay_sources(
         }
         Ok(())
     });
-    let mut replay = Replay::new(policy, detail == Detail::Timeline);
+    let mut replay = Replay::new(policy, detail == Detail::Timeline, stream);
     for msg in rx {
         match msg {
             Msg::Records(records) => {
@@ -194,6 +277,7 @@ fn replay_sources(
                     replay.record(record);
                 }
             }
+            Msg::Run(run_id) => replay.switch_run(&run_id, None),
             Msg::Damage(d) => replay.damage.push(d),
             Msg::At(at) => progress.at(at),
             Msg::FileDone => progress.file_done(),
@@ -203,20 +287,72 @@ fn replay_sources(
     Ok(replay.finish())
 }
 
+/// The runs met in a collector's store, in the order frames were stored.
+#[derive(Default)]
+struct ForwardedRuns {
+    /// Run -> the last frame's seq.
+    last: HashMap<String, u64>,
+    current: Option<String>,
+    /// Frames a run's numbering says were never stored (lost before they reached the
+    /// collector, or deleted with the store's oldest segments).
+    missing: Vec<Damage>,
+}
+
+enum Admit {
+    /// Stored twice (a resend before the store de-duplicated traces): skip.
+    Duplicate,
+    SameRun,
+    /// A different run than the previous frame's.
+    OtherRun,
+}
+
+impl ForwardedRuns {
+    fn admit(&mut self, store: &Path, frame: &reader::Forwarded) -> Admit {
+        let expected = self.last.get(&frame.run_id).map_or(0, |last| last + 1);
+        if frame.seq < expected {
+            return Admit::Duplicate;
+        }
+        if frame.seq > expected {
+            self.missing.push(Damage {
+                file: store.join(format!("run-{}", frame.run_id)),
+                offset: expected,
+                reason: "forwarded trace frames missing from the store (the offset and skipped count are frames)",
+                skipped: frame.seq - expected,
+            });
+        }
+        self.last.insert(frame.run_id.clone(), frame.seq);
+        if self.current.as_deref() == Some(frame.run_id.as_str()) {
+            Admit::SameRun
+        } else {
+            self.current = Some(frame.run_id.clone());
+            Admit::OtherRun
+        }
+    }
+}
+
 /// The replay state: one engine per agent run, the sessions found, live and replayed alerts.
 struct Replay<'p> {
     policy: Option<&'p Policy>,
     run_id: Option<String>,
-    /// Counts agent runs met so far: session keys are per run.
+    /// The current run's number (1, 2 … in the order runs were met): session keys are per run.
     run: usize,
+    /// Runs met so far.
+    runs: usize,
     engine: Engine,
+    /// Runs set aside while another one's records are read: run id -> (number, engine, names).
+    /// An agent's segment files hold one run each, in order; a collector's store interleaves
+    /// the runs of the agents that forwarded to it at the same time.
+    parked: HashMap<String, (usize, Engine, report::Names)>,
     /// (run, key) -> index in `sessions`.
     keys: HashMap<(usize, SessionKey), usize>,
     sessions: Vec<SessionReport>,
     /// pid -> what is known of it in the current run, to name the actor of an event.
     procs: report::Names,
-    live: Vec<Alert>,
-    replayed: Vec<Alert>,
+    /// The alerts raised live and by the replay, compared as they come.
+    tally: report::Tally,
+    /// Where the sessions' alerts go as they are raised, instead of into their reports (OCSF
+    /// output: memory does not grow with the alerts).
+    stream: Option<&'p mut dyn FnMut(&Alert)>,
     damage: Vec<Damage>,
     events: u64,
     /// Build process trees and timelines (not needed for alert-only output).
@@ -224,18 +360,20 @@ struct Replay<'p> {
 }
 
 impl<'p> Replay<'p> {
-    fn new(policy: Option<&'p Policy>, timeline: bool) -> Self {
+    fn new(policy: Option<&'p Policy>, timeline: bool, stream: Option<&'p mut dyn FnMut(&Alert)>) -> Self {
         Self {
+            tally: report::Tally::default(),
+            stream,
             timeline,
             policy,
             run_id: None,
             run: 0,
+            runs: 0,
             engine: Engine::new(EngineConfig::default()),
+            parked: HashMap::new(),
             keys: HashMap::new(),
             sessions: Vec::new(),
             procs: HashMap::new(),
-            live: Vec::new(),
-            replayed: Vec::new(),
             damage: Vec::new(),
             events: 0,
         }
@@ -243,26 +381,40 @@ impl<'p> Replay<'p> {
 
     fn record(&mut self, record: Record) {
         match record {
-            Record::Run(run) => {
-                if self.run_id.as_deref() != Some(run.run_id.as_str()) {
-                    // A new agent run: fresh engine state, session keys start again.
-                    let config = match self.policy {
-                        Some(p) => EngineConfig::from_policy(p),
-                        None => run.config,
-                    };
-                    self.engine = Engine::new(config);
-                    self.procs.clear();
-                    self.run_id = Some(run.run_id);
-                    self.run += 1;
-                }
-            }
+            Record::Run(run) => self.switch_run(&run.run_id, Some(run.config)),
             Record::Alert(traced) => {
                 let mut alert = traced.alert;
                 alert.ts = traced.ts;
-                self.live.push(alert);
+                self.tally.live(AlertKey::of(&alert));
             }
             Record::Event(event) => self.event(event),
         }
+    }
+
+    /// The following records belong to agent run `run_id`, whose engine was configured with
+    /// `config` (when its run record is at hand).
+    fn switch_run(&mut self, run_id: &str, config: Option<EngineConfig>) {
+        if self.run_id.as_deref() == Some(run_id) {
+            return;
+        }
+        if let Some(current) = self.run_id.take() {
+            let engine = std::mem::replace(&mut self.engine, Engine::new(EngineConfig::default()));
+            self.parked.insert(current, (self.run, engine, std::mem::take(&mut self.procs)));
+        }
+        if let Some((run, engine, procs)) = self.parked.remove(run_id) {
+            (self.run, self.engine, self.procs) = (run, engine, procs);
+        } else {
+            // A new agent run: fresh engine state, session keys start again.
+            let config = match self.policy {
+                Some(p) => EngineConfig::from_policy(p),
+                None => config.unwrap_or_default(),
+            };
+            self.engine = Engine::new(config);
+            self.procs.clear();
+            self.runs += 1;
+            self.run = self.runs;
+        }
+        self.run_id = Some(run_id.to_string());
     }
 
     fn event(&mut self, mut event: Event) {
@@ -313,9 +465,12 @@ impl<'p> Replay<'p> {
                     let e = entry.clone().unwrap_or_else(|| report::alert_entry(&alert));
                     session.push_entry(e, Some(&alert));
                 }
-                session.alerts.push(alert.clone());
+                match &mut self.stream {
+                    Some(stream) => stream(&alert),
+                    None => session.alerts.push(alert.clone()),
+                }
             }
-            self.replayed.push(alert);
+            self.tally.replayed(AlertKey::of(&alert));
         }
     }
 
@@ -341,7 +496,7 @@ impl<'p> Replay<'p> {
         for session in &mut self.sessions {
             session.timeline.sort_by_key(|e| e.ts);
         }
-        let comparison = Comparison::new(&self.live, &self.replayed, self.policy.is_some());
+        let comparison = self.tally.finish(self.policy.is_some());
         Report {
             events: self.events,
             sessions: self.sessions,
@@ -464,8 +619,12 @@ mod tests {
 
     /// Records like the agent's core: each event, then the alerts the engine raised on it.
     fn record(dir: &Path, events: &[Event]) {
+        record_run(dir, "r1", events)
+    }
+
+    fn record_run(dir: &Path, run_id: &str, events: &[Event]) {
         let run = RunInfo {
-            run_id: "r1".into(),
+            run_id: run_id.into(),
             host: "h".into(),
             agent_version: "t".into(),
             config: EngineConfig::default(),
@@ -507,5 +666,102 @@ mod tests {
         assert!(html.contains("<h2>Session t-1") && html.contains("class=\"alert\""));
         assert!(report.only_session("nope").unwrap_err() == ["t-1"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn session_events() -> Vec<Event> {
+        vec![
+            Event::SessionStarted { ts: 0, key: 1, session: Box::new(session()) },
+            exec(S, 100, "/bin/sh"),
+            exec(2 * S, 101, "/usr/bin/wget"),
+            Event::Exit(Exit { ts: 3 * S, session: 1, pid: 101, exit_code: 0 }),
+            Event::SessionEnded { ts: 4 * S, key: 1, reason: EndReason::Requested },
+            Event::Tick { ts: 6 * S },
+        ]
+    }
+
+    fn replay_store(dir: &Path, detail: Detail) -> Report {
+        let sources = vec![Source::CollectorStore(dir.to_path_buf())];
+        replay_sources(sources, None, detail, None, &mut Progress::quiet()).unwrap()
+    }
+
+    /// A collector's store as two agents forwarding at the same time leave it: their runs'
+    /// frames interleaved, one resent, and a run whose first frames never arrived.
+    #[test]
+    fn forwarded_runs_interleaved_in_a_collector_store_replay_each_on_its_own() {
+        let base = std::env::temp_dir().join(format!("monitor-replay-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let mut runs = Vec::new();
+        for run in ["r1", "r2"] {
+            let dir = base.join(run);
+            record_run(&dir, run, &session_events());
+            let mut records = Vec::new();
+            for file in reader::expand(std::slice::from_ref(&dir)).unwrap() {
+                reader::read_segment(&file, &mut |r| records.push(r), &mut |d| panic!("{d}"), &mut |_| {}).unwrap();
+            }
+            let run_info = RunInfo {
+                run_id: run.into(),
+                host: "h".into(),
+                agent_version: "t".into(),
+                config: EngineConfig::default(),
+            };
+            let frames: Vec<_> = records
+                .iter()
+                .enumerate()
+                .map(|(seq, record)| {
+                    let mut frame = Vec::new();
+                    crate::trace::format::encode(record, &mut frame).unwrap();
+                    let forwarded = crate::trace::writer::forwarded_record(&run_info, seq as u64, 0, frame);
+                    crate::collector::store::Incoming {
+                        tag: crate::collector::fanout::TRACE_TAG.into(),
+                        time_ns: 0,
+                        id: Some(format!("trace:{run}:{seq}")),
+                        count: 1,
+                        record: forwarded.record,
+                    }
+                })
+                .collect();
+            runs.push(frames);
+        }
+        let mut store = crate::collector::store::Store::open(&base.join("store")).unwrap();
+        let (r1, r2) = (runs[0].clone(), runs[1].clone());
+        for i in 0..r1.len().max(r2.len()) {
+            store.append(r1.get(i).into_iter().chain(r2.get(i)).cloned().collect()).unwrap();
+        }
+        drop(store);
+        let report = replay_store(&base.join("store"), Detail::Timeline);
+        assert!(report.comparison.identical() && report.comparison.live == 4, "{:?}", report.comparison);
+        assert_eq!(report.sessions.len(), 2);
+        for session in &report.sessions {
+            assert_eq!(session.alerts.len(), 2, "{}", session.run_id);
+            assert!(session.timeline.len() >= 4, "{}: {:?}", session.run_id, session.timeline.len());
+        }
+        assert!(report.damage.is_empty(), "{:?}", report.damage);
+
+        // A third agent whose first frames were lost: the gap is reported, the rest replayed.
+        let mut store = crate::collector::store::Store::open(&base.join("store")).unwrap();
+        let r3: Vec<_> = runs[0]
+            .iter()
+            .cloned()
+            .map(|mut i| {
+                i.id = i.id.map(|id| id.replace("r1", "r3"));
+                let mut v = rmpv::decode::read_value(&mut i.record.as_slice()).unwrap();
+                if let rmpv::Value::Map(fields) = &mut v {
+                    for (k, val) in fields {
+                        if k.as_str() == Some("run_id") {
+                            *val = "r3".into();
+                        }
+                    }
+                }
+                i.record.clear();
+                rmpv::encode::write_value(&mut i.record, &v).unwrap();
+                i
+            })
+            .collect();
+        store.append(r3[3..].to_vec()).unwrap();
+        drop(store);
+        let report = replay_store(&base.join("store"), Detail::Alerts);
+        assert_eq!(report.damage.len(), 1, "{:?}", report.damage);
+        assert!(report.damage[0].contains("run-r3") && report.damage[0].contains("missing"), "{:?}", report.damage);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -2,7 +2,7 @@
 //! and the alerts; and how the replayed alerts compare with those raised live.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::Arc,
 };
 
@@ -318,7 +318,7 @@ pub fn apply_actor_scope(session: &mut Session, policy: &Policy) {
 }
 
 /// An alert's identity for comparing live and replayed alerts (ids and wall times aside).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct AlertKey {
     pub rule: String,
     pub time: String,
@@ -346,55 +346,83 @@ impl AlertKey {
 pub struct Comparison {
     /// `--policy` was given: differences are the what-if, not a fault.
     pub what_if: bool,
-    #[serde(skip)]
-    live_keys: Vec<AlertKey>,
-    #[serde(skip)]
-    replayed_keys: Vec<AlertKey>,
     pub live: usize,
     pub replayed: usize,
     /// Raised live, not by the replay (with `--policy`: would disappear).
     pub only_live: Vec<AlertKey>,
     /// Raised by the replay, not live (with `--policy`: would appear).
     pub only_replayed: Vec<AlertKey>,
+    /// Session id -> (live, replayed) counts, for `--session`.
+    #[serde(skip)]
+    per_session: HashMap<String, (usize, usize)>,
 }
 
 impl Comparison {
-    pub fn new(live: &[Alert], replayed: &[Alert], what_if: bool) -> Self {
-        Self::from_keys(live.iter().map(AlertKey::of).collect(), replayed.iter().map(AlertKey::of).collect(), what_if)
-    }
-
-    fn from_keys(live_keys: Vec<AlertKey>, replayed_keys: Vec<AlertKey>, what_if: bool) -> Self {
-        let count = |keys: &[AlertKey]| {
-            let mut m: BTreeMap<AlertKey, usize> = BTreeMap::new();
-            for k in keys {
-                *m.entry(k.clone()).or_default() += 1;
-            }
-            m
-        };
-        let (l, r) = (count(&live_keys), count(&replayed_keys));
-        let diff = |a: &BTreeMap<AlertKey, usize>, b: &BTreeMap<AlertKey, usize>| -> Vec<AlertKey> {
-            a.iter()
-                .flat_map(|(k, n)| std::iter::repeat_n(k.clone(), n.saturating_sub(b.get(k).copied().unwrap_or(0))))
-                .collect()
-        };
-        Self {
-            what_if,
-            live: live_keys.len(),
-            replayed: replayed_keys.len(),
-            only_live: diff(&l, &r),
-            only_replayed: diff(&r, &l),
-            live_keys,
-            replayed_keys,
-        }
-    }
-
     fn retain_session(&mut self, id: &str) {
-        let only = |keys: &[AlertKey]| keys.iter().filter(|k| k.session == id).cloned().collect();
-        *self = Self::from_keys(only(&self.live_keys), only(&self.replayed_keys), self.what_if);
+        (self.live, self.replayed) = self.per_session.get(id).copied().unwrap_or_default();
+        self.only_live.retain(|k| k.session == id);
+        self.only_replayed.retain(|k| k.session == id);
     }
 
     pub fn identical(&self) -> bool {
         self.only_live.is_empty() && self.only_replayed.is_empty()
+    }
+}
+
+/// Live and replayed alerts compared as they come. A trace holds each live alert right after
+/// the event that raised it, which the replay has just evaluated: where the replay reproduces
+/// them, what is unmatched at any moment is an event's worth, so this holds the differences,
+/// not every alert of a long trace.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Replayed minus live, per alert identity; zero entries are dropped.
+    unmatched: HashMap<AlertKey, i64>,
+    per_session: HashMap<String, (usize, usize)>,
+    live: usize,
+    replayed: usize,
+}
+
+impl Tally {
+    pub fn live(&mut self, key: AlertKey) {
+        self.live += 1;
+        self.per_session.entry(key.session.clone()).or_default().0 += 1;
+        self.add(key, -1);
+    }
+
+    pub fn replayed(&mut self, key: AlertKey) {
+        self.replayed += 1;
+        self.per_session.entry(key.session.clone()).or_default().1 += 1;
+        self.add(key, 1);
+    }
+
+    fn add(&mut self, key: AlertKey, delta: i64) {
+        let entry = self.unmatched.entry(key);
+        let std::collections::hash_map::Entry::Occupied(mut held) = entry else {
+            entry.or_insert(delta);
+            return;
+        };
+        *held.get_mut() += delta;
+        if *held.get() == 0 {
+            held.remove();
+        }
+    }
+
+    pub fn finish(self, what_if: bool) -> Comparison {
+        let (mut only_live, mut only_replayed) = (Vec::new(), Vec::new());
+        for (key, n) in self.unmatched {
+            let side = if n < 0 { &mut only_live } else { &mut only_replayed };
+            side.extend(std::iter::repeat_n(key, n.unsigned_abs() as usize));
+        }
+        only_live.sort();
+        only_replayed.sort();
+        Comparison {
+            what_if,
+            live: self.live,
+            replayed: self.replayed,
+            only_live,
+            only_replayed,
+            per_session: self.per_session,
+        }
     }
 }
 

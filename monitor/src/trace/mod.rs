@@ -4,6 +4,7 @@
 //! credentials, never raw values. The format is documented in docs/trace-format.md.
 
 pub mod format;
+pub mod frames;
 pub mod reader;
 pub mod writer;
 

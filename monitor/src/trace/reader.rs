@@ -2,9 +2,15 @@
 //! frame is reported with its file and offset, the reader resumes at the next frame that checks
 //! out, and the bytes skipped are counted.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+};
 
-use super::format::{self, Frame, Record};
+use super::{
+    format::{self, Frame, Record},
+    frames::{Frames, Next},
+};
 
 /// Damage met while reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +42,8 @@ pub enum TraceError {
     Read { path: String, source: std::io::Error },
     #[error("{path}: {source}")]
     Header { path: String, source: format::HeaderError },
+    #[error("{path}: this collector store holds no session traces (agents send them with --trace-output)")]
+    NoForwardedTraces { path: String },
     #[error("{path}: no trace segments (*.mtr) in this directory")]
     EmptyDir { path: String },
 }
@@ -58,106 +66,93 @@ pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TraceError> {
     Ok(files)
 }
 
-/// Reads one segment file whole; calls `on_record` for each good record and `on_damage` for
-/// each damaged stretch. `progress` gets the bytes read so far.
+/// Reads one segment file as a stream; calls `on_record` for each good record and `on_damage`
+/// for each damaged stretch. `progress` gets the bytes read so far.
 pub fn read_segment(
     path: &Path,
     on_record: &mut dyn FnMut(Record),
     on_damage: &mut dyn FnMut(Damage),
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), TraceError> {
-    let bytes = std::fs::read(path).map_err(|source| TraceError::Read { path: path.display().to_string(), source })?;
-    read_bytes(path, &bytes, on_record, on_damage, progress)
-}
-
-/// Reads a segment held in memory (`path` names it in reports).
-pub fn read_bytes(
-    path: &Path,
-    bytes: &[u8],
-    on_record: &mut dyn FnMut(Record),
-    on_damage: &mut dyn FnMut(Damage),
-    progress: &mut dyn FnMut(u64),
-) -> Result<(), TraceError> {
-    format::check_header(bytes).map_err(|source| TraceError::Header { path: path.display().to_string(), source })?;
-    let mut at = format::HEADER_LEN;
+    let read_err = |source| TraceError::Read { path: path.display().to_string(), source };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mut header = Vec::with_capacity(format::HEADER_LEN);
+    (&mut file).take(format::HEADER_LEN as u64).read_to_end(&mut header).map_err(read_err)?;
+    format::check_header(&header).map_err(|source| TraceError::Header { path: path.display().to_string(), source })?;
+    let mut frames = Frames::new(file, format::HEADER_LEN as u64);
     let mut last_progress = 0;
-    while at < bytes.len() {
-        match format::decode::<Record>(&bytes[at..]) {
-            Frame::Record(record, len) => {
-                on_record(*record);
-                at += len;
+    while let Some(next) = frames.next::<Record>().map_err(read_err)? {
+        match next {
+            Next::Record(record, _) => on_record(record),
+            Next::Damaged { offset, reason, skipped } => {
+                on_damage(Damage { file: path.to_path_buf(), offset, reason, skipped })
             }
-            Frame::Truncated => {
-                on_damage(Damage {
-                    file: path.to_path_buf(),
-                    offset: at as u64,
-                    reason: "frame cut short at the end of the file",
-                    skipped: (bytes.len() - at) as u64,
-                });
-                break;
-            }
-            Frame::Bad(reason) => {
-                let next = resync(bytes, at + 1).unwrap_or(bytes.len());
-                on_damage(Damage { file: path.to_path_buf(), offset: at as u64, reason, skipped: (next - at) as u64 });
-                at = next;
-            }
+            Next::Truncated { offset, remaining } => on_damage(Damage {
+                file: path.to_path_buf(),
+                offset,
+                reason: "frame cut short at the end of the file",
+                skipped: remaining,
+            }),
         }
-        if at - last_progress > 1 << 20 {
-            last_progress = at;
-            progress(at as u64);
+        if frames.offset() - last_progress > 1 << 20 {
+            last_progress = frames.offset();
+            progress(last_progress);
         }
     }
-    progress(bytes.len() as u64);
+    progress(frames.offset());
     Ok(())
 }
 
-/// The offset of the next frame after `from` that decodes whole.
-fn resync(bytes: &[u8], mut from: usize) -> Option<usize> {
-    while let Some(candidate) = format::next_sync(bytes, from) {
-        if let Frame::Record(..) = format::decode::<Record>(&bytes[candidate..]) {
-            return Some(candidate);
-        }
-        from = candidate + 1;
-    }
-    None
+/// One trace frame an agent forwarded to a collector (`--trace-output`).
+pub struct Forwarded {
+    /// The agent run it belongs to.
+    pub run_id: String,
+    /// Its position in the run: 0, 1, 2 …
+    pub seq: u64,
+    pub record: Record,
 }
 
-/// The session traces agents forwarded to a collector (`--trace-output`), read from the
-/// collector's store directory: one in-memory segment per agent run, records in their order.
-pub fn from_collector_store(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, TraceError> {
-    use std::collections::BTreeMap;
+/// Streams the session traces stored in a collector's store directory, in the order they were
+/// stored, which is each run's order (an agent resends in order, and the store keeps each
+/// frame once). Runs of several agents interleave: `Forwarded::run_id` tells them apart.
+/// `progress` gets the store bytes read so far.
+pub fn read_collector_store(
+    dir: &Path,
+    on_frame: &mut dyn FnMut(Forwarded),
+    on_damage: &mut dyn FnMut(Damage),
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), TraceError> {
+    use crate::collector::store;
     let read_err = |source| TraceError::Read { path: dir.display().to_string(), source };
-    let mut runs: Vec<String> = Vec::new();
-    let mut frames: BTreeMap<String, BTreeMap<u64, Vec<u8>>> = BTreeMap::new();
-    for seg in crate::collector::store::segments(dir).map_err(read_err)? {
-        crate::collector::store::read_segment(&crate::collector::store::segment_path(dir, seg), 0, &mut |s, _| {
+    let mut done = 0;
+    for seg in store::segments(dir).map_err(read_err)? {
+        let path = store::segment_path(dir, seg);
+        let end = store::read_segment(&path, 0, &mut |s, after| {
+            progress(done + after);
             if s.tag != crate::collector::fanout::TRACE_TAG {
                 return;
             }
             let Ok(v) = rmpv::decode::read_value(&mut s.record.as_slice()) else { return };
             let field = |k: &str| crate::forward::protocol::map_get(&v, k);
-            let (Some(run), Some(seq), Some(rmpv::Value::Binary(frame))) =
+            let (Some(run_id), Some(seq), Some(rmpv::Value::Binary(frame))) =
                 (field("run_id").and_then(|r| r.as_str()), field("seq").and_then(|n| n.as_u64()), field("frame"))
             else {
                 return;
             };
-            if !frames.contains_key(run) {
-                runs.push(run.to_string());
+            match format::decode::<Record>(frame) {
+                Frame::Record(record, _) => on_frame(Forwarded { run_id: run_id.to_string(), seq, record: *record }),
+                Frame::Truncated | Frame::Bad(_) => on_damage(Damage {
+                    file: dir.join(format!("run-{run_id}")),
+                    offset: seq,
+                    reason: "forwarded trace frame does not decode",
+                    skipped: frame.len() as u64,
+                }),
             }
-            frames.entry(run.to_string()).or_default().insert(seq, frame.clone());
         })
         .map_err(read_err)?;
+        done += end;
     }
-    Ok(runs
-        .into_iter()
-        .map(|run| {
-            let mut bytes = format::header().to_vec();
-            for frame in frames.remove(&run).unwrap_or_default().into_values() {
-                bytes.extend_from_slice(&frame);
-            }
-            (dir.join(format!("run-{run}")), bytes)
-        })
-        .collect())
+    Ok(())
 }
 
 /// Whether `dir` is a collector's store (rather than an agent's trace directory).

@@ -151,7 +151,7 @@ impl TraceWriter {
         let len = (self.buffer.len() - before) as u64;
         if self.forward.is_some() {
             let frame = self.buffer[before..].to_vec();
-            self.pending.push(central_record(&self.run, self.total_records, ts, frame));
+            self.pending.push(forwarded_record(&self.run, self.total_records, ts, frame));
         }
         self.written += len;
         self.total_bytes += len;
@@ -254,7 +254,7 @@ impl Drop for TraceWriter {
 /// A trace record as a Forward record: `{id, run_id, host, seq, frame}`, where `frame` is the
 /// record framed as in a segment file and `id` (`trace:RUN:SEQ`) lets the collector store it
 /// once however often it is resent.
-fn central_record(run: &RunInfo, seq: u64, ts: u64, frame: Vec<u8>) -> crate::forward::spool::SpoolRecord {
+pub fn forwarded_record(run: &RunInfo, seq: u64, ts: u64, frame: Vec<u8>) -> crate::forward::spool::SpoolRecord {
     use rmpv::Value;
     let map = Value::Map(vec![
         (Value::from("id"), Value::from(format!("trace:{}:{seq}", run.run_id))),

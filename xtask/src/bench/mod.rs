@@ -147,7 +147,7 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         report.insert("engine".into(), engine);
     }
     if want("replay") {
-        let replay = replay_bench()?;
+        let replay = replay_bench(&monitor, &dir)?;
         let f = |k: &str| replay[k].as_f64().unwrap_or(0.0);
         rows.push(format!(
             "{:<52} {:>14} {:>11.0}/s",
@@ -167,6 +167,17 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             "",
             f("replay_full_report_seconds")
         ));
+        for size in replay["memory"].as_array().into_iter().flatten() {
+            let mib = |k: &str| size[k].as_f64().unwrap_or(0.0) / 1048576.0;
+            rows.push(format!(
+                "{:<52} {:>14} {:>9.0} MiB  (trace {:.0} MiB, store {:.0} MiB)",
+                format!("replay peak RSS, {} events, trace / store", size["events"]),
+                "",
+                mib("trace_replay_peak_rss_bytes").max(mib("store_replay_peak_rss_bytes")),
+                mib("trace_bytes"),
+                mib("store_bytes"),
+            ));
+        }
         report.insert("trace_replay".into(), replay);
     }
     if want("ingest") {
@@ -702,7 +713,8 @@ impl Paired {
 }
 
 /// Trace recording and replay of 1,000,000 synthetic events, 3 runs; medians of each figure.
-fn replay_bench() -> anyhow::Result<serde_json::Value> {
+/// Then `monitor replay`'s peak memory at two trace sizes.
+fn replay_bench(monitor: &Path, dir: &Path) -> anyhow::Result<serde_json::Value> {
     eprintln!("bench: trace recording and replay of 1,000,000 events (3 runs)");
     let mut runs = Vec::new();
     for _ in 0..3 {
@@ -730,5 +742,68 @@ fn replay_bench() -> anyhow::Result<serde_json::Value> {
         "replay_full_report_seconds": med("replay_full_report_seconds"),
         "target_replay_seconds": 2.0,
         "runs": runs,
+        "memory": replay_memory(monitor, dir)?,
     }))
+}
+
+/// Peak RSS of `monitor replay --format ocsf` (detection, no timelines) over an agent's trace
+/// directory and over a collector's store holding the same trace as forwarded, at two sizes a
+/// factor 4 apart: a replay that streams has about the same peak at both; one that loaded the
+/// trace would grow with it.
+fn replay_memory(monitor: &Path, dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut sizes = Vec::new();
+    for events in [500_000u64, 2_000_000] {
+        eprintln!("bench: monitor replay's peak memory, {events} events");
+        let keep = dir.join(format!("replay-{events}"));
+        let _ = fs::remove_dir_all(&keep);
+        let output = Command::new("cargo")
+            .args(["run", "--quiet", "--release", "--package", "monitor", "--example", "replay_bench", "--"])
+            .arg(events.to_string())
+            .arg(&keep)
+            .output()
+            .context("running the replay benchmark")?;
+        if !output.status.success() {
+            bail!("replay_bench failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let mut measured = json!({
+            "events": events,
+            "trace_bytes": dir_bytes(&keep.join("trace")),
+            "store_bytes": dir_bytes(&keep.join("store")),
+        });
+        for what in ["trace", "store"] {
+            let mut replay = Command::new(monitor);
+            replay.arg("replay").arg(keep.join(what)).args(["--format", "ocsf", "--output", "/dev/null"]);
+            let (seconds, peak) = peak_rss(&mut replay)?;
+            measured[format!("{what}_replay_seconds")] = json!(seconds);
+            measured[format!("{what}_replay_peak_rss_bytes")] = json!(peak);
+        }
+        eprintln!("  {measured}");
+        sizes.push(measured);
+        fs::remove_dir_all(&keep)?;
+    }
+    Ok(sizes)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+}
+
+/// Runs a command to its end; its wall time and peak resident memory (bytes), from the
+/// kernel's accounting of the process (wait4's rusage).
+fn peak_rss(command: &mut Command) -> anyhow::Result<(f64, u64)> {
+    let start = Instant::now();
+    let child = command.stdout(Stdio::null()).spawn().context("starting the command")?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for the child we started.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, which std has not waited for.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let seconds = start.elapsed().as_secs_f64();
+    if pid < 0 {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{command:?} failed (status {status})");
+    }
+    Ok((seconds, usage.ru_maxrss as u64 * 1024))
 }
