@@ -281,6 +281,45 @@ fn tokens_from_a_stripped_go_binary_and_from_wget_over_gnutls_after_the_end() {
     t.assert_never_output(&files.token);
 }
 
+/// A copy of libssl in a directory of its own (another file, as a container image's own libssl
+/// is), loaded by curl through LD_LIBRARY_PATH: the host's libssl probes do not cover it. The
+/// agent finds it among the libraries a session process maps and probes it too, so a token sent
+/// through it is seen, in the session and after the task ended.
+#[test]
+fn tokens_over_a_copy_of_libssl_from_another_path_after_the_end() {
+    let t = Creds::start("clients-libssl-copy", &[]);
+    let libdir = t.agent.dir.path("image-lib");
+    fs::create_dir_all(&libdir).unwrap();
+    let copy = libdir.join("libssl.so.3");
+    fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", &copy).unwrap();
+    let server = tls_server(&t.agent.dir);
+    let files = token_files(&t.agent.dir, "libssl-copy");
+    let curl = format!(
+        "LD_LIBRARY_PATH={} curl -sk -o /dev/null -H @{} https://127.0.0.2:{}/refunds",
+        libdir.display(),
+        files.headers.display(),
+        server.port
+    );
+    // The first session process to map the copy is where the agent learns of it: curl reading
+    // its configuration from a pipe for a second, with libssl mapped and nothing sent.
+    let session = session_file(&t.agent.dir, "libssl-copy-first", "grace: 1s\n");
+    let first = format!("sleep 1 | LD_LIBRARY_PATH={} curl -s -K - ; true", libdir.display());
+    let o = t.run_session(&session, &first, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = format!("library probed path={}", copy.display());
+    wait_for(
+        "the TLS probes on the copy of libssl",
+        || fs::read_to_string(&t.agent.log).unwrap_or_default().contains(&line).then_some(()),
+        || t.agent.diagnostics(),
+    );
+    let probes = t.agent.cli(&["probes"]);
+    assert!(stdout(&probes).contains(&format!("in {}", copy.display())), "{}", stdout(&probes));
+    let wire = Wire { seen_in: "https", http2: false, exe: "curl" };
+    let alert = after_the_end(&t, &files, &curl, &wire, "libssl-copy");
+    assert_eq!(alert["credential"]["request"], format!("GET https://127.0.0.2:{}/refunds", server.port));
+    t.assert_never_output(&files.token);
+}
+
 /// A token endpoint (RFC 6749 §5.1) over TLS on 127.0.0.2: POST gives a fresh access token as
 /// JSON (and writes it where the test can read it, to search the outputs for it); any other
 /// request is answered 200. The response is longer than one kernel capture (4 KiB) and the token

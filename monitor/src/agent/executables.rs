@@ -10,9 +10,27 @@
 //!   those directories and makes its first request sooner than that after its very first exec
 //!   on the host sends that request unseen; every later run is seen.
 //!
+//! Shared libraries the same way: the library probes attach at start to the host's libssl,
+//! GnuTLS and libc, which a container image's own copies (other files) are not. So the
+//! libraries a process maps are looked at (`/proc/PID/maps`, opened through
+//! `/proc/PID/map_files`, which reaches into any mount namespace) for each new executable and
+//! each exec in a session, when it is reported and again shortly after (the dynamic loader maps
+//! them after the exec, and `dlopen` later still, as Python does for `import ssl`); a library file
+//! not seen before gets the same probes. A process outside sessions that runs a host executable
+//! with a library of its own (LD_LIBRARY_PATH) is not looked at: its library is found only once
+//! some session process or some new executable maps it.
+//!
 //! Files are read off the async threads (a Go binary's symbol table is megabytes), each once.
 
-use std::{collections::HashSet, fs::File, path::PathBuf, sync::Arc};
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashSet},
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::mpsc;
 
@@ -26,18 +44,26 @@ const MAX_PROBED: usize = 1024;
 /// New executables waiting to be looked at; past this the reader reports them as lost.
 pub const QUEUE: usize = 1024;
 
-/// An executable the exec probe saw for the first time.
+/// Processes whose libraries wait for a later look, at most.
+const LATER: usize = 4096;
+/// When a process's libraries are looked at again after the first look: after the dynamic
+/// loader (well within the first), after a program's start-up `dlopen`s.
+const LOOK_AGAIN: [Duration; 2] = [Duration::from_millis(100), Duration::from_secs(1)];
+
+/// What the reader asks to be looked at.
 #[derive(Debug)]
-pub struct NewExecutable {
-    pub pid: u32,
-    pub file: FileId,
-    pub filename: String,
+pub enum Look {
+    /// An executable the exec probe saw for the first time (and the libraries of the process
+    /// that runs it).
+    Executable { pid: u32, file: FileId, filename: String },
+    /// A session process that exec'd: the libraries it maps.
+    Libraries { pid: u32 },
 }
 
 pub async fn run(
     probes: Arc<std::sync::Mutex<Probes>>,
     mut policy: tokio::sync::watch::Receiver<Arc<crate::policy::Policy>>,
-    mut new: mpsc::Receiver<NewExecutable>,
+    mut new: mpsc::Receiver<Look>,
     rescan: Arc<tokio::sync::Notify>,
 ) {
     let mut state = State { probes, seen: HashSet::new(), probed: 0 };
@@ -49,12 +75,42 @@ pub async fn run(
     })
     .await;
     let Ok(mut state) = state_at_start else { return };
+    // (when, pid): processes whose libraries are looked at again.
+    let mut later: BinaryHeap<Reverse<(tokio::time::Instant, u32)>> = BinaryHeap::new();
     loop {
-        let exe = tokio::select! {
-            exe = new.recv() => match exe {
-                Some(exe) => exe,
+        let next_later = later.peek().map(|Reverse((when, _))| *when);
+        let work: Box<dyn FnOnce(&mut State) + Send> = tokio::select! {
+            look = new.recv() => match look {
+                Some(look) => {
+                    let pid = match &look {
+                        Look::Executable { pid, .. } | Look::Libraries { pid } => *pid,
+                    };
+                    let now = tokio::time::Instant::now();
+                    for after in LOOK_AGAIN {
+                        if later.len() < LATER {
+                            later.push(Reverse((now + after, pid)));
+                        }
+                    }
+                    Box::new(move |state: &mut State| state.look(look))
+                }
                 None => return,
             },
+            () = sleep_until(next_later) => {
+                let now = tokio::time::Instant::now();
+                let mut due = Vec::new();
+                while let Some(Reverse((when, pid))) = later.peek().copied() {
+                    if when > now {
+                        break;
+                    }
+                    later.pop();
+                    due.push(pid);
+                }
+                Box::new(move |state: &mut State| {
+                    for pid in due {
+                        state.probe_libraries(pid);
+                    }
+                })
+            }
             Ok(()) = policy.changed() => {
                 // A reload: directories it adds are looked through now (what was probed stays).
                 let dirs = policy.borrow_and_update().tls.executable_dirs.clone();
@@ -62,42 +118,13 @@ pub async fn run(
                     continue;
                 }
                 extra_dirs = dirs.clone();
-                state = match tokio::task::spawn_blocking(move || {
-                    state.probe_dirs(&dirs, false);
-                    state
-                })
-                .await
-                {
-                    Ok(state) => state,
-                    Err(_) => return,
-                };
-                continue;
+                Box::new(move |state: &mut State| state.probe_dirs(&dirs, false))
             }
-            () = rescan.notified() => {
-                // A session started: the execs made while nothing was watched reported nothing.
-                state = match tokio::task::spawn_blocking(move || {
-                    state.probe_running();
-                    state
-                })
-                .await
-                {
-                    Ok(state) => state,
-                    Err(_) => return,
-                };
-                continue;
-            }
+            // A session started: the execs made while nothing was watched reported nothing.
+            () = rescan.notified() => Box::new(|state: &mut State| state.probe_running()),
         };
-        // The kernel reports a file again after its LRU forgot it: looked at once all the same.
-        if state.seen.contains(&exe.file) {
-            continue;
-        }
         state = match tokio::task::spawn_blocking(move || {
-            if let Some((file, _)) = executables::open(exe.pid, &exe.filename, exe.file) {
-                // Logged by the name it was exec'd with, not the /proc path it was read through.
-                state.probe(exe.file, &file, std::path::Path::new(&exe.filename));
-            } else {
-                tracing::debug!(pid = exe.pid, filename = exe.filename, "executable gone before it was looked at");
-            }
+            work(&mut state);
             state
         })
         .await
@@ -108,6 +135,14 @@ pub async fn run(
     }
 }
 
+/// Sleeps until `when`, or forever.
+async fn sleep_until(when: Option<tokio::time::Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct State {
     probes: Arc<std::sync::Mutex<Probes>>,
     seen: HashSet<FileId>,
@@ -115,8 +150,16 @@ struct State {
 }
 
 impl State {
-    /// The executables of running processes, then those in the tool directories.
+    /// The executables of running processes and the libraries they map, then the executables
+    /// in the tool directories.
     fn probe_at_start(&mut self, extra_dirs: &[PathBuf]) {
+        // The library files the library probes took already.
+        let host_libraries = self.probes.lock().unwrap_or_else(|p| p.into_inner()).library_files();
+        for path in host_libraries {
+            if let Ok(meta) = std::fs::metadata(&path) {
+                self.seen.insert(file_id(&meta));
+            }
+        }
         self.probe_running();
         self.probe_dirs(extra_dirs, true);
     }
@@ -147,7 +190,53 @@ impl State {
         );
     }
 
-    /// The executables of the running processes not looked at yet (a stat each for the others).
+    fn look(&mut self, look: Look) {
+        match look {
+            Look::Executable { pid, file, filename } => {
+                // The kernel reports a file again after its LRU forgot it: looked at once all the same.
+                if !self.seen.contains(&file) {
+                    if let Some((opened, _)) = executables::open(pid, &filename, file) {
+                        // Logged by the name it was exec'd with, not the /proc path it was read through.
+                        self.probe(file, &opened, Path::new(&filename));
+                    } else {
+                        tracing::debug!(pid, filename, "executable gone before it was looked at");
+                    }
+                }
+                self.probe_libraries(pid);
+            }
+            Look::Libraries { pid } => self.probe_libraries(pid),
+        }
+    }
+
+    /// The probed libraries (libssl, GnuTLS, libc) a process maps from files not looked at yet.
+    fn probe_libraries(&mut self, pid: u32) {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
+        let mut done = HashSet::new();
+        for line in maps.lines() {
+            // START-END PERMS OFFSET DEV INODE PATH
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [range, _, _, _, inode, path] = fields[..] else { continue };
+            let Some(name) = Path::new(path).file_name().and_then(|n| n.to_str()) else { continue };
+            if inode == "0" || !executables::is_probed_library(name) || !done.insert(inode) {
+                continue;
+            }
+            // The file the process maps, wherever its mount namespace has it.
+            let Ok(file) = File::open(format!("/proc/{pid}/map_files/{range}")) else { continue };
+            let Ok(meta) = file.metadata() else { continue };
+            let id = file_id(&meta);
+            if self.seen.contains(&id) {
+                continue;
+            }
+            self.seen.insert(id);
+            match executables::inspect_library(&file, name) {
+                Ok(inspection) => self.attach(&file, Path::new(path), inspection, "library"),
+                Err(e) => tracing::debug!(pid, path, "library not looked at: {e}"),
+            }
+        }
+    }
+
+    /// The executables of the running processes not looked at yet (a stat each for the others),
+    /// and the libraries they map.
     fn probe_running(&mut self) {
         let mut running = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -157,36 +246,36 @@ impl State {
             // Named by where it was run from (the link's text), opened through the link.
             let path = std::fs::read_link(&link).unwrap_or(link);
             let Ok(meta) = file.metadata() else { continue };
-            use std::os::unix::fs::MetadataExt as _;
-            let id = FileId { dev: crate::credentials::watch::kernel_dev(meta.dev()), ino: meta.ino() };
-            running.push((id, file, path));
+            running.push((pid, file_id(&meta), file, path));
         }
-        for (id, file, path) in running {
+        for (pid, id, file, path) in running {
             if !self.seen.contains(&id) {
                 self.probe(id, &file, &path);
             }
+            self.probe_libraries(pid);
         }
     }
 
     /// Looks at one executable and attaches the probes it needs.
-    fn probe(&mut self, id: FileId, file: &File, path: &std::path::Path) {
+    fn probe(&mut self, id: FileId, file: &File, path: &Path) {
         self.seen.insert(id);
+        match executables::inspect(file) {
+            Ok(inspection) => self.attach(file, path, inspection, "executable"),
+            Err(e) => tracing::debug!(path = %path.display(), "not looked at for TLS code: {e}"),
+        }
+    }
+
+    /// Attaches what an inspection found in `file` (an executable or a library, `what`).
+    fn attach(&mut self, file: &File, path: &Path, inspection: executables::Inspection, what: &str) {
         let started = std::time::Instant::now();
-        let inspection = match executables::inspect(file) {
-            Ok(inspection) => inspection,
-            Err(e) => {
-                tracing::debug!(path = %path.display(), "not looked at for TLS code: {e}");
-                return;
-            }
-        };
         if let Some(why) = &inspection.unsupported {
-            tracing::warn!(path = %path.display(), "TLS requests of this executable are not seen: {why}");
+            tracing::warn!(path = %path.display(), "TLS requests of this {what} are not seen: {why}");
         }
         if inspection.probes.is_empty() {
             return;
         }
         if self.probed >= MAX_PROBED {
-            tracing::warn!(path = %path.display(), "not probed: {MAX_PROBED} executables are already");
+            tracing::warn!(path = %path.display(), "not probed: {MAX_PROBED} files are already");
             return;
         }
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
@@ -198,14 +287,18 @@ impl State {
                     attached = true;
                     let took = started.elapsed();
                     let symbol = p.symbol;
-                    tracing::info!(path = %path.display(), symbol, offset = p.file_offset, ?took, now, "TLS probe taken");
+                    tracing::info!(path = %path.display(), symbol, offset = p.file_offset, ?took, now, "probe taken");
                 }
-                Err(e) => tracing::warn!(path = %path.display(), symbol = p.symbol, "TLS probe not attached: {e}"),
+                Err(e) => tracing::warn!(path = %path.display(), symbol = p.symbol, "probe not attached: {e}"),
             }
         }
         self.probed += usize::from(attached);
         if attached {
-            tracing::info!(path = %path.display(), "executable probed");
+            tracing::info!(path = %path.display(), "{what} probed");
         }
     }
+}
+
+fn file_id(meta: &std::fs::Metadata) -> FileId {
+    FileId { dev: crate::credentials::watch::kernel_dev(meta.dev()), ino: meta.ino() }
 }

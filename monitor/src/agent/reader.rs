@@ -28,7 +28,7 @@ pub async fn run(
     clock: Clock,
     mut observer: Observer,
     uid_changes: Option<ProcConnector>,
-    executables: mpsc::Sender<super::executables::NewExecutable>,
+    executables: mpsc::Sender<super::executables::Look>,
     out: mpsc::Sender<Event>,
     mut watched: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -88,7 +88,7 @@ pub async fn run(
                 Ok(Decoded::Executable { pid, file, filename }) => {
                     // Never waits: the exec path must not stall behind ELF reads. One dropped
                     // is an executable left unprobed, and says so.
-                    let new = super::executables::NewExecutable { pid, file, filename };
+                    let new = super::executables::Look::Executable { pid, file, filename };
                     if executables.try_send(new).is_err() {
                         batch.push(Event::Lost {
                             ts: now,
@@ -106,8 +106,21 @@ pub async fn run(
                     batch.extend(answers.into_iter().map(|a| Event::Resolve(crate::dns::resolve(ts, session, pid, a))));
                 }
                 Ok(decoded) => {
-                    if let Decoded::Event(Event::Exit(exit)) = &decoded {
-                        dns_streams.forget_pid(exit.pid);
+                    match &decoded {
+                        Decoded::Event(Event::Exit(exit)) => dns_streams.forget_pid(exit.pid),
+                        Decoded::Event(Event::Exec(exec)) if exec.session != 0 => {
+                            // The TLS libraries it maps may be a container's own (another file).
+                            let look = super::executables::Look::Libraries { pid: exec.pid };
+                            if executables.try_send(look).is_err() {
+                                batch.push(Event::Lost {
+                                    ts: now,
+                                    source: "session processes to look at for TLS libraries (queue full)".into(),
+                                    count: 1,
+                                    session: Some(exec.session),
+                                });
+                            }
+                        }
+                        _ => {}
                     }
                     batch.extend(observer.observe(decoded))
                 }

@@ -73,6 +73,58 @@ pub fn inspect(file: &File) -> Result<Inspection, String> {
     Ok(inspection)
 }
 
+/// Whether a shared library of this file name is one the library probes (see `PROBES`) attach
+/// to: OpenSSL 3's libssl, GnuTLS, the C library.
+pub fn is_probed_library(name: &str) -> bool {
+    library_programs(name).next().is_some()
+}
+
+/// The C library, by its file name (`libc.so.6`, or `libc-2.31.so` on older glibc).
+pub fn is_libc(name: &str) -> bool {
+    name.starts_with("libc.so") || name.starts_with("libc-")
+}
+
+/// The library probes for a library of this file name: program, function, and the arguments an
+/// entry probe reads (none for a return probe or a libc one, which stay on the entry).
+fn library_programs(name: &str) -> impl Iterator<Item = (&'static str, &'static str, Option<usize>)> + '_ {
+    use super::AttachPoint;
+    super::PROBES.iter().filter_map(move |spec| match spec.attach {
+        AttachPoint::Library { file, symbol, args } if name.starts_with(file) => Some((spec.program, symbol, Some(args))),
+        AttachPoint::LibraryReturn { file, symbol } if name.starts_with(file) => Some((spec.program, symbol, None)),
+        AttachPoint::Libc { symbol } if is_libc(name) => Some((spec.program, symbol, None)),
+        _ => None,
+    })
+}
+
+/// The probes for a shared library (`name` is its file name) that a process maps from another
+/// file than the one the library probes took at start: a container image's own libssl or libc,
+/// a copy loaded through LD_LIBRARY_PATH. The same programs, on the same functions of this file.
+pub fn inspect_library(file: &File, name: &str) -> Result<Inspection, String> {
+    use std::os::fd::AsRawFd as _;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(|e| format!("not an ELF file: {e}"))?;
+    if elf.architecture() != object::Architecture::X86_64 {
+        return Ok(Inspection {
+            unsupported: Some(format!("{:?} libraries are not supported", elf.architecture())),
+            ..Default::default()
+        });
+    }
+    // Read again whole by the site finder, through the descriptor (the file may be in another
+    // mount namespace, or deleted).
+    let by_descriptor = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let mut inspection = Inspection::default();
+    for (program, symbol, args) in library_programs(name) {
+        let Some(address) = defined_symbol(&elf, symbol) else { continue };
+        let entry = file_offset(&elf, address)?;
+        let file_offset = match args {
+            Some(args) => super::uprobe_site::entry_site(&by_descriptor, symbol, args).map_or(entry, |s| s.file_offset),
+            None => entry,
+        };
+        inspection.probes.push(ExecutableProbe { program, symbol, file_offset });
+    }
+    Ok(inspection)
+}
+
 fn inspect_go<'d, R: object::ReadRef<'d>>(
     elf: &object::File<'d, R>,
     file: &File,
@@ -264,6 +316,29 @@ mod tests {
         let path = ["/usr/bin/curl", "/bin/ls"].into_iter().find(|p| Path::new(p).exists()).unwrap();
         let f = File::open(path).unwrap();
         assert!(inspect(&f).unwrap().probes.is_empty());
+    }
+
+    #[test]
+    fn a_copy_of_libssl_gets_the_library_probes_on_its_own_functions() {
+        let host = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        let f = File::open(host).unwrap();
+        let inspection = inspect_library(&f, "libssl.so.3").unwrap();
+        let programs: Vec<_> = inspection.probes.iter().map(|p| p.program).collect();
+        for program in ["ssl_write", "ssl_write_ex", "ssl_read", "ssl_read_ret", "ssl_read_ex", "ssl_read_ex_ret"] {
+            assert!(programs.contains(&program), "{program} in {programs:?}");
+        }
+        // The same places the probes take on the host's file at start.
+        for p in &inspection.probes {
+            let expected = match p.program {
+                "ssl_write" | "ssl_write_ex" => super::super::uprobe_site::entry_site(host, p.symbol, 3).unwrap().file_offset,
+                _ => continue,
+            };
+            assert_eq!(p.file_offset, expected, "{}", p.program);
+        }
+        let libc = File::open("/usr/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+        let programs: Vec<_> = inspect_library(&libc, "libc.so.6").unwrap().probes.iter().map(|p| p.program).collect();
+        assert_eq!(programs, ["getaddrinfo_enter", "getaddrinfo_exit"]);
+        assert!(is_probed_library("libgnutls.so.30.34.3") && !is_probed_library("libz.so.1"));
     }
 
     #[test]

@@ -616,6 +616,15 @@ impl Probes {
         library.chain(executables.map(|s| s.path.display().to_string())).collect()
     }
 
+    /// The shared library files the library probes took at start (libssl, GnuTLS, libc).
+    pub fn library_files(&self) -> Vec<std::path::PathBuf> {
+        let sites = self.on_demand.iter().filter_map(|p| p.site.as_ref());
+        let mut files: Vec<_> = sites.map(|s| s.file.clone()).collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+
     /// Where to say, from now on, whether anything is watched.
     pub fn tell_watched(&mut self, watched: tokio::sync::watch::Sender<bool>) {
         watched.send_replace(!self.nothing_watched());
@@ -1059,7 +1068,7 @@ fn libc_path() -> Option<std::path::PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find_map(|path| {
         let name = Path::new(path).file_name()?.to_str()?;
-        (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| std::path::PathBuf::from(path))
+        executables::is_libc(name).then(|| std::path::PathBuf::from(path))
     })
 }
 
