@@ -419,3 +419,42 @@ mod pod {
     unsafe impl aya::Pod for super::DnsAnswerEvent {}
     unsafe impl aya::Pod for super::TlsPeerEvent {}
 }
+
+/// A ring-buffer record of one kind: what the eBPF side's `emit` reserves, heads and sends.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` structs whose first field is their [`EventHeader`].
+pub unsafe trait Record: Sized {
+    const KIND: EventKind;
+}
+
+macro_rules! records {
+    ($($record:ty => $kind:ident),* $(,)?) => {
+        $(
+            // SAFETY: each is `#[repr(C)]` with `header: EventHeader` first (see above).
+            unsafe impl Record for $record {
+                const KIND: EventKind = EventKind::$kind;
+            }
+        )*
+    };
+}
+
+records! {
+    ForkEvent => Fork,
+    ExecEvent => Exec,
+    ExitEvent => Exit,
+    ConnectEvent => Connect,
+    ConnectResultEvent => ConnectResult,
+    ResolveEvent => Resolve,
+    FileOpenEvent => FileOpen,
+    EnvTokenEvent => EnvToken,
+    ExecutableEvent => Executable,
+    DnsAnswerEvent => DnsAnswer,
+    TlsPeerEvent => TlsPeer,
+    CredChangeEvent => CredChange,
+}
+
+// SAFETY: `#[repr(C)]` with `header: EventHeader` first, for every size.
+unsafe impl<const N: usize> Record for PayloadRecord<N> {
+    const KIND: EventKind = EventKind::Payload;
+}

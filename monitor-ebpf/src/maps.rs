@@ -5,11 +5,11 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    DnsSocket, NameKey, PortRanges, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat, TcpOwner, TlsConnKey,
-    WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_SCAN_CAP, EVENTS_BYTES,
-    EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY, SCOPE_NAMES_CAPACITY,
-    SCOPE_NETS_CAPACITY, SESSION_LOSSES_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT, TOKEN_HASHES_CAPACITY,
-    WATCHED_INODES_CAPACITY,
+    DnsSocket, EventHeader, NameKey, PortRanges, Record, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat,
+    TcpOwner, TlsConnKey, WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_SCAN_CAP,
+    EVENTS_BYTES, EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY,
+    SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_LOSSES_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
+    TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
 };
 
 #[map]
@@ -153,6 +153,47 @@ pub fn submit_flags() -> u64 {
     } else {
         BPF_RB_NO_WAKEUP as u64
     }
+}
+
+/// Whose record it is.
+pub enum Origin {
+    /// The current task's (hooks that run in the process's own context).
+    Task,
+    /// A socket owner's: cgroup skb hooks may run in softirq context, in no task of the owner.
+    Socket { tgid: u32, uid: u32 },
+}
+
+/// When the reader hears of a record.
+pub enum Wakeup {
+    /// When enough is waiting (see [`submit_flags`]), else at its next drain.
+    WhenDue,
+    /// At once.
+    Now,
+}
+
+/// Sends one record of session `session` (0: none): reserves room for a `T` in the ring buffer,
+/// writes its header, lets `fill` write the rest, and submits it. A full ring buffer drops the
+/// record and counts it, for its session too.
+#[inline(always)]
+pub fn emit<T: Record + 'static>(session: u32, origin: Origin, wakeup: Wakeup, fill: impl FnOnce(*mut T)) {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
+        ringbuf_full(session);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let size = core::mem::size_of::<T>();
+    // SAFETY: `T: Record` is `#[repr(C)]` with its header first, and the reservation holds a
+    // whole `T`; only this program writes it until submit.
+    let header = unsafe { &mut *event.cast::<EventHeader>() };
+    match origin {
+        Origin::Task => crate::kernel::fill_header(header, T::KIND, size, session),
+        Origin::Socket { tgid, uid } => crate::kernel::fill_socket_header(header, T::KIND, size, session, tgid, uid),
+    }
+    fill(event);
+    entry.submit(match wakeup {
+        Wakeup::WhenDue => submit_flags(),
+        Wakeup::Now => aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64,
+    });
 }
 
 /// A record that did not fit in the ring buffer: counted host-wide, and for its session (0: a

@@ -13,17 +13,14 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use monitor_common::{
-    token_hash_step, CredChangeEvent, EnvTokenEvent, EventKind, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
+    token_hash_step, CredChangeEvent, EnvTokenEvent, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
     CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID,
     ENV_NAME_CAP, ENV_SCAN_CAP, SID_UNKNOWN, TOKEN_MIN_LEN,
 };
 
 use crate::{
     kernel,
-    maps::{
-        config, count, ringbuf_full, submit_flags, ENV_SCRATCH, ENV_STATE, EVENTS, LAST_CAPS, TOKEN_HASHES,
-        WATCHED_INODES,
-    },
+    maps::{config, count, emit, Origin, Wakeup, ENV_SCRATCH, ENV_STATE, LAST_CAPS, TOKEN_HASHES, WATCHED_INODES},
     session,
 };
 
@@ -67,22 +64,17 @@ fn on_open_exit(ctx: &TracePointContext) {
     }
     let (_, tgid) = session::current_ids();
     let key = session::of_current(tgid).unwrap_or(0);
-    let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
-        ringbuf_full(key);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<FileOpenEvent>() bytes.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::FileOpen, core::mem::size_of::<FileOpenEvent>(), key);
-        (*event).fd = ret as i32;
-        (*event).flags = kernel::file_flags(file).unwrap_or(u32::MAX);
-        (*event).dev = dev;
-        (*event)._pad0 = 0;
-        (*event).ino = ino;
-        (*event).comm = comm();
-    }
-    entry.submit(submit_flags());
+    emit::<FileOpenEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<FileOpenEvent>() bytes.
+        unsafe {
+            (*event).fd = ret as i32;
+            (*event).flags = kernel::file_flags(file).unwrap_or(u32::MAX);
+            (*event).dev = dev;
+            (*event)._pad0 = 0;
+            (*event).ino = ino;
+            (*event).comm = comm();
+        }
+    });
 }
 
 pub fn comm() -> [u8; COMM_CAP] {
@@ -218,41 +210,31 @@ unsafe fn end_entry(scan: *mut EnvScan, at: u64) {
 
 fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {
     let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return };
-    let Some(mut entry) = EVENTS.reserve::<EnvTokenEvent>(0) else {
-        ringbuf_full(session_key);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    let at = (name_at as usize) & (ENV_SCAN_CAP - 1);
-    let mut len = name_len as usize;
-    if len > ENV_NAME_CAP {
-        len = ENV_NAME_CAP;
-    }
-    if at + len > ENV_SCAN_CAP {
-        len = ENV_SCAN_CAP - at;
-    }
-    // SAFETY: `event` points to a reservation of size_of::<EnvTokenEvent>() bytes; the name is
-    // copied from inside this CPU's scratch (bounds checked above).
-    unsafe {
-        kernel::fill_header(
-            &mut (*event).header,
-            EventKind::EnvToken,
-            core::mem::size_of::<EnvTokenEvent>(),
-            session_key,
-        );
-        (*event).hash = hash;
-        (*event).ppid = kernel::parent_tgid().unwrap_or(0);
-        (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
-        (*event).comm = comm();
-        (*event).name.len = 0;
-        if len > 0 && len <= ENV_NAME_CAP {
-            let src = (buf as *const u8).add(at);
-            if bpf_probe_read_kernel_buf(src, &mut (&mut (*event).name.buf)[..len]).is_ok() {
-                (*event).name.len = len as u32;
+    emit::<EnvTokenEvent>(session_key, Origin::Task, Wakeup::WhenDue, |event| {
+        let at = (name_at as usize) & (ENV_SCAN_CAP - 1);
+        let mut len = name_len as usize;
+        if len > ENV_NAME_CAP {
+            len = ENV_NAME_CAP;
+        }
+        if at + len > ENV_SCAN_CAP {
+            len = ENV_SCAN_CAP - at;
+        }
+        // SAFETY: `event` points to a reservation of size_of::<EnvTokenEvent>() bytes; the name is
+        // copied from inside this CPU's scratch (bounds checked above).
+        unsafe {
+            (*event).hash = hash;
+            (*event).ppid = kernel::parent_tgid().unwrap_or(0);
+            (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
+            (*event).comm = comm();
+            (*event).name.len = 0;
+            if len > 0 && len <= ENV_NAME_CAP {
+                let src = (buf as *const u8).add(at);
+                if bpf_probe_read_kernel_buf(src, &mut (&mut (*event).name.buf)[..len]).is_ok() {
+                    (*event).name.len = len as u32;
+                }
             }
         }
-    }
-    entry.submit(submit_flags());
+    });
 }
 
 // ---- credential changes of session processes --------------------------------------------------
@@ -325,17 +307,12 @@ pub fn remember_caps(tgid: u32) {
 
 #[inline(always)]
 fn emit_cred_change(key: u32, call: u32) {
-    let Some(mut entry) = EVENTS.reserve::<CredChangeEvent>(0) else {
-        ringbuf_full(key);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<CredChangeEvent>() bytes.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::CredChange, core::mem::size_of::<CredChangeEvent>(), key);
-        (*event).call = call;
-        (*event).euid = kernel::effective_ids().map_or(u32::MAX, |(euid, _)| euid);
-        (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
-    }
-    entry.submit(submit_flags());
+    emit::<CredChangeEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<CredChangeEvent>() bytes.
+        unsafe {
+            (*event).call = call;
+            (*event).euid = kernel::effective_ids().map_or(u32::MAX, |(euid, _)| euid);
+            (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
+        }
+    });
 }

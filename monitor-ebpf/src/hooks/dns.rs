@@ -9,13 +9,12 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use monitor_common::{
-    name_hash_step, EventKind, NameKey, PortRanges, ResolveEvent, Resolved, ResolvedKey, SessionPolicy, NAME_CAP,
-    NAME_EXACT, NAME_HASH_SEED, NAME_SUFFIX, POLICY_ENFORCE, RESOLVED_TTL_NS, RESOLVE_ADDRS,
+    name_hash_step, NameKey, PortRanges, ResolveEvent, Resolved, ResolvedKey, SessionPolicy, NAME_CAP, NAME_EXACT,
+    NAME_HASH_SEED, NAME_SUFFIX, POLICY_ENFORCE, RESOLVED_TTL_NS, RESOLVE_ADDRS,
 };
 
 use crate::{
-    kernel,
-    maps::{ringbuf_full, submit_flags, EVENTS, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
+    maps::{emit, Origin, Wakeup, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
     session,
 };
 
@@ -59,25 +58,20 @@ pub fn getaddrinfo_exit(ctx: RetProbeContext) -> u32 {
     let Some(key) = session::of_current(tgid) else {
         return 0;
     };
-    let Some(mut entry) = EVENTS.reserve::<ResolveEvent>(0) else {
-        ringbuf_full(key);
-        return 0;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<ResolveEvent>() bytes; the name and
-    // the first `count` addresses are written, userspace reads nothing past them.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Resolve, core::mem::size_of::<ResolveEvent>(), key);
-        (*event).name.len = match bpf_probe_read_user_str_bytes(node as *const u8, &mut (*event).name.buf) {
-            Ok(name) => name.len() as u32,
-            Err(_) => 0,
-        };
-        (*event).count = read_addresses(res, &mut (*event).addrs);
-        if let Some(ports) = granted_ports(key, &(*event).name.buf, (*event).name.len as usize) {
-            allow_addresses(key, &ports, &(*event).addrs, (*event).count);
+    emit::<ResolveEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ResolveEvent>() bytes; the name and
+        // the first `count` addresses are written, userspace reads nothing past them.
+        unsafe {
+            (*event).name.len = match bpf_probe_read_user_str_bytes(node as *const u8, &mut (*event).name.buf) {
+                Ok(name) => name.len() as u32,
+                Err(_) => 0,
+            };
+            (*event).count = read_addresses(res, &mut (*event).addrs);
+            if let Some(ports) = granted_ports(key, &(*event).name.buf, (*event).name.len as usize) {
+                allow_addresses(key, &ports, &(*event).addrs, (*event).count);
+            }
         }
-    }
-    entry.submit(submit_flags());
+    });
     0
 }
 

@@ -10,13 +10,13 @@
 //! it always returns 1.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use monitor_common::{DnsAnswerEvent, DnsSocket, EventKind, DNS_CAP, DNS_TCP_PIECE, NAME_CAP, RESOLVE_ADDRS};
+use monitor_common::{DnsAnswerEvent, DnsSocket, DNS_CAP, DNS_TCP_PIECE, NAME_CAP, RESOLVE_ADDRS};
 
 use super::dns::{allow_addresses, granted_ports};
 
 use crate::{
     kernel,
-    maps::{ringbuf_full, submit_flags, DNS_SCRATCH, DNS_SOCKETS, EVENTS},
+    maps::{emit, Origin, Wakeup, DNS_SCRATCH, DNS_SOCKETS},
 };
 
 const PASS: i32 = 1;
@@ -65,29 +65,27 @@ fn on_ingress(ctx: &SkBuffContext) {
     let Some(owner) = DNS_SOCKETS.get_ptr(&cookie) else { return };
     // SAFETY: valid map value pointer for this program run.
     let owner: DnsSocket = unsafe { *owner };
-    let Some(mut entry) = EVENTS.reserve::<DnsAnswerEvent>(0) else {
-        ringbuf_full(owner.session);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<DnsAnswerEvent>() bytes.
-    unsafe {
-        let size = core::mem::size_of::<DnsAnswerEvent>();
-        let uid = ctx.get_socket_uid();
-        kernel::fill_socket_header(&mut (*event).header, EventKind::DnsAnswer, size, owner.session, owner.tgid, uid);
-        (*event).transport = proto;
-        (*event).flags = if piece { DNS_TCP_PIECE } else { 0 };
-        (*event)._pad0 = [0; 2];
-        (*event).total_len = (total - start) as u32;
-        (*event).socket = cookie;
-        (*event).seq = seq;
-        let len = kernel::skb_copy(ctx, start, total - start, &mut (*event).data.buf);
-        (*event).data.len = len as u32;
-        if len > 0 && !piece {
-            allow_answered(owner.session, &(*event).data.buf, len);
-        }
-    }
-    entry.submit(submit_flags());
+    emit::<DnsAnswerEvent>(
+        owner.session,
+        Origin::Socket { tgid: owner.tgid, uid: ctx.get_socket_uid() },
+        Wakeup::WhenDue,
+        |event| {
+            // SAFETY: `event` points to a reservation of size_of::<DnsAnswerEvent>() bytes.
+            unsafe {
+                (*event).transport = proto;
+                (*event).flags = if piece { DNS_TCP_PIECE } else { 0 };
+                (*event)._pad0 = [0; 2];
+                (*event).total_len = (total - start) as u32;
+                (*event).socket = cookie;
+                (*event).seq = seq;
+                let len = kernel::skb_copy(ctx, start, total - start, &mut (*event).data.buf);
+                (*event).data.len = len as u32;
+                if len > 0 && !piece {
+                    allow_answered(owner.session, &(*event).data.buf, len);
+                }
+            }
+        },
+    );
 }
 
 /// Per-CPU room for the question's name and the addresses found, and the walk's position: the

@@ -15,16 +15,16 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, DnsSocket, EventKind, ResolvedKey, ScopeNet, SessionPolicy, TcpOwner,
-    CONFIG_TCP_OWNERS, CONFIG_TOKEN_COUNT, HOOK_CONNECT, HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED,
-    POLICY_ENFORCE, VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
+    ConnectEvent, ConnectResultEvent, DnsSocket, ResolvedKey, ScopeNet, SessionPolicy, TcpOwner, CONFIG_TCP_OWNERS,
+    CONFIG_TOKEN_COUNT, HOOK_CONNECT, HOOK_SENDMSG, POLICY_CONNECT_SCOPED, POLICY_ENDED, POLICY_ENFORCE,
+    VERDICT_ALLOWED, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE,
 };
 
 use crate::{
     kernel,
     maps::{
-        config, ringbuf_full, submit_flags, CONNECT_FDS, DNS_SOCKETS, EVENTS, RESOLVED, SCOPE_NETS, SESSION_POLICY,
-        TCP_OWNERS, UDP_FLOWS,
+        config, emit, Origin, Wakeup, CONNECT_FDS, DNS_SOCKETS, RESOLVED, SCOPE_NETS, SESSION_POLICY, TCP_OWNERS,
+        UDP_FLOWS,
     },
     session,
 };
@@ -99,7 +99,7 @@ fn on_destination<const FAMILY: u16>(ctx: &SockAddrContext, hook: u8) -> i32 {
     let verdict = verdict(key, &addr, port);
 
     if hook == HOOK_CONNECT || verdict != VERDICT_ALLOWED || new_udp_flow(tgid, port, &addr) {
-        emit(key, family, sock_type, protocol, port, hook, verdict, &addr);
+        emit_connect(key, family, sock_type, protocol, port, hook, verdict, &addr);
     }
     // The enforcement path: refuse only what an enforcing session's policy refuses.
     if verdict == VERDICT_ALLOWED {
@@ -213,7 +213,16 @@ fn new_udp_flow(tgid: u32, port: u16, addr: &[u8; 16]) -> bool {
 // supported").
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn emit(key: u32, family: u16, sock_type: u16, protocol: u32, port: u16, hook: u8, verdict: u8, addr: &[u8; 16]) {
+fn emit_connect(
+    key: u32,
+    family: u16,
+    sock_type: u16,
+    protocol: u32,
+    port: u16,
+    hook: u8,
+    verdict: u8,
+    addr: &[u8; 16],
+) {
     let (tid, _) = session::current_ids();
     let fd = match CONNECT_FDS.get_ptr_mut(tid) {
         Some(pending) if hook == HOOK_CONNECT => {
@@ -226,25 +235,20 @@ fn emit(key: u32, family: u16, sock_type: u16, protocol: u32, port: u16, hook: u
         }
         _ => -1,
     };
-    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        ringbuf_full(key);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<ConnectEvent>() bytes; every field
-    // is written.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Connect, core::mem::size_of::<ConnectEvent>(), key);
-        (*event).family = family;
-        (*event).sock_type = sock_type;
-        (*event).protocol = protocol;
-        (*event).port = port;
-        (*event).hook = hook;
-        (*event).verdict = verdict;
-        (*event).fd = fd;
-        (*event).addr = *addr;
-    }
-    entry.submit(submit_flags());
+    emit::<ConnectEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ConnectEvent>() bytes; every field
+        // is written.
+        unsafe {
+            (*event).family = family;
+            (*event).sock_type = sock_type;
+            (*event).protocol = protocol;
+            (*event).port = port;
+            (*event).hook = hook;
+            (*event).verdict = verdict;
+            (*event).fd = fd;
+            (*event).addr = *addr;
+        }
+    });
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
@@ -277,22 +281,12 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: offset from this kernel's tracefs format of sys_exit_connect.
     let ret = unsafe { ctx.read_at::<i64>(kernel::connect_ret_off()) }.unwrap_or(0);
-    let Some(mut entry) = EVENTS.reserve::<ConnectResultEvent>(0) else {
-        ringbuf_full(key);
-        return 0;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<ConnectResultEvent>() bytes.
-    unsafe {
-        kernel::fill_header(
-            &mut (*event).header,
-            EventKind::ConnectResult,
-            core::mem::size_of::<ConnectResultEvent>(),
-            key,
-        );
-        (*event).fd = fd;
-        (*event).ret = ret as i32;
-    }
-    entry.submit(submit_flags());
+    emit::<ConnectResultEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ConnectResultEvent>() bytes.
+        unsafe {
+            (*event).fd = fd;
+            (*event).ret = ret as i32;
+        }
+    });
     0
 }

@@ -18,17 +18,17 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, SkBuffContext},
 };
 use monitor_common::{
-    EventKind, PayloadEvent, PayloadRecord, TcpOwner, TlsConnKey, TlsPeerEvent, CONFIG_TOKEN_COUNT, PAYLOAD_CAP,
-    PAYLOAD_FLAG_H2, PAYLOAD_GNUTLS, PAYLOAD_GO_TLS, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_READ, PAYLOAD_SSL_WRITE,
-    PAYLOAD_SSL_WRITE_EX, PAYLOAD_TCP, TCP_OWNER_H2, TCP_OWNER_HTTP1,
+    PayloadEvent, PayloadRecord, TcpOwner, TlsConnKey, TlsPeerEvent, CONFIG_TOKEN_COUNT, PAYLOAD_CAP, PAYLOAD_FLAG_H2,
+    PAYLOAD_GNUTLS, PAYLOAD_GO_TLS, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_READ, PAYLOAD_SSL_WRITE, PAYLOAD_SSL_WRITE_EX,
+    PAYLOAD_TCP, TCP_OWNER_H2, TCP_OWNER_HTTP1,
 };
 
 use super::cred::comm;
 use crate::{
     kernel,
     maps::{
-        config, ringbuf_full, submit_flags, EVENTS, GO_READS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS,
-        TLS_PENDING_PEER, TLS_POSTS, TLS_READS,
+        config, emit, Origin, Wakeup, GO_READS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS, TLS_PENDING_PEER,
+        TLS_POSTS, TLS_READS,
     },
     session,
 };
@@ -446,37 +446,32 @@ fn on_tls_write(conn_ptr: u64, buf: u64, num: i32, source: u8) {
 /// buffer fills (and wakes the reader) at the rate of the data, not of the largest record.
 #[inline(always)]
 fn emit_tls_write<const N: usize>(buf: u64, num: i32, source: u8, key: u32, conn: u64, flags: u8) {
-    let Some(mut entry) = EVENTS.reserve::<PayloadRecord<N>>(0) else {
-        ringbuf_full(key);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    let mut len = num as u32 as usize;
-    if len > N {
-        len = N;
-    }
-    // 1..=N in a form the verifier keeps whatever register the compiler reuses for `num` (it
-    // once passed the sign-extended one: "R2 min value is negative, either use unsigned or
-    // 'var &= const'"). N is a power of two; the callers checked num >= 4.
-    let len = ((len.wrapping_sub(1)) & (N - 1)) + 1;
-    // SAFETY: `event` points to a reservation of size_of::<PayloadRecord<N>>() bytes; `len` is
-    // at most the buffer's size.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Payload, core::mem::size_of::<PayloadRecord<N>>(), key);
-        (*event).source = source;
-        (*event).flags = flags;
-        (*event).port = 0;
-        (*event).total_len = num as u32;
-        (*event).addr = [0; 16];
-        (*event).conn = conn;
-        (*event).comm = comm();
-        (*event).seq = 0;
-        (*event).data.len = 0;
-        if bpf_probe_read_user_buf(buf as *const u8, &mut (&mut (*event).data.buf)[..len]).is_ok() {
-            (*event).data.len = len as u32;
+    emit::<PayloadRecord<N>>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        let mut len = num as u32 as usize;
+        if len > N {
+            len = N;
         }
-    }
-    entry.submit(submit_flags());
+        // 1..=N in a form the verifier keeps whatever register the compiler reuses for `num` (it
+        // once passed the sign-extended one: "R2 min value is negative, either use unsigned or
+        // 'var &= const'"). N is a power of two; the callers checked num >= 4.
+        let len = ((len.wrapping_sub(1)) & (N - 1)) + 1;
+        // SAFETY: `event` points to a reservation of size_of::<PayloadRecord<N>>() bytes; `len` is
+        // at most the buffer's size.
+        unsafe {
+            (*event).source = source;
+            (*event).flags = flags;
+            (*event).port = 0;
+            (*event).total_len = num as u32;
+            (*event).addr = [0; 16];
+            (*event).conn = conn;
+            (*event).comm = comm();
+            (*event).seq = 0;
+            (*event).data.len = 0;
+            if bpf_probe_read_user_buf(buf as *const u8, &mut (&mut (*event).data.buf)[..len]).is_ok() {
+                (*event).data.len = len as u32;
+            }
+        }
+    });
 }
 
 // ---- plaintext TCP ----------------------------------------------------------------------------
@@ -542,27 +537,25 @@ fn on_egress(ctx: &SkBuffContext) {
     };
     let seq = u32::from_be(ctx.load::<u32>(tcp_at + 4).unwrap_or(0));
     let owner: TcpOwner = *owner;
-    let Some(mut entry) = EVENTS.reserve::<PayloadEvent>(0) else {
-        ringbuf_full(owner.session);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<PayloadEvent>() bytes.
-    unsafe {
-        let size = core::mem::size_of::<PayloadEvent>();
-        let uid = ctx.get_socket_uid();
-        kernel::fill_socket_header(&mut (*event).header, EventKind::Payload, size, owner.session, owner.tgid, uid);
-        (*event).source = PAYLOAD_TCP;
-        (*event).flags = flags;
-        (*event).port = owner.port;
-        (*event).total_len = (total - offset) as u32;
-        (*event).addr = owner.addr;
-        (*event).conn = cookie;
-        (*event).comm = owner.comm;
-        (*event).seq = seq;
-        (*event).data.len = kernel::skb_copy(ctx, offset, total - offset, &mut (*event).data.buf) as u32;
-    }
-    entry.submit(submit_flags());
+    emit::<PayloadEvent>(
+        owner.session,
+        Origin::Socket { tgid: owner.tgid, uid: ctx.get_socket_uid() },
+        Wakeup::WhenDue,
+        |event| {
+            // SAFETY: `event` points to a reservation of size_of::<PayloadEvent>() bytes.
+            unsafe {
+                (*event).source = PAYLOAD_TCP;
+                (*event).flags = flags;
+                (*event).port = owner.port;
+                (*event).total_len = (total - offset) as u32;
+                (*event).addr = owner.addr;
+                (*event).conn = cookie;
+                (*event).comm = owner.comm;
+                (*event).seq = seq;
+                (*event).data.len = kernel::skb_copy(ctx, offset, total - offset, &mut (*event).data.buf) as u32;
+            }
+        },
+    );
 }
 
 /// The first segment out after a reported TLS write, sent in the writer's own context (the write
@@ -584,25 +577,15 @@ fn report_tls_peer(owner: &TcpOwner, cookie: u64) {
         return;
     }
     let _ = TLS_PEER_SOCKETS.insert(&key, &cookie, 0);
-    let Some(mut entry) = EVENTS.reserve::<TlsPeerEvent>(0) else {
-        ringbuf_full(owner.session);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<TlsPeerEvent>() bytes.
-    unsafe {
-        kernel::fill_header(
-            &mut (*event).header,
-            EventKind::TlsPeer,
-            core::mem::size_of::<TlsPeerEvent>(),
-            owner.session,
-        );
-        (*event).conn = conn;
-        (*event).addr = owner.addr;
-        (*event).port = owner.port;
-        (*event)._pad0 = [0; 6];
-    }
-    entry.submit(submit_flags());
+    emit::<TlsPeerEvent>(owner.session, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<TlsPeerEvent>() bytes.
+        unsafe {
+            (*event).conn = conn;
+            (*event).addr = owner.addr;
+            (*event).port = owner.port;
+            (*event)._pad0 = [0; 6];
+        }
+    });
 }
 
 /// Where the TCP header and the TCP payload start in the packet (the skb starts at the network

@@ -12,13 +12,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use monitor_common::{
-    EventKind, ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY, SID_UNKNOWN,
+    ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY, SID_UNKNOWN,
 };
 
 use super::cred;
 use crate::{
     kernel,
-    maps::{count, ringbuf_full, submit_flags, EVENTS, EXECUTABLES_SEEN, LAST_CAPS, PROC_SESSIONS},
+    maps::{count, emit, Origin, Wakeup, EXECUTABLES_SEEN, LAST_CAPS, PROC_SESSIONS},
     session,
 };
 
@@ -50,18 +50,13 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // The child starts with the parent's credentials.
     cred::remember_caps(child);
-    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        ringbuf_full(key);
-        return Ok(());
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<ForkEvent>() bytes.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Fork, core::mem::size_of::<ForkEvent>(), key);
-        (*event).child_tgid = child;
-        (*event)._pad0 = 0;
-    }
-    entry.submit(submit_flags());
+    emit::<ForkEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ForkEvent>() bytes.
+        unsafe {
+            (*event).child_tgid = child;
+            (*event)._pad0 = 0;
+        }
+    });
     Ok(())
 }
 
@@ -112,78 +107,68 @@ fn note_executable(ctx: &TracePointContext, key: u32) {
             *second = id;
         }
     }
-    let Some(mut entry) = EVENTS.reserve::<ExecutableEvent>(0) else {
-        count(Stat::RingbufFull);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<ExecutableEvent>() bytes.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Executable, core::mem::size_of::<ExecutableEvent>(), key);
-        (*event).dev = dev;
-        (*event)._pad0 = 0;
-        (*event).ino = ino;
-        (*event)._pad1 = 0;
-        (*event).filename.len = 0;
-        if let Ok(loc) = ctx.read_at::<u32>(kernel::exec_filename_off()) {
-            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
-            if let Ok(name) = bpf_probe_read_kernel_str_bytes(src, &mut (*event).filename.buf) {
-                (*event).filename.len = name.len() as u32;
-            }
-        }
-    }
     // Woken at once: the process is starting, and its first TLS write should find the probe
     // attached.
-    entry.submit(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64);
+    emit::<ExecutableEvent>(key, Origin::Task, Wakeup::Now, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ExecutableEvent>() bytes.
+        unsafe {
+            (*event).dev = dev;
+            (*event)._pad0 = 0;
+            (*event).ino = ino;
+            (*event)._pad1 = 0;
+            (*event).filename.len = 0;
+            if let Ok(loc) = ctx.read_at::<u32>(kernel::exec_filename_off()) {
+                let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+                if let Ok(name) = bpf_probe_read_kernel_str_bytes(src, &mut (*event).filename.buf) {
+                    (*event).filename.len = name.len() as u32;
+                }
+            }
+        }
+    });
 }
 
 fn emit_exec(ctx: &TracePointContext, key: u32) {
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        ringbuf_full(key);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<ExecEvent>() bytes; only this program
-    // writes it until submit. Bytes past each buffer's `len` are left as they were: userspace
-    // reads only up to `len`.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Exec, core::mem::size_of::<ExecEvent>(), key);
-        (*event).ppid = kernel::parent_tgid().unwrap_or(0);
-        let (euid, egid) = kernel::effective_ids().unwrap_or((u32::MAX, u32::MAX));
-        (*event).euid = euid;
-        (*event).egid = egid;
-        (*event).old_pid = ctx.read_at::<i32>(kernel::exec_old_pid_off()).unwrap_or(0) as u32;
-        (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
-        (*event)._pad0 = 0;
-        (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
+    emit::<ExecEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ExecEvent>() bytes; only this program
+        // writes it until submit. Bytes past each buffer's `len` are left as they were: userspace
+        // reads only up to `len`.
+        unsafe {
+            (*event).ppid = kernel::parent_tgid().unwrap_or(0);
+            let (euid, egid) = kernel::effective_ids().unwrap_or((u32::MAX, u32::MAX));
+            (*event).euid = euid;
+            (*event).egid = egid;
+            (*event).old_pid = ctx.read_at::<i32>(kernel::exec_old_pid_off()).unwrap_or(0) as u32;
+            (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
+            (*event)._pad0 = 0;
+            (*event).cap_effective = kernel::cap_effective().unwrap_or(u64::MAX);
 
-        // filename is a __data_loc: low 16 bits offset into the record, high 16 bits length.
-        (*event).filename.len = 0;
-        if let Ok(loc) = ctx.read_at::<u32>(kernel::exec_filename_off()) {
-            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
-            match bpf_probe_read_kernel_str_bytes(src, &mut (*event).filename.buf) {
-                Ok(name) => (*event).filename.len = name.len() as u32,
-                Err(_) => count(Stat::ReadFailed),
+            // filename is a __data_loc: low 16 bits offset into the record, high 16 bits length.
+            (*event).filename.len = 0;
+            if let Ok(loc) = ctx.read_at::<u32>(kernel::exec_filename_off()) {
+                let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+                match bpf_probe_read_kernel_str_bytes(src, &mut (*event).filename.buf) {
+                    Ok(name) => (*event).filename.len = name.len() as u32,
+                    Err(_) => count(Stat::ReadFailed),
+                }
             }
-        }
 
-        (*event).argv.len = 0;
-        if let Some((start, end)) = kernel::arg_area() {
-            let mut len = end.saturating_sub(start) as usize;
-            if len > ARGV_CAP {
-                len = ARGV_CAP;
-            }
-            let buf = &mut (*event).argv.buf;
-            if len > 0 && bpf_probe_read_user_buf(start as *const u8, &mut buf[..len]).is_ok() {
-                (*event).argv.len = len as u32;
-            } else if len > 0 {
+            (*event).argv.len = 0;
+            if let Some((start, end)) = kernel::arg_area() {
+                let mut len = end.saturating_sub(start) as usize;
+                if len > ARGV_CAP {
+                    len = ARGV_CAP;
+                }
+                let buf = &mut (*event).argv.buf;
+                if len > 0 && bpf_probe_read_user_buf(start as *const u8, &mut buf[..len]).is_ok() {
+                    (*event).argv.len = len as u32;
+                } else if len > 0 {
+                    count(Stat::ReadFailed);
+                }
+            } else {
                 count(Stat::ReadFailed);
             }
-        } else {
-            count(Stat::ReadFailed);
         }
-    }
-    entry.submit(submit_flags());
+    });
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
@@ -209,17 +194,12 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // Dropped before anything else can fail: a later process reusing this pid must start clean.
     let _ = PROC_SESSIONS.remove(tgid);
     let _ = LAST_CAPS.remove(&tgid);
-    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
-        ringbuf_full(key);
-        return Ok(());
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reservation of size_of::<ExitEvent>() bytes.
-    unsafe {
-        kernel::fill_header(&mut (*event).header, EventKind::Exit, core::mem::size_of::<ExitEvent>(), key);
-        (*event).exit_code = kernel::exit_code().unwrap_or(0);
-        (*event)._pad0 = 0;
-    }
-    entry.submit(submit_flags());
+    emit::<ExitEvent>(key, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ExitEvent>() bytes.
+        unsafe {
+            (*event).exit_code = kernel::exit_code().unwrap_or(0);
+            (*event)._pad0 = 0;
+        }
+    });
     Ok(())
 }
