@@ -8,21 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use serde_json::{json, Value};
 
 use super::{median, BenchAgent};
 
 fn example(args: &[&str]) -> anyhow::Result<Value> {
-    let output = Command::new("cargo")
-        .args(["run", "--quiet", "--release", "--package", "monitor", "--example", "delivery_bench", "--"])
-        .args(args)
-        .output()
-        .context("running delivery_bench")?;
-    if !output.status.success() {
-        bail!("delivery_bench {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(serde_json::from_slice(&output.stdout)?)
+    super::run_example("delivery_bench", args)
 }
 
 /// 5 runs of 4 senders x 100,000 alerts; the median rate.

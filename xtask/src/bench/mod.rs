@@ -40,16 +40,15 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(&dir)?;
     let monitor = root.join("target/release/monitor");
     let want = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
-    let mut report = serde_json::Map::new();
-    let mut rows: Vec<String> = Vec::new();
+    let mut table = Table::default();
     // The kernel counts each program's runs and time for the whole benchmark (two clock reads
     // per run, on both sides of every pair), and stops when it ends.
     let _bpf_stats = costs::BpfStats::enable()?;
 
     if want("exec") {
         let floor = costs::floor(&monitor, &dir, &agent_args, execs)?;
-        rows.push(costs::floor_row(&floor));
-        report.insert("bpf_floor".into(), floor);
+        table.rows.push(costs::floor_row(&floor));
+        table.insert("bpf_floor", floor);
         eprintln!("bench: exec overhead, {rounds} paired rounds of {execs} fork+exec+wait of /bin/true");
         let plan = Plan {
             rounds,
@@ -64,25 +63,24 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             None => exec_loop(execs),
             Some(agent) => with_session_holder(&monitor, &dir, agent, || exec_loop(execs)),
         })?;
-        rows.push(p.row("exec of /bin/true, process outside sessions (median)", 1));
-        report.insert("exec_overhead".into(), p.json());
+        table.paired("exec_overhead", "exec of /bin/true, process outside sessions (median)", 1, &p);
     }
     if want("connect") {
         let connect = connect_overhead(&monitor, &dir, &agent_args, connects, rounds)?;
-        rows.push(row3(
+        table.rows.push(row3(
             "TCP connect, process outside sessions (median)",
             format!("{:.1} µs", per_exec(connect.none, connects)),
             format!("{:.1} µs", per_exec(connect.outside, connects)),
             ratio_cell(connect.outside_ratio, &connect.outside_ratios),
         ));
-        rows.push(row3(
+        table.rows.push(row3(
             "TCP connect, session process, in scope (median)",
             format!("{:.1} µs", per_exec(connect.none, connects)),
             format!("{:.1} µs", per_exec(connect.inside, connects)),
             ratio_cell(connect.inside_ratio, &connect.inside_ratios),
         ));
-        report.insert(
-            "connect_overhead".into(),
+        table.insert(
+            "connect_overhead",
             json!({
                 "iterations": connects,
                 "rounds": rounds,
@@ -104,123 +102,92 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
             (true, "openat+close, outside sessions, one on the host", "open_overhead_session_on_host"),
         ] {
             let p = credentials::open_overhead(&monitor, &dir, &agent_args, opens, rounds, session_on_host)?;
-            rows.push(p.row(&format!("{name} (median)"), 2));
-            report.insert(key.into(), p.json());
+            table.paired(key, &format!("{name} (median)"), 2, &p);
         }
     }
     if want("tls") {
         let p = credentials::tls_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
-        rows.push(p.row("HTTPS request with a token, session process (median)", 1));
-        report.insert("tls_request_overhead".into(), p.json());
+        table.paired("tls_request_overhead", "HTTPS request with a token, session process (median)", 1, &p);
     }
     if want("clients") {
         let p = clients::h2_overhead(&monitor, &dir, &agent_args, tls_requests, rounds)?;
-        rows.push(p.row("HTTP/2 request (curl) with a token, session (median)", 1));
-        report.insert("h2_request_overhead".into(), p.json());
+        table.paired("h2_request_overhead", "HTTP/2 request (curl) with a token, session (median)", 1, &p);
         let gobench = clients::go_bench_binary(&dir)?;
         let p = clients::go_tls_overhead(&monitor, &dir, &gobench, &agent_args, tls_requests, rounds)?;
-        rows.push(p.row("HTTPS request (Go client) with a token, session (median)", 1));
-        report.insert("go_request_overhead".into(), p.json());
+        table.paired("go_request_overhead", "HTTPS request (Go client) with a token, session (median)", 1, &p);
         let go_execs = execs / 2;
         let p = clients::go_exec_overhead(&monitor, &dir, &gobench, &agent_args, go_execs, rounds)?;
-        rows.push(p.row("exec of a Go binary, outside sessions (median)", 1));
-        report.insert("go_exec_overhead".into(), p.json());
+        table.paired("go_exec_overhead", "exec of a Go binary, outside sessions (median)", 1, &p);
     }
     if want("engine") {
         let engine = engine_bench()?;
         let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-        rows.push(format!(
-            "{:<52} {:>14} {:>11.0}/s",
-            "engine throughput, synthetic events (median)",
-            "",
-            f(&engine["events_per_sec_median"])
-        ));
         let spread = &engine["events_per_cpu_sec_middle_half"];
-        rows.push(format!(
-            "{:<52} {:>14} {:>11.0}/s  ({:.0}-{:.0})",
+        table.figure(
+            "engine throughput, synthetic events (median)",
+            format!("{:>11.0}/s", f(&engine["events_per_sec_median"])),
+        );
+        table.figure(
             "engine, events per CPU-second of one core (median)",
-            "",
-            f(&engine["events_per_cpu_sec_median"]),
-            f(&spread[0]),
-            f(&spread[1]),
-        ));
-        report.insert("engine".into(), engine);
+            format!("{:>11.0}/s  ({:.0}-{:.0})", f(&engine["events_per_cpu_sec_median"]), f(&spread[0]), f(&spread[1])),
+        );
+        table.insert("engine", engine);
     }
     if want("replay") {
         let replay = replay_bench(&monitor, &dir)?;
         let f = |k: &str| replay[k].as_f64().unwrap_or(0.0);
-        rows.push(format!(
-            "{:<52} {:>14} {:>11.0}/s",
-            "trace recording, events written (median)",
-            "",
-            f("written_events_per_sec")
-        ));
-        rows.push(format!(
-            "{:<52} {:>14} {:>12.2} s",
+        table.figure("trace recording, events written (median)", format!("{:>11.0}/s", f("written_events_per_sec")));
+        table.figure(
             "replay with detection, 1,000,000 events (median)",
-            "",
-            f("replay_detection_seconds")
-        ));
-        rows.push(format!(
-            "{:<52} {:>14} {:>12.2} s",
+            format!("{:>12.2} s", f("replay_detection_seconds")),
+        );
+        table.figure(
             "replay with full report, 1,000,000 events (median)",
-            "",
-            f("replay_full_report_seconds")
-        ));
+            format!("{:>12.2} s", f("replay_full_report_seconds")),
+        );
         for size in replay["memory"].as_array().into_iter().flatten() {
             let mib = |k: &str| size[k].as_f64().unwrap_or(0.0) / 1048576.0;
-            rows.push(format!(
-                "{:<52} {:>14} {:>9.0} MiB  (trace {:.0} MiB, store {:.0} MiB)",
-                format!("replay peak RSS, {} events, trace / store", size["events"]),
-                "",
-                mib("trace_replay_peak_rss_bytes").max(mib("store_replay_peak_rss_bytes")),
-                mib("trace_bytes"),
-                mib("store_bytes"),
-            ));
+            table.figure(
+                &format!("replay peak RSS, {} events, trace / store", size["events"]),
+                format!(
+                    "{:>9.0} MiB / {:.0} MiB  (trace {:.0} MiB, store {:.0} MiB)",
+                    mib("trace_replay_peak_rss_bytes"),
+                    mib("store_replay_peak_rss_bytes"),
+                    mib("trace_bytes"),
+                    mib("store_bytes"),
+                ),
+            );
         }
-        report.insert("trace_replay".into(), replay);
+        table.insert("trace_replay", replay);
     }
     if want("ingest") {
         let ingest = delivery::ingest(&monitor)?;
-        rows.push(format!(
-            "{:<52} {:>14} {:>11.0}/s",
-            "collector ingest, acknowledged durable alerts (median)",
-            "",
-            ingest["alerts_per_sec_median"].as_f64().unwrap_or(0.0)
-        ));
-        report.insert("collector_ingest".into(), ingest);
+        let rate = |v: &serde_json::Value| format!("{:>11.0}/s", v["alerts_per_sec_median"].as_f64().unwrap_or(0.0));
+        table.figure("collector ingest, acknowledged durable alerts (median)", rate(&ingest));
+        table.insert("collector_ingest", ingest);
         let large = delivery::ingest_large(&monitor)?;
-        rows.push(format!(
-            "{:<52} {:>14} {:>11.0}/s",
-            format!(
-                "  the same in {:.1} MiB messages (median)",
-                large["message_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
-            ),
-            "",
-            large["alerts_per_sec_median"].as_f64().unwrap_or(0.0)
-        ));
-        report.insert("collector_ingest_large_messages".into(), large);
+        let mib = large["message_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+        table.figure(&format!("  the same in {mib:.1} MiB messages (median)"), rate(&large));
+        table.insert("collector_ingest_large_messages", large);
     }
     if want("latency") {
         let latency = delivery::latency(&monitor, &dir)?;
-        rows.push(format!(
-            "{:<52} {:>14} {:>7.1} ms p50, {:.1} ms p99",
+        let ms = |k: &str| latency[k].as_f64().unwrap_or(0.0);
+        table.figure(
             "syscall to alert in the collector's store",
-            "",
-            latency["p50_ms"].as_f64().unwrap_or(0.0),
-            latency["p99_ms"].as_f64().unwrap_or(0.0)
-        ));
-        report.insert("delivery_latency".into(), latency);
+            format!("{:>7.1} ms p50, {:.1} ms p99", ms("p50_ms"), ms("p99_ms")),
+        );
+        table.insert("delivery_latency", latency);
     }
     if want("sessions") {
         let measured = sessions::run(&monitor, &dir, &agent_args)?;
-        rows.extend(measured.rows);
-        report.insert("sessions".into(), measured.json);
+        table.rows.extend(measured.rows);
+        table.insert("sessions", measured.json);
     }
 
     println!();
     println!("{:<52} {:>14} {:>14} {:>22}", "benchmark", "without agent", "with agent", "ratio (middle half)");
-    for row in rows {
+    for row in &table.rows {
         println!("{row}");
     }
     println!(
@@ -233,9 +200,51 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         fs::create_dir_all(parent)?;
     }
     let _ = fs::remove_dir_all(BENCH_PINS);
-    fs::write(&out, serde_json::to_string_pretty(&serde_json::Value::Object(report))?)?;
+    fs::write(&out, serde_json::to_string_pretty(&serde_json::Value::Object(table.report))?)?;
     println!("report: {}", out.display());
     Ok(())
+}
+
+/// The benchmark's table and its JSON report, filled part by part.
+#[derive(Default)]
+struct Table {
+    rows: Vec<String>,
+    report: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Table {
+    /// A paired measurement: its row (and cost line) and its figures under `key`.
+    fn paired(&mut self, key: &str, name: &str, decimals: usize, p: &Paired) {
+        self.rows.push(p.row(name, decimals));
+        self.insert(key, p.json());
+    }
+
+    /// A row with one figure (see [`figure_row`]).
+    fn figure(&mut self, name: &str, value: String) {
+        self.rows.push(figure_row(name, value));
+    }
+
+    fn insert(&mut self, key: &str, value: serde_json::Value) {
+        self.report.insert(key.into(), value);
+    }
+}
+
+/// A row of the table with one figure, already formatted with its unit, where the ratios go.
+pub(crate) fn figure_row(name: &str, value: String) -> String {
+    format!("{name:<52} {:>14} {value}", "")
+}
+
+/// Runs `cargo run --example NAME -- ARGS` of the monitor crate; its stdout, one JSON object.
+pub(crate) fn run_example<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> anyhow::Result<serde_json::Value> {
+    let output = Command::new("cargo")
+        .args(["run", "--quiet", "--release", "--package", "monitor", "--example", name, "--"])
+        .args(args)
+        .output()
+        .with_context(|| format!("running the {name} example"))?;
+    if !output.status.success() {
+        bail!("{name} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 fn engine_bench() -> anyhow::Result<serde_json::Value> {
@@ -244,15 +253,7 @@ fn engine_bench() -> anyhow::Result<serde_json::Value> {
     let engine_events = 1_000_000u64;
     let (mut rates, mut per_core) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let output = Command::new("cargo")
-            .args(["run", "--quiet", "--release", "--package", "monitor", "--example", "engine_bench", "--"])
-            .arg(engine_events.to_string())
-            .output()
-            .context("running the engine benchmark")?;
-        if !output.status.success() {
-            bail!("engine_bench failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        let v = run_example("engine_bench", &[engine_events.to_string()])?;
         rates.push(v["events_per_sec"].as_f64().unwrap_or(0.0));
         per_core.push(v["events_per_cpu_sec"].as_f64().unwrap_or(0.0));
     }
@@ -718,14 +719,7 @@ fn replay_bench(monitor: &Path, dir: &Path) -> anyhow::Result<serde_json::Value>
     eprintln!("bench: trace recording and replay of 1,000,000 events (3 runs)");
     let mut runs = Vec::new();
     for _ in 0..3 {
-        let output = Command::new("cargo")
-            .args(["run", "--quiet", "--release", "--package", "monitor", "--example", "replay_bench", "--", "1000000"])
-            .output()
-            .context("running the replay benchmark")?;
-        if !output.status.success() {
-            bail!("replay_bench failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        let v = run_example("replay_bench", &["1000000"])?;
         if v["identical"] != true {
             bail!("the replayed alerts differ from those raised while recording: {v}");
         }
@@ -756,15 +750,7 @@ fn replay_memory(monitor: &Path, dir: &Path) -> anyhow::Result<Vec<serde_json::V
         eprintln!("bench: monitor replay's peak memory, {events} events");
         let keep = dir.join(format!("replay-{events}"));
         let _ = fs::remove_dir_all(&keep);
-        let output = Command::new("cargo")
-            .args(["run", "--quiet", "--release", "--package", "monitor", "--example", "replay_bench", "--"])
-            .arg(events.to_string())
-            .arg(&keep)
-            .output()
-            .context("running the replay benchmark")?;
-        if !output.status.success() {
-            bail!("replay_bench failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
+        run_example("replay_bench", &[events.to_string(), keep.display().to_string()])?;
         let mut measured = json!({
             "events": events,
             "trace_bytes": dir_bytes(&keep.join("trace")),

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use super::BenchAgent;
+use super::{figure_row, BenchAgent};
 
 /// Session counts measured, in order; the restart is timed at the last.
 const COUNTS: [usize; 3] = [0, 1_000, 10_000];
@@ -83,12 +83,9 @@ pub fn run(monitor: &Path, dir: &Path, agent_args: &[String]) -> anyhow::Result<
         // Settle: the state file written, the starts' work done.
         std::thread::sleep(Duration::from_secs(3));
         let (cpu, rss) = idle_usage(agent.pid(), IDLE_WINDOW)?;
-        rows.push(format!(
-            "{:<52} {:>14} {:>10.1} MB  {:>5.2}% CPU",
-            format!("agent idle, {count} active sessions"),
-            "",
-            rss,
-            cpu
+        rows.push(figure_row(
+            &format!("agent idle, {count} active sessions"),
+            format!("{rss:>10.1} MB  {cpu:>5.2}% CPU"),
         ));
         points.push(json!({
             "sessions": count,
@@ -114,18 +111,10 @@ pub fn run(monitor: &Path, dir: &Path, agent_args: &[String]) -> anyhow::Result<
     drop(restarted);
     drop(holders);
     let _ = fs::remove_dir_all(&state);
-    rows.push(format!(
-        "{:<52} {:>14} {:>10.2} s",
-        format!("restart to ready, {last} sessions adopted"),
-        "",
-        ready_secs
-    ));
-    rows.push(format!(
-        "{:<52} {:>14} {:>10.1} MB  {:>5.2}% CPU",
-        format!("restarted agent idle, {last} sessions"),
-        "",
-        rss,
-        cpu
+    rows.push(figure_row(&format!("restart to ready, {last} sessions adopted"), format!("{ready_secs:>10.2} s")));
+    rows.push(figure_row(
+        &format!("restarted agent idle, {last} sessions"),
+        format!("{rss:>10.1} MB  {cpu:>5.2}% CPU"),
     ));
     Ok(Measured {
         rows,
