@@ -1,9 +1,10 @@
-//! Project commands: `cargo xtask setup | run | test | bench | ci`.
+//! Project commands: `cargo xtask setup | run | test | bench | fuzz | ci`.
 //!
 //! Everything a fresh machine of this project's kind needs is installed here, idempotently, so
 //! the README's two commands (`cargo xtask run`, `cargo xtask test`) work with no manual step.
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -68,6 +69,16 @@ enum Task {
         #[arg(long, default_value = "target/bench/report.json")]
         out: PathBuf,
     },
+    /// Coverage-guided fuzzing of every parser of untrusted input (libFuzzer); a crash found is
+    /// minimised and kept in fuzz/regressions/, which the tests then run.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets, comma-separated (fuzz/fuzz_targets/*.rs).
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+    },
     /// What CI runs: the test command.
     Ci,
     /// (Used by bench) connect to ADDR N times, closing each connection at once; prints seconds.
@@ -100,6 +111,10 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Ci => test(None),
+        Task::Fuzz { seconds, only } => {
+            setup::run()?;
+            fuzz::run(&root, seconds, only.as_deref())
+        }
         Task::Bench { execs, connects, opens, tls_requests, rounds, agent_args, only, out } => {
             if let Some(unknown) = only.iter().flatten().find(|p| !bench::PARTS.contains(&p.as_str())) {
                 anyhow::bail!("--only: unknown part `{unknown}` (one of {})", bench::PARTS.join(", "));
