@@ -218,7 +218,8 @@ pub struct Exec {
     /// Its Unix session at the exec, as the kernel saw it (None: unknown; 0 is init's session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<u32>,
-    /// The path given to exec.
+    /// The path given to exec; for an exec through a descriptor (fexecve, execveat with an
+    /// empty path), the file it named as the process's executable shows it (`/memfd:NAME (deleted)`).
     pub exe: String,
     /// The same path with symlinks resolved, when it differs (filled by enrichment).
     #[serde(default, skip_serializing_if = "Option::is_none")]

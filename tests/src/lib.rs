@@ -15,6 +15,7 @@ use std::{
 use serde_json::Value;
 
 pub mod go;
+pub mod net;
 pub mod peers;
 pub mod wire;
 

@@ -4,85 +4,8 @@
 
 use std::{fs, process::Command};
 
-use monitor_tests::*;
+use monitor_tests::{net::*, *};
 use serde_json::Value;
-
-/// `client.py OUT LABEL tcp|udp|udp-connected HOST PORT`: one connect or send, and its outcome
-/// appended to OUT as `LABEL=ok` or `LABEL=EPERM` (or another errno name).
-const CLIENT: &str = r#"
-import errno, socket, sys
-out, label, proto, host, port = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-s = socket.socket(family, kind)
-try:
-    if proto == "udp":
-        s.sendto(b"x", (host, port))
-    else:
-        s.connect((host, port))
-        if proto == "udp-connected":
-            s.send(b"x")
-    result = "ok"
-except OSError as e:
-    result = errno.errorcode.get(e.errno, str(e.errno))
-with open(out, "a") as f:
-    f.write("%s=%s\n" % (label, result))
-"#;
-
-struct Net {
-    agent: Agent,
-    cg: TestCgroup,
-    client: String,
-}
-
-impl Net {
-    fn start(name: &str) -> Self {
-        Self::start_with(name, &[])
-    }
-
-    fn start_with(name: &str, extra: &[&str]) -> Self {
-        let cg = TestCgroup::new(name);
-        let mut args = vec!["--cgroup", cg.0.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let agent = Agent::start_with(name, &args);
-        let client = agent.dir.write("client.py", CLIENT).display().to_string();
-        Self { agent, cg, client }
-    }
-
-    /// `monitor run` of a shell script, started inside the test cgroup.
-    fn run(&self, session: &std::path::Path, script: &str) -> std::process::Output {
-        let line = format!(
-            "{} {} run --file {} -- /bin/sh -c '{}'",
-            self.cg.enter(),
-            monitor_bin().display(),
-            session.display(),
-            script.replace('\'', "'\\''")
-        );
-        Command::new("/bin/sh")
-            .args(["-c", &line])
-            .env("MONITOR_CONTROL", &self.agent.control)
-            .env("MONITOR_LOG", "warn")
-            .output()
-            .unwrap()
-    }
-
-    fn connect(&self, out: &std::path::Path, label: &str, proto: &str, host: &str, port: u16) -> String {
-        format!("python3 {} {} {label} {proto} {host} {port}", self.client, out.display())
-    }
-}
-
-fn outcomes(path: &std::path::Path) -> std::collections::HashMap<String, String> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn out_of_scope(agent: &Agent) -> Vec<Value> {
-    agent.alerts().into_iter().filter(|a| a["rule"] == "out_of_scope_connect").collect()
-}
 
 #[test]
 fn connects_in_and_out_of_scope_over_tcp_udp_and_ipv6() {

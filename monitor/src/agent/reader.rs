@@ -262,11 +262,25 @@ impl ProcFacts {
     }
 }
 
+/// Whether an exec path names a descriptor of the calling process rather than a file.
+fn through_descriptor(path: &str) -> bool {
+    ["/dev/fd/", "/proc/self/fd/", "/proc/thread-self/fd/"].iter().any(|p| path.starts_with(p))
+        || path.strip_prefix("/proc/").and_then(|rest| rest.split_once("/fd/")).is_some()
+}
+
 /// Host facts the engine may not read itself (it is pure), recorded in the event instead.
 fn enrich(event: &mut Event, procs: &mut ProcFacts) {
     let actor = match event {
         Event::Exec(exec) => {
-            if exec.exe.starts_with('/') {
+            if through_descriptor(&exec.exe) {
+                // fexecve / execveat(fd, "", AT_EMPTY_PATH): the kernel names the file
+                // `/dev/fd/N`, which means nothing here (resolved in the agent it would even be
+                // the agent's own descriptor N). The file is the process's executable: a memfd
+                // shows as `/memfd:NAME (deleted)`, a deleted file with its old path.
+                if let Some(real) = procs.exe(exec.pid) {
+                    exec.exe = real;
+                }
+            } else if exec.exe.starts_with('/') {
                 if let Ok(real) = std::fs::canonicalize(&exec.exe) {
                     let real = real.display().to_string();
                     if real != exec.exe {
