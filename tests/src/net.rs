@@ -84,4 +84,3 @@ pub fn outcomes(path: &std::path::Path) -> std::collections::HashMap<String, Str
 pub fn out_of_scope(agent: &Agent) -> Vec<Value> {
     agent.alerts().into_iter().filter(|a| a["rule"] == "out_of_scope_connect").collect()
 }
-

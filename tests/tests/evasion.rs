@@ -43,9 +43,10 @@ impl Evasion {
     /// The `out_of_scope_connect` alert for the forbidden listener, of this session.
     fn alert(&self, what: &str) -> Value {
         let id = self.session.file_stem().unwrap().to_str().unwrap().to_string();
-        let alert = self.net.agent.wait_alert(what, |a| {
-            a["rule"] == "out_of_scope_connect" && a["network"]["dst_port"] == self.forbidden
-        });
+        let alert = self
+            .net
+            .agent
+            .wait_alert(what, |a| a["rule"] == "out_of_scope_connect" && a["network"]["dst_port"] == self.forbidden);
         assert_eq!(alert["session"]["id"], id.as_str(), "{alert}");
         alert
     }

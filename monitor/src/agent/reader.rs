@@ -38,6 +38,7 @@ pub async fn run(
     let mut batch = Vec::new();
     let mut uid_changes_held = Vec::new();
     let mut recent_execs = RecentExecs::default();
+    let mut library_looks = LibraryLooks::default();
     let mut dns_streams = crate::dns::TcpStreams::default();
     let mut watch_open = true;
     loop {
@@ -110,15 +111,7 @@ pub async fn run(
                         Decoded::Event(Event::Exit(exit)) => dns_streams.forget_pid(exit.pid),
                         Decoded::Event(Event::Exec(exec)) if exec.session != 0 => {
                             // The TLS libraries it maps may be a container's own (another file).
-                            let look = super::executables::Look::Libraries { pid: exec.pid };
-                            if executables.try_send(look).is_err() {
-                                batch.push(Event::Lost {
-                                    ts: now,
-                                    source: "session processes to look at for TLS libraries (queue full)".into(),
-                                    count: 1,
-                                    session: Some(exec.session),
-                                });
-                            }
+                            library_looks.ask(&executables, exec.pid, &exec.exe, now);
                         }
                         _ => {}
                     }
@@ -187,6 +180,36 @@ fn place(batch: &mut Vec<Event>, mut event: Event) {
             batch.insert(at, event);
         }
         None => batch.push(event),
+    }
+}
+
+/// Which session execs get their libraries looked at: one process per executable path every
+/// [`LIBRARY_LOOK_EVERY`] (the runs of one program map the same libraries; a storm of
+/// `/bin/true` needs one look, not ten thousand). Every executable a session runs is still looked
+/// at, within that time.
+#[derive(Default)]
+struct LibraryLooks {
+    /// Executable path -> when its last look was asked for.
+    asked: HashMap<String, Nanos>,
+}
+
+const LIBRARY_LOOK_EVERY: Nanos = 10_000_000_000;
+/// Paths remembered at most; past this the memory starts again.
+const LIBRARY_LOOK_PATHS: usize = 4096;
+
+impl LibraryLooks {
+    fn ask(&mut self, looks: &mpsc::Sender<super::executables::Look>, pid: u32, exe: &str, now: Nanos) {
+        if self.asked.get(exe).is_some_and(|at| now.saturating_sub(*at) < LIBRARY_LOOK_EVERY) {
+            return;
+        }
+        if self.asked.len() >= LIBRARY_LOOK_PATHS {
+            self.asked.clear();
+        }
+        self.asked.insert(exe.to_string(), now);
+        if looks.try_send(super::executables::Look::Libraries { pid }).is_err() {
+            // Not an event lost (the exec itself was read): a look at its libraries skipped.
+            crate::metrics::get().lost("library looks skipped (queue full)", 1);
+        }
     }
 }
 
