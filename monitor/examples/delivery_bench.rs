@@ -32,8 +32,11 @@ fn main() -> anyhow::Result<()> {
             let batch = args.get(5).map(|b| b.parse()).transpose()?.unwrap_or(BATCH);
             ingest(&args[2], args[3].parse()?, args[4].parse()?, batch)
         }
+        Some("flood") => flood(&args[2], args[3].parse()?, args[4].parse()?),
         Some("latency") => latency(std::path::Path::new(&args[2])),
-        _ => anyhow::bail!("usage: delivery_bench ingest MONITOR_BIN SENDERS ALERTS [BATCH] | latency STORE_DIR"),
+        _ => anyhow::bail!(
+            "usage: delivery_bench ingest MONITOR_BIN SENDERS ALERTS [BATCH] | flood MONITOR_BIN SENDERS ALERTS | latency STORE_DIR"
+        ),
     }
 }
 
@@ -144,6 +147,97 @@ fn ingest(monitor: &str, senders: usize, alerts: usize, batch: usize) -> anyhow:
         "{}",
         serde_json::json!({ "senders": senders, "alerts": sent, "batch": batch, "largest_message_bytes": largest_message,
             "seconds": secs, "alerts_per_sec": sent as f64 / secs, "store_bytes": store_bytes })
+    );
+    Ok(())
+}
+
+/// The collector flooded: `senders` connections each write all their batches at once, never
+/// waiting for an ack (many times what it stores per second, offered at once), against a small
+/// buffering budget (8 MiB). Back-pressure must hold it: every batch is acknowledged in the
+/// end, every acknowledged alert is in the store exactly once, and its memory stays bounded.
+fn flood(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("monitor-flood-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut collector = Command::new(monitor)
+        .args(["collector", "--log", "warn", "--max-buffered", "8M", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--store")
+        .arg(dir.join("store"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "collector did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let per_sender = alerts / senders;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..senders)
+        .map(|s| {
+            std::thread::spawn(move || -> anyhow::Result<usize> {
+                let conn = TcpStream::connect(("127.0.0.1", port))?;
+                let mut reader = conn.try_clone()?;
+                let batches = per_sender.div_ceil(BATCH);
+                // Acks are read while the writes go on: the sender never waits for one.
+                let acks = std::thread::spawn(move || -> anyhow::Result<usize> {
+                    let (mut buffer, mut buf, mut acked) = (protocol::ValueBuffer::default(), [0u8; 4096], 0);
+                    while acked < batches {
+                        match buffer.next(1 << 20)? {
+                            Some(v) => {
+                                anyhow::ensure!(protocol::ack_of(&v).is_some(), "not an ack");
+                                acked += 1;
+                            }
+                            None => {
+                                let n = reader.read(&mut buf)?;
+                                anyhow::ensure!(n > 0, "collector closed the connection after {acked} acks");
+                                buffer.extend(&buf[..n]);
+                            }
+                        }
+                    }
+                    Ok(acked)
+                });
+                let mut writer = conn;
+                for b in 0..batches {
+                    let first = (s * per_sender + b * BATCH) as u64;
+                    let count = BATCH.min(per_sender - b * BATCH) as u64;
+                    let records: Vec<_> = (first..first + count).map(|n| (n, record_of(&alert(n)).unwrap())).collect();
+                    let entries: Vec<(u64, &[u8])> = records.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+                    writer.write_all(&protocol::packed_forward("monitor.alert", &entries, &format!("f{s}-{b}")))?;
+                }
+                acks.join().map_err(|_| anyhow::anyhow!("ack reader panicked"))?
+            })
+        })
+        .collect();
+    let mut acked_batches = 0;
+    for t in threads {
+        acked_batches += t.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", collector.id()))?;
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let _ = collector.kill();
+    let _ = collector.wait();
+    let mut stored = std::collections::HashSet::new();
+    for seg in store::segments(&dir.join("store"))? {
+        store::read_segment(&store::segment_path(&dir.join("store"), seg), 0, &mut |s, _| {
+            if let Some(id) = s.id {
+                stored.insert(id);
+            }
+        })?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let sent = per_sender * senders;
+    anyhow::ensure!(stored.len() == sent, "{} of {sent} acknowledged alerts in the store", stored.len());
+    println!(
+        "{}",
+        serde_json::json!({ "senders": senders, "alerts": sent, "acked_batches": acked_batches, "stored": stored.len(),
+            "seconds": secs, "alerts_per_sec": sent as f64 / secs, "collector_peak_rss_mb": peak_kb as f64 / 1024.0,
+            "max_buffered_mb": 8 })
     );
     Ok(())
 }

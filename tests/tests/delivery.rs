@@ -667,3 +667,25 @@ fn a_full_collector_disk_acknowledges_nothing_and_the_agents_keep_their_alerts()
     assert!(twice.is_empty(), "stored more than once: {twice:?}");
     wait_for("the spool drained", || spool_drained(&spool).then_some(()), || agent.diagnostics());
 }
+
+/// The collector flooded: 40 connections each write all their batches at once without waiting
+/// for acks (far more than it stores per second, offered at once) against an 8 MiB buffering
+/// budget. Back-pressure holds it: every batch is acknowledged, every acknowledged alert is in
+/// the store once, its memory stays bounded. Before the overdraft, the budget filled with
+/// unfinished messages that each waited for more of it, and every connection was closed.
+/// (The benchmark's flood mode, built by `cargo test` with the monitor crate's examples.)
+#[test]
+fn a_flooded_collector_applies_back_pressure_and_stores_every_acknowledged_alert() {
+    let bench = monitor_bin().parent().unwrap().join("examples/delivery_bench");
+    let o = std::process::Command::new(&bench)
+        .arg("flood")
+        .arg(monitor_bin())
+        .args(["40", "200000"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", bench.display()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["stored"], 200000, "{v}");
+    assert_eq!(v["acked_batches"], 200, "{v}");
+    assert!(v["collector_peak_rss_mb"].as_f64().unwrap() < 512.0, "{v}");
+}

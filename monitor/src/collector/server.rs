@@ -33,6 +33,11 @@ pub struct Budget {
     connections: Arc<Semaphore>,
     /// In KiB, so a 256 MiB budget fits the semaphore's permit count.
     buffered_kib: Arc<Semaphore>,
+    /// Held by the one connection that may finish its message beyond the budget: when the
+    /// budget is all in unfinished messages of connections that each wait for more of it, none
+    /// could finish and give any back. So memory is bounded by the budget and one message, and
+    /// some message always completes.
+    overdraft: Arc<tokio::sync::Mutex<()>>,
     max_connections: usize,
 }
 
@@ -42,6 +47,7 @@ impl Budget {
         Budget {
             connections: Arc::new(Semaphore::new(limits.connections.min(Semaphore::MAX_PERMITS))),
             buffered_kib: Arc::new(Semaphore::new(kib)),
+            overdraft: Arc::new(tokio::sync::Mutex::new(())),
             max_connections: limits.connections,
         }
     }
@@ -59,6 +65,9 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 const SLOW: Duration = Duration::from_secs(10);
 /// How long a connection waits for the buffer budget before it is closed.
 const BUDGET_WAIT: Duration = Duration::from_secs(30);
+/// How long a connection with part of a message waits for more of the budget before it asks
+/// for the overdraft instead.
+const BUDGET_TRY: Duration = Duration::from_millis(50);
 /// Bytes read at a time.
 const READ_CHUNK: usize = 16 << 10;
 
@@ -125,20 +134,47 @@ impl Refusals {
 struct Held {
     budget: Arc<Semaphore>,
     kib: u32,
+    overdraft: Arc<tokio::sync::Mutex<()>>,
+    /// Held while this connection finishes a message beyond the budget.
+    overdrawn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Held {
+    fn new(budget: &Budget) -> Self {
+        Held {
+            budget: budget.buffered_kib.clone(),
+            kib: 0,
+            overdraft: budget.overdraft.clone(),
+            overdrawn: None,
+        }
+    }
+
     /// Holds enough for `bytes`: more is waited for (the connection is not read meanwhile: TCP
-    /// back-pressure), less is given back.
+    /// back-pressure), less is given back. A connection in the middle of a message that cannot
+    /// get more soon takes the overdraft (one at a time) and finishes its message beyond the
+    /// budget, which it gives back, with the overdraft, when the message is done.
     async fn resize(&mut self, bytes: usize) -> Result<(), String> {
+        if self.overdrawn.is_some() && bytes > 0 {
+            return Ok(());
+        }
         let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         if want > self.kib {
             let more = want - self.kib;
-            let permits = tokio::time::timeout(BUDGET_WAIT, self.budget.acquire_many(more))
-                .await
-                .map_err(|_| "buffered-bytes budget exhausted (--max-buffered) for too long".to_string())?
-                .map_err(|_| "the collector is stopping".to_string())?;
-            permits.forget();
+            let mid_message = self.kib > 0;
+            let first_try = if mid_message { BUDGET_TRY } else { BUDGET_WAIT };
+            match tokio::time::timeout(first_try, self.budget.acquire_many(more)).await {
+                Ok(Ok(permits)) => permits.forget(),
+                Ok(Err(_)) => return Err("the collector is stopping".to_string()),
+                Err(_) if mid_message => {
+                    let overdraft = tokio::time::timeout(BUDGET_WAIT, self.overdraft.clone().lock_owned())
+                        .await
+                        .map_err(|_| "buffered-bytes budget exhausted (--max-buffered) for too long".to_string())?;
+                    crate::metrics::collector().overdrafts.inc();
+                    self.overdrawn = Some(overdraft);
+                    return Ok(());
+                }
+                Err(_) => return Err("buffered-bytes budget exhausted (--max-buffered) for too long".to_string()),
+            }
         } else if want < self.kib {
             self.budget.add_permits((self.kib - want) as usize);
         }
@@ -184,10 +220,12 @@ async fn open(tcp: TcpStream, peer: SocketAddr, config: &Listener) -> Result<(Bo
 
 /// Reads messages until the peer closes: each batch stored, then acknowledged.
 async fn serve_messages(mut conn: Box<dyn Stream>, mut buf: ValueBuffer, config: &Listener) -> Result<(), String> {
-    let mut held = Held { budget: config.limits.buffered_kib.clone(), kib: 0 };
+    let mut held = Held::new(&config.limits);
     let mut chunk = vec![0u8; READ_CHUNK];
     loop {
         while let Some(value) = buf.next(MAX_MESSAGE).map_err(|e| e.to_string())? {
+            // A message done: the overdraft, if it was needed for it, is for others now.
+            held.overdrawn = None;
             let message = protocol::parse_message(value).map_err(|e| e.to_string())?;
             let entries: Vec<Incoming> = message.entries.into_iter().map(incoming).collect();
             let received = entries.len() as u64;

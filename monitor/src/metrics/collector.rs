@@ -18,6 +18,8 @@ pub struct CollectorMetrics {
     closed_with_error: Family<ReasonLabels, Counter>,
     pub records: Counter,
     pub batches_acked: Counter,
+    /// Messages finished beyond the buffering budget (see collector/server.rs `Budget`).
+    pub overdrafts: Counter,
     pub store_failures: Counter,
     pub stored_seq: Gauge,
     sink_seq: Family<OutputLabels, Gauge>,
@@ -47,6 +49,12 @@ impl CollectorMetrics {
         registry.register("records", "Records received and stored (synced) before their ack", records.clone());
         let batches_acked = Counter::default();
         registry.register("batches_acknowledged", "Forward chunks acknowledged", batches_acked.clone());
+        let overdrafts = Counter::default();
+        registry.register(
+            "budget_overdrafts",
+            "Messages finished beyond --max-buffered, one connection at a time, when the budget was all held by unfinished messages",
+            overdrafts.clone(),
+        );
         let store_failures = Counter::default();
         registry.register(
             "store_failures",
@@ -74,6 +82,7 @@ impl CollectorMetrics {
             closed_with_error,
             records,
             batches_acked,
+            overdrafts,
             store_failures,
             stored_seq,
             sink_seq,

@@ -49,6 +49,15 @@ pub fn ingest_large(monitor: &Path) -> anyhow::Result<Value> {
     )
 }
 
+/// The collector flooded by 40 senders (ten times the ingest part's) that never wait for an
+/// ack, against an 8 MiB buffering budget: every acknowledged alert stored, memory bounded.
+pub fn flood(monitor: &Path) -> anyhow::Result<Value> {
+    eprintln!("bench: collector flooded, 40 pipelined senders, 400,000 alerts, 8 MiB buffering budget");
+    let v = example(&["flood", monitor.to_str().unwrap(), "40", "400000"])?;
+    eprintln!("  {v}");
+    Ok(v)
+}
+
 /// An agent forwarding to a collector; a session process execs outside its scope every 20 ms,
 /// 250 times; each alert's time from the exec to the collector's store.
 pub fn latency(monitor: &Path, dir: &Path) -> anyhow::Result<Value> {

@@ -169,6 +169,17 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         let mib = large["message_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
         table.figure(&format!("  the same in {mib:.1} MiB messages (median)"), rate(&large));
         table.insert("collector_ingest_large_messages", large);
+        let flood = delivery::flood(&monitor)?;
+        table.figure(
+            "  flooded by 40 senders never waiting for acks",
+            format!(
+                "{:>11.0}/s  all {} acknowledged stored, peak RSS {:.0} MB",
+                flood["alerts_per_sec"].as_f64().unwrap_or(0.0),
+                flood["stored"],
+                flood["collector_peak_rss_mb"].as_f64().unwrap_or(0.0)
+            ),
+        );
+        table.insert("collector_flood", flood);
     }
     if want("latency") {
         let latency = delivery::latency(&monitor, &dir)?;
