@@ -17,10 +17,11 @@ use std::{
 };
 
 use monitor::{
-    alert::{Action, Alert, SessionRef, Severity},
+    alert::{Action, Alert, SessionRef},
     collector::store,
     forward::{client::record_of, protocol},
     rules::Rule,
+    rules::Severity,
 };
 
 const BATCH: usize = 1000;

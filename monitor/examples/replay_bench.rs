@@ -9,9 +9,9 @@
 use std::time::Instant;
 
 use monitor::{
+    collector::store::{self, TRACE_TAG},
     engine::{Engine, EngineConfig},
     replay::{replay_files, Detail, Progress},
-    collector::{fanout::TRACE_TAG, store},
     trace::{format, reader, writer::forwarded_record, RunInfo, TraceLimits, TraceWriter},
 };
 

@@ -14,7 +14,7 @@ use crate::{
         client,
         fingerprint::DEFAULT_KEY_FILE,
         protocol::{BindRequest, Request},
-        SessionFile, SessionId, DEFAULT_CONTROL_SOCKET,
+        DEFAULT_CONTROL_SOCKET,
     },
     sinks::OutputSpec,
 };
@@ -323,7 +323,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Session(command) => session(command),
-        Command::Run(args) => crate::run::run(args),
+        Command::Run(args) => crate::run::run(crate::run::Task {
+            file: args.file,
+            id: args.id,
+            control: args.control.path,
+            command: args.command,
+        }),
         Command::Collector(args) => {
             let shared_key = match (args.shared_key, &args.shared_key_file) {
                 (Some(k), _) => Some(k),
@@ -394,9 +399,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 fn session(command: SessionCommand) -> anyhow::Result<i32> {
     match command {
         SessionCommand::Start { file, id, pid, cgroup, control } => {
-            let request = start_request(&file, id, BindRequest { pid, cgroup })?;
+            let request = client::start_request(&file, id, BindRequest { pid, cgroup })?;
             let data = client::call(&control.path, &request)?;
-            print_warnings("monitor session start", &data);
+            client::print_warnings("monitor session start", &data);
             println!("{}", data["id"].as_str().unwrap_or_default());
         }
         SessionCommand::End { id, control } => {
@@ -419,32 +424,6 @@ fn session(command: SessionCommand) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
-}
-
-/// Prints the agent's warnings about a session it started (a declared token it cannot know) on
-/// stderr: the operator sees them where the command ran, not only in the agent's log.
-pub fn print_warnings(command: &str, started: &serde_json::Value) {
-    for warning in started["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
-        eprintln!("{command}: warning: {warning}");
-    }
-}
-
-/// Reads and validates a session file and collects its env tokens from this process's
-/// environment. Errors name the file, line and field.
-pub fn start_request(file: &std::path::Path, id: Option<String>, bind: BindRequest) -> anyhow::Result<Request> {
-    let parsed = SessionFile::read(file)?;
-    let id = id.map(SessionId::try_from).transpose().map_err(|e| anyhow::anyhow!("--id: {e}"))?;
-    let env_tokens = parsed
-        .tokens
-        .iter()
-        .filter_map(|t| match t {
-            crate::sessions::TokenSpec::Env(name) => {
-                Some(std::env::var(name).ok().map(crate::sessions::fingerprint::Secret::new))
-            }
-            crate::sessions::TokenSpec::File(_) => None,
-        })
-        .collect();
-    Ok(Request::Start { origin: file.display().to_string(), file: parsed, id, bind, env_tokens })
 }
 
 fn print_table(list: &[SessionSummary]) {

@@ -400,11 +400,84 @@ pub enum TokenVia {
     Received { field: String },
 }
 
+/// What kind of credential was seen (credentials/ finds them; events and alerts carry the kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    Bearer,
+    Basic,
+    /// `AWS4-HMAC-SHA256 Credential=AKID/...`: the access key id (the secret never travels).
+    AwsSigv4,
+    /// An API-key header (`X-API-Key`, ... configurable).
+    ApiKey,
+    /// Another `Authorization` scheme.
+    Authorization,
+    /// A token in an exec environment.
+    Env,
+    /// A credential file.
+    File,
+    /// A secret query parameter of the request target (`?access_token=`, `?token=` …).
+    Query,
+    /// A cookie's value (`Cookie: name=value`).
+    Cookie,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Bearer => "bearer",
+            CredentialKind::Basic => "basic",
+            CredentialKind::AwsSigv4 => "aws_sigv4",
+            CredentialKind::ApiKey => "api_key",
+            CredentialKind::Authorization => "authorization",
+            CredentialKind::Env => "env",
+            CredentialKind::File => "file",
+            CredentialKind::Query => "query",
+            CredentialKind::Cookie => "cookie",
+        }
+    }
+
+    /// Whether a credential of this kind that a session process sends during its task, and no
+    /// session holds, becomes the session's. Not a cookie: servers set many (tracking, state),
+    /// and a cookie is a session's token only when the session declared it.
+    pub fn learnable(self) -> bool {
+        matches!(
+            self,
+            CredentialKind::Bearer
+                | CredentialKind::Basic
+                | CredentialKind::ApiKey
+                | CredentialKind::Authorization
+                | CredentialKind::Query
+        )
+    }
+}
+
+/// The claims of a JWT that matter to a responder. The signature is not checked: the agent only
+/// describes what was sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct JwtClaims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// The RFC 8693 delegation chain, outermost actor first: `act.sub`, then `act.act.sub`, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub act: Vec<String>,
+    /// `scope` (space-separated) or `scp` (a list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scope: Vec<String>,
+    /// Expiry, seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+}
+
 /// A credential as the agent keeps it: a keyed fingerprint and what can be said without the
 /// value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeenCredential {
-    pub kind: crate::credentials::CredentialKind,
+    pub kind: CredentialKind,
     /// HMAC-SHA-256 under the deployment key: matches the fingerprints of session tokens.
     pub fingerprint: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -413,7 +486,7 @@ pub struct SeenCredential {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwt: Option<crate::credentials::JwtClaims>,
+    pub jwt: Option<JwtClaims>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod event;
 pub mod forward;
 pub mod hex;
+pub mod host;
 pub mod k8s;
 pub mod metrics;
 pub mod policy;

@@ -7,8 +7,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use serde::Deserialize;
 
 use crate::{
-    alert::Severity,
-    rules::Rule,
+    rules::{Rule, Severity},
     sessions::{Destination, ScopeFile},
     yaml::YamlError,
 };

@@ -10,22 +10,28 @@ use std::{ffi::CString, os::fd::AsRawFd as _};
 
 use anyhow::Context as _;
 
-use crate::{
-    cli::{start_request, RunArgs},
-    sessions::{
-        client,
-        protocol::{BindRequest, Request},
-    },
+use crate::sessions::{
+    client,
+    protocol::{BindRequest, Request},
 };
+
+/// What `monitor run` runs: the session file, an id over the file's, the agent's control
+/// socket, and the task's command line.
+pub struct Task {
+    pub file: std::path::PathBuf,
+    pub id: Option<String>,
+    pub control: std::path::PathBuf,
+    pub command: Vec<String>,
+}
 
 /// Exit code when monitor itself fails before the task runs (as env(1) and timeout(1) do).
 const EXIT_INTERNAL: i32 = 125;
 /// Exit code when the command cannot be executed.
 const EXIT_CANNOT_EXEC: i32 = 127;
 
-pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+pub fn run(args: Task) -> anyhow::Result<i32> {
     // Validate everything before forking: a bad session file never starts the task.
-    let request = start_request(&args.file, args.id.clone(), BindRequest::default())?;
+    let request = client::start_request(&args.file, args.id.clone(), BindRequest::default())?;
     let argv: Vec<CString> = args
         .command
         .iter()
@@ -67,10 +73,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         other => other,
     };
-    let started = client::call(&args.control.path, &request);
+    let started = client::call(&args.control, &request);
     let id = match started {
         Ok(data) => {
-            crate::cli::print_warnings("monitor run", &data);
+            client::print_warnings("monitor run", &data);
             data["id"].as_str().unwrap_or_default().to_string()
         }
         Err(e) => {
@@ -90,10 +96,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let status = wait(child);
     // The agent usually has ended the session already (it saw the root exit); either way it is over.
-    match client::call(
-        &args.control.path,
-        &Request::End { id: id.clone(), reason: crate::event::EndReason::RootExited },
-    ) {
+    match client::call(&args.control, &Request::End { id: id.clone(), reason: crate::event::EndReason::RootExited }) {
         Ok(_) => {}
         Err(client::ClientError::Refused(m)) if m.contains("already ended") => {}
         Err(e) => eprintln!("monitor run: ending session {id}: {e}"),

@@ -7,7 +7,6 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 
-use super::now_ns;
 use crate::{
     alert::Alert,
     engine::{Adoptable, Effect, Engine, SessionState, SessionSummary},
@@ -15,12 +14,11 @@ use crate::{
     sessions::Session,
     trace::TraceWriter,
 };
+use crate::{host::now_ns, sinks::STOP_DRAIN};
 
 /// How long after a deadline the tick fires, so events already in the ring buffer (an exit just
 /// before the deadline) are applied first.
 const DEADLINE_SLACK: Duration = Duration::from_millis(100);
-/// How long a stopping agent waits for its forward spools to be acknowledged.
-pub const STOP_DRAIN: Duration = Duration::from_secs(3);
 /// Housekeeping tick (forgetting finished sessions) when nothing else happens.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
@@ -58,7 +56,7 @@ enum Command {
     Stop {
         reply: oneshot::Sender<()>,
     },
-    /// What the state directory keeps (sessions/state.rs).
+    /// What the state directory keeps (agent/state.rs).
     /// Unless the engine's generation is still `unless` (nothing changed).
     Adoptable {
         unless: Option<u64>,

@@ -300,5 +300,5 @@ impl State {
 }
 
 fn file_id(meta: &std::fs::Metadata) -> FileId {
-    FileId { dev: crate::credentials::watch::kernel_dev(meta.dev()), ino: meta.ino() }
+    FileId { dev: crate::host::kernel_dev(meta.dev()), ino: meta.ino() }
 }

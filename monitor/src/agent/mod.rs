@@ -1,23 +1,23 @@
 //! `monitor agent`: loads the probes, serves the control socket, and runs the pipeline
 //! kernel → decode → engine → sinks.
 
+mod control;
 mod core;
 mod enforcer;
 mod executables;
 pub mod memory;
 mod reader;
 mod reload;
+mod state;
 mod stats;
+mod token_files;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, Mutex};
 
-pub use self::{
-    core::{CoreHandle, STOP_DRAIN},
-    reload::LivePolicy,
-};
+pub use self::{core::CoreHandle, reload::LivePolicy};
 use crate::{
     alert::Alert,
     credentials::{self, CredentialIndex, Observer},
@@ -25,8 +25,8 @@ use crate::{
     engine::{Engine, EngineConfig},
     probes,
     probes::KernelMaps,
-    sessions::{fingerprint::FingerprintKey, server},
-    sinks::{self, OutputSpec},
+    sessions::fingerprint::FingerprintKey,
+    sinks::{self, OutputSpec, STOP_DRAIN},
 };
 
 /// Validated settings of `monitor agent`.
@@ -59,7 +59,7 @@ pub struct AgentSettings {
     pub metrics: Option<std::net::SocketAddr>,
     /// The policy's file, re-read on SIGHUP and `monitor policy reload`.
     pub policy_path: Option<PathBuf>,
-    /// Where sessions are kept across restarts (sessions/state.rs); `fresh`: none adopted.
+    /// Where sessions are kept across restarts (agent/state.rs); `fresh`: none adopted.
     pub state_dir: PathBuf,
     pub fresh: bool,
     /// Where the session binding maps are pinned (probes/pins.rs); None: not pinned.
@@ -93,17 +93,13 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let pinned = pins.as_ref().is_some_and(|p| p.reused);
 
     // A previous agent's sessions, adopted below; their token hashes were made with its seed.
-    let saved = if settings.fresh {
-        None
-    } else {
-        crate::sessions::state::load(&settings.state_dir).map_err(anyhow::Error::msg)?
-    };
+    let saved = if settings.fresh { None } else { state::load(&settings.state_dir).map_err(anyhow::Error::msg)? };
     let seed = match &saved {
         Some(state) => state.seed,
         None => random_seed()?,
     };
     if saved.is_none() && pinned {
-        crate::sessions::state::clear_bindings(&mut maps).map_err(anyhow::Error::msg)?;
+        state::clear_bindings(&mut maps).map_err(anyhow::Error::msg)?;
     }
     let credentials = CredentialIndex::new(seed, file_access_watch(&settings.enabled_probes));
     let observer = Observer::new(credentials.clone(), key.clone(), policy.subscribe());
@@ -175,8 +171,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let stats_task = tokio::spawn(stats::run(stats_map, session_losses, event_tx));
 
     let stopper = handle.clone();
-    let listener = server::listen(&settings.control).await?;
-    let plane = server::ControlPlane {
+    let listener = control::listen(&settings.control).await?;
+    let plane = control::ControlPlane {
         core: handle,
         maps,
         key,
@@ -192,9 +188,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     if let Some(state) = saved {
         // Before the socket serves: no new session races the adopted ones for a key.
         let started = std::time::Instant::now();
-        let adopted = crate::sessions::state::adopt(&plane, &settings.state_dir, state, pinned)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let adopted = state::adopt(&plane, &settings.state_dir, state, pinned).await.map_err(anyhow::Error::msg)?;
         if adopted > 0 {
             let took = started.elapsed();
             tracing::info!(adopted, state = %settings.state_dir.display(), ?took, "sessions taken over from the previous agent");
@@ -202,9 +196,9 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     }
     // Loading the probes (the kernel's BTF) and adopting allocated much that is free now.
     memory::give_back();
-    let keeper = tokio::spawn(crate::sessions::state::keep(plane.clone(), settings.state_dir.clone()));
-    let token_files = tokio::spawn(crate::sessions::token_files::run(plane.clone()));
-    let control = tokio::spawn(server::serve(listener, plane));
+    let keeper = tokio::spawn(state::keep(plane.clone(), settings.state_dir.clone()));
+    let token_files = tokio::spawn(token_files::run(plane.clone()));
+    let control = tokio::spawn(control::serve(listener, plane));
     let probes_seen = probes.clone();
     crate::metrics::get().on_scrape(Box::new(move |metrics| {
         metrics.set_probes(probes_seen.lock().unwrap_or_else(|p| p.into_inner()).program_states());
@@ -239,7 +233,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     drop(probes);
     // The core applies what is queued and ends; the sinks end when it drops their channel. Both
     // give their forward spools a moment to be acknowledged.
-    let finished = tokio::time::timeout(core::STOP_DRAIN * 2 + Duration::from_secs(2), async {
+    let finished = tokio::time::timeout(STOP_DRAIN * 2 + Duration::from_secs(2), async {
         stopper.stop().await;
         let _ = core.await;
         let _ = sink_task.await;
@@ -344,38 +338,6 @@ fn report(report: &probes::LoadReport) {
     }
 }
 
-/// This host's name, as alerts carry it.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-}
-
-/// Wall-clock nanoseconds since the epoch.
-/// The agent's own CPU time and resident memory, from /proc.
-pub struct Usage {
-    pub cpu_seconds: f64,
-    pub resident_bytes: u64,
-}
-
-pub fn self_usage() -> Option<Usage> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
-    Some(Usage {
-        cpu_seconds: (utime + stime) as f64 / ticks.max(1) as f64,
-        resident_bytes: resident_pages * page.max(1) as u64,
-    })
-}
-
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
-
 fn clock() -> Clock {
     let read = |id| {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -405,7 +367,7 @@ impl Stamp {
     pub fn new() -> Self {
         Self {
             ids: ulid::Generator::new(),
-            host: hostname(),
+            host: crate::host::hostname(),
             fold_ids: Default::default(),
             cgroups: crate::k8s::CgroupPaths::new(
                 &crate::sessions::bind::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()),

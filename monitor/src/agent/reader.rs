@@ -55,7 +55,7 @@ pub async fn run(
         // changes), the ring buffer second: each was queued when it happened, so the fork or
         // exec that made its process is already in the ring buffer, and read below; the
         // process's exit may be too, and the observation goes before it.
-        let now = crate::agent::now_ns();
+        let now = crate::host::now_ns();
         let mut outside = Vec::new();
         let lost = observer.drain_file_accesses(now, &mut outside);
         if lost > 0 {

@@ -46,7 +46,7 @@ impl LivePolicy {
         let policy = Policy::read(path).map_err(|e| format!("policy not reloaded, the running one stays: {e}"))?;
         let config = EngineConfig::from_policy(&policy);
         self.current.send_replace(Arc::new(policy));
-        let event = Event::PolicyReloaded { ts: super::now_ns(), config: Box::new(config) };
+        let event = Event::PolicyReloaded { ts: crate::host::now_ns(), config: Box::new(config) };
         self.events.send(event).await.map_err(|_| "the agent is stopping".to_string())?;
         Ok(format!("policy {} reloaded", path.display()))
     }

@@ -34,7 +34,7 @@ pub async fn run(
     let mut interval = tokio::time::interval(POLL);
     loop {
         interval.tick().await;
-        let now = super::now_ns();
+        let now = crate::host::now_ns();
         let mut events = Vec::new();
         // Read before the host-wide counter: a loss counted between the two reads is then
         // host-wide this round and not twice.

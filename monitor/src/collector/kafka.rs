@@ -32,7 +32,7 @@ impl ProducerContext for Deliveries {
     }
 }
 
-use super::fanout::{Destination, Item};
+use super::destination::{Destination, Item};
 
 pub struct KafkaSink {
     producer: BaseProducer<Deliveries>,

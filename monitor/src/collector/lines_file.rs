@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::fanout::{Destination, Item};
+use super::destination::{Destination, Item};
 use crate::encode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! it is synced to the store, de-duplicates alerts by id, and fans the store out to sinks, each
 //! from its own position.
 
+pub mod destination;
 pub mod fanout;
 mod kafka;
 mod lines_file;
@@ -60,7 +61,7 @@ pub async fn run(settings: CollectorSettings) -> anyhow::Result<()> {
     let (store_tx, store_rx) = mpsc::channel::<StoreRequest>(1024);
     std::thread::Builder::new().name("store-writer".into()).spawn(move || writer(store, store_rx, durable_tx))?;
 
-    let hostname: Arc<str> = Arc::from(crate::agent::hostname());
+    let hostname: Arc<str> = Arc::from(crate::host::hostname());
     for spec in settings.sinks.clone() {
         let (dir, rx, host) = (settings.store.clone(), durable_rx.clone(), hostname.clone());
         std::thread::Builder::new()

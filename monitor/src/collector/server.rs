@@ -141,12 +141,7 @@ struct Held {
 
 impl Held {
     fn new(budget: &Budget) -> Self {
-        Held {
-            budget: budget.buffered_kib.clone(),
-            kib: 0,
-            overdraft: budget.overdraft.clone(),
-            overdrawn: None,
-        }
+        Held { budget: budget.buffered_kib.clone(), kib: 0, overdraft: budget.overdraft.clone(), overdrawn: None }
     }
 
     /// Holds enough for `bytes`: more is waited for (the connection is not read meanwhile: TCP

@@ -19,6 +19,9 @@ use crate::trace::{
     frames::{Frames, Next},
 };
 
+/// The tag of forwarded session traces.
+pub const TRACE_TAG: &str = "monitor.trace";
+
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
@@ -105,7 +108,7 @@ enum Key {
 
 impl Key {
     fn of(tag: &str, id: &str, count: u64) -> Self {
-        let trace = (tag == super::fanout::TRACE_TAG).then(|| id.strip_prefix("trace:")?.rsplit_once(':')).flatten();
+        let trace = (tag == TRACE_TAG).then(|| id.strip_prefix("trace:")?.rsplit_once(':')).flatten();
         match trace.and_then(|(run, seq)| Some((run, seq.parse().ok()?))) {
             Some((run, seq)) => Key::Trace(run.to_string(), seq),
             None => Key::Alert((id.to_string(), count)),
@@ -176,7 +179,7 @@ impl Store {
     pub fn append(&mut self, batch: Vec<Incoming>) -> std::io::Result<u64> {
         let mut buf = Vec::new();
         let mut new = Seen::default();
-        let now = crate::agent::now_ns();
+        let now = crate::host::now_ns();
         for e in batch {
             if let Some(id) = &e.id {
                 let key = Key::of(&e.tag, id, e.count);
@@ -309,7 +312,7 @@ mod tests {
 
     fn trace_frame(run: &str, seq: u64) -> Incoming {
         Incoming {
-            tag: crate::collector::fanout::TRACE_TAG.into(),
+            tag: TRACE_TAG.into(),
             time_ns: 1,
             id: Some(format!("trace:{run}:{seq}")),
             count: 1,

@@ -5,7 +5,7 @@ use std::{io::Write as _, net::TcpStream, path::Path, sync::Arc, time::Duration}
 
 use anyhow::Context as _;
 
-use super::fanout::{Destination, Item};
+use super::destination::{Destination, Item};
 use crate::encode::syslog;
 
 pub struct SyslogTls {

@@ -4,7 +4,7 @@
 //! goes anywhere (engine, alerts, traces, logs). What was found is returned, so a session token
 //! handed on a command line counts as a use of that token.
 
-use super::{http::CredentialKind, jwt, JwtClaims};
+use super::{jwt, CredentialKind, JwtClaims};
 use crate::sessions::fingerprint::FingerprintKey;
 
 /// A credential found in an argument, by fingerprint.

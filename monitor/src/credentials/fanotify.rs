@@ -23,7 +23,7 @@ use std::{
     sync::Mutex,
 };
 
-use super::watch::kernel_dev;
+use crate::host::kernel_dev;
 
 /// What the marks ask for.
 const MASK: u64 = libc::FAN_ACCESS | libc::FAN_MODIFY;

@@ -4,57 +4,7 @@
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 
-/// What kind of credential a header carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CredentialKind {
-    Bearer,
-    Basic,
-    /// `AWS4-HMAC-SHA256 Credential=AKID/...`: the access key id (the secret never travels).
-    AwsSigv4,
-    /// An API-key header (`X-API-Key`, ... configurable).
-    ApiKey,
-    /// Another `Authorization` scheme.
-    Authorization,
-    /// A token in an exec environment.
-    Env,
-    /// A credential file.
-    File,
-    /// A secret query parameter of the request target (`?access_token=`, `?token=` …).
-    Query,
-    /// A cookie's value (`Cookie: name=value`).
-    Cookie,
-}
-
-impl CredentialKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CredentialKind::Bearer => "bearer",
-            CredentialKind::Basic => "basic",
-            CredentialKind::AwsSigv4 => "aws_sigv4",
-            CredentialKind::ApiKey => "api_key",
-            CredentialKind::Authorization => "authorization",
-            CredentialKind::Env => "env",
-            CredentialKind::File => "file",
-            CredentialKind::Query => "query",
-            CredentialKind::Cookie => "cookie",
-        }
-    }
-
-    /// Whether a credential of this kind that a session process sends during its task, and no
-    /// session holds, becomes the session's. Not a cookie: servers set many (tracking, state),
-    /// and a cookie is a session's token only when the session declared it.
-    pub fn learnable(self) -> bool {
-        matches!(
-            self,
-            CredentialKind::Bearer
-                | CredentialKind::Basic
-                | CredentialKind::ApiKey
-                | CredentialKind::Authorization
-                | CredentialKind::Query
-        )
-    }
-}
+use crate::event::CredentialKind;
 
 /// Query parameters whose value is a secret (command lines are redacted by the same list).
 pub const SECRET_QUERY_PARAMS: &[&str] = &[

@@ -2,29 +2,9 @@
 //! who acts for whom, with what scope and until when, enrich the alert.
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The claims of a JWT that matter to a responder. The signature is not checked: the agent only
-/// describes what was sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct JwtClaims {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iss: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
-    /// The RFC 8693 delegation chain, outermost actor first: `act.sub`, then `act.act.sub`, ...
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub act: Vec<String>,
-    /// `scope` (space-separated) or `scp` (a list).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub scope: Vec<String>,
-    /// Expiry, seconds since the epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exp: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jti: Option<String>,
-}
+use crate::event::JwtClaims;
 
 /// How deep an `act` chain is followed (a hostile token could nest without end).
 const MAX_ACT_DEPTH: usize = 16;

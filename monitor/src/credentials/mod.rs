@@ -21,9 +21,8 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+pub use crate::event::{CredentialKind, JwtClaims};
 use fanotify::FileAccessWatch;
-pub use http::CredentialKind;
-pub use jwt::JwtClaims;
 use monitor_common::token_hash;
 
 use crate::{

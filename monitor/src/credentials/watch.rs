@@ -3,6 +3,7 @@
 //! policy adds. Rescanned periodically, since credential files come and go (a rotated
 //! service-account token is a new inode behind the same path).
 
+use crate::host::kernel_dev;
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt,
@@ -103,13 +104,6 @@ fn walk(path: &Path, depth: usize, budget: &mut usize, found: &mut HashMap<(u32,
             walk(&child, depth + 1, budget, found);
         }
     }
-}
-
-/// `st_dev` (the userspace encoding) to the kernel's `s_dev` (major << 20 | minor).
-pub fn kernel_dev(st_dev: u64) -> u32 {
-    let major = libc::major(st_dev);
-    let minor = libc::minor(st_dev);
-    (major << 20) | (minor & 0xf_ffff)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! ArcSight CEF: `CEF:0|Vendor|Product|Version|SignatureID|Name|Severity|Extension`.
 
-use crate::alert::{Alert, Severity};
+use crate::{alert::Alert, rules::Severity};
 
 fn severity(s: Severity) -> u8 {
     match s {

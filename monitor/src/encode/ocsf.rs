@@ -9,7 +9,10 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::alert::{Action, Alert, Severity};
+use crate::{
+    alert::{Action, Alert},
+    rules::Severity,
+};
 
 pub const OCSF_VERSION: &str = "1.8.0";
 

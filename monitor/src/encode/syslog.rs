@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::alert::{Alert, Severity};
+use crate::{alert::Alert, rules::Severity};
 
 /// Facility 13 (log audit) as RFC 5424 numbers it; severity from the alert's.
 const FACILITY: u8 = 13;

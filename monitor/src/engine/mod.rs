@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    alert::{rfc3339, Action, Alert, NetworkRef, SessionRef, Severity},
+    alert::{rfc3339, Action, Alert, NetworkRef, SessionRef},
     event::{Connect, EndReason, Event, Exec, Exit, Fork, Nanos, Process, SessionKey, Verdict},
-    rules::Rule,
+    rules::{Rule, Severity},
     sessions::Session,
 };
 use procs::{Proc, ProcTable, Serial};
@@ -304,7 +304,7 @@ impl Engine {
         self.session_changes.wrapping_add(self.procs.changes())
     }
 
-    /// What a restarted agent needs to take the sessions over (see sessions/state.rs).
+    /// What a restarted agent needs to take the sessions over (see agent/state.rs).
     pub fn adoptable(&self) -> Vec<Adoptable> {
         let mut out: Vec<Adoptable> = self
             .sessions

@@ -237,4 +237,3 @@ mod tests {
         assert!(table.at(last, now - 1_000_000).is_some());
     }
 }
-

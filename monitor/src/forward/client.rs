@@ -155,7 +155,7 @@ impl ForwardOutput {
         if dropped > 0 {
             tracing::error!(output = %self.target.display(), dropped, "forward spool full: oldest alerts dropped");
             let event = Event::Lost {
-                ts: crate::agent::now_ns(),
+                ts: crate::host::now_ns(),
                 source: format!("forward spool for {} full: oldest alerts dropped", self.target.display()),
                 count: dropped,
                 session: None,
@@ -284,7 +284,7 @@ async fn connect(
             .map_err(|_| anyhow::anyhow!("no HELO from the receiver (is it asking for a shared key?)"))??;
         let helo = protocol::parse_helo(&helo).context("expected HELO")?;
         let salt = chunk_id();
-        let hostname = crate::agent::hostname();
+        let hostname = crate::host::hostname();
         conn.write_all(&protocol::ping(&hostname, &salt, &helo.nonce, key)).await?;
         let pong = tokio::time::timeout(CONNECT_TIMEOUT, read_value(&mut conn, &mut buf))
             .await
@@ -302,7 +302,7 @@ fn chunk_id() -> String {
     if n != bytes.len() as isize {
         // Fall back to time and a counter: unique is what matters for a chunk id.
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let t = crate::agent::now_ns() ^ N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = crate::host::now_ns() ^ N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         bytes[..8].copy_from_slice(&t.to_le_bytes());
     }
     crate::hex::lower(&bytes)

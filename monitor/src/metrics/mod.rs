@@ -268,7 +268,7 @@ impl Metrics {
     }
 
     fn read_process(&self) {
-        let Some(usage) = crate::agent::self_usage() else { return };
+        let Some(usage) = crate::host::self_usage() else { return };
         self.resident_bytes.set(usage.resident_bytes as i64);
         let mut reported = self.cpu_reported.lock().unwrap_or_else(|p| p.into_inner());
         if usage.cpu_seconds > *reported {
@@ -278,7 +278,7 @@ impl Metrics {
     }
 
     fn read_spools(&self) {
-        let now = crate::agent::now_ns();
+        let now = crate::host::now_ns();
         let spools = self.spools.lock().unwrap_or_else(|p| p.into_inner());
         for (output, spool) in spools.iter() {
             let (bytes, oldest) = {

@@ -89,7 +89,9 @@ pub fn is_libc(name: &str) -> bool {
 fn library_programs(name: &str) -> impl Iterator<Item = (&'static str, &'static str, Option<usize>)> + '_ {
     use super::AttachPoint;
     super::PROBES.iter().filter_map(move |spec| match spec.attach {
-        AttachPoint::Library { file, symbol, args } if name.starts_with(file) => Some((spec.program, symbol, Some(args))),
+        AttachPoint::Library { file, symbol, args } if name.starts_with(file) => {
+            Some((spec.program, symbol, Some(args)))
+        }
         AttachPoint::LibraryReturn { file, symbol } if name.starts_with(file) => Some((spec.program, symbol, None)),
         AttachPoint::Libc { symbol } if is_libc(name) => Some((spec.program, symbol, None)),
         _ => None,
@@ -263,7 +265,7 @@ fn walk(
         if !meta.is_file() || !executable || meta.len() < MIN_SIZE {
             continue;
         }
-        let id = FileId { dev: crate::credentials::watch::kernel_dev(meta.dev()), ino: meta.ino() };
+        let id = FileId { dev: crate::host::kernel_dev(meta.dev()), ino: meta.ino() };
         if seen.insert(id) {
             found.push((path, id));
         }
@@ -330,7 +332,9 @@ mod tests {
         // The same places the probes take on the host's file at start.
         for p in &inspection.probes {
             let expected = match p.program {
-                "ssl_write" | "ssl_write_ex" => super::super::uprobe_site::entry_site(host, p.symbol, 3).unwrap().file_offset,
+                "ssl_write" | "ssl_write_ex" => {
+                    super::super::uprobe_site::entry_site(host, p.symbol, 3).unwrap().file_offset
+                }
                 _ => continue,
             };
             assert_eq!(p.file_offset, expected, "{}", p.program);

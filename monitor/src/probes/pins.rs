@@ -2,7 +2,7 @@
 //! pinned in bpffs (`--pin-dir`, default /sys/fs/bpf/monitor) so they outlive an agent: the
 //! next one loads its programs onto the same maps, and what the kernel knew (a process forked
 //! a moment before the crash, not yet in the state file, whose parent has since exited) is still
-//! there. The state directory (sessions/state.rs) says which sessions exist; entries of other
+//! there. The state directory (agent/state.rs) says which sessions exist; entries of other
 //! sessions, and of processes that exited or whose pid was reused while no agent ran, are
 //! removed when the sessions are adopted.
 //!

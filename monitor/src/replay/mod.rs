@@ -133,9 +133,7 @@ struct OcsfLines {
 impl OcsfLines {
     fn open(path: Option<&Path>, session: Option<String>) -> anyhow::Result<Self> {
         let out: Box<dyn std::io::Write> = match path {
-            Some(path) => {
-                Box::new(std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?)
-            }
+            Some(path) => Box::new(std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?),
             None => Box::new(std::io::stdout()),
         };
         Ok(Self { out: std::io::BufWriter::new(out), session, failed: None, path: path.map(Path::to_path_buf) })
@@ -712,7 +710,7 @@ mod tests {
                     crate::trace::format::encode(record, &mut frame).unwrap();
                     let forwarded = crate::trace::writer::forwarded_record(&run_info, seq as u64, 0, frame);
                     crate::collector::store::Incoming {
-                        tag: crate::collector::fanout::TRACE_TAG.into(),
+                        tag: crate::collector::store::TRACE_TAG.into(),
                         time_ns: 0,
                         id: Some(format!("trace:{run}:{seq}")),
                         count: 1,

@@ -1,10 +1,7 @@
 //! What a replay finds: per session, the delegation, its processes, a timeline of what they did
 //! and the alerts; and how the replayed alerts compare with those raised live.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use serde::Serialize;
 
@@ -313,7 +310,7 @@ pub fn apply_actor_scope(session: &mut Session, policy: &Policy) {
         session.scope.credentials = scope.credentials.clone();
     }
     if let Some(exec) = &scope.exec {
-        session.scope.exec = Some(crate::sessions::server::with_real_paths(exec.clone()));
+        session.scope.exec = Some(crate::sessions::with_real_paths(exec.clone()));
     }
 }
 

@@ -42,3 +42,33 @@ pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, Clien
         Response::Error { message } => Err(ClientError::Refused(message)),
     }
 }
+
+/// Prints the agent's warnings about a session it started (a declared token it cannot know) on
+/// stderr: the operator sees them where the command ran, not only in the agent's log.
+pub fn print_warnings(command: &str, started: &serde_json::Value) {
+    for warning in started["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
+        eprintln!("{command}: warning: {warning}");
+    }
+}
+
+/// Reads and validates a session file and collects its env tokens from this process's
+/// environment. Errors name the file, line and field.
+pub fn start_request(
+    file: &std::path::Path,
+    id: Option<String>,
+    bind: super::protocol::BindRequest,
+) -> anyhow::Result<Request> {
+    let parsed = super::SessionFile::read(file)?;
+    let id = id.map(super::SessionId::try_from).transpose().map_err(|e| anyhow::anyhow!("--id: {e}"))?;
+    let env_tokens = parsed
+        .tokens
+        .iter()
+        .filter_map(|t| match t {
+            crate::sessions::TokenSpec::Env(name) => {
+                Some(std::env::var(name).ok().map(crate::sessions::fingerprint::Secret::new))
+            }
+            crate::sessions::TokenSpec::File(_) => None,
+        })
+        .collect();
+    Ok(Request::Start { origin: file.display().to_string(), file: parsed, id, bind, env_tokens })
+}

@@ -8,12 +8,9 @@ pub mod hosts;
 pub mod kernel_policy;
 pub mod protocol;
 mod scope;
-pub mod server;
 mod spec;
-pub mod state;
-pub mod token_files;
 
-pub use scope::{mapped, mapped_prefix, Destination, Host};
+pub use scope::{mapped, mapped_prefix, with_real_paths, Destination, Host};
 pub use spec::*;
 
 /// Where the agent listens and the CLI connects by default.

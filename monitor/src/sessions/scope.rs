@@ -207,3 +207,18 @@ mod tests {
         }
     }
 }
+
+/// Each allowed executable also under its symlink-resolved path (`/bin/sh` is `/usr/bin/dash`
+/// on Debian), so the scope matches however the program was invoked.
+pub fn with_real_paths(exec: Vec<String>) -> Vec<String> {
+    let mut all = exec.clone();
+    for path in exec {
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            let real = real.display().to_string();
+            if !all.contains(&real) {
+                all.push(real);
+            }
+        }
+    }
+    all
+}

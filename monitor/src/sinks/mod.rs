@@ -119,6 +119,9 @@ pub fn open(
 
 /// Alerts taken from the channel at once, so a burst is spooled with one sync.
 const BURST: usize = 512;
+/// How long a stopping agent waits for its forward spools (alerts, and the traces it forwards)
+/// to be acknowledged.
+pub const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub async fn run(mut sinks: Vec<Sink>, mut alerts: mpsc::Receiver<Alert>) {
     let mut burst = Vec::with_capacity(BURST);
@@ -133,7 +136,7 @@ pub async fn run(mut sinks: Vec<Sink>, mut alerts: mpsc::Receiver<Alert>) {
     // The agent is stopping: give forward outputs a moment to deliver what they spooled.
     for sink in sinks {
         if let Out::Forward(forward) = sink.out {
-            forward.wait_drained(crate::agent::STOP_DRAIN).await;
+            forward.wait_drained(STOP_DRAIN).await;
         }
     }
 }

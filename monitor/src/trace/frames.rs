@@ -135,8 +135,8 @@ impl<R: Read> Frames<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::Record;
     use crate::event::Event;
+    use crate::trace::Record;
 
     fn tick(ts: u64) -> Record {
         Record::Event(Event::Tick { ts })
@@ -149,7 +149,9 @@ mod tests {
             out.push(match next {
                 Next::Record(Record::Event(Event::Tick { ts }), after) => format!("tick {ts} -> {after}"),
                 Next::Record(..) => "other".into(),
-                Next::Damaged { offset, reason, skipped } => format!("damaged at {offset} ({reason}), {skipped} skipped"),
+                Next::Damaged { offset, reason, skipped } => {
+                    format!("damaged at {offset} ({reason}), {skipped} skipped")
+                }
                 Next::Truncated { offset, remaining } => format!("truncated at {offset}, {remaining} left"),
             });
         }

@@ -129,7 +129,7 @@ pub fn read_collector_store(
         let path = store::segment_path(dir, seg);
         let end = store::read_segment(&path, 0, &mut |s, after| {
             progress(done + after);
-            if s.tag != crate::collector::fanout::TRACE_TAG {
+            if s.tag != crate::collector::store::TRACE_TAG {
                 return;
             }
             let Ok(v) = rmpv::decode::read_value(&mut s.record.as_slice()) else { return };

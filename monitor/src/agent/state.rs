@@ -15,9 +15,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{bind, server::ControlPlane};
+use super::control::ControlPlane;
 use crate::engine::Adoptable;
 use crate::event::SessionKey;
+use crate::sessions::bind;
 
 /// The state file's format; another one is refused (start with `--fresh`, or the matching agent).
 pub const STATE_VERSION: u32 = 1;
@@ -143,7 +144,7 @@ pub async fn keep(plane: ControlPlane, dir: PathBuf) {
         }
         let state = SavedState {
             version: STATE_VERSION,
-            saved_ns: crate::agent::now_ns(),
+            saved_ns: crate::host::now_ns(),
             seed: plane.credentials.seed(),
             sessions,
         };
@@ -228,7 +229,7 @@ fn last_alive(dir: &Path, state: &SavedState) -> u64 {
 /// `pinned`, the kernel's binding maps are that agent's (probes/pins.rs) and their entries are
 /// checked. Returns how many it adopted.
 pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: bool) -> Result<usize, String> {
-    let now = crate::agent::now_ns();
+    let now = crate::host::now_ns();
     let down_since = last_alive(dir, &state);
     let count = state.sessions.len();
     if count == 0 {
@@ -260,7 +261,7 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
     // The hosts file is read once for every session (each gets its own copy of the names), and
     // the engine gets every session's names and processes in one batch, before the kernel
     // binds them (so their first events find them known): thousands adopt in well under a second.
-    let hosts = super::hosts::names(Path::new("/etc/hosts"), 0, now);
+    let hosts = crate::sessions::hosts::names(Path::new("/etc/hosts"), 0, now);
     let mut names = Vec::new();
     let mut seen = Vec::new();
     let mut bound: Vec<Vec<u32>> = Vec::new();
@@ -291,7 +292,7 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
                 }
             }
         }
-        seen.extend(super::server::snapshots(plane, &pids, key, now));
+        seen.extend(super::control::snapshots(plane, &pids, key, now));
         bound.push(pids);
     }
     plane.core.names(names).await;
@@ -301,13 +302,13 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
         let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
         let session_names: Vec<_> =
             hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }).collect();
-        super::server::install_scope(plane, &mut maps, key, &a.session, &session_names, expires_at)?;
+        super::control::install_scope(plane, &mut maps, key, &a.session, &session_names, expires_at)?;
         if a.ended.is_some() {
             maps.mark_ended(key);
         }
         maps.bind_pids(&pids, key).map_err(|e| e.to_string())?;
         if let Some(cgroup) = &a.session.binding.cgroup {
-            super::server::bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
+            super::control::bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
         }
         tracing::debug!(session = %a.session.id, key, processes = pids.len(), "session adopted from the previous agent");
     }

@@ -9,7 +9,7 @@
 
 use std::{os::unix::fs::MetadataExt as _, time::Duration};
 
-use super::server::ControlPlane;
+use super::control::{trim_newline, ControlPlane};
 use crate::event::{Event, SessionKey};
 
 /// How often the declared token files are looked at. Kubernetes rotates a projected token
@@ -96,7 +96,7 @@ pub async fn run(plane: ControlPlane) {
         let mut rotated = Vec::new();
         for (key, path) in changed {
             let Ok(raw) = std::fs::read(&path) else { continue };
-            let value = super::server::trim_newline(&raw);
+            let value = trim_newline(&raw);
             if value.is_empty() {
                 continue;
             }
@@ -107,7 +107,7 @@ pub async fn run(plane: ControlPlane) {
             }
             tracing::info!(key, path, "a declared token file holds a new value: it is the session's too");
             let source = format!("file:{path}");
-            rotated.push(Event::TokenRotated { ts: crate::agent::now_ns(), key, source, fingerprint });
+            rotated.push(Event::TokenRotated { ts: crate::host::now_ns(), key, source, fingerprint });
         }
         if rotated.is_empty() {
             continue;

@@ -10,13 +10,16 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{
-    bind,
-    fingerprint::FingerprintKey,
-    protocol::{BindRequest, Request, Response, MAX_REQUEST_BYTES},
-    Binding, CgroupBinding, Scope, Session, SessionFile, SessionId, TokenRef, TokenSpec,
+use super::{core::CoreHandle, reload::LivePolicy};
+use crate::{
+    probes::KernelMaps,
+    sessions::{
+        self, bind,
+        fingerprint::FingerprintKey,
+        protocol::{BindRequest, Request, Response, MAX_REQUEST_BYTES},
+        with_real_paths, Binding, CgroupBinding, Scope, Session, SessionFile, SessionId, TokenRef, TokenSpec,
+    },
 };
-use crate::{agent::CoreHandle, probes::KernelMaps};
 
 /// What a connection handler needs; cheap to clone.
 #[derive(Clone)]
@@ -28,14 +31,14 @@ pub struct ControlPlane {
     pub default_ttl: Option<Duration>,
     pub default_grace: Option<Duration>,
     pub clock: crate::decode::Clock,
-    pub policy: Arc<crate::agent::LivePolicy>,
+    pub policy: Arc<LivePolicy>,
     pub credentials: Arc<crate::credentials::CredentialIndex>,
     /// For the probes attached only while sessions run.
     pub probes: Arc<std::sync::Mutex<crate::probes::Probes>>,
     /// Wakes the executable prober (agent/executables.rs) when a session starts on an idle host:
     /// while nothing was watched, execs did not report their executables.
     pub rescan_executables: Arc<tokio::sync::Notify>,
-    /// The sessions' declared token files, looked at for rotation (sessions/token_files.rs).
+    /// The sessions' declared token files, looked at for rotation (agent/token_files.rs).
     pub token_files: Arc<super::token_files::TokenFiles>,
 }
 
@@ -128,7 +131,7 @@ async fn start(
     file: SessionFile,
     id: Option<SessionId>,
     bind: BindRequest,
-    env_tokens: Vec<Option<super::fingerprint::Secret>>,
+    env_tokens: Vec<Option<sessions::fingerprint::Secret>>,
     caller: Option<u32>,
 ) -> Result<serde_json::Value, String> {
     let (session, token_hashes, warnings) = resolve(plane, origin, file, id, &bind, env_tokens, caller)?;
@@ -143,7 +146,7 @@ async fn start(
         Some(pid) => std::path::PathBuf::from(format!("/proc/{pid}/root/etc/hosts")),
         None => std::path::PathBuf::from("/etc/hosts"),
     };
-    let hosts_names = super::hosts::names(&hosts_file, key, crate::agent::now_ns());
+    let hosts_names = sessions::hosts::names(&hosts_file, key, crate::host::now_ns());
     plane.core.names(hosts_names.clone()).await;
     let mut paths = session.scope.credentials.clone();
     paths.extend(session.tokens.iter().filter_map(|t| t.source.strip_prefix("file:").map(str::to_string)));
@@ -151,7 +154,7 @@ async fn start(
     plane.token_files.add(key, session.tokens.iter().map(|t| t.source.as_str()));
 
     // The policy goes in before any process is bound, so the first connect is already enforced.
-    let now = crate::agent::now_ns();
+    let now = crate::host::now_ns();
     let expires_at = plane.clock.boot(now.saturating_add(session.ttl_ns));
     let mut maps = plane.maps.lock().await;
     // The session's tokens and credential files are watched before any process is bound.
@@ -196,7 +199,7 @@ async fn start(
 
 /// The kernel's part of a session before any process is bound: its connect scope (with the
 /// policy's never_alert exemptions) and the addresses of the names its hosts file gives.
-pub(super) fn install_scope(
+pub(crate) fn install_scope(
     plane: &ControlPlane,
     maps: &mut KernelMaps,
     key: crate::event::SessionKey,
@@ -230,7 +233,7 @@ fn resolve(
     file: SessionFile,
     id: Option<SessionId>,
     bind: &BindRequest,
-    env_tokens: Vec<Option<super::fingerprint::Secret>>,
+    env_tokens: Vec<Option<sessions::fingerprint::Secret>>,
     caller: Option<u32>,
 ) -> Result<(Session, Vec<(u64, String)>, Vec<String>), String> {
     let id = match id.or(file.id) {
@@ -299,12 +302,13 @@ fn resolve(
         actor: file.actor,
         task: file.task,
         sponsor: file.sponsor,
-        ttl_ns: file.ttl.or(plane.default_ttl).or(policy.defaults.ttl).unwrap_or(super::DEFAULT_TTL).as_nanos() as u64,
+        ttl_ns: file.ttl.or(plane.default_ttl).or(policy.defaults.ttl).unwrap_or(sessions::DEFAULT_TTL).as_nanos()
+            as u64,
         grace_ns: file
             .grace
             .or(plane.default_grace)
             .or(policy.defaults.grace)
-            .unwrap_or(super::DEFAULT_GRACE)
+            .unwrap_or(sessions::DEFAULT_GRACE)
             .as_nanos() as u64,
         scope: Scope {
             connect: file.scope.connect.or(actor.connect),
@@ -323,27 +327,12 @@ fn resolve(
     Ok((session, hashes, warnings))
 }
 
-pub(super) fn trim_newline(raw: &[u8]) -> &[u8] {
+pub(crate) fn trim_newline(raw: &[u8]) -> &[u8] {
     raw.strip_suffix(b"\n").map(|r| r.strip_suffix(b"\r").unwrap_or(r)).unwrap_or(raw)
 }
 
-/// Each allowed executable also under its symlink-resolved path (`/bin/sh` is `/usr/bin/dash`
-/// on Debian), so the scope matches however the program was invoked.
-pub fn with_real_paths(exec: Vec<String>) -> Vec<String> {
-    let mut all = exec.clone();
-    for path in exec {
-        if let Ok(real) = std::fs::canonicalize(&path) {
-            let real = real.display().to_string();
-            if !all.contains(&real) {
-                all.push(real);
-            }
-        }
-    }
-    all
-}
-
 /// What /proc says of processes joining a session, with secrets on their command lines redacted.
-pub(super) fn snapshots(
+pub(crate) fn snapshots(
     plane: &ControlPlane,
     pids: &[u32],
     key: crate::event::SessionKey,
