@@ -113,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         Task::Ci => test(None),
         Task::Fuzz { seconds, only } => {
             setup::run()?;
+            setup::fuzz_tools()?;
             fuzz::run(&root, seconds, only.as_deref())
         }
         Task::Bench { execs, connects, opens, tls_requests, rounds, agent_args, only, out } => {

