@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn finds_the_real_libssl_functions_when_installed() {
         let libssl =
-            super::super::library_path("libssl.so.3").expect("libssl.so.3 (cargo xtask setup installs OpenSSL)");
+            super::super::load::library_path("libssl.so.3").expect("libssl.so.3 (cargo xtask setup installs OpenSSL)");
         for symbol in ["SSL_write", "SSL_write_ex"] {
             let site = entry_site(&libssl, symbol, 3).unwrap();
             assert!(site.emulated && site.past_entry < 64, "{symbol}: {site:?}");
