@@ -78,31 +78,16 @@ fn alert(n: u64) -> Alert {
 
 fn ingest(monitor: &str, senders: usize, alerts: usize, batch: usize) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("monitor-ingest-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut collector = Command::new(monitor)
-        .args(["collector", "--log", "warn", "--listen", &format!("127.0.0.1:{port}"), "--store"])
-        .arg(dir.join("store"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "collector did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut collector, port) = start_collector(monitor, &dir, &[])?;
     // Encoded before the clock starts: the senders measure the collector, not themselves.
     let per_sender = alerts / senders;
     let batches: Vec<Vec<(String, Vec<u8>)>> = (0..senders)
         .map(|s| {
             (0..per_sender.div_ceil(batch))
                 .map(|b| {
-                    let first = (s * per_sender + b * batch) as u64;
-                    let count = batch.min(per_sender - b * batch) as u64;
-                    let records: Vec<_> = (first..first + count).map(|n| (n, record_of(&alert(n)).unwrap())).collect();
-                    let entries: Vec<(u64, &[u8])> = records.iter().map(|(n, r)| (*n, r.as_slice())).collect();
                     let chunk = format!("c{s}-{b}");
-                    let bytes = protocol::packed_forward("monitor.alert", &entries, &chunk);
+                    let first = s * per_sender + b * batch;
+                    let bytes = alert_batch(first, batch.min(per_sender - b * batch), &chunk);
                     (chunk, bytes)
                 })
                 .collect()
@@ -152,16 +137,14 @@ fn ingest(monitor: &str, senders: usize, alerts: usize, batch: usize) -> anyhow:
     Ok(())
 }
 
-/// The collector flooded: `senders` connections each write all their batches at once, never
-/// waiting for an ack (many times what it stores per second, offered at once), against a small
-/// buffering budget (8 MiB). Back-pressure must hold it: every batch is acknowledged in the
-/// end, every acknowledged alert is in the store exactly once, and its memory stays bounded.
-fn flood(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("monitor-flood-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// A collector on a free loopback port storing into `dir/store` (emptied first), with `extra`
+/// flags; returned once it accepts connections.
+fn start_collector(monitor: &str, dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(std::process::Child, u16)> {
+    let _ = std::fs::remove_dir_all(dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut collector = Command::new(monitor)
-        .args(["collector", "--log", "warn", "--max-buffered", "8M", "--listen", &format!("127.0.0.1:{port}")])
+    let collector = Command::new(monitor)
+        .args(["collector", "--log", "warn", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .arg("--store")
         .arg(dir.join("store"))
         .stdout(Stdio::null())
@@ -172,6 +155,24 @@ fn flood(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "collector did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok((collector, port))
+}
+
+/// Alerts `first..first + count` as one PackedForward message with `chunk` for its ack.
+fn alert_batch(first: usize, count: usize, chunk: &str) -> Vec<u8> {
+    let first = first as u64;
+    let records: Vec<_> = (first..first + count as u64).map(|n| (n, record_of(&alert(n)).unwrap())).collect();
+    let entries: Vec<(u64, &[u8])> = records.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+    protocol::packed_forward("monitor.alert", &entries, chunk)
+}
+
+/// The collector flooded: `senders` connections each write all their batches at once, never
+/// waiting for an ack (many times what it stores per second, offered at once), against a small
+/// buffering budget (8 MiB). Back-pressure must hold it: every batch is acknowledged in the
+/// end, every acknowledged alert is in the store exactly once, and its memory stays bounded.
+fn flood(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("monitor-flood-bench-{}", std::process::id()));
+    let (mut collector, port) = start_collector(monitor, &dir, &["--max-buffered", "8M"])?;
     let per_sender = alerts / senders;
     let start = Instant::now();
     let threads: Vec<_> = (0..senders)
@@ -200,11 +201,8 @@ fn flood(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
                 });
                 let mut writer = conn;
                 for b in 0..batches {
-                    let first = (s * per_sender + b * BATCH) as u64;
-                    let count = BATCH.min(per_sender - b * BATCH) as u64;
-                    let records: Vec<_> = (first..first + count).map(|n| (n, record_of(&alert(n)).unwrap())).collect();
-                    let entries: Vec<(u64, &[u8])> = records.iter().map(|(n, r)| (*n, r.as_slice())).collect();
-                    writer.write_all(&protocol::packed_forward("monitor.alert", &entries, &format!("f{s}-{b}")))?;
+                    let first = s * per_sender + b * BATCH;
+                    writer.write_all(&alert_batch(first, BATCH.min(per_sender - b * BATCH), &format!("f{s}-{b}")))?;
                 }
                 acks.join().map_err(|_| anyhow::anyhow!("ack reader panicked"))?
             })

@@ -394,6 +394,13 @@ impl TestCgroup {
         self.0.join("cgroup.procs")
     }
 
+    /// A cgroup below this one (dropped, like this one, with its processes killed); drop it first.
+    pub fn child(&self, name: &str) -> TestCgroup {
+        let dir = self.0.join(name);
+        fs::create_dir(&dir).unwrap();
+        TestCgroup(dir)
+    }
+
     /// A shell prefix that moves the shell into this cgroup before it execs what follows.
     pub fn enter(&self) -> String {
         format!("echo $$ > {} && exec", self.procs().display())

@@ -52,6 +52,11 @@ impl Net {
 
     /// `monitor run` of a shell script, started inside the test cgroup.
     pub fn run(&self, session: &std::path::Path, script: &str) -> std::process::Output {
+        self.command(session, script).output().unwrap()
+    }
+
+    /// The command that runs `script` as `session`'s task inside the test cgroup.
+    pub fn command(&self, session: &std::path::Path, script: &str) -> Command {
         let line = format!(
             "{} {} run --file {} -- /bin/sh -c '{}'",
             self.cg.enter(),
@@ -59,12 +64,9 @@ impl Net {
             session.display(),
             script.replace('\'', "'\\''")
         );
-        Command::new("/bin/sh")
-            .args(["-c", &line])
-            .env("MONITOR_CONTROL", &self.agent.control)
-            .env("MONITOR_LOG", "warn")
-            .output()
-            .unwrap()
+        let mut command = Command::new("/bin/sh");
+        command.args(["-c", &line]).env("MONITOR_CONTROL", &self.agent.control).env("MONITOR_LOG", "warn");
+        command
     }
 
     pub fn connect(&self, out: &std::path::Path, label: &str, proto: &str, host: &str, port: u16) -> String {

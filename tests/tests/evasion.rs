@@ -52,29 +52,12 @@ impl Evasion {
     }
 }
 
-/// A cgroup below the agent's hooked one (as every cgroup is below the root an agent hooks in
-/// production), emptied and removed at the end.
-struct ChildCgroup(std::path::PathBuf);
-
-impl Drop for ChildCgroup {
-    fn drop(&mut self) {
-        for pid in fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
-            if let Ok(pid) = pid.trim().parse() {
-                kill(pid);
-            }
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while fs::remove_dir(&self.0).is_err() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
-
 #[test]
 fn moving_into_another_cgroup_does_not_leave_the_session() {
     let e = Evasion::start("evade-cgroup", "");
-    let elsewhere = ChildCgroup(e.net.cg.0.join("elsewhere"));
-    fs::create_dir(&elsewhere.0).unwrap();
+    // Below the agent's hooked cgroup, as every cgroup is below the root an agent hooks in
+    // production.
+    let elsewhere = e.net.cg.child("elsewhere");
     let script = format!("echo $$ > {}/cgroup.procs && {}", elsewhere.0.display(), e.connect("moved"));
     e.run(&script);
     let alert = e.alert("out_of_scope_connect after the move");

@@ -5,11 +5,7 @@
 //! `monitor_blind` for it, keep its memory bounded, and go on seeing the session afterwards.
 //! Traffic goes to 127.0.0.0/8 only.
 
-use std::{
-    fs,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{fs, process::Stdio, time::Duration};
 
 use monitor_tests::{net::*, *};
 
@@ -35,21 +31,7 @@ fn a_fork_and_exec_storm_that_overflows_the_ring_buffer_is_counted_and_survived(
         after = after.display(),
         connect = net.connect(&out, "after-storm", "tcp", "127.0.0.3", forbidden),
     );
-    let line = format!(
-        "{} {} run --file {} -- /bin/sh -c '{}'",
-        net.cg.enter(),
-        monitor_bin().display(),
-        session.display(),
-        script.replace('\'', "'\\''")
-    );
-    let mut root = Command::new("/bin/sh")
-        .args(["-c", &line])
-        .env("MONITOR_CONTROL", &net.agent.control)
-        .env("MONITOR_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut root = net.command(&session, &script).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let started = net.agent.wait_event("the storm session's start", |e| e["type"] == "session_started");
     let key = started["key"].clone();
     fs::write(&go, "").unwrap();

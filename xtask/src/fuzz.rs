@@ -109,10 +109,7 @@ fn targets(root: &Path) -> anyhow::Result<Vec<String>> {
 fn host_triple() -> anyhow::Result<String> {
     let out = Command::new("rustc").arg("-vV").output().context("rustc -vV")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("host: "))
-        .map(str::to_string)
-        .context("rustc -vV names no host")
+    text.lines().find_map(|l| l.strip_prefix("host: ")).map(str::to_string).context("rustc -vV names no host")
 }
 
 /// The instrumented targets, in a target directory of their own (the flags change every crate).

@@ -211,23 +211,22 @@ impl State {
     /// The probed libraries (libssl, GnuTLS, libc) a process maps from files not looked at yet.
     fn probe_libraries(&mut self, pid: u32) {
         let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
-        let mut done = HashSet::new();
         for line in maps.lines() {
-            // START-END PERMS OFFSET DEV INODE PATH
+            // START-END PERMS OFFSET MAJOR:MINOR INODE PATH
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [range, _, _, _, inode, path] = fields[..] else { continue };
+            let [range, _, _, dev, inode, path] = fields[..] else { continue };
             let Some(name) = Path::new(path).file_name().and_then(|n| n.to_str()) else { continue };
-            if inode == "0" || !executables::is_probed_library(name) || !done.insert(inode) {
+            if !executables::is_probed_library(name) {
+                continue;
+            }
+            // The file's identity as the maps line gives it: a library looked at before costs
+            // no open.
+            let Some(id) = maps_file_id(dev, inode) else { continue };
+            if !self.seen.insert(id) {
                 continue;
             }
             // The file the process maps, wherever its mount namespace has it.
             let Ok(file) = File::open(format!("/proc/{pid}/map_files/{range}")) else { continue };
-            let Ok(meta) = file.metadata() else { continue };
-            let id = file_id(&meta);
-            if self.seen.contains(&id) {
-                continue;
-            }
-            self.seen.insert(id);
             match executables::inspect_library(&file, name) {
                 Ok(inspection) => self.attach(&file, Path::new(path), inspection, "library"),
                 Err(e) => tracing::debug!(pid, path, "library not looked at: {e}"),
@@ -299,6 +298,30 @@ impl State {
     }
 }
 
+/// A mapping's file from its `/proc/PID/maps` fields: `MAJOR:MINOR` in hex (the kernel's `s_dev`
+/// split) and the inode; none for an anonymous mapping.
+fn maps_file_id(dev: &str, inode: &str) -> Option<FileId> {
+    let (major, minor) = dev.split_once(':')?;
+    let (major, minor) = (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?);
+    let ino = inode.parse().ok().filter(|i| *i != 0)?;
+    Some(FileId { dev: (major << 20) | (minor & 0xf_ffff), ino })
+}
+
 fn file_id(meta: &std::fs::Metadata) -> FileId {
     FileId { dev: crate::host::kernel_dev(meta.dev()), ino: meta.ino() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_maps_line_names_the_file_as_a_stat_of_it_does() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps.lines().find(|l| l.contains("libc.so")).expect("this test process maps libc");
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let from_maps = maps_file_id(fields[3], fields[4]).unwrap();
+        assert_eq!(from_maps, file_id(&std::fs::metadata(fields[5]).unwrap()));
+        assert_eq!(maps_file_id("00:00", "0"), None, "an anonymous mapping");
+    }
 }

@@ -642,15 +642,7 @@ mod tests {
     fn a_recorded_session_replays_to_the_same_alerts_and_a_timeline() {
         let dir = std::env::temp_dir().join(format!("monitor-replay-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let events = vec![
-            Event::SessionStarted { ts: 0, key: 1, session: Box::new(session()) },
-            exec(S, 100, "/bin/sh"),
-            exec(2 * S, 101, "/usr/bin/wget"),
-            Event::Exit(Exit { ts: 3 * S, session: 1, pid: 101, exit_code: 0 }),
-            Event::SessionEnded { ts: 4 * S, key: 1, reason: EndReason::Requested },
-            Event::Tick { ts: 6 * S },
-        ];
-        record(&dir, &events);
+        record(&dir, &session_events());
         let files = reader::expand(std::slice::from_ref(&dir)).unwrap();
         assert!(files.len() > 1, "600-byte segments rotate");
         let report = replay_files(&files, None, Detail::Timeline, &mut Progress::quiet()).unwrap();

@@ -126,15 +126,7 @@ pub fn h2_overhead(
     let curl = ["curl", "-sk", "--http2", "-o", "/dev/null", "-H", &format!("Authorization: Bearer {token}"), &url]
         .map(String::from);
     let curl_path = Path::new("/usr/bin/curl");
-    let plan = Plan {
-        rounds,
-        target: 1.10,
-        n: count,
-        unit: "µs/request",
-        key: "us_per_request",
-        workload: curl_path,
-        warm_up: true,
-    };
+    let plan = request_plan(rounds, count, curl_path);
     Paired::run(monitor, dir, agent_args, &plan, |agent| timed_in_session(monitor, &session, agent, &curl, &token))
 }
 
@@ -152,15 +144,7 @@ pub fn go_tls_overhead(
     let token = random_token()?;
     let session = token_session(dir)?;
     let client = [gobench.display().to_string(), format!("https://127.0.0.9:{}/bench", server.port), count.to_string()];
-    let plan = Plan {
-        rounds,
-        target: 1.10,
-        n: count,
-        unit: "µs/request",
-        key: "us_per_request",
-        workload: gobench,
-        warm_up: true,
-    };
+    let plan = request_plan(rounds, count, gobench);
     Paired::run(monitor, dir, agent_args, &plan, |agent| timed_in_session(monitor, &session, agent, &client, &token))
 }
 
@@ -179,4 +163,10 @@ pub fn go_exec_overhead(
             rounds, target: 1.03, n: count, unit: "µs/exec", key: "us_per_exec", workload: gobench, warm_up: false
         };
     Paired::run(monitor, dir, agent_args, &plan, |_| exec_loop_of(gobench, count))
+}
+
+/// The plan of an HTTPS request benchmark: `count` requests a run, warmed up (the agent's one-time
+/// look at a new executable is not a request's cost), target ratio 1.10.
+fn request_plan(rounds: u32, count: u32, workload: &Path) -> Plan<'_> {
+    Plan { rounds, target: 1.10, n: count, unit: "µs/request", key: "us_per_request", workload, warm_up: true }
 }
