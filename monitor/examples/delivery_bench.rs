@@ -179,6 +179,9 @@ fn flood(monitor: &str, senders: usize, alerts: usize) -> anyhow::Result<()> {
         .map(|s| {
             std::thread::spawn(move || -> anyhow::Result<usize> {
                 let conn = TcpStream::connect(("127.0.0.1", port))?;
+                // A collector that stops taking or acknowledging fails the run, never hangs it.
+                conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+                conn.set_write_timeout(Some(Duration::from_secs(60)))?;
                 let mut reader = conn.try_clone()?;
                 let batches = per_sender.div_ceil(BATCH);
                 // Acks are read while the writes go on: the sender never waits for one.
