@@ -11,7 +11,7 @@ use std::{
 use crate::{monitor_bin, wait_for, Scratch};
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    crate::wire::free_port_on("127.0.0.1")
 }
 
 fn workspace() -> PathBuf {

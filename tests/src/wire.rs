@@ -199,6 +199,24 @@ pub fn http_server(dir: &Scratch) -> Server {
     Server::spawn(dir, "http.server.log", cmd, "127.0.0.3", port)
 }
 
+/// A port nothing listens on at `addr`, for a server a test starts next. Taken below the
+/// kernel's ephemeral range (32768 and up by default): a port the kernel hands out for `bind(0)`
+/// is also handed out as the source port of outgoing connections, so while other tests connect
+/// (the flood test opens 40 at once) it can be taken again between this check and the server's
+/// bind, or while a server is restarted on it. Each call starts from a different place (process
+/// id and a counter), and the port is checked free by binding it.
 pub fn free_port_on(addr: &str) -> u16 {
-    std::net::TcpListener::bind((addr, 0)).unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919);
+    for _ in 0..COUNT {
+        let offset = base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(131)) % COUNT;
+        let port = (FIRST + offset) as u16;
+        if std::net::TcpListener::bind((addr, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {addr} between {FIRST} and {}", FIRST + COUNT)
 }
