@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use monitor_common::{
     DnsSocket, EventHeader, NameKey, PortRanges, Record, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat,
-    TcpOwner, TlsConnKey, WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_SCAN_CAP,
-    EVENTS_BYTES, EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY,
+    TcpOwner, TlsConnKey, WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_NAME_CAP,
+    ENV_SCAN_CAP, EVENTS_BYTES, EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY,
     SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_LOSSES_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
     TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,
 };
@@ -125,7 +125,10 @@ pub static TLS_READS: LruHashMap<u64, [u64; 3]> = LruHashMap::with_max_entries(4
 
 /// Per-CPU room for an exec's environment while it is scanned for tokens (too big for the stack).
 #[map]
-pub static ENV_SCRATCH: PerCpuArray<[u8; ENV_SCAN_CAP]> = PerCpuArray::with_max_entries(1, 0);
+// ENV_NAME_CAP bytes past the scanned area, so a variable's name is always copied out at its
+// full capacity: a copy of a computed length is refused by older verifiers (6.1 loses the bound
+// of a length compared as `len - 1`).
+pub static ENV_SCRATCH: PerCpuArray<[u8; ENV_SCAN_CAP + ENV_NAME_CAP]> = PerCpuArray::with_max_entries(1, 0);
 
 /// The state of the environment scan in progress on this CPU (see hooks/cred.rs).
 #[map]

@@ -9,8 +9,8 @@
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_current_comm, bpf_probe_read_kernel_buf, bpf_probe_read_user_buf},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{kprobe, tracepoint},
+    programs::{ProbeContext, TracePointContext},
 };
 use monitor_common::{
     token_hash_step, CredChangeEvent, EnvTokenEvent, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
@@ -212,26 +212,19 @@ fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {
     let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return };
     emit::<EnvTokenEvent>(session_key, Origin::Task, Wakeup::WhenDue, |event| {
         let at = (name_at as usize) & (ENV_SCAN_CAP - 1);
-        let mut len = name_len as usize;
-        if len > ENV_NAME_CAP {
-            len = ENV_NAME_CAP;
-        }
-        if at + len > ENV_SCAN_CAP {
-            len = ENV_SCAN_CAP - at;
-        }
+        let len = (name_len as usize).min(ENV_NAME_CAP).min(ENV_SCAN_CAP - at);
         // SAFETY: `event` points to a reservation of size_of::<EnvTokenEvent>() bytes; the name is
-        // copied from inside this CPU's scratch (bounds checked above).
+        // copied at its full capacity from inside this CPU's scratch, which has ENV_NAME_CAP bytes
+        // to spare past any `at`, and `len` says how much of it is the name.
         unsafe {
             (*event).hash = hash;
             (*event).ppid = kernel::parent_tgid().unwrap_or(0);
             (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
             (*event).comm = comm();
             (*event).name.len = 0;
-            if len > 0 && len <= ENV_NAME_CAP {
-                let src = (buf as *const u8).add(at);
-                if bpf_probe_read_kernel_buf(src, &mut (&mut (*event).name.buf)[..len]).is_ok() {
-                    (*event).name.len = len as u32;
-                }
+            let src = (buf as *const u8).add(at);
+            if bpf_probe_read_kernel_buf(src, &mut (*event).name.buf).is_ok() {
+                (*event).name.len = len as u32;
             }
         }
     });
@@ -281,12 +274,26 @@ fn on_cred_change(ctx: &TracePointContext, call: u32) {
 /// when the process goes on to use what it raised. Everything else returns after one lookup.
 #[tracepoint(category = "capability", name = "cap_capable")]
 pub fn cap_capable(_ctx: TracePointContext) -> u32 {
+    on_capability_check();
+    0
+}
+
+/// The same, on kernels before 6.14, which have no capability tracepoint: a kprobe on the
+/// kernel's cap_capable() (the agent loads it only when the tracepoint is missing).
+#[kprobe]
+pub fn cap_capable_kprobe(_ctx: ProbeContext) -> u32 {
+    on_capability_check();
+    0
+}
+
+#[inline(always)]
+fn on_capability_check() {
     let (_, tgid) = session::current_ids();
-    let Some(key) = session::of_current(tgid) else { return 0 };
-    let Some(caps) = kernel::cap_effective() else { return 0 };
+    let Some(key) = session::of_current(tgid) else { return };
+    let Some(caps) = kernel::cap_effective() else { return };
     match LAST_CAPS.get_ptr_mut(&tgid) {
         // SAFETY: valid map value pointer for this program run.
-        Some(last) if unsafe { *last } == caps => return 0,
+        Some(last) if unsafe { *last } == caps => return,
         // SAFETY: as above.
         Some(last) => unsafe { *last = caps },
         None => {
@@ -294,7 +301,6 @@ pub fn cap_capable(_ctx: TracePointContext) -> u32 {
         }
     }
     emit_cred_change(key, CRED_CAP_CHECK);
-    0
 }
 
 /// Records the current task's effective capabilities as the baseline of process `tgid`.

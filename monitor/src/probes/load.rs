@@ -162,62 +162,20 @@ impl Loaded {
             None => None,
         };
         for spec in PROBES {
-            let attach = spec.attach.to_string();
-            let opt_in = matches!(spec.when, When::OptIn | When::OptInWhileSessions);
-            let off =
-                disabled.iter().any(|d| d == spec.program) || (opt_in && !enabled.iter().any(|e| e == spec.program));
-            if off {
-                let why = if opt_in { "opt-in, enable with --enable-probe" } else { "disabled by --disable-probe" };
-                let error = Some(format!("{why} (lost: {})", spec.provides));
-                report.probes.push(ProbeStatus {
-                    probe: spec.program,
-                    attach,
-                    attached: false,
-                    while_sessions: false,
-                    error,
-                });
-                continue;
-            }
-            // Loaded now, attached while they are needed (see `Probes`).
-            if spec.when.wanted(false, false).is_some() {
-                let loaded = load_program(&mut self.ebpf, spec, cgroup.is_some());
-                let attached = loaded.is_ok();
-                let error = match loaded {
-                    // An executable probe has a site per executable, taken as they are found.
-                    Ok(_) if matches!(spec.attach, AttachPoint::Executables { .. }) => None,
-                    Ok(site) => {
-                        on_demand.push(OnDemand { spec, site, link: None });
-                        None
-                    }
-                    Err(e) if spec.required => return Err(e),
-                    Err(e) => Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
-                };
-                report.probes.push(ProbeStatus {
-                    probe: spec.program,
-                    attach,
-                    attached,
-                    while_sessions: attached,
-                    error,
-                });
-                continue;
-            }
-            let result = attach_one(&mut self.ebpf, spec, cgroup.as_ref());
-            match result {
-                Ok(()) => report.probes.push(ProbeStatus {
-                    probe: spec.program,
-                    attach,
-                    attached: true,
-                    while_sessions: false,
-                    error: None,
-                }),
-                Err(e) if !spec.required => report.probes.push(ProbeStatus {
-                    probe: spec.program,
-                    attach,
-                    attached: false,
-                    while_sessions: false,
-                    error: Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
-                }),
-                Err(e) => return Err(e),
+            self.take(spec, cgroup.as_ref(), left_out(spec, disabled, enabled), &mut report, &mut on_demand)?;
+        }
+        // A stand-in where this kernel refused a probe or lacks its hook.
+        for stand_in in STAND_INS {
+            let lost = report.probes.iter().position(|p| p.probe == stand_in.instead_of).filter(|&i| {
+                let spec = PROBES.iter().find(|p| p.program == stand_in.instead_of);
+                !report.probes[i].attached && spec.is_some_and(|spec| left_out(spec, disabled, enabled).is_none())
+            });
+            let Some(lost) = lost else { continue };
+            self.take(&stand_in.spec, cgroup.as_ref(), None, &mut report, &mut on_demand)?;
+            if report.probes.last().is_some_and(|p| p.attached) {
+                let status = &mut report.probes[lost];
+                let why = status.error.take().unwrap_or_default();
+                status.error = Some(format!("{why}; restored by {} ({})", stand_in.spec.program, stand_in.spec.attach));
             }
         }
         Ok(Probes {
@@ -231,6 +189,78 @@ impl Loaded {
             cgroup,
         })
     }
+
+    /// Loads (and for a probe attached from start to stop, attaches) one probe, into the report;
+    /// an on-demand one joins `on_demand`. `off` says why it is left out, if it is.
+    fn take(
+        &mut self,
+        spec: &'static ProbeSpec,
+        cgroup: Option<&std::fs::File>,
+        off: Option<&'static str>,
+        report: &mut LoadReport,
+        on_demand: &mut Vec<OnDemand>,
+    ) -> Result<(), ProbeError> {
+        let attach = spec.attach.to_string();
+        if let Some(why) = off {
+            let error = Some(format!("{why} (lost: {})", spec.provides));
+            report.probes.push(ProbeStatus {
+                probe: spec.program,
+                attach,
+                attached: false,
+                while_sessions: false,
+                error,
+            });
+            return Ok(());
+        }
+        // Loaded now, attached while they are needed (see `Probes`).
+        if spec.when.wanted(false, false).is_some() {
+            let loaded = load_program(&mut self.ebpf, spec, cgroup.is_some());
+            let attached = loaded.is_ok();
+            let error = match loaded {
+                // An executable probe has a site per executable, taken as they are found.
+                Ok(_) if matches!(spec.attach, AttachPoint::Executables { .. }) => None,
+                Ok(site) => {
+                    on_demand.push(OnDemand { spec, site, link: None });
+                    None
+                }
+                Err(e) if spec.required => return Err(e),
+                Err(e) => Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
+            };
+            report.probes.push(ProbeStatus { probe: spec.program, attach, attached, while_sessions: attached, error });
+            return Ok(());
+        }
+        let result = attach_one(&mut self.ebpf, spec, cgroup);
+        match result {
+            Ok(()) => report.probes.push(ProbeStatus {
+                probe: spec.program,
+                attach,
+                attached: true,
+                while_sessions: false,
+                error: None,
+            }),
+            Err(e) if !spec.required => report.probes.push(ProbeStatus {
+                probe: spec.program,
+                attach,
+                attached: false,
+                while_sessions: false,
+                error: Some(format!("{} (lost: {})", error_chain(&e), spec.provides)),
+            }),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
+/// Why `spec` is left out by the agent's options, if it is.
+fn left_out(spec: &ProbeSpec, disabled: &[String], enabled: &[String]) -> Option<&'static str> {
+    let opt_in = matches!(spec.when, When::OptIn | When::OptInWhileSessions);
+    if disabled.iter().any(|d| d == spec.program) {
+        Some("disabled by --disable-probe")
+    } else if opt_in && !enabled.iter().any(|e| e == spec.program) {
+        Some("opt-in, enable with --enable-probe")
+    } else {
+        None
+    }
 }
 
 /// Loads a probe's program without attaching it, and finds where a uprobe goes.
@@ -240,6 +270,10 @@ fn load_program(ebpf: &mut Ebpf, spec: &ProbeSpec, have_cgroup: bool) -> Result<
     match spec.attach {
         AttachPoint::TracePoint { .. } => {
             <&mut TracePoint>::try_from(program).map_err(err)?.load().map_err(err)?;
+            Ok(None)
+        }
+        AttachPoint::KProbe { .. } => {
+            <&mut KProbe>::try_from(program).map_err(err)?.load().map_err(err)?;
             Ok(None)
         }
         AttachPoint::CgroupSkbEgress | AttachPoint::CgroupSkbIngress => {

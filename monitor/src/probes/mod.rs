@@ -19,7 +19,7 @@ use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         cgroup_sock_addr::CgroupSockAddr, uprobe::UProbeScope, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType,
-        TracePoint, UProbe,
+        KProbe, TracePoint, UProbe,
     },
     Ebpf,
 };
@@ -29,7 +29,7 @@ use serde::Serialize;
 pub use btf::KernelOffsets;
 use load::error_chain;
 pub use load::{check_environment, load, Loaded};
-pub use table::{AttachPoint, ProbeSpec, When, PROBES};
+pub use table::{spec, AttachPoint, ProbeSpec, When, PROBES, STAND_INS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -187,6 +187,7 @@ enum SiteLocation {
 
 enum Link {
     TracePoint(aya::programs::trace_point::TracePointLinkId),
+    KProbe(aya::programs::kprobe::KProbeLinkId),
     UProbe(aya::programs::uprobe::UProbeLinkId),
     Skb(aya::programs::cgroup_skb::CgroupSkbLinkId),
     SockAddr(aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId),
@@ -310,7 +311,7 @@ impl Probes {
             // Not loaded: disabled, or opt-in and not enabled (see PROBES).
             return Err(ProbeError::NotLoaded(probe.program));
         }
-        let spec = PROBES.iter().find(|p| p.program == probe.program).ok_or(ProbeError::Missing(probe.program))?;
+        let spec = spec(probe.program).ok_or(ProbeError::Missing(probe.program))?;
         let file = file.try_clone().map_err(|e| ProbeError::Executable(path.to_path_buf(), e))?;
         let location = SiteLocation::Offset(probe.file_offset);
         let site = UprobeSite { location, file: format!("/proc/self/fd/{}", file.as_raw_fd()).into() };
@@ -333,6 +334,10 @@ fn attach_link(ebpf: &mut Ebpf, probe: &OnDemand, cgroup: Option<&std::fs::File>
         AttachPoint::TracePoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(err)?;
             Link::TracePoint(tp.attach(category, name).map_err(err)?)
+        }
+        AttachPoint::KProbe { function } => {
+            let kprobe: &mut KProbe = program.try_into().map_err(err)?;
+            Link::KProbe(kprobe.attach(function, 0).map_err(err)?)
         }
         AttachPoint::CgroupSkbEgress | AttachPoint::CgroupSkbIngress => {
             let cgroup = cgroup.ok_or(ProbeError::NoCgroup2)?;
@@ -368,6 +373,7 @@ fn detach_link(ebpf: &mut Ebpf, spec: &ProbeSpec, link: Link) -> Result<(), Prob
     let err = |source| ProbeError::Program { probe: spec.program, source };
     match link {
         Link::TracePoint(id) => <&mut TracePoint>::try_from(program).map_err(err)?.detach(id).map_err(err),
+        Link::KProbe(id) => <&mut KProbe>::try_from(program).map_err(err)?.detach(id).map_err(err),
         Link::UProbe(id) => <&mut UProbe>::try_from(program).map_err(err)?.detach(id).map_err(err),
         Link::Skb(id) => <&mut CgroupSkb>::try_from(program).map_err(err)?.detach(id).map_err(err),
         Link::SockAddr(id) => <&mut CgroupSockAddr>::try_from(program).map_err(err)?.detach(id).map_err(err),

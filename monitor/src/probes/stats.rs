@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::PROBES;
+use super::spec;
 
 /// Where the kernel is told to count BPF run time (the counting itself costs two clock reads per
 /// run, so it is off by default).
@@ -33,6 +33,10 @@ pub struct ProgramStats {
     /// with that TLS code); every process that maps one of them has the probe installed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<String>,
+    /// Why a program is not loaded: this kernel refused it or lacks its hook, or it is opt-in
+    /// or disabled; with what that loses (the agent's load report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_loaded: Option<String>,
 }
 
 impl ProgramStats {
@@ -58,7 +62,7 @@ impl super::Probes {
                 let fd = program.fd().ok()?.as_fd().as_raw_fd();
                 let (prog_id, (run_cnt, run_time_ns)) =
                     parse_fdinfo(&fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?)?;
-                let spec = PROBES.iter().find(|p| p.program == name);
+                let spec = spec(name);
                 Some(ProgramStats {
                     program: name.to_string(),
                     attach: spec.map(|s| s.attach.to_string()).unwrap_or_default(),
@@ -67,9 +71,24 @@ impl super::Probes {
                     run_cnt,
                     run_time_ns,
                     files: self.uprobe_files(name),
+                    not_loaded: None,
                 })
             })
             .collect();
+        for status in &self.report.probes {
+            if let (Some(why), false) = (&status.error, programs.iter().any(|p| p.program == status.probe)) {
+                programs.push(ProgramStats {
+                    program: status.probe.to_string(),
+                    attach: status.attach.clone(),
+                    attached: false,
+                    prog_id: 0,
+                    run_cnt: 0,
+                    run_time_ns: 0,
+                    files: Vec::new(),
+                    not_loaded: Some(why.clone()),
+                });
+            }
+        }
         programs.sort_by(|a, b| a.program.cmp(&b.program));
         programs
     }
@@ -100,6 +119,9 @@ pub fn table(programs: &[ProgramStats]) -> String {
         ));
         for file in &p.files {
             out.push_str(&format!("{:<20} in {file}\n", ""));
+        }
+        if let Some(why) = &p.not_loaded {
+            out.push_str(&format!("{:<20} not loaded: {why}\n", ""));
         }
     }
     out

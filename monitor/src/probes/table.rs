@@ -37,6 +37,11 @@ pub enum AttachPoint {
     Executables {
         symbol: &'static str,
     },
+    /// A kprobe on a kernel function: only as a stand-in (see [`STAND_INS`]), where this
+    /// kernel lacks the tracepoint and allows kprobes.
+    KProbe {
+        function: &'static str,
+    },
     /// A cgroup skb egress hook on the agent's cgroup.
     CgroupSkbEgress,
     /// A cgroup skb ingress hook on the agent's cgroup.
@@ -52,6 +57,7 @@ impl std::fmt::Display for AttachPoint {
             AttachPoint::Library { file, symbol, .. } => write!(f, "uprobe/{file}:{symbol}"),
             AttachPoint::LibraryReturn { file, symbol } => write!(f, "uretprobe/{file}:{symbol}"),
             AttachPoint::Executables { symbol } => write!(f, "uprobe/<each executable>:{symbol}"),
+            AttachPoint::KProbe { function } => write!(f, "kprobe/{function}"),
             AttachPoint::CgroupSkbEgress => write!(f, "cgroup_skb/egress"),
             AttachPoint::CgroupSkbIngress => write!(f, "cgroup_skb/ingress"),
         }
@@ -69,6 +75,31 @@ pub struct ProbeSpec {
     /// What the agent loses without it, for the report.
     pub provides: &'static str,
     pub when: When,
+}
+
+/// A probe loaded only when another could not be, on this kernel: it restores what the other
+/// provides, from another hook.
+pub struct StandIn {
+    pub instead_of: &'static str,
+    pub spec: ProbeSpec,
+}
+
+/// The capability tracepoint is new in 6.14; older kernels (Debian 12's 6.1, 6.12) allow a
+/// kprobe on the function itself. This machine's kernel refuses kprobes, and has the tracepoint.
+pub static STAND_INS: &[StandIn] = &[StandIn {
+    instead_of: "cap_capable",
+    spec: ProbeSpec {
+        program: "cap_capable_kprobe",
+        attach: AttachPoint::KProbe { function: "cap_capable" },
+        required: false,
+        provides: "capabilities raised by session processes (capset), seen when used",
+        when: When::WhileSessions,
+    },
+}];
+
+/// The probe whose program is `program`, stand-ins included.
+pub fn spec(program: &str) -> Option<&'static ProbeSpec> {
+    PROBES.iter().chain(STAND_INS.iter().map(|s| &s.spec)).find(|p| p.program == program)
 }
 
 /// When a probe is attached.
