@@ -3,10 +3,11 @@
 //! every SIEM sink (OCSF 1.8 validated against the schema); the launcher of a session is not an
 //! outsider while the task is active; a cross-session use names both sessions.
 
-use std::{collections::BTreeMap, fs, process::Command};
+use std::{collections::BTreeMap, fs, process::Command, time::Duration};
 
 use monitor_tests::{
-    peers::Collector, read_jsonl, session_file, stderr, stdout, wait_for, wire::Creds, Agent, Scratch,
+    most_alert_versions, peers::Collector, read_jsonl, session_file, slowdown, stderr, stdout, wait_for,
+    wait_for_within, wire::Creds, Agent, Scratch,
 };
 use serde_json::Value;
 
@@ -76,6 +77,7 @@ fn the_launcher_holds_the_token_and_a_flood_after_the_end_is_one_alert() {
         },
         || t.agent.diagnostics(),
     );
+    let flood = std::time::Instant::now();
     fs::write(&done, "").unwrap();
     assert!(launcher.wait().unwrap().success());
     assert!(t.alerts_of("token_outside_session").is_empty(), "{}", t.agent.diagnostics());
@@ -87,7 +89,8 @@ fn the_launcher_holds_the_token_and_a_flood_after_the_end_is_one_alert() {
     let ids = counts(&all, "token_after_task_end");
     assert_eq!(ids.len(), 1, "one finding, not one per exec: {ids:?}");
     let sent = all.iter().filter(|a| a["rule"] == "token_after_task_end").count();
-    assert!(sent <= 3, "the first alert and few updates, not 50 alerts: {sent}");
+    let most = most_alert_versions(flood.elapsed());
+    assert!(sent <= most, "the first alert and few updates (at most {most}), not 50 alerts: {sent}");
     assert_eq!(update["session"]["id"], "launch-1");
     assert!(update["pids"].as_array().unwrap().len() >= 50);
     assert!(update["process"]["sid"].as_u64().is_some_and(|sid| sid > 1), "the terminal's Unix session: {update}");
@@ -150,6 +153,7 @@ fn an_updated_alert_reaches_the_store_and_every_sink_once() {
     let agent =
         Agent::start_with("alerts-update-agent", &["--output", &output, "--spool-dir", spool.to_str().unwrap()]);
     let file = session_file(&agent.dir, "upd-1", "grace: 30s\nscope:\n  exec: [\"/bin/sh\", \"/usr/bin/dash\"]\n");
+    let started = std::time::Instant::now();
     let o = agent.run(&file, &["/bin/sh", "-c", "i=0; while [ $i -lt 30 ]; do /bin/true; i=$((i+1)); done"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let update = agent.wait_alert("the update with count 30", |a| a["rule"] == "exec_out_of_scope" && a["count"] == 30);
@@ -163,7 +167,11 @@ fn an_updated_alert_reaches_the_store_and_every_sink_once() {
     );
     let versions: Vec<u64> =
         in_sink.iter().filter(|a| a["id"] == id.as_str()).map(|a| a["count"].as_u64().unwrap()).collect();
-    assert_eq!(versions, [1, 30], "each version once, in order");
+    // The first at once; updates a few seconds apart (one here, unless the 30 execs take longer).
+    assert_eq!(versions.first(), Some(&1), "the first alert first: {versions:?}");
+    assert_eq!(versions.last(), Some(&30), "the last update last: {versions:?}");
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "each version once, in order: {versions:?}");
+    assert!(versions.len() <= most_alert_versions(started.elapsed()), "few updates: {versions:?}");
     let findings = wait_for(
         "the OCSF update",
         || Some(read_jsonl(&ocsf)).filter(|f| f.iter().any(|f| f["activity_id"] == 2)),
@@ -222,7 +230,8 @@ fn a_ring_buffer_overflow_names_the_session_whose_events_were_lost() {
     // SAFETY: signalling the agent, our own child.
     unsafe { libc::kill(t.agent.pid() as i32, libc::SIGSTOP) };
     fs::write(&go, "").unwrap();
-    wait_for("4,000 execs while the agent is stopped", || done.exists().then_some(()), String::new);
+    let execs = Duration::from_secs(60) * slowdown();
+    wait_for_within("4,000 execs while the agent is stopped", execs, || done.exists().then_some(()), String::new);
     // SAFETY: as above.
     unsafe { libc::kill(t.agent.pid() as i32, libc::SIGCONT) };
     let blind = t.agent.wait_alert("monitor_blind naming the storm session", |a| {

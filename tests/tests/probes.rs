@@ -119,6 +119,10 @@ fn outside_every_session_each_probe_costs_a_lookup_and_the_host_wide_ones_are_de
     let (_, floor) = runs_and_ns_per_run(&before, &after, "floor_exec");
     let mut report = format!("floor (an empty program on the exec tracepoint): {floor:.0} ns/run\n");
     for program in ["task_newtask", "sched_process_exec", "sched_process_exit", "connect4", "cap_capable"] {
+        if let Some(why) = agent.kernel_lacks(program) {
+            not_checked(&format!("{program}'s cost"), &why);
+            continue;
+        }
         let (runs, per_run) = runs_and_ns_per_run(&before, &after, program);
         report.push_str(&format!(
             "{program}: {runs} runs, {per_run:.0} ns/run, {:+.0} above the floor\n",
@@ -126,10 +130,16 @@ fn outside_every_session_each_probe_costs_a_lookup_and_the_host_wide_ones_are_de
         ));
         // The host runs other processes too: at least ours.
         assert!(runs >= ROUNDS as u64, "{program} ran {runs} times for {ROUNDS} rounds\n{report}");
+        if !timings_meaningful() {
+            continue;
+        }
         assert!(per_run - floor < MAX_NS_ABOVE_FLOOR, "{program}: {per_run:.0} ns per run outside sessions\n{report}");
         assert!(per_run < MAX_NS_PER_RUN, "{program} took {per_run:.0} ns per run outside sessions\n{report}");
     }
     eprintln!("{report}");
+    if !timings_meaningful() {
+        not_checked("each probe's cost per run", "timings under software emulation");
+    }
     drop(stats);
     let _ = holder.0.kill();
     let _ = holder.0.wait();

@@ -1,4 +1,4 @@
-//! Project commands: `cargo xtask setup | run | test | bench | fuzz | ci`.
+//! Project commands: `cargo xtask setup | run | test | bench | fuzz | vm-test | ci`.
 //!
 //! Everything a fresh machine of this project's kind needs is installed here, idempotently, so
 //! the README's two commands (`cargo xtask run`, `cargo xtask test`) work with no manual step.
@@ -6,6 +6,7 @@
 mod bench;
 mod fuzz;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -79,6 +80,24 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Option<Vec<String>>,
     },
+    /// The real-kernel tests on other kernels: each Debian kernel booted in qemu with this
+    /// machine's filesystem shared in, or `host`; prints the matrix (target/vm/matrix.md).
+    VmTest {
+        /// Kernels, comma-separated: 6.1, 6.12 (the newest of each series in Debian's archive)
+        /// and host.
+        #[arg(long, value_delimiter = ',', default_value = "6.1,6.12,host")]
+        kernel: Vec<String>,
+        /// Only these test files, comma-separated (tests/tests/*.rs).
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+        /// Boot with KVM instead of software emulation (these machines' /dev/kvm is PVM, which
+        /// cannot boot a Debian kernel).
+        #[arg(long)]
+        kvm: bool,
+        /// Guest memory in MiB (the guest's writes live in it).
+        #[arg(long, default_value_t = 6144)]
+        memory_mib: u32,
+    },
     /// What CI runs: the test command.
     Ci,
     /// (Used by bench) connect to ADDR N times, closing each connection at once; prints seconds.
@@ -111,6 +130,14 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Ci => test(None),
+        Task::VmTest { kernel, only, kvm, memory_mib } => {
+            setup::run()?;
+            setup::test_peers(&root)?;
+            setup::vm_tools()?;
+            build()?;
+            let accel = if kvm { vm::Accel::Kvm } else { vm::Accel::Tcg };
+            vm::run(&root, &vm::Options { kernels: kernel, only, accel, memory_mib })
+        }
         Task::Fuzz { seconds, only } => {
             setup::run()?;
             setup::fuzz_tools()?;

@@ -167,6 +167,12 @@ pub fn fuzz_tools() -> anyhow::Result<()> {
     apt_packages(&["g++"])
 }
 
+/// What `cargo xtask vm-test` boots kernels with: qemu (and its virtiofsd), busybox for the
+/// initramfs, cpio to pack it, kmod's depmod for the kernel's modules, xz and zstd for them.
+pub fn vm_tools() -> anyhow::Result<()> {
+    apt_packages(&["qemu-system-x86", "busybox-static", "cpio", "kmod", "xz-utils", "zstd"])
+}
+
 fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
@@ -249,7 +255,7 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
