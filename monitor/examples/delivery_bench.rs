@@ -58,6 +58,7 @@ fn alert(n: u64) -> Alert {
             state: "active".into(),
             started: monitor::alert::rfc3339(1_795_000_000_000_000_000),
             ended: None,
+            host: None,
         },
         process: None,
         network: None,

@@ -84,6 +84,10 @@ pub struct SessionRef {
     pub started: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended: Option<String>,
+    /// The host whose agent runs the session, when it is another host's (a fleet alert: the
+    /// session came from the fleet watchlist, see `crate::fleet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

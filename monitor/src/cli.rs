@@ -221,6 +221,18 @@ pub struct AgentArgs {
     /// Do not pin them: they end with the agent.
     #[arg(long)]
     pub no_pin: bool,
+    /// This host's name in alerts and on the fleet watchlist (default: the kernel's host name;
+    /// in a DaemonSet, the node's name: a pod's host name is the pod's).
+    #[arg(long, value_name = "NAME", env = "MONITOR_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// Join the fleet watchlist on this Kafka topic (`kafka://BROKER[,BROKER]/TOPIC`, compacted):
+    /// this host's sessions are published, and other hosts' tokens are caught here after their
+    /// task ended or outside it. The fleet's agents must share --key-file.
+    #[arg(long, value_name = "SPEC")]
+    pub fleet: Option<crate::fleet::FleetTarget>,
+    /// No contact with the fleet's brokers for this long raises monitor_blind.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = positive_duration)]
+    pub fleet_stale_after: Duration,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -292,6 +304,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 Some(path) => Policy::read(path)?,
                 None => Policy::default(),
             };
+            let host_name = args.host_name.filter(|h| !h.is_empty()).unwrap_or_else(crate::host::hostname);
             let settings = AgentSettings {
                 outputs: args.outputs,
                 control: args.control.path,
@@ -316,6 +329,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 state_dir: args.state_dir,
                 fresh: args.fresh,
                 pin_dir: (!args.no_pin).then_some(args.pin_dir),
+                host_name: host_name.clone(),
+                fleet: args.fleet.map(|target| crate::fleet::FleetSettings {
+                    target,
+                    host: host_name,
+                    stale_after: args.fleet_stale_after,
+                }),
             };
             agent::memory::bound_allocator();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -72,6 +72,19 @@ pub enum Event {
         source: String,
         fingerprint: String,
     },
+    /// A session of another host, as the fleet watchlist read it (started, ended, a token
+    /// learnt or rotated there). In the trace, so a replay knows what the live agent knew.
+    FleetSession {
+        ts: Nanos,
+        session: Box<crate::sessions::remote::RemoteSession>,
+    },
+    /// The agent has not heard from the fleet's brokers since `since`: sessions other hosts
+    /// started or ended since then are not known here.
+    FleetStale {
+        ts: Nanos,
+        since: Nanos,
+        brokers: String,
+    },
 }
 
 impl Event {
@@ -92,13 +105,17 @@ impl Event {
             Event::TokenUse(t) => t.session,
             Event::CredChange(c) => c.session,
             Event::Lost { session, .. } => session.unwrap_or(0),
-            Event::Tick { .. } | Event::AgentStopping { .. } | Event::PolicyReloaded { .. } => 0,
+            Event::Tick { .. }
+            | Event::AgentStopping { .. }
+            | Event::PolicyReloaded { .. }
+            | Event::FleetSession { .. }
+            | Event::FleetStale { .. } => 0,
         };
         (key != 0).then_some(key)
     }
 
     /// Every event's `type` in its JSON form, in the order of [`Event::kind_index`].
-    pub const KINDS: [&'static str; 17] = [
+    pub const KINDS: [&'static str; 19] = [
         "session_started",
         "session_ended",
         "process_seen",
@@ -116,6 +133,8 @@ impl Event {
         "lost",
         "policy_reloaded",
         "token_rotated",
+        "fleet_session",
+        "fleet_stale",
     ];
 
     /// Where the event's `type` is in [`Event::KINDS`] (counters per kind are kept in an array).
@@ -138,6 +157,8 @@ impl Event {
             Event::Lost { .. } => 14,
             Event::PolicyReloaded { .. } => 15,
             Event::TokenRotated { .. } => 16,
+            Event::FleetSession { .. } => 17,
+            Event::FleetStale { .. } => 18,
         }
     }
 
@@ -154,7 +175,9 @@ impl Event {
             | Event::AgentStopping { ts }
             | Event::Lost { ts, .. }
             | Event::PolicyReloaded { ts, .. }
-            | Event::TokenRotated { ts, .. } => *ts,
+            | Event::TokenRotated { ts, .. }
+            | Event::FleetSession { ts, .. }
+            | Event::FleetStale { ts, .. } => *ts,
             Event::ProcessSeen(p) => p.ts,
             Event::Fork(f) => f.ts,
             Event::Exec(e) => e.ts,

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod encode;
 pub mod engine;
 pub mod event;
+pub mod fleet;
 pub mod forward;
 pub mod hex;
 pub mod host;

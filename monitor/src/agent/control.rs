@@ -42,6 +42,17 @@ pub struct ControlPlane {
     pub token_files: Arc<super::token_files::TokenFiles>,
 }
 
+impl ControlPlane {
+    /// Makes the kernel look for exactly the tokens the credential index holds now (after tokens
+    /// were added outside a session start: rotated, or other hosts'), and attaches or detaches
+    /// the probes tokens need.
+    pub async fn look_for_tokens(&self) {
+        let mut maps = self.maps.lock().await;
+        let tokens_known = maps.sync_token_hashes(self.credentials.seed(), &self.credentials.token_hashes());
+        self.probes.lock().unwrap_or_else(|p| p.into_inner()).set_tokens_known(tokens_known);
+    }
+}
+
 /// Binds the socket: its directory 0700, the socket 0600, a stale socket replaced, a live one
 /// (another agent) refused.
 pub async fn listen(path: &Path) -> anyhow::Result<UnixListener> {

@@ -5,6 +5,7 @@ mod control;
 mod core;
 mod enforcer;
 mod executables;
+mod fleet;
 pub mod memory;
 mod reader;
 mod reload;
@@ -64,6 +65,10 @@ pub struct AgentSettings {
     pub fresh: bool,
     /// Where the session binding maps are pinned (probes/pins.rs); None: not pinned.
     pub pin_dir: Option<PathBuf>,
+    /// This host's name in alerts and on the fleet watchlist (`--host-name`).
+    pub host_name: String,
+    /// The fleet watchlist (`--fleet`), if on.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
@@ -94,9 +99,20 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
 
     // A previous agent's sessions, adopted below; their token hashes were made with its seed.
     let saved = if settings.fresh { None } else { state::load(&settings.state_dir).map_err(anyhow::Error::msg)? };
-    let seed = match &saved {
-        Some(state) => state.seed,
-        None => random_seed()?,
+    // A fleet's agents hash tokens alike (their seed comes from the shared key), so a token
+    // declared on one host is found in exec environments on the others.
+    let fleet_seed = settings.fleet.as_ref().map(|_| crate::fleet::kernel_seed(&key));
+    let seed = match (&saved, fleet_seed) {
+        (Some(state), Some(fleet)) if state.seed != fleet => {
+            tracing::warn!(
+                "the adopted sessions' tokens were hashed with the previous agent's seed, not the fleet's: \
+                 other hosts' tokens are not found in exec environments here until the agent starts with --fresh"
+            );
+            state.seed
+        }
+        (Some(state), _) => state.seed,
+        (None, Some(fleet)) => fleet,
+        (None, None) => random_seed()?,
     };
     if saved.is_none() && pinned {
         state::clear_bindings(&mut maps).map_err(anyhow::Error::msg)?;
@@ -126,7 +142,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         Some(path) => Some(sinks::EventLog::create(path)?),
         None => None,
     };
-    let stamp = Stamp::new();
+    let stamp = Stamp::new(settings.host_name.clone());
     let engine_config = EngineConfig::from_policy(&settings.policy);
     let trace = match &settings.trace_dir {
         Some(dir) => {
@@ -198,6 +214,10 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     memory::give_back();
     let keeper = tokio::spawn(state::keep(plane.clone(), settings.state_dir.clone()));
     let token_files = tokio::spawn(token_files::run(plane.clone()));
+    if let Some(fleet) = settings.fleet.clone() {
+        tracing::info!(fleet = %fleet.target, host = fleet.host, "on the fleet watchlist");
+        fleet::start(fleet, Arc::new(plane.clone()))?;
+    }
     let control = tokio::spawn(control::serve(listener, plane));
     let probes_seen = probes.clone();
     crate::metrics::get().on_scrape(Box::new(move |metrics| {
@@ -364,10 +384,10 @@ pub struct Stamp {
 const FOLD_IDS: usize = 16_384;
 
 impl Stamp {
-    pub fn new() -> Self {
+    pub fn new(host: String) -> Self {
         Self {
             ids: ulid::Generator::new(),
-            host: crate::host::hostname(),
+            host,
             fold_ids: Default::default(),
             cgroups: crate::k8s::CgroupPaths::new(
                 &crate::sessions::bind::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()),
@@ -400,6 +420,6 @@ impl Stamp {
 
 impl Default for Stamp {
     fn default() -> Self {
-        Self::new()
+        Self::new(crate::host::hostname())
     }
 }

@@ -113,8 +113,6 @@ pub async fn run(plane: ControlPlane) {
             continue;
         }
         plane.core.apply(rotated).await;
-        let mut maps = plane.maps.lock().await;
-        let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
-        plane.probes.lock().unwrap_or_else(|p| p.into_inner()).set_tokens_known(tokens_known);
+        plane.look_for_tokens().await;
     }
 }

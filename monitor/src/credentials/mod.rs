@@ -57,6 +57,56 @@ struct Inner {
     paths: BTreeMap<SessionKey, Vec<String>>,
     /// Every watched file by (device in the kernel's encoding, inode), with its path.
     watched: HashMap<(u32, u64), String>,
+    /// Other hosts' sessions' tokens (the fleet watchlist).
+    remote: RemoteTokens,
+}
+
+/// Other hosts' sessions (by `HOST/ID`): each token's fingerprint, and its kernel hash when it
+/// was made with this agent's seed; indexed both ways, since a fleet's watchlist runs to
+/// thousands of sessions and every request on the wire is looked up.
+#[derive(Debug, Default)]
+struct RemoteTokens {
+    sessions: BTreeMap<String, Vec<(Option<u64>, String)>>,
+    /// How many sessions hold each fingerprint.
+    fingerprints: HashMap<String, u32>,
+    /// Kernel hash -> (fingerprint, how many sessions hold it).
+    hashes: HashMap<u64, (String, u32)>,
+}
+
+impl RemoteTokens {
+    fn set(&mut self, key: String, tokens: Vec<(Option<u64>, String)>) -> bool {
+        if self.sessions.get(&key) == Some(&tokens) {
+            return false;
+        }
+        self.remove(&key);
+        for (hash, fingerprint) in &tokens {
+            *self.fingerprints.entry(fingerprint.clone()).or_default() += 1;
+            if let Some(hash) = hash {
+                self.hashes.entry(*hash).or_insert_with(|| (fingerprint.clone(), 0)).1 += 1;
+            }
+        }
+        self.sessions.insert(key, tokens);
+        true
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        let Some(tokens) = self.sessions.remove(key) else { return false };
+        for (hash, fingerprint) in tokens {
+            if let Some(n) = self.fingerprints.get_mut(&fingerprint) {
+                *n -= 1;
+                if *n == 0 {
+                    self.fingerprints.remove(&fingerprint);
+                }
+            }
+            if let Some((_, n)) = hash.and_then(|h| self.hashes.get_mut(&h)) {
+                *n -= 1;
+                if *n == 0 {
+                    self.hashes.remove(&hash.unwrap_or_default());
+                }
+            }
+        }
+        true
+    }
 }
 
 impl CredentialIndex {
@@ -138,7 +188,29 @@ impl CredentialIndex {
 
     /// Every token hash the kernel should look for in exec environments.
     pub fn token_hashes(&self) -> HashSet<u64> {
-        self.read().tokens.values().flatten().map(|(hash, _)| *hash).collect()
+        let inner = self.read();
+        let remote = inner.remote.hashes.keys().copied();
+        inner.tokens.values().flatten().map(|(hash, _)| *hash).chain(remote).collect()
+    }
+
+    /// Sets what another host's session holds (the fleet watchlist, `key` `HOST/ID`): its tokens
+    /// are looked for like this host's sessions' ones, on the wire, in command lines and, where
+    /// `hash` is usable here, in exec environments.
+    pub fn set_remote(&self, key: String, tokens: Vec<(Option<u64>, String)>) {
+        if self.write().remote.set(key, tokens) {
+            self.changed();
+        }
+    }
+
+    pub fn forget_remote(&self, key: &str) {
+        if self.write().remote.remove(key) {
+            self.changed();
+        }
+    }
+
+    /// How many other hosts' sessions are looked for.
+    pub fn remote_sessions(&self) -> usize {
+        self.read().remote.sessions.len()
     }
 
     /// Every path sessions name (to be watched besides the well-known ones).
@@ -193,11 +265,16 @@ impl CredentialIndex {
     }
 
     fn fingerprint_of_hash(&self, hash: u64) -> Option<String> {
-        self.read().tokens.values().flatten().find(|(h, _)| *h == hash).map(|(_, f)| f.clone())
+        let inner = self.read();
+        let local = inner.tokens.values().flatten().find(|(h, _)| *h == hash).map(|(_, f)| f.clone());
+        local.or_else(|| inner.remote.hashes.get(&hash).map(|(f, _)| f.clone()))
     }
 
+    /// Whether a session, of this host or (the fleet watchlist) of another, holds the token.
     pub fn is_session_token(&self, fingerprint: &str) -> bool {
-        self.read().tokens.values().flatten().any(|(_, f)| f == fingerprint)
+        let inner = self.read();
+        inner.tokens.values().flatten().any(|(_, f)| f == fingerprint)
+            || inner.remote.fingerprints.contains_key(fingerprint)
     }
 
     fn path_of(&self, dev: u32, ino: u64) -> Option<String> {

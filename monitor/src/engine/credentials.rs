@@ -48,7 +48,7 @@ impl Engine {
         if !self.config.learn_tokens || !t.credential.kind.learnable() || self.authority_over(t.session, t.ts) {
             return false;
         }
-        if !self.token_owners(&t.credential.fingerprint).is_empty() {
+        if !self.token_owners(&t.credential.fingerprint).is_empty() || self.fleet.holds(&t.credential.fingerprint) {
             return false;
         }
         let Some(tracked) = self.sessions.get_mut(&t.session) else { return false };
@@ -168,9 +168,11 @@ impl Engine {
         }
         let owners = self.token_owners(&t.credential.fingerprint);
         let misuse = self.token_misuse(t, &owners);
+        // A token no session here holds may be another host's (the fleet watchlist).
+        let remote = if owners.is_empty() { self.remote_misuse(t) } else { None };
         let expired =
             t.credential.jwt.as_ref().and_then(|j| j.exp).filter(|exp| exp.saturating_mul(1_000_000_000) < t.ts as i64);
-        if matches!(misuse, Some(Misuse::Excused)) || (misuse.is_none() && expired.is_none()) {
+        if matches!(misuse, Some(Misuse::Excused)) || (misuse.is_none() && remote.is_none() && expired.is_none()) {
             // The common case (a session's own token during its task): no alert, nothing built.
             return;
         }
@@ -216,6 +218,27 @@ impl Engine {
             (_, _) => format!("in a {seen_in} request"),
         };
         let who = if t.actor.exe.is_empty() { t.actor.comm.clone() } else { t.actor.exe.clone() };
+        if let Some((rule, owner)) = remote {
+            let when = if rule == Rule::TokenAfterTaskEnd { " after that task ended" } else { "" };
+            let summary = format!(
+                "{who} (pid {}), {}, used the token of session {} of host {} {how}{when}",
+                t.actor.pid,
+                self.actor_side(t.session),
+                owner.id,
+                owner.host
+            );
+            let mut credential = credential.clone();
+            credential.learned =
+                owner.tokens.iter().any(|tok| tok.learned && tok.fingerprint == t.credential.fingerprint);
+            let mut alert = self.credential_alert(rule, 0, t.session, &t.actor, t.ts, summary, credential);
+            alert.session = super::fleet::session_ref(&owner, t.ts);
+            if let Some(p) = alert.process.as_mut().filter(|_| t.session == 0) {
+                p.in_session = false;
+            }
+            alert.network = network.clone();
+            alerts.push(alert);
+        }
+
         let mut push = |engine: &Self, rule, session, summary: String| {
             let mut credential = credential.clone();
             credential.learned = engine.is_learned(session, &t.credential.fingerprint);

@@ -3,10 +3,12 @@
 //! recorded trace replays to the same alerts.
 
 mod credentials;
+mod fleet;
 mod fold;
 mod names;
 
 pub use credentials::LEARNED_PER_SESSION;
+pub use fleet::{WatchlistSize, DEFAULT_RETENTION_NS, WATCHLIST_CAPACITY};
 mod procs;
 #[cfg(test)]
 mod tests;
@@ -41,6 +43,10 @@ pub struct EngineConfig {
     /// `alerts.fold_window`; 0: every occurrence is an alert, as in traces recorded before).
     #[serde(default)]
     pub fold_window_ns: Nanos,
+    /// How long other hosts' ended sessions stay on the fleet watchlist (the policy's
+    /// `fleet.retention`; None: [`DEFAULT_RETENTION_NS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_retention_ns: Option<Nanos>,
 }
 
 impl EngineConfig {
@@ -50,6 +56,7 @@ impl EngineConfig {
             never_alert: policy.never_alert.connect.clone(),
             learn_tokens: policy.credentials.learn_tokens,
             fold_window_ns: policy.alerts.fold_window_ns(),
+            fleet_retention_ns: policy.fleet.retention.map(|r| r.as_nanos().min(u64::MAX as u128) as u64),
         }
     }
 }
@@ -172,6 +179,8 @@ pub struct Engine {
     /// Bumped whenever a session starts, ends, is checked for outliving processes or is
     /// forgotten (see `generation`).
     session_changes: u64,
+    /// Other hosts' sessions (fleet.rs).
+    fleet: fleet::Watchlist,
 }
 
 impl Engine {
@@ -237,6 +246,7 @@ impl Engine {
         // Deadlines that passed before this event are settled first, so the outcome does not
         // depend on whether a tick happened to arrive in between.
         self.settle_deadlines(event.ts(), &mut alerts);
+        self.prune_fleet(event.ts());
         match event {
             Event::SessionStarted { ts, key, session } => {
                 self.session_changes += 1;
@@ -276,6 +286,8 @@ impl Engine {
                 self.config = (**config).clone();
             }
             Event::TokenRotated { key, source, fingerprint, .. } => self.token_rotated(*key, source, fingerprint),
+            Event::FleetSession { session, .. } => self.fleet_session(session),
+            Event::FleetStale { ts, since, brokers } => alerts.push(self.fleet_stale(*ts, *since, brokers)),
         }
         alerts
     }
@@ -632,6 +644,20 @@ impl Engine {
                 SessionRef::default(),
             ),
         };
+        self.blind_alert(ts, summary, session)
+    }
+
+    /// The fleet view went stale: this agent no longer learns other hosts' sessions.
+    fn fleet_stale(&self, ts: Nanos, since: Nanos, brokers: &str) -> Alert {
+        let summary = format!(
+            "the fleet view is stale: no contact with the Kafka brokers {brokers} for {} s; sessions other \
+             hosts started or ended since are not known here, and their tokens are not looked for",
+            ts.saturating_sub(since) / 1_000_000_000
+        );
+        self.blind_alert(ts, summary, SessionRef::default())
+    }
+
+    fn blind_alert(&self, ts: Nanos, summary: String, session: SessionRef) -> Alert {
         Alert {
             id: String::new(),
             time: rfc3339(ts),
@@ -672,6 +698,7 @@ impl Engine {
             state: t.state_at(ts).as_str().to_string(),
             started: rfc3339(t.started),
             ended: t.ended.map(|(at, _)| rfc3339(at)),
+            host: None,
         })
     }
 

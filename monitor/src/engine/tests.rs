@@ -811,4 +811,81 @@ mod credentials {
         assert_eq!((other.id.as_str(), other.actor.as_str()), ("t-2", "svc:other"));
         assert!(a.summary.contains("session t-2 (actor svc:other for alice@example.com)"), "{}", a.summary);
     }
+
+    /// A session of another host (the fleet watchlist), holding TOKEN and a learnt token.
+    fn remote(ended_ns: Option<Nanos>) -> Event {
+        use crate::sessions::remote::{RemoteSession, RemoteToken, REMOTE_SESSION_VERSION};
+        let token =
+            |fingerprint: &str, learned| RemoteToken { fingerprint: fingerprint.into(), kernel_hash: 7, learned };
+        Event::FleetSession {
+            ts: S,
+            session: Box::new(RemoteSession {
+                version: REMOTE_SESSION_VERSION,
+                host: "node-a".into(),
+                id: "ci-77".into(),
+                principal: "bob@example.com".into(),
+                actor: "svc:ci".into(),
+                task: "release".into(),
+                sponsor: "platform".into(),
+                started_ns: 0,
+                expires_ns: 600 * S,
+                ended_ns,
+                grace_ns: 2 * S,
+                scope: "connect: 127.0.0.2:8443".into(),
+                tokens: vec![token(TOKEN, false), token("hmac-sha256:1e", true)],
+                seed_check: 0,
+            }),
+        }
+    }
+
+    /// A token of a task that ended on node-a, used here by a process in no session:
+    /// token_after_task_end naming node-a's session and host; while that task runs, the same use
+    /// is token_outside_session.
+    #[test]
+    fn another_host_s_token_used_here_after_its_task_and_during_it() {
+        let alerts = run(&[remote(Some(10 * S)), http(20 * S, 0, 4242, TOKEN, None)]);
+        assert_eq!(rules(&alerts), [Rule::TokenAfterTaskEnd]);
+        let a = &alerts[0];
+        assert_eq!((a.session.id.as_str(), a.session.host.as_deref()), ("ci-77", Some("node-a")));
+        assert_eq!((a.session.state.as_str(), a.session.actor.as_str()), ("ended", "svc:ci"));
+        assert!(a.summary.contains("session ci-77 of host node-a") && a.summary.contains("after that task ended"));
+        assert!(!a.process.as_ref().unwrap().in_session);
+        let alerts = run(&[remote(None), http(20 * S, 0, 4242, "hmac-sha256:1e", None)]);
+        assert_eq!(rules(&alerts), [Rule::TokenOutsideSession]);
+        assert!(alerts[0].credential.as_ref().unwrap().learned, "learnt on node-a");
+        // Within node-a's grace, and an unrelated token: nothing.
+        assert_eq!(
+            rules(&run(&[remote(Some(10 * S)), http(11 * S, 0, 4242, TOKEN, None)])),
+            [Rule::TokenOutsideSession]
+        );
+        assert_eq!(rules(&run(&[remote(Some(10 * S)), http(20 * S, 0, 4242, "hmac-sha256:22", None)])), []);
+    }
+
+    /// A session here that sends another host's token does not learn it (it is node-a's), and
+    /// the use is node-a's finding naming this host's session.
+    #[test]
+    fn a_session_here_does_not_learn_another_host_s_token() {
+        let mut engine = Engine::new(EngineConfig { learn_tokens: true, ..Default::default() });
+        let mut events = vec![remote(Some(10 * S))];
+        events.extend(task());
+        events.push(http(20 * S, KEY, ROOT, "hmac-sha256:1e", None));
+        events.push(http(21 * S, KEY, ROOT, "hmac-sha256:1e", None));
+        let alerts: Vec<Alert> = events.iter().flat_map(|e| engine.handle(e)).collect();
+        assert_eq!(rules(&alerts), [Rule::TokenAfterTaskEnd, Rule::TokenAfterTaskEnd], "{alerts:#?}");
+        assert_eq!(alerts[0].session.host.as_deref(), Some("node-a"));
+        let actor = alerts[0].process.as_ref().and_then(|p| p.session.as_ref()).expect("process.session");
+        assert_eq!(actor.id, "t-1");
+    }
+
+    /// Another host's ended session is forgotten after the retention (a policy setting).
+    #[test]
+    fn another_host_s_session_is_forgotten_after_the_retention() {
+        let config = EngineConfig { fleet_retention_ns: Some(100 * S), ..Default::default() };
+        let mut engine = Engine::new(config);
+        engine.handle(&remote(Some(10 * S)));
+        assert_eq!(engine.watchlist_size().sessions, 1);
+        assert_eq!(rules(&engine.handle(&http(109 * S, 0, 4242, TOKEN, None))), [Rule::TokenAfterTaskEnd]);
+        assert_eq!(rules(&engine.handle(&http(111 * S, 0, 4242, TOKEN, None))), []);
+        assert_eq!(engine.watchlist_size(), crate::engine::WatchlistSize::default());
+    }
 }

@@ -74,6 +74,12 @@ pub struct Metrics {
     event_delay: Histogram,
     cpu_seconds: Counter<f64, AtomicU64>,
     resident_bytes: Gauge,
+    /// The fleet watchlist (`--fleet`): other hosts' sessions looked for, records read and
+    /// skipped, and how long since the brokers last answered.
+    pub fleet_sessions: Gauge,
+    pub fleet_records: Counter,
+    pub fleet_unreadable: Counter,
+    pub fleet_staleness: Gauge,
     /// The CPU time reported so far (the counter grows by the difference at each scrape).
     cpu_reported: Mutex<f64>,
     /// The forward spools, by output, read at each scrape.
@@ -171,6 +177,31 @@ impl Metrics {
             Unit::Bytes,
             resident_bytes.clone(),
         );
+        let fleet_sessions = Gauge::default();
+        registry.register(
+            "fleet_sessions",
+            "Other hosts' sessions on the fleet watchlist (their tokens are looked for here)",
+            fleet_sessions.clone(),
+        );
+        let fleet_records = Counter::default();
+        registry.register(
+            "fleet_records",
+            "Other hosts' session records read from the fleet topic",
+            fleet_records.clone(),
+        );
+        let fleet_unreadable = Counter::default();
+        registry.register(
+            "fleet_unreadable_records",
+            "Records of the fleet topic skipped (another format version, not JSON, too big)",
+            fleet_unreadable.clone(),
+        );
+        let fleet_staleness = Gauge::default();
+        registry.register_with_unit(
+            "fleet_staleness",
+            "Time since the fleet's Kafka brokers last answered (0 while they do)",
+            Unit::Seconds,
+            fleet_staleness.clone(),
+        );
         Self {
             registry,
             events,
@@ -186,6 +217,10 @@ impl Metrics {
             event_delay,
             cpu_seconds,
             resident_bytes,
+            fleet_sessions,
+            fleet_records,
+            fleet_unreadable,
+            fleet_staleness,
             cpu_reported: Mutex::new(0.0),
             spools: Mutex::new(BTreeMap::new()),
             on_scrape: Mutex::new(Vec::new()),

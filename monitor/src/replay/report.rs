@@ -203,7 +203,9 @@ pub fn entry(event: Event, procs: &Names) -> Option<Entry> {
         | Event::ConnectResult(_)
         | Event::Tick { .. }
         | Event::AgentStopping { .. }
-        | Event::PolicyReloaded { .. } => return None,
+        | Event::PolicyReloaded { .. }
+        | Event::FleetSession { .. }
+        | Event::FleetStale { .. } => return None,
         Event::TokenRotated { .. } => (0, Arc::from("")),
         Event::SessionStarted { session, .. } => (session.binding.root_pid.unwrap_or(0), Arc::from("")),
         Event::SessionEnded { .. } | Event::Lost { .. } => (0, Arc::from("")),
@@ -233,6 +235,12 @@ pub fn describe(event: &Event) -> (&'static str, String) {
         Event::AgentStopping { .. } => ("agent stopping", String::new()),
         Event::PolicyReloaded { .. } => ("policy", "reloaded".to_string()),
         Event::TokenRotated { source, fingerprint, .. } => ("token", format!("rotated: {source} now {fingerprint}")),
+        Event::FleetSession { ts, session } => {
+            ("fleet", format!("session {} on {}: {}", session.id, session.host, session.state_at(*ts)))
+        }
+        Event::FleetStale { brokers, since, .. } => {
+            ("fleet", format!("no contact with {brokers} since {}", crate::alert::rfc3339(*since)))
+        }
         Event::Exec(e) => ("exec", e.argv.join(" ")),
         Event::Exit(x) => ("exit", exit_status(x.exit_code)),
         Event::Connect(c) => {

@@ -7,6 +7,7 @@ pub mod fingerprint;
 pub mod hosts;
 pub mod kernel_policy;
 pub mod protocol;
+pub mod remote;
 mod scope;
 mod spec;
 

@@ -235,6 +235,14 @@ impl Scope {
         self.connect.as_ref().is_none_or(|list| list.iter().any(|d| d.matches(addr, port, names)))
     }
 
+    /// One line for a responder: `connect: A, B; credentials: F; exec: any`.
+    pub fn summary(&self) -> String {
+        let list = |items: Option<Vec<String>>| items.map_or("any".to_string(), |i| i.join(", "));
+        let connect = list(self.connect.as_ref().map(|c| c.iter().map(|d| d.to_string()).collect()));
+        let credentials = if self.credentials.is_empty() { "none".to_string() } else { self.credentials.join(", ") };
+        format!("connect: {connect}; credentials: {credentials}; exec: {}", list(self.exec.clone()))
+    }
+
     pub fn allows_exec(&self, exe: &str, exe_real: Option<&str>) -> bool {
         let Some(allowed) = &self.exec else { return true };
         let matches =

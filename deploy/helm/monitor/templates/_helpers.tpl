@@ -34,10 +34,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* agent.toml from .Values.config: strings quoted, lists as TOML arrays. */}}
 {{- define "monitor.agentToml" -}}
 {{- range $key, $value := .Values.config }}
-{{- if kindIs "slice" $value }}
+{{- if and (eq $key "key-file") $.Values.fleet.keySecret }}
+{{- else if kindIs "slice" $value }}
 {{ $key }} = [{{ range $i, $v := $value }}{{ if $i }}, {{ end }}{{ $v | toString | quote }}{{ end }}]
 {{- else }}
 {{ $key }} = {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.fleet }}
+{{- if .target }}
+fleet = {{ .target | quote }}
+fleet-stale-after = {{ .staleAfter | toString | quote }}
+{{- end }}
+{{- if .keySecret }}
+key-file = "/etc/monitor-fleet/key"
 {{- end }}
 {{- end }}
 {{- end -}}
