@@ -24,7 +24,8 @@ pub fn build(name: &str, source: &str, ldflags: &str) -> PathBuf {
     fs::write(dir.join("main.go"), source).unwrap();
     let go_home = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-go");
     let o = Command::new("go")
-        .args(["build", "-o", name, &format!("-ldflags={ldflags}"), "."])
+        // No VCS stamp: the checkout may be another user's, or not a git work tree at all.
+        .args(["build", "-buildvcs=false", "-o", name, &format!("-ldflags={ldflags}"), "."])
         .current_dir(&dir)
         .env("CGO_ENABLED", "0")
         // Under target/, whatever HOME is (CI may have none); no module is fetched.

@@ -198,7 +198,7 @@ impl Agent {
             .arg(format!("jsonl:{}", alerts.display()))
             .arg("--event-log")
             .arg(&events)
-            .args(["--log", "debug,aya=info,aya_obj=info"])
+            .args(["--log", "debug,aya=info,aya_obj=info,loona_hpack=info"])
             .args(own_cgroup.iter().flat_map(|cg| [std::ffi::OsStr::new("--cgroup"), cg.0.as_os_str()]))
             // Each agent its own state: tests run side by side and must not adopt each other's.
             .args(
@@ -372,9 +372,12 @@ pub fn most_alert_versions(elapsed: Duration) -> usize {
     2 + (elapsed.as_secs() / 5) as usize
 }
 
+/// The whole lines of a JSON lines file another process is appending to (a last line without
+/// its newline is still being written, and left for the next read).
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad JSON line {l:?}: {e}", path.display())))

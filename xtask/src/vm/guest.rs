@@ -44,7 +44,7 @@ ulimit -n 65536
     let _ =
         writeln!(s, "mkdir -p /lib/modules/{release} && mount --bind '{}' /lib/modules/{release}", modules.display());
     for (key, value) in env {
-        let _ = writeln!(s, "export {key}='{value}'");
+        let _ = writeln!(s, "export {key}='{}'", value.replace('\'', "'\\''"));
     }
     let _ = writeln!(s, "echo \"{READY}$(uname -r)\"");
     s.push_str("mkdir -p /tmp/vmtest\n");
@@ -54,9 +54,13 @@ ulimit -n 65536
             s,
             "echo '{BEGIN}{name}'\n\
              export MONITOR_TEST_UNSUPPORTED=/tmp/vmtest/{name}.unsupported\n\
+             touch /tmp/vmtest/{name}.start\n\
              cd '{dir}' && timeout {binary_timeout_s} '{path}' --test-threads=2 --color=never > /tmp/vmtest/{name}.out 2>&1\n\
              rc=$?\n\
              cat /tmp/vmtest/{name}.out\n\
+             # The guest's writes are gone when it stops: a failed file's agents say what went wrong.\n\
+             [ $rc -eq 0 ] || for log in $(find '{dir}/../target/test-scratch' -name agent.log -newer /tmp/vmtest/{name}.start); do \
+               echo \"VMTEST LOG $log\"; grep -E ' (WARN|ERROR) ' \"$log\" | head -30; done\n\
              sed 's/^/{UNSUPPORTED}/' /tmp/vmtest/{name}.unsupported 2>/dev/null\n\
              echo \"{END}{name} $rc\"",
             dir = binary.dir.display(),

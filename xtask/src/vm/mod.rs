@@ -187,14 +187,22 @@ fn snapshot(root: &Path, binaries: &[TestBinary]) -> anyhow::Result<Vec<TestBina
 const SNAPSHOT: &str = "target/vm/bin";
 
 /// What the tests need to know of where they run; `emulated` turns off their timing checks.
+/// This machine's environment comes first, so the peers the tests start are found and run as
+/// on the host (pyenv's python with the PyPI peers, cargo's bin, Node's CA file).
 fn test_env(root: &Path, slowdown: u32, emulated: bool) -> Vec<(String, String)> {
-    let mut env = vec![
+    let shell_safe = |k: &str| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            shell_safe(k) && !k.starts_with("CARGO") && !k.starts_with("RUST") && !k.starts_with("MONITOR")
+        })
+        .filter(|(k, _)| !matches!(k.as_str(), "_" | "PWD" | "OLDPWD" | "SHLVL" | "HOSTNAME"))
+        .collect();
+    env.extend([
         ("MONITOR_BIN".into(), root.join(SNAPSHOT).join("monitor").display().to_string()),
         ("MONITOR_TEST_SLOWDOWN".into(), slowdown.to_string()),
-        ("HOME".into(), "/root".into()),
-        ("PATH".into(), format!("{}/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", home())),
+        ("HOME".into(), home()),
         ("RUST_BACKTRACE".into(), "0".into()),
-    ];
+    ]);
     if emulated {
         env.push(("MONITOR_TEST_EMULATED".into(), "1".into()));
     }
