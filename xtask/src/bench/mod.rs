@@ -15,6 +15,7 @@ mod clients;
 mod costs;
 mod credentials;
 mod delivery;
+mod fleet;
 mod sessions;
 pub use credentials::{open_loop, timed};
 
@@ -32,7 +33,7 @@ pub struct Sizes {
 
 /// The parts of the benchmark, in the order they run; `--only` picks some.
 pub const PARTS: &[&str] =
-    &["exec", "connect", "open", "tls", "clients", "engine", "replay", "ingest", "latency", "sessions"];
+    &["exec", "connect", "open", "tls", "clients", "engine", "replay", "ingest", "latency", "sessions", "fleet"];
 
 pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
     let Sizes { execs, connects, opens, tls_requests, rounds, agent_args, only } = sizes;
@@ -194,6 +195,11 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         let measured = sessions::run(&monitor, &dir, &agent_args)?;
         table.rows.extend(measured.rows);
         table.insert("sessions", measured.json);
+    }
+    if want("fleet") {
+        let measured = fleet::run(&monitor, &dir)?;
+        table.rows.extend(measured.rows);
+        table.insert("fleet", measured.json);
     }
 
     println!();

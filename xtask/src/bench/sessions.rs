@@ -160,7 +160,7 @@ fn start_session(agent: &BenchAgent, i: usize, pid: u32) -> anyhow::Result<()> {
 }
 
 /// The agent's CPU (percent of one core) over `window`, and its resident memory (MB) after.
-fn idle_usage(pid: u32, window: Duration) -> anyhow::Result<(f64, f64)> {
+pub(super) fn idle_usage(pid: u32, window: Duration) -> anyhow::Result<(f64, f64)> {
     let before = cpu_ticks(pid)?;
     let t0 = Instant::now();
     std::thread::sleep(window);
@@ -178,7 +178,7 @@ fn idle_usage(pid: u32, window: Duration) -> anyhow::Result<(f64, f64)> {
 }
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+pub(super) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = &stat[stat.rfind(')').context("stat")? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
