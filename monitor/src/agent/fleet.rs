@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::control::ControlPlane;
 use crate::{
-    engine::Adoptable,
+    engine::{Adoptable, WATCHLIST_CAPACITY},
     event::{Event, Nanos},
     fleet::{FleetSettings, Incoming, Publisher, Reader},
     host::now_ns,
@@ -187,6 +187,16 @@ async fn apply(
             }
             keep
         });
+        // As many as the engine's watchlist keeps: the ones due to be forgotten first make room.
+        if forget_at.len() > WATCHLIST_CAPACITY {
+            let mut by_due: Vec<(Nanos, String)> = forget_at.iter().map(|(k, at)| (*at, k.clone())).collect();
+            by_due.sort_unstable();
+            for (_, key) in by_due.into_iter().take(forget_at.len() - WATCHLIST_CAPACITY) {
+                forget_at.remove(&key);
+                plane.credentials.forget_remote(&key);
+                crate::metrics::get().fleet_evicted.inc();
+            }
+        }
         crate::metrics::get().fleet_sessions.set(plane.credentials.remote_sessions() as i64);
         if events.is_empty() {
             continue;

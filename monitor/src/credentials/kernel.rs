@@ -2,25 +2,34 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use monitor_common::{WatchedDevs, CONFIG_TOKEN_COUNT, CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, WATCHED_DEVS};
+use monitor_common::{
+    WatchedDevs, CONFIG_TOKEN_COUNT, CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, TOKEN_HASHES_CAPACITY, WATCHED_DEVS,
+};
 
 use crate::probes::KernelMaps;
 
 impl KernelMaps {
-    /// Makes `TOKEN_HASHES` hold exactly `hashes`; the count tells every exec whether to scan.
-    /// Returns whether any token is now looked for.
-    pub fn sync_token_hashes(&mut self, seed: u64, hashes: &HashSet<u64>) -> bool {
+    /// Makes `TOKEN_HASHES` hold `hashes` (as many as it can, in their order); the count tells
+    /// every exec whether to scan. Returns whether any token is now looked for.
+    pub fn sync_token_hashes(&mut self, seed: u64, hashes: &[u64]) -> bool {
         let _ = self.config.set(CONFIG_TOKEN_SEED, seed, 0);
-        let stale: Vec<u64> = self.token_hashes.keys().filter_map(Result::ok).filter(|h| !hashes.contains(h)).collect();
+        let wanted: HashSet<u64> = hashes.iter().copied().collect();
+        let stale: Vec<u64> = self.token_hashes.keys().filter_map(Result::ok).filter(|h| !wanted.contains(h)).collect();
         for hash in stale {
             let _ = self.token_hashes.remove(&hash);
         }
-        let mut count = 0u64;
+        let (mut count, mut left_out) = (0u64, 0usize);
         for hash in hashes {
             match self.token_hashes.insert(hash, 1, 0) {
                 Ok(()) => count += 1,
-                Err(e) => tracing::warn!("token watch list full, a token is not looked for in exec environments: {e}"),
+                Err(_) => left_out += 1,
             }
+        }
+        if left_out > 0 {
+            tracing::warn!(
+                left_out,
+                "the kernel's token list is full ({TOKEN_HASHES_CAPACITY}): these tokens are not looked for in exec environments (on the wire and in command lines they are)"
+            );
         }
         let _ = self.config.set(CONFIG_TOKEN_COUNT, count, 0);
         count > 0

@@ -186,11 +186,13 @@ impl CredentialIndex {
         self.changed();
     }
 
-    /// Every token hash the kernel should look for in exec environments.
-    pub fn token_hashes(&self) -> HashSet<u64> {
+    /// Every token hash the kernel should look for in exec environments, this host's sessions'
+    /// first (the kernel's list is bounded: other hosts' come after).
+    pub fn token_hashes(&self) -> Vec<u64> {
         let inner = self.read();
-        let remote = inner.remote.hashes.keys().copied();
-        inner.tokens.values().flatten().map(|(hash, _)| *hash).chain(remote).collect()
+        let mut seen = HashSet::new();
+        let local = inner.tokens.values().flatten().map(|(hash, _)| *hash);
+        local.chain(inner.remote.hashes.keys().copied()).filter(|h| seen.insert(*h)).collect()
     }
 
     /// Sets what another host's session holds (the fleet watchlist, `key` `HOST/ID`): its tokens

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub fleet_sessions: Gauge,
     pub fleet_records: Counter,
     pub fleet_unreadable: Counter,
+    pub fleet_evicted: Counter,
     pub fleet_staleness: Gauge,
     /// The CPU time reported so far (the counter grows by the difference at each scrape).
     cpu_reported: Mutex<f64>,
@@ -195,6 +196,12 @@ impl Metrics {
             "Records of the fleet topic skipped (another format version, not JSON, too big)",
             fleet_unreadable.clone(),
         );
+        let fleet_evicted = Counter::default();
+        registry.register(
+            "fleet_evicted_sessions",
+            "Other hosts' sessions dropped from a full watchlist before their retention ran out",
+            fleet_evicted.clone(),
+        );
         let fleet_staleness = Gauge::default();
         registry.register_with_unit(
             "fleet_staleness",
@@ -220,6 +227,7 @@ impl Metrics {
             fleet_sessions,
             fleet_records,
             fleet_unreadable,
+            fleet_evicted,
             fleet_staleness,
             cpu_reported: Mutex::new(0.0),
             spools: Mutex::new(BTreeMap::new()),
