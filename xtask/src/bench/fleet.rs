@@ -57,18 +57,11 @@ pub fn run(monitor: &Path, dir: &Path) -> anyhow::Result<Measured> {
         // The fleet's shared key, where the bench agent takes its key from.
         fs::write(home.join("fingerprint.key"), [7u8; 32])?;
         let events = home.join("events.jsonl");
-        let args: Vec<String> = [
-            "--fleet",
-            &fleet,
-            "--host-name",
-            name,
-            "--event-log",
-            events.to_str().unwrap_or_default(),
-            "--no-pin",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args: Vec<String> =
+            ["--fleet", &fleet, "--host-name", name, "--event-log", events.to_str().unwrap_or_default(), "--no-pin"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let (agent, _) = BenchAgent::launch(monitor, &home, &args, &home.join("state"), true, &home.join("agent.log"))?;
         Ok((agent, events))
     };

@@ -107,6 +107,7 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
         }
         binaries.retain(|b| only.contains(&b.name));
     }
+    remove_old_snapshots(root);
     let binaries = snapshot(root, &binaries)?;
     let mut matrix: Vec<(String, BTreeMap<String, FileResult>)> = Vec::new();
     for name in &options.kernels {
@@ -169,7 +170,7 @@ fn test_binaries(root: &Path) -> anyhow::Result<Vec<TestBinary>> {
 /// Copies the agent and the test binaries to target/vm/bin, which the runs use: a guest reads
 /// its files live from the host, so this keeps a run's binaries fixed while the host rebuilds.
 fn snapshot(root: &Path, binaries: &[TestBinary]) -> anyhow::Result<Vec<TestBinary>> {
-    let dir = root.join(SNAPSHOT);
+    let dir = snapshot_dir(root);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     fs::copy(root.join("target/release/monitor"), dir.join("monitor")).context("copying target/release/monitor")?;
@@ -183,8 +184,22 @@ fn snapshot(root: &Path, binaries: &[TestBinary]) -> anyhow::Result<Vec<TestBina
         .collect()
 }
 
-/// Where `snapshot` puts the binaries a run uses.
-const SNAPSHOT: &str = "target/vm/bin";
+/// Where `snapshot` puts the binaries this run uses: a directory of its own, so two runs (two
+/// kernels at once) do not replace each other's binaries under a running guest.
+fn snapshot_dir(root: &Path) -> PathBuf {
+    root.join("target/vm/bin").join(std::process::id().to_string())
+}
+
+/// Removes the snapshots of runs that are over (their process is gone).
+fn remove_old_snapshots(root: &Path) {
+    let Ok(entries) = fs::read_dir(root.join("target/vm/bin")) else { return };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().parse::<u32>().ok();
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
 
 /// What the tests need to know of where they run; `emulated` turns off their timing checks.
 /// This machine's environment comes first, so the peers the tests start are found and run as
@@ -198,7 +213,7 @@ fn test_env(root: &Path, slowdown: u32, emulated: bool) -> Vec<(String, String)>
         .filter(|(k, _)| !matches!(k.as_str(), "_" | "PWD" | "OLDPWD" | "SHLVL" | "HOSTNAME"))
         .collect();
     env.extend([
-        ("MONITOR_BIN".into(), root.join(SNAPSHOT).join("monitor").display().to_string()),
+        ("MONITOR_BIN".into(), snapshot_dir(root).join("monitor").display().to_string()),
         ("MONITOR_TEST_SLOWDOWN".into(), slowdown.to_string()),
         ("HOME".into(), home()),
         ("RUST_BACKTRACE".into(), "0".into()),
