@@ -265,6 +265,28 @@ impl Agent {
         (!why.starts_with("opt-in") && !why.starts_with("disabled")).then(|| why.to_string())
     }
 
+    /// The program that does `program`'s job on this kernel: itself, or the stand-in the agent
+    /// loaded where the kernel lacks it (`monitor probes` says "restored by NAME (...)").
+    pub fn doing(&self, program: &str) -> String {
+        let stand_in = self.kernel_lacks(program).and_then(|why| {
+            why.split("restored by ").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_string)
+        });
+        stand_in.unwrap_or_else(|| program.to_string())
+    }
+
+    /// Whether a TLS request's alert can name its connection's peer here: the plaintext hook
+    /// pairs each TLS write with its socket, which kernels before 6.x do not let a cgroup skb
+    /// program do (the agent runs its stand-in). Says so ([`not_checked`]) when it cannot.
+    pub fn names_tls_peers(&self) -> bool {
+        match self.kernel_lacks("tcp_egress") {
+            Some(why) => {
+                not_checked("the peer address of a TLS request's connection", &why);
+                false
+            }
+            None => true,
+        }
+    }
+
     /// The names of the programs attached now.
     pub fn attached_probes(&self) -> std::collections::BTreeSet<String> {
         attached_names(&self.probes())

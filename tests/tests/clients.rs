@@ -93,8 +93,10 @@ fn after_the_end(t: &Creds, files: &TokenFiles, client: &str, wire: &Wire, name:
     assert!(alert["process"]["exe"].as_str().unwrap().ends_with(wire.exe), "{alert}");
     // The destination of the socket, for TLS (paired with the write in the kernel) as for
     // plaintext.
-    assert!(alert["network"]["dst_ip"].as_str().is_some_and(|ip| ip.starts_with("127.0.0.")), "{alert}");
-    assert!(alert["network"]["dst_port"].as_u64().is_some_and(|p| p > 0), "{alert}");
+    if wire.seen_in == "http" || t.agent.names_tls_peers() {
+        assert!(alert["network"]["dst_ip"].as_str().is_some_and(|ip| ip.starts_with("127.0.0.")), "{alert}");
+        assert!(alert["network"]["dst_port"].as_u64().is_some_and(|p| p > 0), "{alert}");
+    }
     assert!(
         t.agent
             .alerts()
@@ -288,6 +290,9 @@ fn tokens_from_a_stripped_go_binary_and_from_wget_over_gnutls_after_the_end() {
 #[test]
 fn tokens_over_a_copy_of_libssl_from_another_path_after_the_end() {
     let t = Creds::start("clients-libssl-copy", &[]);
+    // The agent's look at executables at start comes first: a session process's libraries are
+    // looked at after it (on a loaded machine, after the short first session ended).
+    t.wait_executables_probed();
     let libdir = t.agent.dir.path("image-lib");
     fs::create_dir_all(&libdir).unwrap();
     let copy = libdir.join("libssl.so.3");

@@ -47,8 +47,10 @@ fn wire_scenario(t: &Creds, url: &str, seen_in: &str, token: &str) {
     assert!(alert["process"]["exe"].as_str().unwrap().ends_with("curl"), "{alert}");
     // The socket's destination, on TLS and plaintext request alerts alike.
     let dst: std::net::SocketAddr = url.split('/').nth(2).unwrap().parse().unwrap();
-    assert_eq!(alert["network"]["dst_ip"], dst.ip().to_string(), "{alert}");
-    assert_eq!(alert["network"]["dst_port"], dst.port(), "{alert}");
+    if seen_in == "http" || t.agent.names_tls_peers() {
+        assert_eq!(alert["network"]["dst_ip"], dst.ip().to_string(), "{alert}");
+        assert_eq!(alert["network"]["dst_port"], dst.port(), "{alert}");
+    }
     fs::write(&done, "").unwrap();
     assert!(root.wait().unwrap().success());
 
@@ -110,8 +112,10 @@ fn tokens_over_tls_in_session_outside_and_after_the_end() {
         "method, host and path, without the query string"
     );
     // The socket's peer, paired with the TLS write in the kernel.
-    assert_eq!(alert["network"]["dst_ip"], "127.0.0.2", "{alert}");
-    assert_eq!(alert["network"]["dst_port"], server.port);
+    if t.agent.names_tls_peers() {
+        assert_eq!(alert["network"]["dst_ip"], "127.0.0.2", "{alert}");
+        assert_eq!(alert["network"]["dst_port"], server.port);
+    }
     t.assert_never_output(&token);
 }
 
@@ -317,7 +321,9 @@ fn python_with_permitted_net_raw(dir: &Scratch) -> std::path::PathBuf {
 fn plaintext_capture_is_attached_only_once_a_session_holds_a_token() {
     let t = Creds::start("cred-token-time", &[]);
     let idle = t.agent.attached_probes();
-    for on_demand in ["tcp_egress", "dns_ingress", "cap_capable", "getaddrinfo_enter", "ssl_write"] {
+    // Where this kernel lacks one, its stand-in (the capability kprobe before 6.14).
+    let [tcp_egress, cap_capable] = ["tcp_egress", "cap_capable"].map(|p| t.agent.doing(p));
+    for on_demand in [&tcp_egress, "dns_ingress", &cap_capable, "getaddrinfo_enter", "ssl_write"] {
         assert!(!idle.contains(on_demand), "{on_demand} attached with no session: {idle:?}");
     }
     let data = Scratch::new("cred-token-time-data");
@@ -331,14 +337,14 @@ fn plaintext_capture_is_attached_only_once_a_session_holds_a_token() {
     };
     let no_tokens = attached_while("no-tokens-1", "grace: 1s\n", &[]);
     let session_time =
-        ["dns_ingress", "cap_capable", "getaddrinfo_enter", "getaddrinfo_exit", "ssl_write", "ssl_write_ex"];
+        ["dns_ingress", &cap_capable, "getaddrinfo_enter", "getaddrinfo_exit", "ssl_write", "ssl_write_ex"];
     for probe in session_time {
         assert!(no_tokens.contains(probe), "{probe} not attached while a session runs: {no_tokens:?}");
     }
-    assert!(!no_tokens.contains("tcp_egress"), "no token: the plaintext hook stays detached");
+    assert!(!no_tokens.contains(&tcp_egress), "no token: the plaintext hook stays detached");
     let token = "t0k3n-for-the-plaintext-hook-4f9a2c";
     let with_token = attached_while("with-token-1", SESSION, &[("BOT_TOKEN", token)]);
-    assert!(with_token.contains("tcp_egress"), "a session token attaches the plaintext hook: {with_token:?}");
+    assert!(with_token.contains(&tcp_egress), "a session token attaches the plaintext hook: {with_token:?}");
 }
 
 /// The opt-in privilege-change syscall tracepoints slow every syscall on the host, so even when
@@ -364,7 +370,7 @@ fn privilege_change_syscall_probes_are_attached_only_while_sessions_run() {
         || Some(t.agent.attached_probes()).filter(|a| syscall_probes.iter().all(|p| a.contains(*p))),
         || format!("{:?}\n{}", t.agent.attached_probes(), t.agent.diagnostics()),
     );
-    assert!(running.contains("cap_capable"), "{running:?}");
+    assert!(running.contains(&t.agent.doing("cap_capable")), "{running:?}");
     fs::write(&done, "").unwrap();
     assert!(task.wait().unwrap().success());
     wait_for(

@@ -140,7 +140,7 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
             if (*scratch).done != 0 || (*scratch).pos >= len {
                 break;
             }
-            let b = msg[(*scratch).pos as usize & DNS_MASK];
+            let b = msg[dns_index((*scratch).pos as usize)];
             (*scratch).pos += 1;
             let n = (*scratch).name_len as usize;
             if (*scratch).label_left > 0 {
@@ -178,11 +178,11 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
                 break;
             }
             // The owner: resolvers write it as a pointer; a record that does not ends the walk.
-            let first = msg[pos as usize & DNS_MASK];
+            let first = msg[dns_index(pos as usize)];
             if first & 0xc0 != 0xc0 {
                 break;
             }
-            let owner = (((first & 0x3f) as u64) << 8) | msg[(pos as usize + 1) & DNS_MASK] as u64;
+            let owner = (((first & 0x3f) as u64) << 8) | msg[dns_index(pos as usize + 1)] as u64;
             let kind = be16(msg, pos as usize + 2);
             let rdlen = be16(msg, pos as usize + 10) as u64;
             let data = pos + 12;
@@ -198,13 +198,13 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
                 addr[10] = 0xff;
                 addr[11] = 0xff;
                 for i in 0..4 {
-                    addr[12 + i] = msg[(data as usize + i) & DNS_MASK];
+                    addr[12 + i] = msg[dns_index(data as usize + i)];
                 }
                 (*scratch).count += 1;
             } else if kind == TYPE_AAAA && rdlen == 16 && data + 16 <= len {
                 let addr = &mut (*scratch).addrs[slot];
                 for i in 0..16 {
-                    addr[i] = msg[(data as usize + i) & DNS_MASK];
+                    addr[i] = msg[dns_index(data as usize + i)];
                 }
                 (*scratch).count += 1;
             } else if kind == TYPE_CNAME {
@@ -225,7 +225,7 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
 
 #[inline(always)]
 fn be16(msg: &[u8; DNS_CAP], at: usize) -> u16 {
-    ((msg[at & DNS_MASK] as u16) << 8) | msg[(at + 1) & DNS_MASK] as u16
+    ((msg[dns_index(at)] as u16) << 8) | msg[dns_index(at + 1)] as u16
 }
 
 /// The transport protocol (UDP or TCP) and where its header starts, or `None` for anything else.
@@ -241,4 +241,15 @@ fn transport(ctx: &SkBuffContext) -> Option<(u8, usize)> {
         _ => return None,
     };
     (proto == IPPROTO_UDP || proto == IPPROTO_TCP).then_some((proto, l4))
+}
+
+/// `at` within the message buffer. The value goes through the stack unseen by the compiler,
+/// so the mask stays in the program even where the compiler can prove `at` is in bounds from
+/// an earlier comparison with the message's length: older verifiers (6.1) do not learn bounds
+/// from comparing two registers, and refused the unmasked index ("math between alloc_mem
+/// pointer and register with unbounded min value is not allowed").
+#[inline(always)]
+fn dns_index(at: usize) -> usize {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&at) & DNS_MASK }
 }

@@ -487,19 +487,30 @@ const PASS: i32 = 1;
 
 #[cgroup_skb(egress)]
 pub fn tcp_egress(ctx: SkBuffContext) -> i32 {
-    on_egress(&ctx);
+    on_egress::<true>(&ctx);
+    PASS
+}
+
+/// The same without the TLS peer, for kernels whose cgroup skb programs cannot call
+/// `bpf_get_current_pid_tgid` (6.1: "unknown func bpf_get_current_pid_tgid#14"). The agent
+/// loads it only where `tcp_egress` is refused.
+#[cgroup_skb(egress)]
+pub fn tcp_egress_compat(ctx: SkBuffContext) -> i32 {
+    on_egress::<false>(&ctx);
     PASS
 }
 
 #[inline(always)]
-fn on_egress(ctx: &SkBuffContext) {
+fn on_egress<const TLS_PEER: bool>(ctx: &SkBuffContext) {
     // SAFETY: helper valid for cgroup skb programs.
     let cookie = unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
     // Only sockets connected while the agent ran have an owner: one lookup for everything else.
     let Some(owner) = TCP_OWNERS.get_ptr_mut(cookie) else { return };
     // SAFETY: valid map value pointer for this program run.
     let owner = unsafe { &mut *owner };
-    report_tls_peer(owner, cookie);
+    if TLS_PEER {
+        report_tls_peer(owner, cookie);
+    }
     let h2 = owner.flags & TCP_OWNER_H2 != 0;
     let http1 = owner.flags & TCP_OWNER_HTTP1 != 0;
     if !h2 && !http1 && owner.segments >= SEGMENTS_LOOKED_AT {

@@ -268,7 +268,8 @@ fn load_program(ebpf: &mut Ebpf, spec: &ProbeSpec, have_cgroup: bool) -> Result<
     let program = ebpf.program_mut(spec.program).ok_or(ProbeError::Missing(spec.program))?;
     let err = |source| ProbeError::Program { probe: spec.program, source };
     match spec.attach {
-        AttachPoint::TracePoint { .. } => {
+        AttachPoint::TracePoint { category, name } => {
+            super::tracefs::exists(category, name)?;
             <&mut TracePoint>::try_from(program).map_err(err)?.load().map_err(err)?;
             Ok(None)
         }

@@ -86,16 +86,33 @@ pub struct StandIn {
 
 /// The capability tracepoint is new in 6.14; older kernels (Debian 12's 6.1, 6.12) allow a
 /// kprobe on the function itself. This machine's kernel refuses kprobes, and has the tracepoint.
-pub static STAND_INS: &[StandIn] = &[StandIn {
-    instead_of: "cap_capable",
-    spec: ProbeSpec {
-        program: "cap_capable_kprobe",
-        attach: AttachPoint::KProbe { function: "cap_capable" },
-        required: false,
-        provides: "capabilities raised by session processes (capset), seen when used",
-        when: When::WhileSessions,
+///
+/// A cgroup skb program may call `bpf_get_current_pid_tgid` only on newer kernels (6.1 refuses
+/// it: "unknown func bpf_get_current_pid_tgid#14"), which the plaintext hook uses to pair a TLS
+/// write with its socket; its stand-in captures plaintext requests as well, but names no TLS
+/// connection's peer.
+pub static STAND_INS: &[StandIn] = &[
+    StandIn {
+        instead_of: "cap_capable",
+        spec: ProbeSpec {
+            program: "cap_capable_kprobe",
+            attach: AttachPoint::KProbe { function: "cap_capable" },
+            required: false,
+            provides: "capabilities raised by session processes (capset), seen when used",
+            when: When::WhileSessions,
+        },
     },
-}];
+    StandIn {
+        instead_of: "tcp_egress",
+        spec: ProbeSpec {
+            program: "tcp_egress_compat",
+            attach: AttachPoint::CgroupSkbEgress,
+            required: false,
+            provides: "tokens in plaintext HTTP requests (not the peer address of TLS connections)",
+            when: When::WhileTokens,
+        },
+    },
+];
 
 /// The probe whose program is `program`, stand-ins included.
 pub fn spec(program: &str) -> Option<&'static ProbeSpec> {

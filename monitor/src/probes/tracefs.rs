@@ -29,6 +29,18 @@ pub fn ensure_mounted() -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// Whether this kernel has the tracepoint (a program for a missing one loads, and fails only
+/// when attached).
+pub fn exists(category: &str, name: &str) -> Result<(), ProbeError> {
+    let path = Path::new(TRACEFS).join("events").join(category).join(name).join("id");
+    match path.exists() {
+        true => Ok(()),
+        false => {
+            Err(ProbeError::Tracefs(format!("this kernel has no tracepoint {category}/{name} ({})", path.display())))
+        }
+    }
+}
+
 /// The field offsets of one tracepoint's payload.
 #[derive(Debug, Clone, Default)]
 pub struct Format {
