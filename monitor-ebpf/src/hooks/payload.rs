@@ -509,7 +509,7 @@ fn on_egress<const TLS_PEER: bool>(ctx: &SkBuffContext) {
     // SAFETY: valid map value pointer for this program run.
     let owner = unsafe { &mut *owner };
     if TLS_PEER {
-        report_tls_peer(owner, cookie);
+        report_tls_peer(owner, cookie, ctx.get_socket_uid());
     }
     let h2 = owner.flags & TCP_OWNER_H2 != 0;
     let http1 = owner.flags & TCP_OWNER_HTTP1 != 0;
@@ -573,7 +573,7 @@ fn on_egress<const TLS_PEER: bool>(ctx: &SkBuffContext) {
 /// syscall transmits it): the socket's peer is that connection's. Softirq sends (a delayed
 /// segment) are not the writer's and are left alone: the pid check fails for them.
 #[inline(always)]
-fn report_tls_peer(owner: &TcpOwner, cookie: u64) {
+fn report_tls_peer(owner: &TcpOwner, cookie: u64, uid: u32) {
     let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     if (id >> 32) as u32 != owner.tgid {
         return;
@@ -588,7 +588,9 @@ fn report_tls_peer(owner: &TcpOwner, cookie: u64) {
         return;
     }
     let _ = TLS_PEER_SOCKETS.insert(&key, &cookie, 0);
-    emit::<TlsPeerEvent>(owner.session, Origin::Task, Wakeup::WhenDue, |event| {
+    // The socket's owner, not the current task's credentials: a cgroup skb program may not read
+    // those (6.12: "program of this type cannot use helper bpf_get_current_uid_gid#15").
+    emit::<TlsPeerEvent>(owner.session, Origin::Socket { tgid: owner.tgid, uid }, Wakeup::WhenDue, |event| {
         // SAFETY: `event` points to a reservation of size_of::<TlsPeerEvent>() bytes.
         unsafe {
             (*event).conn = conn;
