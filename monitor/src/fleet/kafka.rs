@@ -65,6 +65,8 @@ impl Publisher {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", &target.brokers)
             .set("acks", "all")
+            // The topic is the operator's (compacted): never one the producer made by asking.
+            .set("allow.auto.create.topics", "false")
             // 0: a record waits for the brokers for as long as they are away.
             .set("message.timeout.ms", "0")
             // One request in flight keeps a session's records in order without the idempotent
@@ -73,6 +75,11 @@ impl Publisher {
             .set("max.in.flight.requests.per.connection", "1")
             .set("linger.ms", "10")
             .set("queue.buffering.max.messages", "100000")
+            // Back within a second of the brokers (librdkafka's default backs off up to 10 s).
+            .set("reconnect.backoff.max.ms", "1000")
+            // A topic that went (a broker restarted without its storage) is looked for again
+            // within seconds, not librdkafka's default five minutes.
+            .set("topic.metadata.refresh.interval.ms", "2000")
             .create_with_context(Refused::default())
             .context("creating the fleet's Kafka producer")?;
         Ok(Self { producer, topic: target.topic.clone() })
@@ -104,23 +111,30 @@ pub struct Reader;
 impl Reader {
     /// Starts the reader thread, which sends what it reads to `tx` until `tx` is closed.
     pub fn start(target: &FleetTarget, host: &str, tx: mpsc::Sender<Incoming>) -> anyhow::Result<()> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &target.brokers)
             // Partitions are assigned, not balanced in a group: every agent reads everything.
             .set("group.id", format!("monitor-fleet-{host}"))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("allow.auto.create.topics", "false")
-            .create()
-            .context("creating the fleet's Kafka consumer")?;
+            .set("reconnect.backoff.max.ms", "1000")
+            // A topic that went (a broker restarted without its storage) is looked for again
+            // within seconds, not librdkafka's default five minutes.
+            .set("topic.metadata.refresh.interval.ms", "2000");
+        let consumer: BaseConsumer = config.create().context("creating the fleet's Kafka consumer")?;
         let topic = target.topic.clone();
-        thread::Builder::new().name("fleet-reader".into()).spawn(move || read(&consumer, &topic, &tx))?;
+        thread::Builder::new().name("fleet-reader".into()).spawn(move || read(consumer, &config, &topic, &tx))?;
         Ok(())
     }
 }
 
-fn read(consumer: &BaseConsumer, topic: &str, tx: &mpsc::Sender<Incoming>) {
+fn read(mut consumer: BaseConsumer, config: &ClientConfig, topic: &str, tx: &mpsc::Sender<Incoming>) {
     let mut assigned = 0;
+    // Set when the brokers were away or the topic went: the next assignment is made by a new
+    // client, since the old one may keep positions and partition state from before.
+    let mut renew = false;
     let mut in_contact = false;
     let mut last_heartbeat: Option<Instant> = None;
     while !tx.is_closed() {
@@ -146,6 +160,13 @@ fn read(consumer: &BaseConsumer, topic: &str, tx: &mpsc::Sender<Incoming>) {
             let partitions = partitions.unwrap_or(assigned);
             if regained || partitions < assigned {
                 assigned = 0;
+                renew = true;
+            }
+            if partitions > assigned && renew {
+                match config.create::<BaseConsumer>() {
+                    Ok(fresh) => (consumer, renew) = (fresh, false),
+                    Err(e) => tracing::warn!("fleet topic {topic}: a new consumer: {e}"),
+                }
             }
             if partitions > assigned {
                 let mut list = TopicPartitionList::new();
