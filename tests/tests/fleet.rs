@@ -26,14 +26,18 @@ fn agent(name: &str, host: &str, fleet: &str, key: &str, metrics: &str) -> Creds
     Creds::start(name, &[&args[..], &["--metrics", metrics]].concat())
 }
 
-/// One sample of the agent's Prometheus metrics.
+/// One sample of the agent's Prometheus metrics (a scrape is tried again until it answers).
 fn metric(addr: &str, name: &str) -> f64 {
-    let o = std::process::Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
-    line.and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {text}"))
+    let sample = || {
+        let o = std::process::Command::new("curl")
+            .args(["-sf", "-m", "5", &format!("http://{addr}/metrics")])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    wait_for(&format!("{name} from {addr}"), sample, String::new)
 }
 
 /// node-b's record of node-a's session `id` that `pick` accepts.
