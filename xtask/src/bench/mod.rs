@@ -375,6 +375,21 @@ impl BenchAgent {
         self.child.id()
     }
 
+    /// One request on the agent's control socket (docs/control-protocol.md); an answer other
+    /// than `ok` is an error.
+    pub(crate) fn request(&self, request: serde_json::Value) -> anyhow::Result<()> {
+        use std::io::{BufRead as _, Write as _};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.control).context("control socket")?;
+        writeln!(stream, "{request}")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line)?;
+        let response: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("response {line:?}"))?;
+        if response["status"] != "ok" {
+            bail!("{request}: {line}");
+        }
+        Ok(())
+    }
+
     /// An agent that starts clean, its state kept apart (`target/bench/state`).
     pub fn start(monitor: &Path, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         Ok(Self::launch(monitor, dir, extra, &dir.join("state"), true, &dir.join("agent.log"))?.0)

@@ -7,8 +7,6 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -148,15 +146,7 @@ fn start_session(agent: &BenchAgent, i: usize, pid: u32) -> anyhow::Result<()> {
         "bind": {"pid": pid, "cgroup": null},
         "env_tokens": [],
     });
-    let mut stream = UnixStream::connect(&agent.control).context("control socket")?;
-    writeln!(stream, "{request}")?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    let response: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("response {line:?}"))?;
-    if response["status"] != "ok" {
-        bail!("session {i} not started: {line}");
-    }
-    Ok(())
+    agent.request(request).with_context(|| format!("session {i} not started"))
 }
 
 /// The agent's CPU (percent of one core) over `window`, and its resident memory (MB) after.
