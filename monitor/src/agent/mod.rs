@@ -212,6 +212,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     }
     // Loading the probes (the kernel's BTF) and adopting allocated much that is free now.
     memory::give_back();
+    tokio::spawn(memory::keep_lean());
     let keeper = tokio::spawn(state::keep(plane.clone(), settings.state_dir.clone()));
     let token_files = tokio::spawn(token_files::run(plane.clone()));
     if let Some(fleet) = settings.fleet.clone() {

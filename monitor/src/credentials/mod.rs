@@ -51,14 +51,28 @@ impl std::fmt::Debug for CredentialIndex {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Kernel hash of a token value -> its fingerprint, per session.
-    tokens: BTreeMap<SessionKey, Vec<(u64, String)>>,
-    /// Credential paths named by sessions (scope and token files), per session.
-    paths: BTreeMap<SessionKey, Vec<String>>,
+    /// What each session of this host holds; `None` for the many that name neither a token
+    /// nor a credential file (an entry then costs its key and a word, on nodes with thousands
+    /// of sessions).
+    sessions: BTreeMap<SessionKey, Option<Box<SessionCredentials>>>,
     /// Every watched file by (device in the kernel's encoding, inode), with its path.
     watched: HashMap<(u32, u64), String>,
     /// Other hosts' sessions' tokens (the fleet watchlist).
     remote: RemoteTokens,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SessionCredentials {
+    /// Kernel hash of a token value -> its fingerprint.
+    tokens: Vec<(u64, String)>,
+    /// Credential paths named by the session (scope and token files).
+    paths: Vec<String>,
+}
+
+impl Inner {
+    fn tokens(&self) -> impl Iterator<Item = &(u64, String)> {
+        self.sessions.values().flatten().flat_map(|c| &c.tokens)
+    }
 }
 
 /// Other hosts' sessions (by `HOST/ID`): each token's fingerprint, and its kernel hash when it
@@ -145,9 +159,8 @@ impl CredentialIndex {
 
     /// Registers a session's tokens (kernel hash, fingerprint) and credential paths.
     pub fn add_session(&self, key: SessionKey, tokens: Vec<(u64, String)>, paths: Vec<String>) {
-        let mut inner = self.write();
-        inner.tokens.insert(key, tokens);
-        inner.paths.insert(key, paths);
+        let held = (!tokens.is_empty() || !paths.is_empty()).then(|| Box::new(SessionCredentials { tokens, paths }));
+        self.write().sessions.insert(key, held);
         self.changed();
     }
 
@@ -155,10 +168,10 @@ impl CredentialIndex {
     /// for; false when it was known already or the session has learnt too many.
     pub fn learn(&self, key: SessionKey, hash: u64, fingerprint: String) -> bool {
         let mut inner = self.write();
-        if inner.tokens.values().flatten().any(|(_, f)| *f == fingerprint) {
+        if inner.tokens().any(|(_, f)| *f == fingerprint) {
             return false;
         }
-        let tokens = inner.tokens.entry(key).or_default();
+        let tokens = &mut inner.sessions.entry(key).or_default().get_or_insert_default().tokens;
         if tokens.len() >= crate::engine::LEARNED_PER_SESSION {
             return false;
         }
@@ -170,19 +183,17 @@ impl CredentialIndex {
     /// A session's tokens (kernel hash, fingerprint) and credential paths, for the state
     /// directory.
     pub fn session_tokens(&self, key: SessionKey) -> (Vec<(u64, String)>, Vec<String>) {
-        let inner = self.read();
-        (inner.tokens.get(&key).cloned().unwrap_or_default(), inner.paths.get(&key).cloned().unwrap_or_default())
+        let held = self.read().sessions.get(&key).cloned().flatten().unwrap_or_default();
+        (held.tokens, held.paths)
     }
 
     /// Whether the session is known (not forgotten yet).
     pub fn has_session(&self, key: SessionKey) -> bool {
-        self.read().paths.contains_key(&key)
+        self.read().sessions.contains_key(&key)
     }
 
     pub fn forget_session(&self, key: SessionKey) {
-        let mut inner = self.write();
-        inner.tokens.remove(&key);
-        inner.paths.remove(&key);
+        self.write().sessions.remove(&key);
         self.changed();
     }
 
@@ -191,7 +202,7 @@ impl CredentialIndex {
     pub fn token_hashes(&self) -> Vec<u64> {
         let inner = self.read();
         let mut seen = HashSet::new();
-        let local = inner.tokens.values().flatten().map(|(hash, _)| *hash);
+        let local = inner.tokens().map(|(hash, _)| *hash);
         local.chain(inner.remote.hashes.keys().copied()).filter(|h| seen.insert(*h)).collect()
     }
 
@@ -217,7 +228,7 @@ impl CredentialIndex {
 
     /// Every path sessions name (to be watched besides the well-known ones).
     pub fn session_paths(&self) -> Vec<String> {
-        self.read().paths.values().flatten().cloned().collect()
+        self.read().sessions.values().flatten().flat_map(|c| c.paths.iter().cloned()).collect()
     }
 
     /// Replaces the watched files (after a scan) and moves the file marks to them.
@@ -268,14 +279,14 @@ impl CredentialIndex {
 
     fn fingerprint_of_hash(&self, hash: u64) -> Option<String> {
         let inner = self.read();
-        let local = inner.tokens.values().flatten().find(|(h, _)| *h == hash).map(|(_, f)| f.clone());
+        let local = inner.tokens().find(|(h, _)| *h == hash).map(|(_, f)| f.clone());
         local.or_else(|| inner.remote.hashes.get(&hash).map(|(f, _)| f.clone()))
     }
 
     /// Whether a session, of this host or (the fleet watchlist) of another, holds the token.
     pub fn is_session_token(&self, fingerprint: &str) -> bool {
         let inner = self.read();
-        inner.tokens.values().flatten().any(|(_, f)| f == fingerprint)
+        inner.tokens().any(|(_, f)| f == fingerprint)
             || inner.remote.fingerprints.contains_key(fingerprint)
     }
 

@@ -170,8 +170,13 @@ pub enum Effect {
 #[derive(Debug, Default)]
 pub struct Engine {
     config: EngineConfig,
-    sessions: BTreeMap<SessionKey, Tracked>,
+    /// Boxed: a node of the map then holds keys and pointers, and its free slots (about half
+    /// of them, as sessions come in key order) cost a pointer each, not a session (thousands
+    /// of sessions on a node).
+    sessions: BTreeMap<SessionKey, Box<Tracked>>,
     procs: ProcTable,
+    /// The hosts-file names the sessions share.
+    hosts_book: names::HostsBook,
     /// The earliest unsettled grace deadline: lets every event skip the scan of all sessions.
     next_due: Option<Nanos>,
     effects: Vec<Effect>,
@@ -252,14 +257,14 @@ impl Engine {
                 self.session_changes += 1;
                 self.sessions.insert(
                     *key,
-                    Tracked {
+                    Box::new(Tracked {
                         session: (**session).clone(),
                         started: *ts,
                         ended: None,
                         outlived_checked: false,
                         names: names::Names::default(),
                         learned: Default::default(),
-                    },
+                    }),
                 );
             }
             Event::SessionEnded { ts, key, reason } => self.end_session(*key, *ts, *reason),
@@ -272,7 +277,7 @@ impl Engine {
             Event::ConnectResult(_) => {}
             Event::Resolve(r) => {
                 if let Some(t) = self.sessions.get_mut(&r.session) {
-                    t.names.learn(r);
+                    t.names.learn(r, &mut self.hosts_book);
                 }
             }
             Event::CredentialOpen(o) => self.credential_open(o, &mut alerts),
@@ -386,7 +391,7 @@ impl Engine {
                 .live_in(key)
                 .into_iter()
                 .filter_map(|s| self.procs.get(s))
-                .map(|p| LiveProcess { pid: p.pid, ppid: p.ppid, exe: p.exe.clone() })
+                .map(|p| LiveProcess { pid: p.pid, ppid: p.ppid, exe: p.exe.to_string() })
                 .collect(),
         }
     }
@@ -455,18 +460,20 @@ impl Engine {
         }
         if !done.is_empty() {
             self.procs.forget(&done.into_iter().collect());
+            self.hosts_book.prune();
         }
     }
 
     fn process_seen(&mut self, p: &Process) {
         let parent = self.procs.live(p.ppid).filter(|s| self.procs.get(*s).is_some_and(|q| q.session == p.session));
+        let exe = self.procs.intern(&p.exe);
         self.procs.insert(Proc {
             session: p.session,
             pid: p.pid,
             ppid: p.ppid,
             parent,
-            exe: p.exe.clone(),
-            argv: p.argv.clone(),
+            exe,
+            argv: procs::Argv::new(&p.argv),
             creds: p.creds,
             caps: None,
             exec_caps: None,
@@ -481,7 +488,7 @@ impl Engine {
         // A fork without exec runs the parent's image with the parent's credentials.
         let (exe, argv, creds, caps, exec_caps) = match parent.and_then(|s| self.procs.get(s)) {
             Some(p) => (p.exe.clone(), p.argv.clone(), p.creds, p.caps, p.exec_caps),
-            None => (String::new(), Vec::new(), f.creds, None, None),
+            None => (self.procs.intern(""), procs::Argv::default(), f.creds, None, None),
         };
         self.procs.insert(Proc {
             session: f.session,
@@ -514,13 +521,14 @@ impl Engine {
             return serial;
         }
         let parent = self.procs.live(ppid);
+        let exe = self.procs.intern("");
         self.procs.insert(Proc {
             session,
             pid,
             ppid,
             parent,
-            exe: String::new(),
-            argv: Vec::new(),
+            exe,
+            argv: procs::Argv::default(),
             creds,
             caps: None,
             exec_caps: None,
@@ -533,9 +541,10 @@ impl Engine {
     fn exec(&mut self, e: &Exec, alerts: &mut Vec<Alert>) {
         let serial = self.live_or_first_seen(e.session, e.pid, e.ppid, e.creds, e.cgroup, e.ts);
         let before = self.procs.get(serial).map(|p| p.creds).unwrap_or(e.creds);
+        let exe = self.procs.intern(&e.exe);
         if let Some(p) = self.procs.get_mut(serial) {
-            p.exe = e.exe.clone();
-            p.argv = e.argv.clone();
+            p.exe = exe;
+            p.argv = procs::Argv::new(&e.argv);
             p.creds = e.creds;
             p.caps = e.cap_effective.or(p.caps);
             p.exec_caps = e.cap_effective;

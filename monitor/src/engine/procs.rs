@@ -1,7 +1,10 @@
 //! The process table: every session process the engine has seen, alive or dead, linked to its
 //! parent by a serial number rather than by pid, so a reused pid never joins an old lineage.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use crate::{
     alert::{Ancestor, ProcessRef},
@@ -16,8 +19,10 @@ pub struct Proc {
     pub pid: u32,
     pub ppid: u32,
     pub parent: Option<Serial>,
-    pub exe: String,
-    pub argv: Vec<String>,
+    /// Shared with the processes that run the same image (see [`ProcTable::intern`]).
+    pub exe: Arc<str>,
+    /// Shared with the fork children that have not exec'd since.
+    pub argv: Argv,
     pub creds: Creds,
     /// Effective capabilities, when known (from an exec or a capset).
     pub caps: Option<u64>,
@@ -30,6 +35,29 @@ pub struct Proc {
     pub exited: Option<Nanos>,
 }
 
+/// A command line held in one allocation: each argument followed by a NUL (an argument never
+/// holds one), so `[]`, `[""]` and `["a", "b"]` stay apart.
+#[derive(Debug, Clone, Default)]
+pub struct Argv(Option<Arc<str>>);
+
+impl Argv {
+    pub fn new(args: &[String]) -> Self {
+        if args.is_empty() {
+            return Self(None);
+        }
+        let mut joined = String::with_capacity(args.iter().map(|a| a.len() + 1).sum());
+        for arg in args {
+            joined.push_str(arg);
+            joined.push('\0');
+        }
+        Self(Some(joined.into()))
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.0.as_deref().unwrap_or_default().split_terminator('\0').map(str::to_string).collect()
+    }
+}
+
 /// Ancestors listed in an alert's chain, at most.
 const MAX_CHAIN: usize = 64;
 /// An exited process is kept this long after its exit (event time), for what reaches the engine
@@ -40,13 +68,18 @@ const KEEP_EXITED_NS: Nanos = 30_000_000_000;
 /// at least as many again: amortised, each process costs a constant share of the passes.
 const COMPACT_SLACK: usize = 4096;
 
+/// Thousands of sessions on a node each hold a few processes: a record is boxed (the table's
+/// free slots then cost a pointer, not a record), executables' paths are shared, and the live
+/// set by session is one ordered set rather than a set per session.
 #[derive(Debug, Default)]
 pub struct ProcTable {
-    procs: HashMap<Serial, Proc>,
+    procs: HashMap<Serial, Box<Proc>>,
     live: HashMap<u32, Serial>,
     /// The live processes of each session, so asking for one session's costs that session's
     /// processes, not the whole table's (thousands of sessions on a node).
-    live_by_session: HashMap<SessionKey, BTreeSet<Serial>>,
+    live_by_session: BTreeSet<(SessionKey, Serial)>,
+    /// The executables' paths the table holds, each once.
+    exes: HashSet<Arc<str>>,
     next: Serial,
     /// Bumped whenever a process joins or leaves the live set (see `changes`).
     changes: u64,
@@ -74,11 +107,21 @@ impl ProcTable {
     }
 
     pub fn get(&self, serial: Serial) -> Option<&Proc> {
-        self.procs.get(&serial)
+        self.procs.get(&serial).map(|p| &**p)
     }
 
     pub fn get_mut(&mut self, serial: Serial) -> Option<&mut Proc> {
-        self.procs.get_mut(&serial)
+        self.procs.get_mut(&serial).map(|p| &mut **p)
+    }
+
+    /// The table's shared copy of an executable's path.
+    pub fn intern(&mut self, exe: &str) -> Arc<str> {
+        if let Some(known) = self.exes.get(exe) {
+            return known.clone();
+        }
+        let exe: Arc<str> = Arc::from(exe);
+        self.exes.insert(exe.clone());
+        exe
     }
 
     /// Adds a live process, replacing whatever held its pid (a missed exit).
@@ -94,8 +137,8 @@ impl ProcTable {
             }
         }
         let now = proc.started;
-        self.live_by_session.entry(proc.session).or_default().insert(serial);
-        self.procs.insert(serial, proc);
+        self.live_by_session.insert((proc.session, serial));
+        self.procs.insert(serial, Box::new(proc));
         if self.procs.len() > self.compact_at.max(COMPACT_SLACK) {
             self.compact(now);
         }
@@ -119,6 +162,7 @@ impl ProcTable {
         }
         self.procs.retain(|s, _| keep.contains(s));
         self.procs.shrink_to(self.procs.len() * 2);
+        self.exes.retain(|exe| Arc::strong_count(exe) > 1);
         self.compact_at = self.procs.len() * 2 + COMPACT_SLACK;
     }
 
@@ -134,17 +178,13 @@ impl ProcTable {
     }
 
     fn unlist(&mut self, session: SessionKey, serial: Serial) {
-        if let Some(set) = self.live_by_session.get_mut(&session) {
-            set.remove(&serial);
-            if set.is_empty() {
-                self.live_by_session.remove(&session);
-            }
-        }
+        self.live_by_session.remove(&(session, serial));
     }
 
     /// Live processes of a session, by pid.
     pub fn live_in(&self, session: SessionKey) -> Vec<Serial> {
-        let mut v: Vec<_> = self.live_by_session.get(&session).into_iter().flatten().copied().collect();
+        let mut v: Vec<_> =
+            self.live_by_session.range((session, Serial::MIN)..=(session, Serial::MAX)).map(|(_, s)| *s).collect();
         v.sort_by_key(|s| self.procs[s].pid);
         v
     }
@@ -159,6 +199,7 @@ impl ProcTable {
     /// in one pass over the table.
     pub fn forget(&mut self, sessions: &std::collections::HashSet<SessionKey>) {
         self.procs.retain(|_, p| !sessions.contains(&p.session));
+        self.exes.retain(|exe| Arc::strong_count(exe) > 1);
     }
 
     /// The alert's view of a process, with its ancestors up to the session root.
@@ -171,14 +212,14 @@ impl ProcTable {
             if chain.len() == MAX_CHAIN {
                 break;
             }
-            chain.push(Ancestor { pid: a.pid, exe: a.exe.clone() });
+            chain.push(Ancestor { pid: a.pid, exe: a.exe.to_string() });
             cursor = a.parent;
         }
         Some(ProcessRef {
             pid: p.pid,
             ppid: p.ppid,
-            exe: p.exe.clone(),
-            argv: p.argv.clone(),
+            exe: p.exe.to_string(),
+            argv: p.argv.to_vec(),
             uid: p.creds.uid,
             euid: p.creds.euid,
             cgroup: p.cgroup,
@@ -203,13 +244,20 @@ mod tests {
             ppid: 1,
             parent,
             exe: "/bin/true".into(),
-            argv: vec![],
+            argv: Argv::default(),
             creds: Creds::default(),
             caps: None,
             exec_caps: None,
             cgroup: 0,
             started,
             exited: None,
+        }
+    }
+
+    #[test]
+    fn a_command_line_keeps_its_arguments_empty_ones_included() {
+        for args in [vec![], vec![String::new()], vec!["sleep".to_string(), "".to_string(), "3600".to_string()]] {
+            assert_eq!(Argv::new(&args).to_vec(), args);
         }
     }
 

@@ -16,6 +16,22 @@ use super::{btf, tracefs, tracefs::Format, *};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
+/// The embedded object (1.4 MB) is parsed once, into the loader's own copy: its pages leave
+/// the agent's resident set after that. They are the executable file's, never written, so a
+/// later read would fault them back in from the file.
+fn drop_object_pages() {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let start = EBPF_OBJECT.as_ptr() as usize;
+    let first = start.next_multiple_of(page);
+    let end = (start + EBPF_OBJECT.len()) / page * page;
+    if end > first {
+        // SAFETY: the range lies inside the object's read-only, file-backed mapping; dropping
+        // its pages changes no content anyone can read.
+        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) };
+    }
+}
+
 /// Checks what loading needs, before touching the kernel, and says what is wrong.
 pub fn check_environment() -> Result<(), ProbeError> {
     // SAFETY: geteuid has no preconditions.
@@ -99,6 +115,7 @@ pub fn load(pins: Option<&pins::PinDir>) -> Result<(Loaded, Handles), ProbeError
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
+    drop_object_pages();
     let maps = KernelMaps {
         proc_sessions: take(&mut ebpf, MAP_PROC_SESSIONS)?,
         cgroup_sessions: take(&mut ebpf, MAP_CGROUP_SESSIONS)?,
