@@ -211,10 +211,22 @@ impl State {
     /// The probed libraries (libssl, GnuTLS, libc) a process maps from files not looked at yet.
     fn probe_libraries(&mut self, pid: u32) {
         let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
-        for line in maps.lines() {
+        // Every running process's maps are read at start (thousands on a node): the lines of
+        // files that are no shared library cost one search, not a split.
+        for line in maps.lines().filter(|l| l.contains(".so")) {
             // START-END PERMS OFFSET MAJOR:MINOR INODE PATH
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [range, _, _, dev, inode, path] = fields[..] else { continue };
+            let mut fields = line.split_whitespace();
+            let (Some(range), Some(_), Some(_), Some(dev), Some(inode), Some(path), None) = (
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+            ) else {
+                continue;
+            };
             let Some(name) = Path::new(path).file_name().and_then(|n| n.to_str()) else { continue };
             if !executables::is_probed_library(name) {
                 continue;
@@ -237,19 +249,25 @@ impl State {
     /// The executables of the running processes not looked at yet (a stat each for the others),
     /// and the libraries they map.
     fn probe_running(&mut self) {
-        let mut running = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        // The pids first (the listing is not held open while each is looked at); a file is
+        // opened for one process at a time, so thousands of processes never take as many
+        // descriptors.
+        let pids: Vec<u32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+            .collect();
+        for pid in pids {
             let link = PathBuf::from(format!("/proc/{pid}/exe"));
-            let Ok(file) = File::open(&link) else { continue };
-            // Named by where it was run from (the link's text), opened through the link.
-            let path = std::fs::read_link(&link).unwrap_or(link);
-            let Ok(meta) = file.metadata() else { continue };
-            running.push((pid, file_id(&meta), file, path));
-        }
-        for (pid, id, file, path) in running {
+            let Ok(meta) = std::fs::metadata(&link) else { continue };
+            let id = file_id(&meta);
             if !self.seen.contains(&id) {
-                self.probe(id, &file, &path);
+                if let Ok(file) = File::open(&link) {
+                    // Named by where it was run from (the link's text), opened through the link.
+                    let path = std::fs::read_link(&link).unwrap_or(link);
+                    self.probe(id, &file, &path);
+                }
             }
             self.probe_libraries(pid);
         }

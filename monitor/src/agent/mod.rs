@@ -179,8 +179,6 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     let core = tokio::spawn(core.run());
     let probes = Arc::new(std::sync::Mutex::new(probes));
     let rescan_executables = Arc::new(tokio::sync::Notify::new());
-    let executable_task =
-        tokio::spawn(executables::run(probes.clone(), policy.subscribe(), executable_rx, rescan_executables.clone()));
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
     let watcher = tokio::spawn(watch_credentials(credentials.clone(), maps.clone(), probes.clone(), policy.clone()));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
@@ -212,6 +210,15 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     }
     // Loading the probes (the kernel's BTF) and adopting allocated much that is free now.
     memory::give_back();
+    // Only now: its first look at every running process's executable and libraries (thousands
+    // of /proc reads on a node) would compete with adoption for the CPU, and it covers what the
+    // adopted sessions' processes ran while no agent was looking.
+    let executable_task = tokio::spawn(executables::run(
+        probes.clone(),
+        policy.subscribe(),
+        executable_rx,
+        plane.rescan_executables.clone(),
+    ));
     tokio::spawn(memory::keep_lean());
     let keeper = tokio::spawn(state::keep(plane.clone(), settings.state_dir.clone()));
     let token_files = tokio::spawn(token_files::run(plane.clone()));

@@ -228,6 +228,33 @@ fn last_alive(dir: &Path, state: &SavedState) -> u64 {
 /// Takes over the sessions a previous agent left, before the control socket is served; with
 /// `pinned`, the kernel's binding maps are that agent's (probes/pins.rs) and their entries are
 /// checked. Returns how many it adopted.
+/// Sessions whose names and processes go to the engine together at adoption.
+const ADOPT_BATCH: usize = 256;
+
+/// A saved session's processes still alive (same pid, same start: not a reused pid), those the
+/// pinned map still had, and what they started while no agent was looking.
+fn adopted_processes(saved: &SavedSession, pinned_roots: Vec<u32>) -> Vec<u32> {
+    let saved_roots = saved
+        .session
+        .pids
+        .iter()
+        .zip(&saved.start_times)
+        .filter(|(pid, started)| !pinned_roots.contains(pid) && bind::start_time(**pid) == Some(**started))
+        .map(|(pid, _)| *pid)
+        .collect::<Vec<_>>();
+    let mut pids: Vec<u32> = Vec::new();
+    for root in pinned_roots.into_iter().chain(saved_roots) {
+        if !pids.contains(&root) {
+            for p in bind::descendants(root).unwrap_or_default() {
+                if !pids.contains(&p) {
+                    pids.push(p);
+                }
+            }
+        }
+    }
+    pids
+}
+
 pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: bool) -> Result<usize, String> {
     let now = crate::host::now_ns();
     let down_since = last_alive(dir, &state);
@@ -257,60 +284,42 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
         probes.set_sessions_running(true);
         probes.set_tokens_known(tokens_known);
     }
-    plane.rescan_executables.notify_one();
-    // The hosts file is read once for every session (each gets its own copy of the names), and
-    // the engine gets every session's names and processes in one batch, before the kernel
-    // binds them (so their first events find them known): thousands adopt in well under a second.
+    // The hosts file is read once for every session, and the engine gets the sessions' names
+    // and processes a batch at a time, before the kernel binds them (so their first events find
+    // them known): thousands adopt in well under a second. Batches keep what is built for the
+    // engine small and short-lived, so the sessions' records are not left among the holes of
+    // one large build (10,000 sessions adopted in one batch left 5 MB more resident).
     let hosts = crate::sessions::hosts::names(Path::new("/etc/hosts"), 0, now);
-    let mut names = Vec::new();
-    let mut seen = Vec::new();
-    let mut bound: Vec<Vec<u32>> = Vec::new();
     let mut in_pinned_map =
         if pinned { pinned_processes(&mut maps, &state, plane.clock.boot(down_since))? } else { HashMap::new() };
-    for saved in &state.sessions {
-        let key = saved.session.key;
-        names.extend(hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }));
-        // The processes still alive (same pid, same start: not a reused pid), those the pinned
-        // map still had, and what they started while no agent was looking.
-        let mut pids: Vec<u32> = Vec::new();
-        let pinned_roots = in_pinned_map.remove(&key).unwrap_or_default();
-        let saved_roots = saved
-            .session
-            .pids
-            .iter()
-            .zip(&saved.start_times)
-            .filter(|(pid, started)| !pinned_roots.contains(pid) && bind::start_time(**pid) == Some(**started))
-            .map(|(pid, _)| *pid)
-            .collect::<Vec<_>>();
-        let roots = pinned_roots.into_iter().chain(saved_roots);
-        for root in roots {
-            if !pids.contains(&root) {
-                for p in bind::descendants(root).unwrap_or_default() {
-                    if !pids.contains(&p) {
-                        pids.push(p);
-                    }
-                }
+    for batch in state.sessions.chunks(ADOPT_BATCH) {
+        let mut names = Vec::new();
+        let mut seen = Vec::new();
+        let mut bound: Vec<Vec<u32>> = Vec::new();
+        for saved in batch {
+            let key = saved.session.key;
+            names.extend(hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }));
+            let pids = adopted_processes(saved, in_pinned_map.remove(&key).unwrap_or_default());
+            seen.extend(super::control::snapshots(plane, &pids, key, now));
+            bound.push(pids);
+        }
+        plane.core.names(names).await;
+        plane.core.seen(seen).await;
+        for (saved, pids) in batch.iter().zip(bound) {
+            let (a, key) = (&saved.session, saved.session.key);
+            let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
+            let session_names: Vec<_> =
+                hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }).collect();
+            super::control::install_scope(plane, &mut maps, key, &a.session, &session_names, expires_at)?;
+            if a.ended.is_some() {
+                maps.mark_ended(key);
             }
+            maps.bind_pids(&pids, key).map_err(|e| e.to_string())?;
+            if let Some(cgroup) = &a.session.binding.cgroup {
+                super::control::bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
+            }
+            tracing::debug!(session = %a.session.id, key, processes = pids.len(), "session adopted from the previous agent");
         }
-        seen.extend(super::control::snapshots(plane, &pids, key, now));
-        bound.push(pids);
-    }
-    plane.core.names(names).await;
-    plane.core.seen(seen).await;
-    for (saved, pids) in state.sessions.iter().zip(bound) {
-        let (a, key) = (&saved.session, saved.session.key);
-        let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
-        let session_names: Vec<_> =
-            hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }).collect();
-        super::control::install_scope(plane, &mut maps, key, &a.session, &session_names, expires_at)?;
-        if a.ended.is_some() {
-            maps.mark_ended(key);
-        }
-        maps.bind_pids(&pids, key).map_err(|e| e.to_string())?;
-        if let Some(cgroup) = &a.session.binding.cgroup {
-            super::control::bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
-        }
-        tracing::debug!(session = %a.session.id, key, processes = pids.len(), "session adopted from the previous agent");
     }
     Ok(count)
 }
