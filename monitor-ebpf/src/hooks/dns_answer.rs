@@ -191,9 +191,8 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
             if owner != QUESTION_AT && (a1 == 0 || owner != a1) && (a2 == 0 || owner != a2) {
                 continue;
             }
-            let slot = ((*scratch).count as usize) & (RESOLVE_ADDRS - 1);
             if kind == TYPE_A && rdlen == 4 && data + 4 <= len {
-                let addr = &mut (*scratch).addrs[slot];
+                let addr = &mut (*scratch).addrs[next_slot(scratch)];
                 *addr = [0; 16];
                 addr[10] = 0xff;
                 addr[11] = 0xff;
@@ -202,7 +201,7 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
                 }
                 (*scratch).count += 1;
             } else if kind == TYPE_AAAA && rdlen == 16 && data + 16 <= len {
-                let addr = &mut (*scratch).addrs[slot];
+                let addr = &mut (*scratch).addrs[next_slot(scratch)];
                 for i in 0..16 {
                     addr[i] = msg[dns_index(data as usize + i)];
                 }
@@ -221,6 +220,19 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
             allow_addresses(session, &ports, &(*scratch).addrs, count);
         }
     }
+}
+
+/// The next free address slot, read from the scratch value where it is used and masked there:
+/// with the masked value computed once before the branches, the compiler spilled it to the
+/// stack, and 6.1's verifier lost its bounds across the spill ("math between map_value pointer
+/// and register with unbounded min value is not allowed").
+///
+/// # Safety
+/// `scratch` is this CPU's scratch map value.
+#[inline(always)]
+unsafe fn next_slot(scratch: *mut Scratch) -> usize {
+    // SAFETY: the caller's pointer; a volatile read keeps the load (and its mask) here.
+    unsafe { core::ptr::read_volatile(&(*scratch).count) as usize & (RESOLVE_ADDRS - 1) }
 }
 
 #[inline(always)]
