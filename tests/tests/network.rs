@@ -85,7 +85,10 @@ fn an_enforcing_session_is_refused_out_of_scope_and_after_its_end_and_an_observi
     let net = Net::start("enforce");
     let allowed = tcp_listener("127.0.0.2");
     let denied = tcp_listener("127.0.0.3");
-    let scope = format!("grace: 3s\nscope:\n  connect: [\"127.0.0.2:{allowed}\"]\n");
+    // The grace covers the background process's start and its late connect (seconds under
+    // emulation: the kernel matrix).
+    let grace = 3 * slowdown();
+    let scope = format!("grace: {grace}s\nscope:\n  connect: [\"127.0.0.2:{allowed}\"]\n");
     let enforcing = session_file(&net.agent.dir, "enforce-1", &format!("enforce: true\n{scope}"));
     let observing = session_file(&net.agent.dir, "observe-1", &scope);
     let (out_e, out_o) = (net.agent.dir.path("enforcing"), net.agent.dir.path("observing"));

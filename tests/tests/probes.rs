@@ -135,8 +135,11 @@ fn outside_every_session_each_probe_costs_a_lookup_and_the_host_wide_ones_are_de
             "{program}: {runs} runs, {per_run:.0} ns/run, {:+.0} above the floor\n",
             per_run - floor
         ));
-        // The host runs other processes too: at least ours.
-        assert!(runs >= ROUNDS as u64, "{program} ran {runs} times for {ROUNDS} rounds\n{report}");
+        // The host runs other processes too: at least ours. Each round forks, execs, exits and
+        // connects once at least; how many capability checks it makes is the kernel's (6.18:
+        // about nine per exec; 6.1: 280 in 300 rounds, measured in the kernel matrix).
+        let least = if program.starts_with("cap_capable") { 1 } else { ROUNDS as u64 };
+        assert!(runs >= least, "{program} ran {runs} times for {ROUNDS} rounds\n{report}");
         if !timings_meaningful() {
             continue;
         }

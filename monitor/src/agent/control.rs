@@ -171,7 +171,7 @@ async fn start(
     // The session's tokens and credential files are watched before any process is bound.
     let tokens_known = maps.sync_token_hashes(plane.credentials.seed(), &plane.credentials.token_hashes());
     crate::credentials::watch::refresh(&plane.credentials, &mut maps, &plane.policy.get().credentials.watch);
-    if let Err(e) = install_scope(&plane, &mut maps, key, &session, &hosts_names, expires_at) {
+    if let Err(e) = install_scope(plane, &mut maps, key, &session, &hosts_names, expires_at) {
         drop(maps);
         let _ = plane.core.end(id.clone(), crate::event::EndReason::Requested).await;
         return Err(e);

@@ -16,7 +16,6 @@ use crate::{
 /// How long an event may wait in the ring buffer when the probes did not wake the reader.
 /// Shorter costs idle CPU on every host (measured: 10 ms added ~2% to an exec loop on 2
 /// cores); longer delays alerts. Enforcement does not wait for it: the kernel decides.
-
 const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(40);
 /// The same while no session runs and no token is looked for: the probes then report only new
 /// executables (and wake the reader for those), and the file and uid-change queues concern no
