@@ -317,6 +317,14 @@ impl Agent {
         wait_for(what, || self.events().into_iter().find(|e| pick(e)), || self.diagnostics())
     }
 
+    /// Fails if the agent has exited (a crash in a library's own thread leaves no line in its
+    /// log: the exit status says it).
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the agent exited with {status}\n{}", self.diagnostics());
+        }
+    }
+
     pub fn diagnostics(&self) -> String {
         format!(
             "--- alerts\n{}\n--- events\n{}\n--- agent log (tail)\n{}",

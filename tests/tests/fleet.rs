@@ -56,8 +56,8 @@ fn a_token_of_a_task_on_one_host_is_caught_on_another() {
     fs::write(&key, (0..32u8).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect::<Vec<u8>>()).unwrap();
     let key = key.to_str().unwrap();
     let metrics_b = format!("127.0.0.1:{}", free_port_on("127.0.0.1"));
-    let a = agent("fleet-a", "node-a", &fleet, key, &format!("127.0.0.1:{}", free_port_on("127.0.0.1")));
-    let b = agent("fleet-b", "node-b", &fleet, key, &metrics_b);
+    let mut a = agent("fleet-a", "node-a", &fleet, key, &format!("127.0.0.1:{}", free_port_on("127.0.0.1")));
+    let mut b = agent("fleet-b", "node-b", &fleet, key, &metrics_b);
     let server = tls_server(&a.agent.dir);
     let url = format!("https://127.0.0.2:{}/deploy", server.port);
     let token = jwt(3600, "fleet");
@@ -152,7 +152,9 @@ fn a_token_of_a_task_on_one_host_is_caught_on_another() {
     let o = a.run_session(&later, "true", &[("BOT_TOKEN", "another-token-value-0123456789")]);
     assert!(o.status.success(), "{}", stderr(&o));
 
-    for t in [&a, &b] {
+    // Both agents lived through the brokers' going and coming back.
+    for t in [&mut a, &mut b] {
+        t.agent.assert_running();
         t.assert_never_output(&token);
     }
 }

@@ -139,6 +139,7 @@ async fn apply(
             .retention
             .map_or(crate::engine::DEFAULT_RETENTION_NS, |r| r.as_nanos().min(u64::MAX as u128) as u64);
         let now = now_ns();
+        let tokens_before = plane.credentials.generation();
         let mut events = Vec::new();
         for incoming in batch.drain(..) {
             match incoming {
@@ -202,6 +203,9 @@ async fn apply(
             continue;
         }
         plane.core.apply(events).await;
-        plane.look_for_tokens().await;
+        // The kernel's token list and the TLS probes change only with what the sessions hold.
+        if plane.credentials.generation() != tokens_before {
+            plane.look_for_tokens().await;
+        }
     }
 }

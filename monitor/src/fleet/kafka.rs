@@ -156,6 +156,18 @@ fn read(mut consumer: BaseConsumer, config: &ClientConfig, topic: &str, tx: &mps
             // Back in contact, or the topic gone (a broker that lost its storage): read it
             // again from the start, since offsets may have started over.
             let regained = partitions.is_some() && !in_contact;
+            if partitions.is_none() && assigned > 0 {
+                // The brokers are away: stop fetching until they are back, then read with a new
+                // consumer. A consumer that kept fetching through a broker's restart was handed
+                // responses that librdkafka 2.12 turns into a metadata update without a topic
+                // name, and it crashed the agent in its own thread (a NULL strcmp under
+                // rd_kafka_metadata_update_op; core dumps of the fleet test, 3 in 6 runs).
+                if let Err(e) = consumer.unassign() {
+                    tracing::debug!("fleet topic {topic}: unassign: {e}");
+                }
+                assigned = 0;
+                renew = true;
+            }
             in_contact = partitions.is_some();
             let partitions = partitions.unwrap_or(assigned);
             if regained || partitions < assigned {
