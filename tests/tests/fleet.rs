@@ -137,8 +137,6 @@ fn a_token_of_a_task_on_one_host_is_caught_on_another() {
     assert_eq!(metric(&metrics_b, "monitor_fleet_sessions"), 1.0, "node-a's session, still on the watchlist");
     assert!(metric(&metrics_b, "monitor_fleet_records_total") >= 2.0, "its start and its end");
     // Back (empty: memory storage), with the operator's topic again: node-b is in contact again.
-    // (That the sessions node-a publishes from then on reach node-b is not asserted: after a
-    // broker restarted without its storage they do not reliably, see issue 15.)
     broker.start_again();
     broker.create_topic_with(TOPIC, &["cleanup.policy=compact"]);
     wait_for_within(
@@ -151,6 +149,10 @@ fn a_token_of_a_task_on_one_host_is_caught_on_another() {
     let later = session_file(&a.agent.dir, "fleet-later", SESSION);
     let o = a.run_session(&later, "true", &[("BOT_TOKEN", "another-token-value-0123456789")]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // And what node-a publishes after the restart reaches node-b.
+    wait_fleet_record(&b, "fleet-later", "node-a's session after the brokers' restart, on node-b", |s| {
+        !s["ended_ns"].is_null()
+    });
 
     // Both agents lived through the brokers' going and coming back.
     for t in [&mut a, &mut b] {
