@@ -101,7 +101,7 @@ fn an_enforcing_session_is_refused_out_of_scope_and_after_its_end_and_an_observi
     ]
     .join("; ");
     // In the enforcing one, a background process outlives the task and connects after its end.
-    let late = net.connect(&out_e, "late", "tcp", "127.0.0.2", allowed);
+    let late = net.connect_quickly(&out_e, "late", "127.0.0.2", allowed);
     let enforce = format!(
         "{}; {}; ( sleep 1; {late}; exec sleep 60 ) & echo \"bg=$! done\" > {}",
         net.connect(&out_e, "in", "tcp", "127.0.0.2", allowed),
