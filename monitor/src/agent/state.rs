@@ -228,6 +228,9 @@ fn last_alive(dir: &Path, state: &SavedState) -> u64 {
 /// Takes over the sessions a previous agent left, before the control socket is served; with
 /// `pinned`, the kernel's binding maps are that agent's (probes/pins.rs) and their entries are
 /// checked. Returns how many it adopted.
+/// Sessions named in the alert that says how long no agent ran.
+const NAMED_IN_BLIND: usize = 20;
+
 /// Sessions whose names and processes go to the engine together at adoption.
 const ADOPT_BATCH: usize = 256;
 
@@ -265,7 +268,13 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
         }
         return Ok(0);
     }
-    let ids: Vec<String> = state.sessions.iter().map(|s| s.session.session.id.to_string()).collect();
+    // The alert names the first sessions and counts the rest: a node's thousands of ids in one
+    // summary would be unreadable (and 100 KB in every sink).
+    let mut ids: Vec<String> =
+        state.sessions.iter().take(NAMED_IN_BLIND).map(|s| s.session.session.id.to_string()).collect();
+    if count > NAMED_IN_BLIND {
+        ids.push(format!("and {} more", count - NAMED_IN_BLIND));
+    }
     let source = format!(
         "no agent was running for {:.1} s before this one took over sessions {}: their events in that time were not seen",
         now.saturating_sub(down_since) as f64 / 1e9,
