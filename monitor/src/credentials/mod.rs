@@ -286,8 +286,7 @@ impl CredentialIndex {
     /// Whether a session, of this host or (the fleet watchlist) of another, holds the token.
     pub fn is_session_token(&self, fingerprint: &str) -> bool {
         let inner = self.read();
-        inner.tokens().any(|(_, f)| f == fingerprint)
-            || inner.remote.fingerprints.contains_key(fingerprint)
+        inner.tokens().any(|(_, f)| f == fingerprint) || inner.remote.fingerprints.contains_key(fingerprint)
     }
 
     fn path_of(&self, dev: u32, ino: u64) -> Option<String> {

@@ -5,6 +5,7 @@
 mod credentials;
 mod fleet;
 mod fold;
+mod interned;
 mod names;
 
 pub use credentials::LEARNED_PER_SESSION;

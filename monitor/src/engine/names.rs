@@ -12,14 +12,11 @@
 //! - The hosts-file names are shared between sessions (see [`HostsBook`]): thousands of sessions
 //!   on a node read the same /etc/hosts, and a copy each was a third of a session's memory.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use monitor_common::RESOLVED_TTL_NS;
 
+use super::interned::Interned;
 use crate::event::{NameSource, Nanos, Resolve};
 
 /// The least time a DNS answer's name holds for its addresses.
@@ -36,6 +33,7 @@ pub struct Names {
     hosts: Option<HostsList>,
     /// Names from getaddrinfo and DNS answers, each with its hold; boxed, since most
     /// sessions learn none and a map's empty head is six words.
+    #[allow(clippy::box_collection)]
     by_addr: Option<Box<HashMap<IpAddr, Vec<Learnt>>>>,
 }
 
@@ -47,33 +45,15 @@ type HostsList = Arc<[(IpAddr, Arc<str>)]>;
 /// are dropped by [`HostsBook::prune`] once no session holds them.
 #[derive(Debug, Default)]
 pub struct HostsBook {
-    lists: HashSet<HostsList>,
-    names: HashSet<Arc<str>>,
+    lists: Interned<[(IpAddr, Arc<str>)]>,
+    names: Interned<str>,
 }
 
 impl HostsBook {
-    fn list(&mut self, entries: Vec<(IpAddr, Arc<str>)>) -> HostsList {
-        if let Some(known) = self.lists.get(entries.as_slice()) {
-            return known.clone();
-        }
-        let list: HostsList = entries.into();
-        self.lists.insert(list.clone());
-        list
-    }
-
-    fn name(&mut self, name: &str) -> Arc<str> {
-        if let Some(known) = self.names.get(name) {
-            return known.clone();
-        }
-        let name: Arc<str> = name.into();
-        self.names.insert(name.clone());
-        name
-    }
-
     /// Forgets the lists and names no session holds.
     pub fn prune(&mut self) {
-        self.lists.retain(|l| Arc::strong_count(l) > 1);
-        self.names.retain(|n| Arc::strong_count(n) > 1);
+        self.lists.prune();
+        self.names.prune();
     }
 }
 
@@ -124,12 +104,12 @@ impl Names {
         let before = entries.len();
         for addr in addrs {
             if !entries.iter().any(|(a, n)| a == addr && **n == *name) {
-                entries.push((*addr, book.name(name)));
+                entries.push((*addr, book.names.get(name)));
             }
         }
         if entries.len() != before {
             entries.sort();
-            self.hosts = Some(book.list(entries));
+            self.hosts = Some(book.lists.get(entries));
         }
     }
 

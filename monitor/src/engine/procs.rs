@@ -2,9 +2,11 @@
 //! parent by a serial number rather than by pid, so a reused pid never joins an old lineage.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     sync::Arc,
 };
+
+use super::interned::Interned;
 
 use crate::{
     alert::{Ancestor, ProcessRef},
@@ -79,7 +81,7 @@ pub struct ProcTable {
     /// processes, not the whole table's (thousands of sessions on a node).
     live_by_session: BTreeSet<(SessionKey, Serial)>,
     /// The executables' paths the table holds, each once.
-    exes: HashSet<Arc<str>>,
+    exes: Interned<str>,
     next: Serial,
     /// Bumped whenever a process joins or leaves the live set (see `changes`).
     changes: u64,
@@ -116,12 +118,7 @@ impl ProcTable {
 
     /// The table's shared copy of an executable's path.
     pub fn intern(&mut self, exe: &str) -> Arc<str> {
-        if let Some(known) = self.exes.get(exe) {
-            return known.clone();
-        }
-        let exe: Arc<str> = Arc::from(exe);
-        self.exes.insert(exe.clone());
-        exe
+        self.exes.get(exe)
     }
 
     /// Adds a live process, replacing whatever held its pid (a missed exit).
@@ -162,7 +159,7 @@ impl ProcTable {
         }
         self.procs.retain(|s, _| keep.contains(s));
         self.procs.shrink_to(self.procs.len() * 2);
-        self.exes.retain(|exe| Arc::strong_count(exe) > 1);
+        self.exes.prune();
         self.compact_at = self.procs.len() * 2 + COMPACT_SLACK;
     }
 
@@ -199,7 +196,7 @@ impl ProcTable {
     /// in one pass over the table.
     pub fn forget(&mut self, sessions: &std::collections::HashSet<SessionKey>) {
         self.procs.retain(|_, p| !sessions.contains(&p.session));
-        self.exes.retain(|exe| Arc::strong_count(exe) > 1);
+        self.exes.prune();
     }
 
     /// The alert's view of a process, with its ancestors up to the session root.
