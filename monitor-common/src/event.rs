@@ -20,6 +20,7 @@ pub enum EventKind {
     Executable = 11,
     DnsAnswer = 12,
     TlsPeer = 13,
+    ArgvToken = 14,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -40,6 +41,7 @@ impl TryFrom<u32> for EventKind {
             11 => Ok(Self::Executable),
             12 => Ok(Self::DnsAnswer),
             13 => Ok(Self::TlsPeer),
+            14 => Ok(Self::ArgvToken),
             other => Err(other),
         }
     }
@@ -246,6 +248,25 @@ pub struct EnvTokenEvent {
 }
 const _: () = assert!(core::mem::size_of::<EnvTokenEvent>() == 48 + 8 + 8 + COMM_CAP + 4 + ENV_NAME_CAP);
 
+/// A process outside every session exec'd with a watched token as a word of its command line
+/// (`--token=X`, `Bearer X`, `user:X@host`, a bare `X`). Session processes' command lines go to
+/// userspace whole, in [`ExecEvent`], and are searched there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ArgvTokenEvent {
+    pub header: EventHeader,
+    /// [`token_hash`] of the word: which token it is.
+    pub hash: u64,
+    /// As in [`EnvTokenEvent`].
+    pub ppid: u32,
+    pub sid: u32,
+    pub comm: [u8; COMM_CAP],
+    /// Which argument held it (0 is the program's name).
+    pub index: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<ArgvTokenEvent>() == 48 + 8 + 8 + COMM_CAP + 8);
+
 /// Where a payload was captured.
 pub const PAYLOAD_SSL_WRITE: u8 = 1;
 pub const PAYLOAD_SSL_WRITE_EX: u8 = 2;
@@ -412,6 +433,7 @@ mod pod {
     unsafe impl aya::Pod for super::ResolveEvent {}
     unsafe impl aya::Pod for super::FileOpenEvent {}
     unsafe impl aya::Pod for super::EnvTokenEvent {}
+    unsafe impl aya::Pod for super::ArgvTokenEvent {}
     unsafe impl aya::Pod for super::PayloadEvent {}
     unsafe impl aya::Pod for super::SmallPayloadEvent {}
     unsafe impl aya::Pod for super::CredChangeEvent {}
@@ -448,6 +470,7 @@ records! {
     ResolveEvent => Resolve,
     FileOpenEvent => FileOpen,
     EnvTokenEvent => EnvToken,
+    ArgvTokenEvent => ArgvToken,
     ExecutableEvent => Executable,
     DnsAnswerEvent => DnsAnswer,
     TlsPeerEvent => TlsPeer,

@@ -115,7 +115,8 @@ pub enum Stat {
     InheritFailed = 1,
     /// A kernel read failed (filename, argv, parent, credentials).
     ReadFailed = 2,
-    /// An exec environment was longer than the scanned part: a token past it was not looked for.
+    /// An exec environment (or an outsider's command line) was longer than the scanned part: a
+    /// token past it was not looked for.
     EnvTruncated = 3,
 }
 pub const STAT_COUNT: u32 = 4;

@@ -3,11 +3,11 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use monitor_common::{
-    ConnectEvent, ConnectResultEvent, CredChangeEvent, DnsAnswerEvent, EnvTokenEvent, EventHeader, EventKind,
-    ExecEvent, ExecutableEvent, ExitEvent, FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent, TlsPeerEvent,
-    CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, DNS_TCP_PIECE, HOOK_CONNECT, PAYLOAD_CAP,
-    PAYLOAD_FLAG_H2, PAYLOAD_SSL_READ, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED, VERDICT_BLOCKED_EXPIRED,
-    VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
+    ArgvTokenEvent, ConnectEvent, ConnectResultEvent, CredChangeEvent, DnsAnswerEvent, EnvTokenEvent, EventHeader,
+    EventKind, ExecEvent, ExecutableEvent, ExitEvent, FileOpenEvent, ForkEvent, PayloadEvent, ResolveEvent,
+    TlsPeerEvent, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID, DNS_TCP_PIECE, HOOK_CONNECT,
+    PAYLOAD_CAP, PAYLOAD_FLAG_H2, PAYLOAD_SSL_READ, PAYLOAD_TCP, RESOLVE_ADDRS, VERDICT_BLOCKED_ENDED,
+    VERDICT_BLOCKED_EXPIRED, VERDICT_BLOCKED_SCOPE, WIRE_VERSION,
 };
 
 use crate::event::{
@@ -37,6 +37,14 @@ pub enum Decoded<'a> {
         actor: Actor,
         hash: u64,
         name: String,
+    },
+    /// A token's hash was word of argument `index` of the command line of an exec by a process
+    /// outside sessions.
+    ArgvToken {
+        ts: Nanos,
+        actor: Actor,
+        hash: u64,
+        index: usize,
     },
     /// The first bytes of an outbound request. `data` is raw and may hold secrets: it is parsed
     /// and fingerprinted, never stored.
@@ -145,7 +153,12 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
     // Credential observations come from any process; everything else only from session ones.
     let any_process = matches!(
         kind,
-        EventKind::FileOpen | EventKind::EnvToken | EventKind::Payload | EventKind::Executable | EventKind::TlsPeer
+        EventKind::FileOpen
+            | EventKind::EnvToken
+            | EventKind::ArgvToken
+            | EventKind::Payload
+            | EventKind::Executable
+            | EventKind::TlsPeer
     );
     if header.session == 0 && !any_process {
         return Err(DecodeError::NoSession);
@@ -181,6 +194,11 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
             let name = lossy(e.name.as_slice());
             let actor = Actor { ppid: e.ppid, sid: known(e.sid), ..actor(&e.comm) };
             return Ok(Decoded::EnvToken { ts, session, actor, hash: e.hash, name });
+        }
+        EventKind::ArgvToken => {
+            let e: ArgvTokenEvent = read_sized(record, kind)?;
+            let actor = Actor { ppid: e.ppid, sid: known(e.sid), ..actor(&e.comm) };
+            return Ok(Decoded::ArgvToken { ts, actor, hash: e.hash, index: e.index as usize });
         }
         EventKind::Payload => {
             // Read in place: the data is sliced from the record, not copied around.
@@ -260,6 +278,7 @@ pub fn decode(record: &[u8], clock: Clock) -> Result<Decoded<'_>, DecodeError> {
         // Returned above; listed so the match stays exhaustive without a panic path.
         EventKind::FileOpen
         | EventKind::EnvToken
+        | EventKind::ArgvToken
         | EventKind::Payload
         | EventKind::Executable
         | EventKind::DnsAnswer
@@ -413,7 +432,9 @@ fn split_argv(area: &[u8], full: bool) -> (Vec<String>, bool) {
 
 #[cfg(test)]
 mod tests {
-    use monitor_common::{Bytes, SmallPayloadEvent, ARGV_CAP, FILENAME_CAP, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE_EX};
+    use monitor_common::{
+        Bytes, SmallPayloadEvent, ARGV_CAP, FILENAME_CAP, PAYLOAD_SMALL_CAP, PAYLOAD_SSL_WRITE_EX, SID_UNKNOWN,
+    };
 
     use crate::event::Event;
 
@@ -483,6 +504,18 @@ mod tests {
             panic!()
         };
         assert_eq!((hash, name.as_str(), session, actor.ppid, actor.sid), (9, "SUPPORT_BOT_TOKEN", 7, 41, Some(40)));
+
+        let e = ArgvTokenEvent {
+            header: EventHeader { session: 0, ..header(EventKind::ArgvToken, size_of::<ArgvTokenEvent>()) },
+            hash: 11,
+            ppid: 42,
+            sid: SID_UNKNOWN,
+            comm,
+            index: 3,
+            _pad0: 0,
+        };
+        let Decoded::ArgvToken { hash, index, actor, .. } = decode(&bytes_of(&e), CLOCK).unwrap() else { panic!() };
+        assert_eq!((hash, index, actor.ppid, actor.sid), (11, 3, 42, None), "a process outside sessions");
 
         let mut e = PayloadEvent {
             header: header(EventKind::Payload, size_of::<PayloadEvent>()),

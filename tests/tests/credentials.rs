@@ -270,6 +270,67 @@ fn a_token_in_the_environment_of_a_detached_child_that_execs_after_the_end() {
     t.assert_never_output(&token);
 }
 
+/// `/bin/true ARGS` in a Unix session of its own (not the launcher's, whose processes are
+/// excused): a process outside every session that exits at once.
+fn true_in_own_unix_session(args: &[&str]) {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new("/bin/true");
+    command.args(args);
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    assert!(command.status().unwrap().success());
+}
+
+#[test]
+fn a_token_on_the_command_line_of_a_process_outside_sessions() {
+    let t = Creds::start("cred-argv", &[]);
+    let token = jwt(3600, "argv");
+    let session = session_file(&t.agent.dir, "argv-1", SESSION);
+    let (started, done) = (t.agent.dir.path("argv-started"), t.agent.dir.path("argv-done"));
+    let mut root = t.spawn_session(
+        &session,
+        &format!("touch {}; while [ ! -f {} ]; do sleep 0.05; done", started.display(), done.display()),
+        &[("BOT_TOKEN", &token)],
+    );
+    wait_for("session argv-1 running", || started.exists().then_some(()), || t.agent.diagnostics());
+
+    // While the task runs, a process outside it has the token in a header on its command line:
+    // the kernel looks at the words of the command line of a process that exits at once.
+    let header = format!("Authorization: Bearer {token}");
+    true_in_own_unix_session(&["-s", "-H", &header]);
+    let alert = t.agent.wait_alert("token_outside_session on the command line", |a| {
+        a["rule"] == "token_outside_session" && a["credential"]["seen_in"] == "argv"
+    });
+    assert_eq!(alert["session"]["id"], "argv-1");
+    assert_eq!(alert["credential"]["carrier"], "argv[3]", "{alert}");
+    assert!(alert["credential"]["fingerprint"].as_str().unwrap().starts_with("hmac-sha256:"));
+    assert_eq!(alert["process"]["in_session"], false);
+    assert!(alert["summary"].as_str().unwrap().contains("on the command line (argument 3)"), "{alert}");
+
+    // After the task (and its grace): token_after_task_end, for a word of a URL this time.
+    fs::write(&done, "").unwrap();
+    assert!(root.wait().unwrap().success());
+    let url = format!("https://bot:{token}@127.0.0.2:9/?x=1");
+    let after = wait_for(
+        "token_after_task_end on the command line",
+        || {
+            // Until the grace has run out, a use is still inside the task's authority.
+            true_in_own_unix_session(&[&url]);
+            t.alerts_of("token_after_task_end").into_iter().find(|a| a["credential"]["seen_in"] == "argv")
+        },
+        || t.agent.diagnostics(),
+    );
+    assert_eq!(after["session"]["id"], "argv-1");
+    assert_eq!(after["session"]["state"], "ended");
+    assert_eq!(after["credential"]["carrier"], "argv[1]", "{after}");
+    t.assert_never_output(&token);
+}
+
 /// Drops root to `nobody` keeping the saved uid, then takes root back (setuid family to uid 0).
 const SETUID_BACK_TO_ROOT: &str = r#"
 import os

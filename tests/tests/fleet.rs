@@ -78,8 +78,9 @@ fn a_token_of_a_task_on_one_host_is_caught_on_another() {
     let fingerprint = record["session"]["tokens"][0]["fingerprint"].as_str().unwrap().to_string();
     assert!(fingerprint.starts_with("hmac-sha256:"), "{record}");
 
-    // While it runs, a process on node-b that is not that task uses its token: over TLS, and
-    // in its environment (the kernel's token hash is the fleet's, so node-b's exec scan finds it).
+    // While it runs, a process on node-b that is not that task uses its token: over TLS, in its
+    // environment and on its command line (the kernel's token hash is the fleet's, so node-b's
+    // exec scans find it).
     wait_for(
         "node-b looking for node-a's token on the wire (its TLS probes attached)",
         || b.agent.attached_probes().contains("ssl_write").then_some(()),
@@ -88,7 +89,7 @@ fn a_token_of_a_task_on_one_host_is_caught_on_another() {
     let o = b.sh(&format!("echo $$ > {}/outside.pid; exec {}", dir.0.display(), curl(&url)), &[("BOT_TOKEN", &token)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let outside: u64 = fs::read_to_string(dir.path("outside.pid")).unwrap().trim().parse().unwrap();
-    for seen_in in ["https", "env"] {
+    for seen_in in ["https", "env", "argv"] {
         let alert = b.agent.wait_alert(&format!("node-b: token_outside_session ({seen_in})"), |a| {
             // Repeats of a finding are folded into its first alert, which lists their pids.
             let by_outside =

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{ProbeContext, TracePointContext},
 };
 use monitor_common::{
-    token_hash_step, CredChangeEvent, EnvTokenEvent, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
+    token_hash_step, ArgvTokenEvent, CredChangeEvent, EnvTokenEvent, FileOpenEvent, Stat, COMM_CAP, CONFIG_TOKEN_COUNT,
     CONFIG_TOKEN_SEED, CONFIG_WATCH_COUNT, CRED_CAPSET, CRED_CAP_CHECK, CRED_SETRESUID, CRED_SETREUID, CRED_SETUID,
     ENV_NAME_CAP, ENV_SCAN_CAP, SID_UNKNOWN, TOKEN_MIN_LEN,
 };
@@ -97,12 +97,15 @@ pub struct EnvScan {
     len: u64,
     seed: u64,
     hash: u64,
-    /// Start of the current `NAME=value` entry.
+    /// Start of the current `NAME=value` entry (environments) or word (command lines).
     entry_start: u64,
     /// Where the value starts (after `=`), 0 while in the name.
     value_start: u64,
     hits: u64,
+    /// Command lines: which argument the scan is in.
+    arg_index: u64,
     hit_hash: [u64; MAX_HITS],
+    /// Where the variable's name starts (environments), or the argument's index (command lines).
     hit_name: [u64; MAX_HITS],
     hit_name_len: [u64; MAX_HITS],
 }
@@ -115,38 +118,10 @@ pub fn scan_exec_env(session_key: u32) {
     if config(CONFIG_TOKEN_COUNT) == 0 {
         return;
     }
-    let Some((start, end)) = kernel::env_area() else {
-        count(Stat::ReadFailed);
-        return;
-    };
-    let mut len = end.saturating_sub(start) as usize;
-    if len == 0 {
-        return;
-    }
-    if len > ENV_SCAN_CAP {
-        count(Stat::EnvTruncated);
-        len = ENV_SCAN_CAP;
-    }
-    let Some(buf) = ENV_SCRATCH.get_ptr_mut(0) else { return };
-    // SAFETY: per-CPU scratch owned by this program run; `len` is at most its size.
-    if unsafe { bpf_probe_read_user_buf(start as *const u8, &mut (&mut *buf)[..len]) }.is_err() {
-        count(Stat::ReadFailed);
-        return;
-    }
-    let Some(scan) = ENV_STATE.get_ptr_mut(0) else { return };
-    // SAFETY: per-CPU state owned by this program run.
-    unsafe {
-        (*scan).len = len as u64;
-        (*scan).seed = config(CONFIG_TOKEN_SEED);
-        (*scan).hash = 0;
-        (*scan).entry_start = 0;
-        (*scan).value_start = 0;
-        (*scan).hits = 0;
-    }
-    let steps = len.div_ceil(CHUNK) as u32;
+    let Some(scan) = start_scan(kernel::env_area()) else { return };
     // SAFETY: bpf_loop calls `env_step`, which finds its state in ENV_STATE.
     unsafe {
-        aya_ebpf::helpers::generated::bpf_loop(steps, env_step as *mut c_void, core::ptr::null_mut(), 0);
+        aya_ebpf::helpers::generated::bpf_loop(steps(scan), env_step as *mut c_void, core::ptr::null_mut(), 0);
     }
     let mut i = 0;
     while i < MAX_HITS {
@@ -158,6 +133,74 @@ pub fn scan_exec_env(session_key: u32) {
         }
         i += 1;
     }
+}
+
+/// Called from sched_process_exec for every exec of a process outside sessions while some
+/// session has tokens: each word of the command line (split where userspace splits a session
+/// process's, see credentials/argv.rs) is looked up among the tokens. Session processes' command
+/// lines are sent whole and searched in userspace instead.
+#[inline(always)]
+pub fn scan_exec_argv() {
+    if config(CONFIG_TOKEN_COUNT) == 0 {
+        return;
+    }
+    let Some(scan) = start_scan(kernel::arg_area()) else { return };
+    // SAFETY: bpf_loop calls `argv_step`, which finds its state in ENV_STATE.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(steps(scan), argv_step as *mut c_void, core::ptr::null_mut(), 0);
+    }
+    let mut i = 0;
+    while i < MAX_HITS {
+        // SAFETY: as above.
+        let (hits, hash, index) = unsafe { ((*scan).hits, (*scan).hit_hash[i], (*scan).hit_name[i]) };
+        if (i as u64) < hits {
+            emit_argv_token(hash, index as u32);
+        }
+        i += 1;
+    }
+}
+
+/// Copies `[start, end)` of the exec'ing process's memory (its environment or its arguments) into
+/// this CPU's scratch and resets the scan state; None when there is nothing to scan.
+#[inline(always)]
+fn start_scan(area: Option<(u64, u64)>) -> Option<*mut EnvScan> {
+    let Some((start, end)) = area else {
+        count(Stat::ReadFailed);
+        return None;
+    };
+    let mut len = end.saturating_sub(start) as usize;
+    if len == 0 {
+        return None;
+    }
+    if len > ENV_SCAN_CAP {
+        count(Stat::EnvTruncated);
+        len = ENV_SCAN_CAP;
+    }
+    let buf = ENV_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch owned by this program run; `len` is at most its size.
+    if unsafe { bpf_probe_read_user_buf(start as *const u8, &mut (&mut *buf)[..len]) }.is_err() {
+        count(Stat::ReadFailed);
+        return None;
+    }
+    let scan = ENV_STATE.get_ptr_mut(0)?;
+    let seed = config(CONFIG_TOKEN_SEED);
+    // SAFETY: per-CPU state owned by this program run.
+    unsafe {
+        (*scan).len = len as u64;
+        (*scan).seed = seed;
+        (*scan).hash = seed;
+        (*scan).entry_start = 0;
+        (*scan).value_start = 0;
+        (*scan).hits = 0;
+        (*scan).arg_index = 0;
+    }
+    Some(scan)
+}
+
+#[inline(always)]
+fn steps(scan: *mut EnvScan) -> u32 {
+    // SAFETY: the caller's live EnvScan.
+    (unsafe { (*scan).len } as usize).div_ceil(CHUNK) as u32
 }
 
 extern "C" fn env_step(index: u64, _ctx: *mut c_void) -> i64 {
@@ -206,6 +249,72 @@ unsafe fn end_entry(scan: *mut EnvScan, at: u64) {
     s.hit_name[slot] = s.entry_start;
     s.hit_name_len[slot] = s.value_start - 1 - s.entry_start;
     s.hits += 1;
+}
+
+extern "C" fn argv_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scan) = ENV_STATE.get_ptr_mut(0) else { return 1 };
+    let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return 1 };
+    let base = index as usize * CHUNK;
+    let mut j = 0;
+    while j < CHUNK {
+        let at = base + j;
+        // SAFETY: `scan` is the caller's live EnvScan; `buf` is this CPU's scratch.
+        unsafe {
+            if at as u64 >= (*scan).len {
+                return 1;
+            }
+            let byte = (*buf)[at & (ENV_SCAN_CAP - 1)];
+            if is_word_separator(byte) {
+                end_word(scan, at as u64);
+                (*scan).entry_start = at as u64 + 1;
+                (*scan).hash = (*scan).seed;
+                if byte == 0 {
+                    (*scan).arg_index += 1;
+                }
+            } else {
+                (*scan).hash = token_hash_step((*scan).hash, byte);
+            }
+        }
+        j += 1;
+    }
+    0
+}
+
+/// Where a command-line word ends: the NUL between arguments and the separators of
+/// credentials/argv.rs (`Bearer X`, `--token=X`, `user:X@host`, `?token=X&`, quotes).
+#[inline(always)]
+fn is_word_separator(byte: u8) -> bool {
+    matches!(byte, 0 | b' ' | b'\t' | b'\n' | b'\r' | b'=' | b':' | b',' | b';' | b'&' | b'?' | b'"' | b'\'' | b'@')
+}
+
+/// At a separator: looks the word's hash up among the tokens.
+#[inline(always)]
+unsafe fn end_word(scan: *mut EnvScan, at: u64) {
+    let s = unsafe { &mut *scan };
+    if at < s.entry_start + TOKEN_MIN_LEN as u64 || s.hits >= MAX_HITS as u64 {
+        return;
+    }
+    if TOKEN_HASHES.get_ptr(s.hash).is_none() {
+        return;
+    }
+    let slot = (s.hits as usize) & (MAX_HITS - 1);
+    s.hit_hash[slot] = s.hash;
+    s.hit_name[slot] = s.arg_index;
+    s.hits += 1;
+}
+
+fn emit_argv_token(hash: u64, index: u32) {
+    emit::<ArgvTokenEvent>(0, Origin::Task, Wakeup::WhenDue, |event| {
+        // SAFETY: `event` points to a reservation of size_of::<ArgvTokenEvent>() bytes.
+        unsafe {
+            (*event).hash = hash;
+            (*event).ppid = kernel::parent_tgid().unwrap_or(0);
+            (*event).sid = kernel::session_id().unwrap_or(SID_UNKNOWN);
+            (*event).comm = comm();
+            (*event).index = index;
+            (*event)._pad0 = 0;
+        }
+    });
 }
 
 fn emit_env_token(session_key: u32, hash: u64, name_at: u64, name_len: u64) {

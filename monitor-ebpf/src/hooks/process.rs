@@ -73,7 +73,11 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         emit_exec(ctx, key);
         cred::remember_caps(tgid);
     }
-    // Any process, in a session or not, may exec with a session's token in its environment.
+    // Any process, in a session or not, may exec with a session's token in its environment or
+    // on its command line (a session process's command line is searched in userspace).
+    if key.is_none() {
+        cred::scan_exec_argv();
+    }
     cred::scan_exec_env(key.unwrap_or(0));
     if session::anything_watched() {
         note_executable(ctx, key.unwrap_or(0));

@@ -410,6 +410,17 @@ impl Observer {
                     SeenCredential { kind: CredentialKind::Env, fingerprint, header: None, key_id: None, jwt: None };
                 vec![Event::TokenUse(TokenUse { ts, session, actor, credential, via: TokenVia::Env { name } })]
             }
+            Decoded::ArgvToken { ts, actor, hash, index } => {
+                let Some(fingerprint) = self.index.fingerprint_of_hash(hash) else { return Vec::new() };
+                let credential = SeenCredential {
+                    kind: CredentialKind::Authorization,
+                    fingerprint,
+                    header: None,
+                    key_id: None,
+                    jwt: None,
+                };
+                vec![Event::TokenUse(TokenUse { ts, session: 0, actor, credential, via: TokenVia::Argv { index } })]
+            }
             Decoded::Payload { ts, session, actor, tls, dst, conn, h2, seq, total_len, data } => {
                 let wire = Wire { ts, session, actor, tls, dst };
                 let events = self.payload(&wire, conn, h2, seq, total_len, data);
