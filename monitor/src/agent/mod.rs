@@ -133,7 +133,9 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
     probes.tell_watched(watched_tx);
     report(&probes.report);
-    if probes.report.is_attached("tcp_egress") {
+    // The plaintext hook, or its stand-in on kernels that refuse it (6.1): both find a packet's
+    // process through the owner its connect recorded.
+    if probes.report.is_attached("tcp_egress") || probes.report.is_attached("tcp_egress_compat") {
         // Connects now record their socket's owner for the plaintext payload hook.
         let _ = maps.config.set(monitor_common::CONFIG_TCP_OWNERS, 1, 0);
     }
