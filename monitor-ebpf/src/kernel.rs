@@ -124,7 +124,7 @@ pub fn session_id() -> Option<u32> {
     read_at(pid, global(&PID_NUMBERS_OFF))
 }
 
-/// Effective uid and gid of the current task.
+/// Effective uid and gid of the current task (its own credentials, `real_cred`: see btf.rs).
 pub fn effective_ids() -> Option<(u32, u32)> {
     let cred: u64 = read_at(current_task(), global(&TASK_CRED_OFF))?;
     Some((read_at(cred, global(&CRED_EUID_OFF))?, read_at(cred, global(&CRED_EGID_OFF))?))
@@ -142,7 +142,8 @@ pub fn env_area() -> Option<(u64, u64)> {
     Some((read_at(mm, global(&MM_ENV_START_OFF))?, read_at(mm, global(&MM_ENV_END_OFF))?))
 }
 
-/// Effective capabilities of the current task (`kernel_cap_t` is one u64 since Linux 6.3).
+/// Effective capabilities of the current task (`real_cred`; `kernel_cap_t` is one u64 since
+/// Linux 6.3, and two u32 in the same order before).
 pub fn cap_effective() -> Option<u64> {
     let cred: u64 = read_at(current_task(), global(&TASK_CRED_OFF))?;
     read_at(cred, global(&CRED_CAP_EFFECTIVE_OFF))

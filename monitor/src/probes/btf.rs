@@ -44,7 +44,11 @@ impl KernelOffsets {
         Ok(Self {
             task_real_parent: member("task_struct", "real_parent"),
             task_tgid: member("task_struct", "tgid"),
-            task_cred: member("task_struct", "cred"),
+            // The task's own credentials, not `cred`, which kernel code overrides for a moment
+            // to act as someone else (overlayfs acts as the mounter, root, on every access to
+            // a container's or a VM guest's root filesystem): a capability check read there
+            // showed a process as root.
+            task_cred: member("task_struct", "real_cred"),
             task_mm: member("task_struct", "mm"),
             task_exit_code: member("task_struct", "exit_code"),
             cred_euid: member("cred", "euid"),
@@ -74,7 +78,7 @@ impl KernelOffsets {
         let all = [
             ("task_struct.real_parent", self.task_real_parent),
             ("task_struct.tgid", self.task_tgid),
-            ("task_struct.cred", self.task_cred),
+            ("task_struct.real_cred", self.task_cred),
             ("task_struct.mm", self.task_mm),
             ("task_struct.exit_code", self.task_exit_code),
             ("cred.euid", self.cred_euid),

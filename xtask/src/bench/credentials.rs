@@ -36,7 +36,7 @@ pub fn open_overhead(
     let plan =
         Plan { rounds, target: 1.03, n: count, unit: "µs/open", key: "us_per_open", workload: &xtask, warm_up: false };
     Paired::run(monitor, dir, agent_args, &plan, |agent| match agent {
-        Some(agent) if session_on_host => super::with_session_holder(monitor, dir, agent, open_loop),
+        Some(agent) if session_on_host => super::with_session_holder(monitor, dir, agent, None, open_loop),
         _ => open_loop(),
     })
 }

@@ -62,9 +62,17 @@ pub fn run(root: &Path, sizes: Sizes, out: &Path) -> anyhow::Result<()> {
         };
         let p = Paired::run(&monitor, &dir, &agent_args, &plan, |agent| match agent {
             None => exec_loop(execs),
-            Some(agent) => with_session_holder(&monitor, &dir, agent, || exec_loop(execs)),
+            Some(agent) => with_session_holder(&monitor, &dir, agent, None, || exec_loop(execs)),
         })?;
         table.paired("exec_overhead", "exec of /bin/true, process outside sessions (median)", 1, &p);
+        // While a session holds a token, every exec on the host has its environment and (outside
+        // sessions) its command line hashed in the kernel: what that costs.
+        eprintln!("bench: exec overhead while a session holds a token, {rounds} paired rounds");
+        let p = Paired::run(&monitor, &dir, &agent_args, &plan, |agent| match agent {
+            None => exec_loop(execs),
+            Some(agent) => with_session_holder(&monitor, &dir, agent, Some(BENCH_TOKEN), || exec_loop(execs)),
+        })?;
+        table.paired("exec_overhead_tokens_known", "exec, outside sessions, a token looked for (median)", 1, &p);
     }
     if want("connect") {
         let connect = connect_overhead(&monitor, &dir, &agent_args, connects, rounds)?;
@@ -337,20 +345,28 @@ pub(crate) fn median(values: &[f64]) -> f64 {
 }
 
 /// Runs `measure` while the agent has a session active for another process.
+/// A made-up token for the benchmarks' sessions (never a real credential).
+pub(crate) const BENCH_TOKEN: &str = "bench-token-0123456789abcdef";
+
+/// Runs `measure` while a session (of a `sleep` process) runs on the host; with `token`, the
+/// session declares it (`BENCH_TOKEN` in the starter's environment), so it is looked for.
 pub(crate) fn with_session_holder(
     monitor: &Path,
     dir: &Path,
     agent: &BenchAgent,
+    token: Option<&str>,
     measure: impl FnOnce() -> anyhow::Result<f64>,
 ) -> anyhow::Result<f64> {
     let mut holder = Command::new("sleep").arg("600").spawn()?;
     let session = dir.join("bench-session.yaml");
-    fs::write(&session, "principal: bench@example.com\nactor: svc:bench\ntask: benchmark\n")?;
+    let tokens = if token.is_some() { "tokens:\n  - env: BENCH_TOKEN\n" } else { "" };
+    fs::write(&session, format!("principal: bench@example.com\nactor: svc:bench\ntask: benchmark\n{tokens}"))?;
     let status = Command::new(monitor)
         .args(["session", "start", "--file"])
         .arg(&session)
         .args(["--pid", &holder.id().to_string(), "--control"])
         .arg(&agent.control)
+        .env("BENCH_TOKEN", token.unwrap_or_default())
         .stdout(Stdio::null())
         .status()?;
     if !status.success() {
