@@ -39,3 +39,38 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
     let minor = libc::minor(st_dev);
     (major << 20) | (minor & 0xf_ffff)
 }
+
+/// Whether the running kernel's release (`uname -r`) is at least `major.minor`; false when it
+/// cannot be read.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    // SAFETY: all-zero is a valid utsname; uname fills it.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a utsname.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return false;
+    }
+    let release: String = name.release.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
+    release_at_least(&release, major, minor)
+}
+
+fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_releases_compare_by_major_then_minor() {
+        use super::release_at_least;
+        assert!(release_at_least("6.18.44-cloud", 6, 6));
+        assert!(release_at_least("6.6.0", 6, 6));
+        assert!(!release_at_least("6.1.0-57-cloud-amd64", 6, 6));
+        assert!(!release_at_least("5.15.0", 6, 6));
+        assert!(release_at_least("7.0.0", 6, 6));
+        assert!(!release_at_least("garbage", 6, 6));
+    }
+}

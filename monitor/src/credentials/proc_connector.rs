@@ -91,9 +91,16 @@ impl ProcConnector {
         Ok(connector)
     }
 
-    /// `PROC_CN_MCAST_LISTEN` with the event filter (`struct proc_input`, kernel >= 6.6).
+    /// `PROC_CN_MCAST_LISTEN` with the event filter (`struct proc_input`, kernel >= 6.6). Older
+    /// kernels ignore a listen request of any other length than the bare operation's (4 bytes),
+    /// and have no filter: there the bare operation is sent, every process event on the host
+    /// reaches this socket, and [`parse`] keeps the uid changes.
     fn send_listen(&self) -> io::Result<()> {
-        let payload_len = 8usize;
+        let filtered = crate::host::kernel_at_least(6, 6);
+        if !filtered {
+            tracing::info!("this kernel's process events connector cannot filter (before 6.6): the agent reads every process event and keeps the uid changes");
+        }
+        let payload_len = if filtered { 8usize } else { 4 };
         let total = NLMSG_HEADER + CN_MSG_HEADER + payload_len;
         let mut message = Vec::with_capacity(total);
         // struct nlmsghdr
@@ -111,7 +118,9 @@ impl ProcConnector {
         message.extend_from_slice(&0u16.to_ne_bytes()); // flags
                                                         // struct proc_input
         message.extend_from_slice(&(libc::PROC_CN_MCAST_LISTEN as u32).to_ne_bytes());
-        message.extend_from_slice(&(libc::PROC_EVENT_UID as u32).to_ne_bytes());
+        if filtered {
+            message.extend_from_slice(&(libc::PROC_EVENT_UID as u32).to_ne_bytes());
+        }
         // SAFETY: sends `message.len()` bytes from a live buffer.
         let sent = unsafe { libc::send(self.fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
         if sent < 0 {
