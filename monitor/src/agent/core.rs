@@ -75,6 +75,8 @@ enum Command {
 #[derive(Clone)]
 pub struct CoreHandle {
     tx: mpsc::Sender<Command>,
+    /// The engine's count of session changes (start, end, a token learnt), sent as it moves.
+    session_changes: tokio::sync::watch::Receiver<u64>,
 }
 
 const GONE: &str = "the agent is shutting down";
@@ -125,6 +127,12 @@ impl CoreHandle {
         rx.await.map_err(|_| GONE.to_string())?
     }
 
+    /// Changes whenever a session starts, ends or learns a token: who publishes sessions waits
+    /// on it instead of asking every so often.
+    pub fn session_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.session_changes.clone()
+    }
+
     /// The sessions as the state directory keeps them, with the engine's generation; None when
     /// the generation is still `unless`.
     pub async fn adoptable(&self, unless: Option<u64>) -> Result<Option<(u64, Vec<Adoptable>)>, String> {
@@ -169,6 +177,8 @@ pub struct Core {
     counted: [Counter; Event::KINDS.len()],
     /// Applying the sessions a previous agent left (see `Command::Adopt`).
     adopting: bool,
+    /// See [`CoreHandle::session_changes`].
+    session_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Core {
@@ -182,6 +192,7 @@ impl Core {
         effects: mpsc::Sender<Effect>,
     ) -> (Self, CoreHandle) {
         let (tx, commands) = mpsc::channel(64);
+        let (session_changed, session_changes) = tokio::sync::watch::channel(engine.session_changes());
         let counted = std::array::from_fn(|i| crate::metrics::get().events_of(Event::KINDS[i]));
         let core = Self {
             engine,
@@ -195,8 +206,9 @@ impl Core {
             effects,
             counted,
             adopting: false,
+            session_changed,
         };
-        (core, CoreHandle { tx })
+        (core, CoreHandle { tx, session_changes })
     }
 
     pub async fn run(mut self) {
@@ -281,6 +293,8 @@ impl Core {
         }
         self.record(|trace| trace.event(&event));
         let alerts = self.engine.handle(&event);
+        let changes = self.engine.session_changes();
+        self.session_changed.send_if_modified(|seen| std::mem::replace(seen, changes) != changes);
         // Effects first: a kill or a refusal should not wait for the alert to be written.
         for effect in self.engine.drain_effects() {
             if self.effects.send(effect).await.is_err() {

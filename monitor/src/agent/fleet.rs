@@ -19,8 +19,12 @@ use crate::{
     sessions::remote::{RemoteSession, RemoteToken, REMOTE_SESSION_VERSION, SEED_CHECK_INPUT},
 };
 
-/// How often this host's sessions are compared with what was published.
-const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+/// How often this host's sessions are compared with what was published when no session
+/// changed (a rotated token file changes a record too; so may the brokers' coming back).
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// After a session change, how long more changes are gathered into one round (a burst of
+/// starts is one look at the sessions, not one each).
+const GATHER: Duration = Duration::from_millis(20);
 /// Other hosts' records applied in one go at most (one kernel map sync for all).
 const APPLY_BATCH: usize = 1024;
 
@@ -50,8 +54,18 @@ async fn publish(
     let mut unsent: HashMap<String, RemoteSession> = HashMap::new();
     let mut seen = None;
     let mut interval = tokio::time::interval(PUBLISH_EVERY);
+    let mut session_changes = plane.core.session_changes();
     loop {
-        interval.tick().await;
+        tokio::select! {
+            _ = interval.tick() => {}
+            changed = session_changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tokio::time::sleep(GATHER).await;
+                session_changes.borrow_and_update();
+            }
+        }
         let credentials = plane.credentials.generation();
         let Ok(answer) = plane.core.adoptable(seen.filter(|(_, c)| *c == credentials).map(|(e, _)| e)).await else {
             return;

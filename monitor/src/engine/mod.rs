@@ -316,6 +316,12 @@ impl Engine {
         self.sessions.iter().map(|(key, t)| self.summary(*key, t, now)).collect()
     }
 
+    /// A number that changes whenever a session starts, ends or learns a token (what the fleet
+    /// publishes of it).
+    pub fn session_changes(&self) -> u64 {
+        self.session_changes
+    }
+
     /// A number that changes whenever what `adoptable` returns may have: the state
     /// directory's keeper asks for the sessions only then (thousands of them on a busy node).
     pub fn generation(&self) -> u64 {
