@@ -14,14 +14,20 @@ impl KernelMaps {
     pub fn sync_token_hashes(&mut self, seed: u64, hashes: &[u64]) -> bool {
         let _ = self.config.set(CONFIG_TOKEN_SEED, seed, 0);
         let wanted: HashSet<u64> = hashes.iter().copied().collect();
-        let stale: Vec<u64> = self.token_hashes.keys().filter_map(Result::ok).filter(|h| !wanted.contains(h)).collect();
+        let stale: Vec<u64> = self.token_hashes_held.iter().copied().filter(|h| !wanted.contains(h)).collect();
         for hash in stale {
             let _ = self.token_hashes.remove(&hash);
+            self.token_hashes_held.remove(&hash);
         }
-        let (mut count, mut left_out) = (0u64, 0usize);
+        let mut left_out = 0usize;
         for hash in hashes {
+            if self.token_hashes_held.contains(hash) {
+                continue;
+            }
             match self.token_hashes.insert(hash, 1, 0) {
-                Ok(()) => count += 1,
+                Ok(()) => {
+                    self.token_hashes_held.insert(*hash);
+                }
                 Err(_) => left_out += 1,
             }
         }
@@ -31,6 +37,7 @@ impl KernelMaps {
                 "the kernel's token list is full ({TOKEN_HASHES_CAPACITY}): these tokens are not looked for in exec environments (on the wire and in command lines they are)"
             );
         }
+        let count = self.token_hashes_held.len() as u64;
         let _ = self.config.set(CONFIG_TOKEN_COUNT, count, 0);
         count > 0
     }

@@ -131,6 +131,9 @@ impl Reader {
             .set("auto.offset.reset", "earliest")
             .set("allow.auto.create.topics", "false")
             .set("reconnect.backoff.max.ms", "1000")
+            // A broker that does not answer a fetch as soon as records come (Tansu) holds it
+            // this long: the bound on how late another host's session end is read.
+            .set("fetch.wait.max.ms", "100")
             // A topic that went (a broker restarted without its storage) is looked for again
             // within seconds, not librdkafka's default five minutes.
             .set("topic.metadata.refresh.interval.ms", "2000");

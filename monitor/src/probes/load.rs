@@ -125,6 +125,7 @@ pub fn load(pins: Option<&pins::PinDir>) -> Result<(Loaded, Handles), ProbeError
         scope_names: take(&mut ebpf, MAP_SCOPE_NAMES)?,
         watched_inodes: take(&mut ebpf, MAP_WATCHED_INODES)?,
         token_hashes: take(&mut ebpf, MAP_TOKEN_HASHES)?,
+        token_hashes_held: Default::default(),
         resolved: take(&mut ebpf, MAP_RESOLVED)?,
     };
     let handles = Handles {

@@ -110,6 +110,9 @@ pub struct KernelMaps {
     pub scope_names: HashMap<MapData, NameKey, PortRanges>,
     pub watched_inodes: HashMap<MapData, u64, WatchedDevs>,
     pub token_hashes: HashMap<MapData, u64, u32>,
+    /// What `token_hashes` holds (the map is the agent's own, empty at start): a sync writes
+    /// only what changed, not thousands of entries each time the fleet adds a few.
+    pub token_hashes_held: std::collections::HashSet<u64>,
     /// Addresses an enforcing session may connect to because a name of its scope resolved to
     /// them (the getaddrinfo probe writes most; the agent the hosts file's).
     pub resolved: HashMap<MapData, ResolvedKey, Resolved>,
