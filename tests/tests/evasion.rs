@@ -79,7 +79,10 @@ fn a_new_pid_namespace_does_not_leave_the_session() {
 fn double_forking_to_init_or_to_a_subreaper_outside_does_not_leave_the_session() {
     // To init: a detached grandchild (setsid, its parent gone) connects.
     let e = Evasion::start("evade-reparent", "");
-    e.run(&format!("(setsid sh -c 'sleep 1; {}' &) ; sleep 3", e.connect("to-init").replace('\'', "'\\''")));
+    // bash's /dev/tcp connects at once, where an interpreter's start took longer than the task
+    // under emulation (the connect then came after the task's end).
+    let connect = e.net.connect_quickly(&e.out, "to-init", "127.0.0.3", e.forbidden);
+    e.run(&format!("(setsid sh -c 'sleep 1; {}' &) ; sleep 3", connect.replace('\'', "'\\''")));
     e.alert("out_of_scope_connect from a grandchild reparented to init");
 
     // To a subreaper outside the session: `monitor run` is started by a process that adopts
