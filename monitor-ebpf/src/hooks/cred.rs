@@ -204,47 +204,6 @@ fn steps(scan: *mut EnvScan) -> u32 {
 }
 
 extern "C" fn env_step(index: u64, _ctx: *mut c_void) -> i64 {
-    scan_chunk(index, |scan, at, byte| {
-        // SAFETY: `scan` is the caller's live EnvScan.
-        unsafe {
-            if byte == 0 {
-                end_entry(scan, at);
-                (*scan).entry_start = at + 1;
-                (*scan).value_start = 0;
-            } else if (*scan).value_start == 0 {
-                if byte == b'=' {
-                    (*scan).value_start = at + 1;
-                    (*scan).hash = (*scan).seed;
-                }
-            } else {
-                (*scan).hash = token_hash_step((*scan).hash, byte);
-            }
-        }
-    })
-}
-
-extern "C" fn argv_step(index: u64, _ctx: *mut c_void) -> i64 {
-    scan_chunk(index, |scan, at, byte| {
-        // SAFETY: `scan` is the caller's live EnvScan.
-        unsafe {
-            if is_word_separator(byte) {
-                end_word(scan, at);
-                (*scan).entry_start = at + 1;
-                (*scan).hash = (*scan).seed;
-                if byte == 0 {
-                    (*scan).arg_index += 1;
-                }
-            } else {
-                (*scan).hash = token_hash_step((*scan).hash, byte);
-            }
-        }
-    })
-}
-
-/// One `bpf_loop` step of a scan: `on_byte(scan, offset, byte)` for each byte of chunk `index`
-/// of this CPU's scratch. Returns 1 (stop) past the scanned length.
-#[inline(always)]
-fn scan_chunk(index: u64, on_byte: impl Fn(*mut EnvScan, u64, u8)) -> i64 {
     let Some(scan) = ENV_STATE.get_ptr_mut(0) else { return 1 };
     let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return 1 };
     let base = index as usize * CHUNK;
@@ -256,7 +215,19 @@ fn scan_chunk(index: u64, on_byte: impl Fn(*mut EnvScan, u64, u8)) -> i64 {
             if at as u64 >= (*scan).len {
                 return 1;
             }
-            on_byte(scan, at as u64, (*buf)[at & (ENV_SCAN_CAP - 1)]);
+            let byte = (*buf)[at & (ENV_SCAN_CAP - 1)];
+            if byte == 0 {
+                end_entry(scan, at as u64);
+                (*scan).entry_start = at as u64 + 1;
+                (*scan).value_start = 0;
+            } else if (*scan).value_start == 0 {
+                if byte == b'=' {
+                    (*scan).value_start = at as u64 + 1;
+                    (*scan).hash = (*scan).seed;
+                }
+            } else {
+                (*scan).hash = token_hash_step((*scan).hash, byte);
+            }
         }
         j += 1;
     }
@@ -267,11 +238,46 @@ fn scan_chunk(index: u64, on_byte: impl Fn(*mut EnvScan, u64, u8)) -> i64 {
 #[inline(always)]
 unsafe fn end_entry(scan: *mut EnvScan, at: u64) {
     let s = unsafe { &mut *scan };
-    if s.value_start == 0 || at < s.value_start + TOKEN_MIN_LEN as u64 {
+    if s.value_start == 0 || at < s.value_start + TOKEN_MIN_LEN as u64 || s.hits >= MAX_HITS as u64 {
         return;
     }
-    let name_len = s.value_start - 1 - s.entry_start;
-    record_hit(s, s.entry_start, name_len);
+    if TOKEN_HASHES.get_ptr(s.hash).is_none() {
+        return;
+    }
+    let slot = (s.hits as usize) & (MAX_HITS - 1);
+    s.hit_hash[slot] = s.hash;
+    s.hit_name[slot] = s.entry_start;
+    s.hit_name_len[slot] = s.value_start - 1 - s.entry_start;
+    s.hits += 1;
+}
+
+extern "C" fn argv_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scan) = ENV_STATE.get_ptr_mut(0) else { return 1 };
+    let Some(buf) = ENV_SCRATCH.get_ptr(0) else { return 1 };
+    let base = index as usize * CHUNK;
+    let mut j = 0;
+    while j < CHUNK {
+        let at = base + j;
+        // SAFETY: `scan` is the caller's live EnvScan; `buf` is this CPU's scratch.
+        unsafe {
+            if at as u64 >= (*scan).len {
+                return 1;
+            }
+            let byte = (*buf)[at & (ENV_SCAN_CAP - 1)];
+            if is_word_separator(byte) {
+                end_word(scan, at as u64);
+                (*scan).entry_start = at as u64 + 1;
+                (*scan).hash = (*scan).seed;
+                if byte == 0 {
+                    (*scan).arg_index += 1;
+                }
+            } else {
+                (*scan).hash = token_hash_step((*scan).hash, byte);
+            }
+        }
+        j += 1;
+    }
+    0
 }
 
 /// Where a command-line word ends: the NUL between arguments and the separators of
@@ -285,23 +291,15 @@ fn is_word_separator(byte: u8) -> bool {
 #[inline(always)]
 unsafe fn end_word(scan: *mut EnvScan, at: u64) {
     let s = unsafe { &mut *scan };
-    if at < s.entry_start + TOKEN_MIN_LEN as u64 {
+    if at < s.entry_start + TOKEN_MIN_LEN as u64 || s.hits >= MAX_HITS as u64 {
         return;
     }
-    record_hit(s, s.arg_index, 0);
-}
-
-/// Keeps the current hash as a hit, with where its name is (environments) or which argument
-/// it is (command lines), when it is a token's and there is room.
-#[inline(always)]
-fn record_hit(s: &mut EnvScan, name: u64, name_len: u64) {
-    if s.hits >= MAX_HITS as u64 || TOKEN_HASHES.get_ptr(s.hash).is_none() {
+    if TOKEN_HASHES.get_ptr(s.hash).is_none() {
         return;
     }
     let slot = (s.hits as usize) & (MAX_HITS - 1);
     s.hit_hash[slot] = s.hash;
-    s.hit_name[slot] = name;
-    s.hit_name_len[slot] = name_len;
+    s.hit_name[slot] = s.arg_index;
     s.hits += 1;
 }
 
