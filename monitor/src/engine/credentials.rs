@@ -79,9 +79,10 @@ impl Engine {
     }
 
     /// The alert's process: the session's record with its chain when the engine knows it, else
-    /// what the credential probe said about it.
-    fn actor_process(&self, session: SessionKey, actor: &Actor) -> Option<ProcessRef> {
-        let known = self.procs.live(actor.pid).filter(|s| self.procs.get(*s).is_some_and(|p| p.session == session));
+    /// what the credential probe said about it. The record is the one that had the pid at `ts`:
+    /// a use can reach the engine after its process's exit (a short-lived curl, a slow host).
+    fn actor_process(&self, session: SessionKey, actor: &Actor, ts: Nanos) -> Option<ProcessRef> {
+        let known = self.procs.at(actor.pid, ts).filter(|s| self.procs.get(*s).is_some_and(|p| p.session == session));
         if let Some(mut p) = known.and_then(|s| self.procs.describe(s)) {
             p.sid = actor.sid;
             return Some(p);
@@ -112,7 +113,7 @@ impl Engine {
         credential: CredentialRef,
     ) -> Alert {
         let mut alert = self.alert(rule, session, None, ts, summary);
-        alert.process = self.actor_process(actor_session, actor);
+        alert.process = self.actor_process(actor_session, actor, ts);
         if actor_session != session {
             if let Some(p) = &mut alert.process {
                 match self.sessions.get(&actor_session) {

@@ -505,6 +505,22 @@ mod credentials {
         assert_eq!(token[1].credential.as_ref().unwrap().path.as_deref(), Some("/run/secrets/bot/token"));
     }
 
+    /// A short-lived client's request can reach the engine after its exit did (the request took
+    /// the credential path, the exit the process path): the alert still has its chain.
+    #[test]
+    fn a_use_that_arrives_after_its_process_exited_keeps_the_chain() {
+        let mut events = task();
+        events.push(fork(2 * S, ROOT, 101));
+        events.push(exit(3 * S, ROOT));
+        events.push(exit(7 * S, 101));
+        events.push(http(6 * S, KEY, 101, TOKEN, None));
+        let alerts = run(&events);
+        let token = alerts.iter().find(|a| a.rule == Rule::TokenAfterTaskEnd).expect("token_after_task_end");
+        let process = token.process.as_ref().unwrap();
+        assert_eq!(process.pid, 101);
+        assert_eq!(process.chain.iter().map(|a| a.pid).collect::<Vec<_>>(), [ROOT]);
+    }
+
     #[test]
     fn token_used_by_a_process_outside_the_session() {
         let mut events = task();
