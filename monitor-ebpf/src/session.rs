@@ -33,10 +33,9 @@ pub fn current_ids() -> (u32, u32) {
     (id as u32, (id >> 32) as u32)
 }
 
-/// Whether anything needs the TLS code of executables: a session runs, or sessions' tokens are
-/// looked for. Otherwise an exec does not even look at its executable (userspace looks again at
-/// the running ones when a session starts, see agent/executables.rs).
+/// Whether some session's token is looked for (in environments, command lines and on the wire
+/// of processes outside sessions).
 #[inline(always)]
-pub fn anything_watched() -> bool {
-    config(CONFIG_PROC_BINDINGS) != 0 || config(CONFIG_CGROUP_BINDINGS) != 0 || config(CONFIG_TOKEN_COUNT) != 0
+pub fn tokens_looked_for() -> bool {
+    config(CONFIG_TOKEN_COUNT) != 0
 }

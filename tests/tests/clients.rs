@@ -411,7 +411,7 @@ fn a_token_obtained_during_the_task_and_used_after_the_end_is_learnt() {
     let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
     let session = session_file(dir, "oauth", "grace: 1s\n");
     let script = format!(
-        "curl -sk -X POST -d grant_type=client_credentials -o {saved} https://127.0.0.2:{port}/token && \
+        "curl -sk -X POST -d grant_type=client_credentials -o {saved} https://127.0.0.2:{port}/token || exit 1; \
          (sleep 2; python3 {job} https://127.0.0.2:{port}/refunds {saved}) > /dev/null 2>&1 &",
         saved = saved.display(),
         job = job.display()
@@ -445,7 +445,7 @@ fn a_token_obtained_over_http2_during_the_task_and_used_after_the_end_is_learnt(
     let (saved, header) = (dir.path("token.json"), dir.path("auth.header"));
     let session = session_file(dir, "oauth-h2", "grace: 1s\n");
     let script = format!(
-        "curl -sk --http2 -X POST -d grant_type=client_credentials -o {saved} https://127.0.0.2:{port}/token && \
+        "curl -sk --http2 -X POST -d grant_type=client_credentials -o {saved} https://127.0.0.2:{port}/token || exit 1; \
          (sleep 2; python3 -c 'import json, sys; print(\"Authorization: Bearer \" + json.load(open(sys.argv[1]))[\"access_token\"])' \
          {saved} > {header}; curl -sk --http2 -H @{header} https://127.0.0.2:{port}/refunds) > /dev/null 2>&1 &",
         saved = saved.display(),
@@ -475,7 +475,7 @@ fn a_token_wget_obtained_during_the_task_and_used_after_the_end_is_learnt() {
     let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
     let session = session_file(dir, "oauth-wget", "grace: 1s\n");
     let script = format!(
-        "wget -q --no-check-certificate --post-data grant_type=client_credentials -O {saved} https://127.0.0.2:{port}/token && \
+        "wget -q --no-check-certificate --post-data grant_type=client_credentials -O {saved} https://127.0.0.2:{port}/token || exit 1; \
          (sleep 2; python3 {job} https://127.0.0.2:{port}/refunds {saved}) > /dev/null 2>&1 &",
         saved = saved.display(),
         job = job.display()
@@ -537,7 +537,7 @@ fn a_token_a_go_client_obtained_during_the_task_and_used_after_the_end_is_learnt
     let TokenEndpoint { _server, port, issued, job, saved } = token_endpoint(dir);
     let session = session_file(dir, "oauth-go", "grace: 1s\n");
     let script = format!(
-        "{gettoken} https://127.0.0.2:{port}/token {saved} && \
+        "{gettoken} https://127.0.0.2:{port}/token {saved} || exit 1; \
          (sleep 2; python3 {job} https://127.0.0.2:{port}/refunds {saved}) > /dev/null 2>&1 &",
         gettoken = gettoken.display(),
         saved = saved.display(),
@@ -575,7 +575,7 @@ fn a_token_a_go_client_obtained_over_http2_during_the_task_and_used_after_the_en
     let (saved, header) = (dir.path("token.json"), dir.path("auth.header"));
     let session = session_file(dir, "oauth-go-h2", "grace: 1s\n");
     let script = format!(
-        "{gettoken} https://127.0.0.2:{port}/token {saved} && \
+        "{gettoken} https://127.0.0.2:{port}/token {saved} || exit 1; \
          (sleep 2; python3 -c 'import json, sys; print(\"Authorization: Bearer \" + json.load(open(sys.argv[1]))[\"access_token\"])' \
          {saved} > {header}; curl -sk --http2 -H @{header} https://127.0.0.2:{port}/refunds) > /dev/null 2>&1 &",
         gettoken = gettoken.display(),

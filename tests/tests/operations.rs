@@ -387,7 +387,12 @@ fn the_helm_chart_is_valid_least_privilege_and_enough() {
     let agent =
         Agent::start_under("ops-helm-agent", &["setpriv", "--bounding-set", &bounding, "--inh-caps", "-all"], &flags);
     let log = std::fs::read_to_string(&agent.log).unwrap();
-    let degraded: Vec<&str> = log.lines().filter(|l| l.contains("degraded") && !l.contains("opt-in")).collect();
+    // A probe this kernel refuses but whose stand-in restores what it provides (6.1: the
+    // capability kprobe, the plaintext stand-in) loses nothing.
+    let degraded: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("degraded") && !l.contains("opt-in") && !l.contains("; restored by "))
+        .collect();
     assert!(degraded.is_empty(), "with the chart's capabilities nothing is degraded:\n{}", degraded.join("\n"));
     // DAC_READ_SEARCH: the file only nobody reads is watched; KILL: enforcement kills nobody's
     // process left behind; SYS_ADMIN: all of it loaded (an exec out of scope is seen).
@@ -587,6 +592,17 @@ fn slow_peers_cannot_exhaust_the_collector() {
         },
         || collector.logs(),
     );
+    // Past the limit: refused at once, and said so. Tried while the slow ones are surely open
+    // (they are closed 10 s after their last byte, which a slow machine can spend starting an
+    // agent).
+    let extra: Vec<std::net::TcpStream> =
+        (0..150).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", collector.port)).ok()).collect();
+    wait_for(
+        "connections past --max-connections refused and logged",
+        || collector.logs().contains("refusing connections").then_some(()),
+        || collector.logs(),
+    );
+    drop(extra);
     let forward = format!("forward://127.0.0.1:{}", collector.port);
     let spool = dir.path("spool");
     let agent = Agent::start_with("ops-slow-agent", &["--output", &forward, "--spool-dir", spool.to_str().unwrap()]);
@@ -603,15 +619,6 @@ fn slow_peers_cannot_exhaust_the_collector() {
     );
     let during = rss(pid);
     assert!(during < before + 64 * 1024, "RSS {before} kB before, {during} kB with 500 slow peers");
-    // Past the limit: refused at once, and said so.
-    let extra: Vec<std::net::TcpStream> =
-        (0..150).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", collector.port)).ok()).collect();
-    wait_for(
-        "connections past --max-connections refused and logged",
-        || collector.logs().contains("refusing connections").then_some(()),
-        || collector.logs(),
-    );
-    drop(extra);
     // The slow ones never sent a whole message: closed when their time ran out.
     let text = wait_for(
         "the slow peers closed",
@@ -948,9 +955,16 @@ fn start_and_save(agent: &Agent, state: &std::path::Path, id: &str, extra: &str,
     let o = agent.cli(&["session", "start", "--file", file.to_str().unwrap(), "--pid", &pid.to_string()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let saved = state.join("sessions.json");
+    // The process among the session's saved processes, not merely its pid anywhere in the file
+    // (the binding's root names it too, and is saved before the process table is).
+    let process_saved = |text: &str| {
+        let state: serde_json::Value = serde_json::from_str(text).ok()?;
+        let session = state["sessions"].as_array()?.iter().find(|s| s["session"]["id"] == id)?;
+        session["pids"].as_array()?.iter().any(|p| p == pid).then_some(())
+    };
     wait_for(
         "the session and its process in the state file",
-        || std::fs::read_to_string(&saved).ok().filter(|s| s.contains(id) && s.contains(&pid.to_string())),
+        || std::fs::read_to_string(&saved).ok().and_then(|text| process_saved(&text)),
         || agent.diagnostics(),
     );
     saved

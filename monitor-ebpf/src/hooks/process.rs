@@ -79,7 +79,9 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         cred::scan_exec_argv();
     }
     cred::scan_exec_env(key.unwrap_or(0));
-    if session::anything_watched() {
+    // A session process's TLS writes are read for what it sends; another process's only for a
+    // session's token, so while none is looked for its executable is not even looked at.
+    if key.is_some() || session::tokens_looked_for() {
         note_executable(ctx, key.unwrap_or(0));
     }
     Ok(())
@@ -87,6 +89,8 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// Reports an executable file the first time it is exec'd, so userspace can probe the TLS code
 /// linked into it (Go's crypto/tls, a static OpenSSL). Every later exec of it costs one lookup.
+/// Executables exec'd while they were not looked at are found by userspace's look at the running
+/// processes when a session starts or tokens start being looked for (agent/executables.rs).
 #[inline(always)]
 fn note_executable(ctx: &TracePointContext, key: u32) {
     let Some((dev, ino)) = kernel::exe_inode() else { return };

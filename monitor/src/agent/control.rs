@@ -35,9 +35,9 @@ pub struct ControlPlane {
     pub credentials: Arc<crate::credentials::CredentialIndex>,
     /// For the probes attached only while sessions run.
     pub probes: Arc<std::sync::Mutex<crate::probes::Probes>>,
-    /// Wakes the executable prober (agent/executables.rs) when a session starts on an idle host:
-    /// while nothing was watched, execs did not report their executables.
-    pub rescan_executables: Arc<tokio::sync::Notify>,
+    /// Asks the executable prober (agent/executables.rs) to look at the processes a session
+    /// takes in when it starts: their execs may have gone unreported.
+    pub executables: tokio::sync::mpsc::Sender<super::executables::Look>,
     /// The sessions' declared token files, looked at for rotation (agent/token_files.rs).
     pub token_files: Arc<super::token_files::TokenFiles>,
 }
@@ -177,16 +177,10 @@ async fn start(
         return Err(e);
     }
     // Before any process is bound, so its first credential change is seen.
-    let nothing_was_watched = {
+    {
         let mut probes = plane.probes.lock().unwrap_or_else(|p| p.into_inner());
-        let nothing_was_watched = probes.nothing_watched();
         probes.set_sessions_running(true);
         probes.set_tokens_known(tokens_known);
-        nothing_was_watched
-    };
-    if nothing_was_watched {
-        // Execs made meanwhile did not report their executables.
-        plane.rescan_executables.notify_one();
     }
     // Snapshot first, bind second: a process's own events then always follow its snapshot.
     if let Some(pid) = bind.pid {
@@ -350,6 +344,12 @@ pub(crate) fn snapshots(
     now: u64,
 ) -> Vec<crate::event::Process> {
     let mut seen: Vec<_> = pids.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect();
+    // Their executables were exec'd outside the session: reported only if tokens were looked
+    // for then. Looked at now (a file already looked at costs a stat); a full queue loses this
+    // look only, and the process's next exec is reported.
+    for p in &seen {
+        let _ = plane.executables.try_send(super::executables::Look::Process { pid: p.pid });
+    }
     for p in &mut seen {
         crate::credentials::argv::redact(
             &mut p.argv,

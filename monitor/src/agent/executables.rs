@@ -2,10 +2,11 @@
 //! - at start, the executables of the processes already running and those under the tool
 //!   directories (probes/executables.rs: DEFAULT_DIRS and the policy's `tls.executable_dirs`),
 //!   so a tool's first request finds its probe in place;
-//! - while a session runs or sessions' tokens are looked for, every executable the exec probe
-//!   reports as new, looked at when it first runs (with nothing watched the exec probe does not
-//!   look, so that an exec costs other processes nothing; the running processes' executables are
-//!   looked at again when a session starts). Attaching a
+//! - every executable the exec probe reports as new, looked at when it first runs: a session
+//!   process's always, another process's while sessions' tokens are looked for (otherwise the
+//!   exec probe does not look, so that an exec costs other processes nothing). The processes a
+//!   session takes in when it starts are looked at then, and the running processes' executables
+//!   again when tokens start being looked for. Attaching a
 //!   uprobe takes the kernel ~10-20 ms (measured: perf_event_open), so a program that is not in
 //!   those directories and makes its first request sooner than that after its very first exec
 //!   on the host sends that request unseen; every later run is seen.
@@ -58,6 +59,9 @@ pub enum Look {
     Executable { pid: u32, file: FileId, filename: String },
     /// A session process that exec'd: the libraries it maps.
     Libraries { pid: u32 },
+    /// A process a session took in when it started (it exec'd before, perhaps unreported): its
+    /// executable and the libraries it maps.
+    Process { pid: u32 },
 }
 
 pub async fn run(
@@ -83,7 +87,7 @@ pub async fn run(
             look = new.recv() => match look {
                 Some(look) => {
                     let pid = match &look {
-                        Look::Executable { pid, .. } | Look::Libraries { pid } => *pid,
+                        Look::Executable { pid, .. } | Look::Libraries { pid } | Look::Process { pid } => *pid,
                     };
                     let now = tokio::time::Instant::now();
                     for after in LOOK_AGAIN {
@@ -120,7 +124,8 @@ pub async fn run(
                 extra_dirs = dirs.clone();
                 Box::new(move |state: &mut State| state.probe_dirs(&dirs, false))
             }
-            // A session started: the execs made while nothing was watched reported nothing.
+            // Tokens started being looked for: the execs of processes outside sessions made
+            // before reported nothing.
             () = rescan.notified() => Box::new(|state: &mut State| state.probe_running()),
         };
         state = match tokio::task::spawn_blocking(move || {
@@ -205,6 +210,7 @@ impl State {
                 self.probe_libraries(pid);
             }
             Look::Libraries { pid } => self.probe_libraries(pid),
+            Look::Process { pid } => self.probe_process(pid),
         }
     }
 
@@ -259,8 +265,14 @@ impl State {
             .filter_map(|entry| entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
             .collect();
         for pid in pids {
-            let link = PathBuf::from(format!("/proc/{pid}/exe"));
-            let Ok(meta) = std::fs::metadata(&link) else { continue };
+            self.probe_process(pid);
+        }
+    }
+
+    /// A running process's executable, unless looked at already (a stat), and its libraries.
+    fn probe_process(&mut self, pid: u32) {
+        let link = PathBuf::from(format!("/proc/{pid}/exe"));
+        if let Ok(meta) = std::fs::metadata(&link) {
             let id = file_id(&meta);
             if !self.seen.contains(&id) {
                 if let Ok(file) = File::open(&link) {
@@ -269,8 +281,8 @@ impl State {
                     self.probe(id, &file, &path);
                 }
             }
-            self.probe_libraries(pid);
         }
+        self.probe_libraries(pid);
     }
 
     /// Looks at one executable and attaches the probes it needs.

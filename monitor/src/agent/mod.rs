@@ -126,12 +126,15 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     // The reader starts before any probe is attached, so no early event waits unread.
     let uid_changes = proc_connector(&settings.enabled_probes);
     let (executable_tx, executable_rx) = mpsc::channel(executables::QUEUE);
+    let executables_for_sessions = executable_tx.clone();
     let (watched_tx, watched_rx) = tokio::sync::watch::channel(false);
     let mut reader =
         tokio::spawn(reader::run(ring, clock(), observer, uid_changes, executable_tx, event_tx.clone(), watched_rx));
     let mut probes =
         loaded.attach(settings.hook_cgroup.as_deref(), &settings.disabled_probes, &settings.enabled_probes)?;
     probes.tell_watched(watched_tx);
+    let tokens_now_known = Arc::new(tokio::sync::Notify::new());
+    probes.tell_tokens_now_known(tokens_now_known.clone());
     report(&probes.report);
     // The plaintext hook, or its stand-in on kernels that refuse it (6.1): both find a packet's
     // process through the owner its connect recorded.
@@ -180,7 +183,6 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         core::Core::new(Engine::new(engine_config), event_rx, alert_tx, stamp, event_log, trace, effect_tx);
     let core = tokio::spawn(core.run());
     let probes = Arc::new(std::sync::Mutex::new(probes));
-    let rescan_executables = Arc::new(tokio::sync::Notify::new());
     let enforcer = tokio::spawn(enforcer::run(maps.clone(), credentials.clone(), probes.clone(), effect_rx));
     let watcher = tokio::spawn(watch_credentials(credentials.clone(), maps.clone(), probes.clone(), policy.clone()));
     let sink_task = tokio::spawn(sinks::run(sinks, alert_rx));
@@ -198,7 +200,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         policy: policy.clone(),
         credentials,
         probes: probes.clone(),
-        rescan_executables,
+        executables: executables_for_sessions,
         token_files: Default::default(),
     };
     if let Some(state) = saved {
@@ -219,7 +221,7 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
         probes.clone(),
         policy.subscribe(),
         executable_rx,
-        plane.rescan_executables.clone(),
+        tokens_now_known,
     ));
     tokio::spawn(memory::keep_lean());
     let keeper = tokio::spawn(state::keep(plane.clone(), settings.state_dir.clone()));

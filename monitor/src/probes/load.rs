@@ -204,6 +204,7 @@ impl Loaded {
             sessions_running: false,
             tokens_known: false,
             watched: None,
+            tokens_now_known: None,
             cgroup,
         })
     }

@@ -141,6 +141,9 @@ pub struct Probes {
     tokens_known: bool,
     /// Told whether anything is watched (the reader drains slower while nothing is).
     watched: Option<tokio::sync::watch::Sender<bool>>,
+    /// Told when tokens start being looked for: the executables run outside sessions until
+    /// then were not reported by the exec probe (agent/executables.rs looks at them).
+    tokens_now_known: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// The cgroup the cgroup hooks attach to.
     cgroup: Option<std::fs::File>,
 }
@@ -209,14 +212,19 @@ impl Probes {
     /// them when none is. Called under the kernel maps' lock, after the token hashes are
     /// written, so a session's processes are bound only once its tokens are watched for.
     pub fn set_tokens_known(&mut self, known: bool) {
+        if known && !self.tokens_known {
+            if let Some(notify) = &self.tokens_now_known {
+                notify.notify_one();
+            }
+        }
         self.tokens_known = known;
         self.refresh_on_demand();
         tracing::debug!(known, "token-time probes");
     }
 
-    /// Whether no session runs and no token is looked for: the exec probe then does not report
-    /// new executables (monitor-ebpf session.rs, `anything_watched`).
-    pub fn nothing_watched(&self) -> bool {
+    /// Whether no session runs and no token is looked for: nothing then reports events but
+    /// the host-wide probes (the reader drains slower).
+    fn nothing_watched(&self) -> bool {
         !self.sessions_running && !self.tokens_known
     }
 
@@ -256,6 +264,11 @@ impl Probes {
         files.sort();
         files.dedup();
         files
+    }
+
+    /// Whom to tell, from now on, when tokens start being looked for.
+    pub fn tell_tokens_now_known(&mut self, notify: std::sync::Arc<tokio::sync::Notify>) {
+        self.tokens_now_known = Some(notify);
     }
 
     /// Where to say, from now on, whether anything is watched.

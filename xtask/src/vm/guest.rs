@@ -36,6 +36,8 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug
+# Podman's overlay storage cannot sit on the guest's root, itself an overlay: its own tmpfs.
+mkdir -p /var/lib/containers && mount -t tmpfs containers /var/lib/containers
 ip link set lo up
 hostname vmtest
 ulimit -n 65536

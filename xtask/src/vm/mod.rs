@@ -174,6 +174,16 @@ fn snapshot(root: &Path, binaries: &[TestBinary]) -> anyhow::Result<Vec<TestBina
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     fs::copy(root.join("target/release/monitor"), dir.join("monitor")).context("copying target/release/monitor")?;
+    // The examples some tests run beside the agent (found next to it, as delivery_bench is):
+    // cargo's own copies, without the hash suffix of their build directory's names.
+    let examples = dir.join("examples");
+    fs::create_dir_all(&examples)?;
+    for entry in fs::read_dir(root.join("target/release/examples")).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.contains(['-', '.']) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            fs::copy(entry.path(), examples.join(&name)).with_context(|| format!("copying example {name}"))?;
+        }
+    }
     binaries
         .iter()
         .map(|b| {
