@@ -194,9 +194,11 @@ async fn start(
             maps.bind_pids(&new, key).map_err(|e| e.to_string())?;
             bound.extend(new);
         }
+        look_at_executables(&plane, &bound);
     }
     if let Some(cgroup) = &cgroup {
-        bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
+        let members = bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
+        look_at_executables(&plane, &members);
     }
     tracing::info!(session = %id, key, "session started");
     Ok(json!({ "id": id, "key": key, "warnings": warnings }))
@@ -217,16 +219,28 @@ pub(crate) fn install_scope(
 }
 
 /// Binds a session's cgroup: its members' snapshots first, so their own events follow them.
+/// Returns the members.
 pub(super) async fn bind_cgroup(
     plane: &ControlPlane,
     maps: &mut KernelMaps,
     key: crate::event::SessionKey,
     cgroup: &CgroupBinding,
     now: u64,
-) -> Result<(), String> {
+) -> Result<Vec<u32>, String> {
     let members = bind::cgroup_members(Path::new(&cgroup.path));
     plane.core.seen(snapshots(plane, &members, key, now)).await;
-    maps.bind_cgroup(cgroup.id, key).map_err(|e| e.to_string())
+    maps.bind_cgroup(cgroup.id, key).map_err(|e| e.to_string())?;
+    Ok(members)
+}
+
+/// The executables of processes a session took in as it started were exec'd outside it, and
+/// reported by the exec probe only if tokens were looked for then: they are looked at now (a
+/// file already looked at costs a stat). A full queue loses a look only; the process's next
+/// exec is reported. (An adopting agent looks at every running process anyway.)
+fn look_at_executables(plane: &ControlPlane, pids: &[u32]) {
+    for pid in pids {
+        let _ = plane.executables.try_send(super::executables::Look::Process { pid: *pid });
+    }
 }
 
 /// Turns a session file into a [`Session`]: id, default time bounds, fingerprints, binding.
@@ -344,12 +358,6 @@ pub(crate) fn snapshots(
     now: u64,
 ) -> Vec<crate::event::Process> {
     let mut seen: Vec<_> = pids.iter().filter_map(|p| bind::snapshot(*p, key, now)).collect();
-    // Their executables were exec'd outside the session: reported only if tokens were looked
-    // for then. Looked at now (a file already looked at costs a stat); a full queue loses this
-    // look only, and the process's next exec is reported.
-    for p in &seen {
-        let _ = plane.executables.try_send(super::executables::Look::Process { pid: p.pid });
-    }
     for p in &mut seen {
         crate::credentials::argv::redact(
             &mut p.argv,
