@@ -1,6 +1,6 @@
 //! Map names, sizes, value types, and the names of the globals the loader sets.
 
-/// `tgid -> session key`: processes bound to a session, inherited at fork, removed at exit.
+/// `tgid -> ProcBinding`: processes bound to a session, inherited at fork, removed at exit.
 pub const MAP_PROC_SESSIONS: &str = "PROC_SESSIONS";
 /// `cgroup id -> session key`: every process in that cgroup v2 belongs to the session.
 pub const MAP_CGROUP_SESSIONS: &str = "CGROUP_SESSIONS";
@@ -82,6 +82,21 @@ pub struct TlsConnKey {
     pub ssl: u64,
 }
 const _: () = assert!(core::mem::size_of::<TlsConnKey>() == 16);
+
+/// A process's binding to a session (`PROC_SESSIONS`), with when the process started: the map
+/// is pinned and outlives an agent, and an entry whose process exited while no agent ran may
+/// meet a new process with the same pid. The next agent keeps an entry only if the process
+/// with that pid started when the entry says (see agent/state.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcBinding {
+    pub session: u32,
+    pub _pad0: u32,
+    /// The process's start, boot-clock ns: at its fork, when the kernel bound it; from
+    /// /proc/PID/stat (a clock tick's precision) when userspace did.
+    pub started_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<ProcBinding>() == 16);
 
 /// Who sent a DNS query from a socket (by socket cookie): its answers are that session's.
 #[repr(C)]
@@ -253,6 +268,7 @@ mod pod {
     unsafe impl aya::Pod for super::WatchedDevs {}
     unsafe impl aya::Pod for super::TcpOwner {}
     unsafe impl aya::Pod for super::TlsConnKey {}
+    unsafe impl aya::Pod for super::ProcBinding {}
 }
 
 /// Index of each value in the `CONFIG` array.

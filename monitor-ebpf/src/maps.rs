@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    DnsSocket, EventHeader, NameKey, PortRanges, Record, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat,
+    DnsSocket, EventHeader, NameKey, PortRanges, ProcBinding, Record, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat,
     TcpOwner, TlsConnKey, WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_NAME_CAP,
     ENV_SCAN_CAP, EVENTS_BYTES, EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY,
     SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_LOSSES_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
@@ -13,7 +13,7 @@ use monitor_common::{
 };
 
 #[map]
-pub static PROC_SESSIONS: HashMap<u32, u32> = HashMap::with_max_entries(PROC_SESSIONS_CAPACITY, 0);
+pub static PROC_SESSIONS: HashMap<u32, ProcBinding> = HashMap::with_max_entries(PROC_SESSIONS_CAPACITY, 0);
 
 #[map]
 pub static CGROUP_SESSIONS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_SESSIONS_CAPACITY, 0);

@@ -13,9 +13,9 @@ pub fn of_current(tgid: u32) -> Option<u32> {
     // With no session on the host, every process costs this one array read (inlined by the
     // verifier), not a hash lookup into a cold table.
     if config(CONFIG_PROC_BINDINGS) != 0 {
-        if let Some(key) = PROC_SESSIONS.get_ptr(tgid) {
+        if let Some(binding) = PROC_SESSIONS.get_ptr(tgid) {
             // SAFETY: valid map value pointer for the duration of this program run.
-            return Some(unsafe { *key });
+            return Some(unsafe { (*binding).session });
         }
     }
     if config(CONFIG_CGROUP_BINDINGS) == 0 {

@@ -743,9 +743,9 @@ fn pinned_maps_keep_a_process_the_state_file_never_saw() {
     let pid = worker.0.id();
     let mut first = Agent::start_with("ops-pins-1", &args);
     let saved = start_and_save(&first, &state, "pinned-1", "scope:\n  connect: [\"127.0.0.2:80\"]\n", pid);
-    // The agent can no longer save anything; its programs still run in the kernel. The fork
-    // follows at once, well within the slack the next agent allows after the last heartbeat
-    // (a process started later could hold a reused pid and is not taken from the map).
+    // The agent can no longer save anything; its programs still run in the kernel and bind the
+    // grandchild at its fork, with its start (by which the next agent knows it is that process
+    // and not another that reused its pid).
     // SAFETY: signalling the agent, our own child.
     unsafe { libc::kill(first.pid() as i32, libc::SIGSTOP) };
     std::fs::write(&fork, "").unwrap();

@@ -6,13 +6,13 @@
 //! does.
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf},
+    helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf},
     macros::tracepoint,
     programs::TracePointContext,
     EbpfContext,
 };
 use monitor_common::{
-    ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY, SID_UNKNOWN,
+    ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, ProcBinding, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY, SID_UNKNOWN,
 };
 
 use super::cred;
@@ -45,7 +45,11 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
     let child: i32 = unsafe { ctx.read_at(kernel::newtask_pid_off()) }.map_err(|e| e as i64)?;
     let child = child as u32;
     // The child is not running yet: recording it now makes its first instruction attributed.
-    if PROC_SESSIONS.insert(child, key, 0).is_err() {
+    // Its start (set by the kernel just before this tracepoint, to within a clock tick of now)
+    // tells a later agent it is the process this entry was made for.
+    // SAFETY: helper without preconditions.
+    let binding = ProcBinding { session: key, _pad0: 0, started_ns: unsafe { bpf_ktime_get_boot_ns() } };
+    if PROC_SESSIONS.insert(child, binding, 0).is_err() {
         count(Stat::InheritFailed);
     }
     // The child starts with the parent's credentials.

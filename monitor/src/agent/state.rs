@@ -159,26 +159,19 @@ pub async fn keep(plane: ControlPlane, dir: PathBuf) {
 }
 
 /// The processes a previous agent's pinned map binds to the sessions adopted, by session: those
-/// still alive that started before that agent stopped (a pid reused since is another process).
-/// Every other entry is removed, and cgroup bindings of sessions not adopted.
+/// still alive that are the processes bound (same pid, same start: a pid reused since is another
+/// process). Every other entry is removed, and cgroup bindings of sessions not adopted.
 fn pinned_processes(
     maps: &mut crate::probes::KernelMaps,
     state: &SavedState,
-    down_since_boot_ns: u64,
 ) -> Result<HashMap<SessionKey, Vec<u32>>, String> {
-    // The previous agent wrote its heartbeat each second: it stopped (and with it the exit
-    // hook that keeps the map current) at most about a second after the last one. A process
-    // started later may hold a pid reused from one that exited unseen: not taken. Plus a clock
-    // tick (/proc gives start times in ticks).
-    const SLACK_NS: u64 = 2 * SAVE_EVERY.as_nanos() as u64 + 10_000_000;
     let keys: std::collections::HashSet<SessionKey> = state.sessions.iter().map(|s| s.session.key).collect();
     let (procs, cgroups) = maps.bindings();
     let mut kept: HashMap<SessionKey, Vec<u32>> = HashMap::new();
     let mut dropped = Vec::new();
-    for (pid, key) in procs {
-        let before_the_gap = bind::start_boot_ns(pid).is_some_and(|t| t <= down_since_boot_ns + SLACK_NS);
-        if keys.contains(&key) && before_the_gap {
-            kept.entry(key).or_default().push(pid);
+    for (pid, binding) in procs {
+        if keys.contains(&binding.session) && bind::started_as_bound(pid, &binding) {
+            kept.entry(binding.session).or_default().push(pid);
         } else {
             dropped.push(pid);
         }
@@ -300,7 +293,7 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
     // one large build (10,000 sessions adopted in one batch left 5 MB more resident).
     let hosts = crate::sessions::hosts::names(Path::new("/etc/hosts"), 0, now);
     let mut in_pinned_map =
-        if pinned { pinned_processes(&mut maps, &state, plane.clock.boot(down_since))? } else { HashMap::new() };
+        if pinned { pinned_processes(&mut maps, &state)? } else { HashMap::new() };
     for batch in state.sessions.chunks(ADOPT_BATCH) {
         let mut names = Vec::new();
         let mut seen = Vec::new();

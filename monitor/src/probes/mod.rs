@@ -102,7 +102,7 @@ impl LoadReport {
 
 /// The maps userspace works with.
 pub struct KernelMaps {
-    pub proc_sessions: HashMap<MapData, u32, u32>,
+    pub proc_sessions: HashMap<MapData, u32, monitor_common::ProcBinding>,
     pub cgroup_sessions: HashMap<MapData, u64, u32>,
     pub config: Array<MapData, u64>,
     pub session_policy: HashMap<MapData, u32, SessionPolicy>,

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use monitor_common::{CONFIG_CGROUP_BINDINGS, CONFIG_PROC_BINDINGS};
+use monitor_common::{ProcBinding, CONFIG_CGROUP_BINDINGS, CONFIG_PROC_BINDINGS};
 
 use crate::{
     event::{Creds, Nanos, Process, SessionKey},
@@ -133,9 +133,28 @@ pub fn start_time(pid: u32) -> Option<u64> {
 
 /// When a process started, in boot-clock ns (its start time in clock ticks, converted).
 pub fn start_boot_ns(pid: u32) -> Option<u64> {
+    start_time(pid).map(|ticks| ticks.saturating_mul(1_000_000_000) / clock_ticks_per_sec())
+}
+
+fn clock_ticks_per_sec() -> u64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    start_time(pid).map(|ticks| ticks.saturating_mul(1_000_000_000) / hz)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64
+}
+
+/// Whether the process `pid` is the one a binding was made for: it started when the binding
+/// says. /proc gives starts in clock ticks, truncated; the kernel's binding is stamped at the
+/// fork's tracepoint, a moment after the start it records (longer on a loaded or emulated
+/// machine, hence the slack). A process that reused the pid started after the first one
+/// exited: in practice seconds later, never within the slack.
+pub fn started_as_bound(pid: u32, binding: &ProcBinding) -> bool {
+    const SLACK_NS: u64 = 100_000_000;
+    let tick = 1_000_000_000 / clock_ticks_per_sec();
+    match start_boot_ns(pid) {
+        Some(started) if binding.started_ns != 0 => {
+            started <= binding.started_ns + tick && binding.started_ns <= started + tick + SLACK_NS
+        }
+        _ => false,
+    }
 }
 
 fn all_processes() -> Vec<(u32, u32)> {
@@ -219,7 +238,9 @@ impl KernelMaps {
         // Before the first entry: the hooks look processes up only while this is set.
         self.config.set(CONFIG_PROC_BINDINGS, 1, 0).map_err(|e| BindError::Map("CONFIG", e))?;
         for pid in pids {
-            self.proc_sessions.insert(pid, key, 0).map_err(|e| BindError::Map("PROC_SESSIONS", e))?;
+            // A process gone meanwhile is bound with no start, which no later agent takes over.
+            let binding = ProcBinding { session: key, _pad0: 0, started_ns: start_boot_ns(*pid).unwrap_or(0) };
+            self.proc_sessions.insert(pid, binding, 0).map_err(|e| BindError::Map("PROC_SESSIONS", e))?;
         }
         Ok(())
     }
@@ -231,7 +252,7 @@ impl KernelMaps {
 
     /// What the binding maps hold: a previous agent's bindings when they are pinned (see
     /// probes/pins.rs).
-    pub fn bindings(&self) -> (Vec<(u32, SessionKey)>, Vec<(u64, SessionKey)>) {
+    pub fn bindings(&self) -> (Vec<(u32, ProcBinding)>, Vec<(u64, SessionKey)>) {
         let procs = self.proc_sessions.iter().filter_map(Result::ok).collect();
         let cgroups = self.cgroup_sessions.iter().filter_map(Result::ok).collect();
         (procs, cgroups)
@@ -259,6 +280,19 @@ impl KernelMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binding_holds_only_for_the_process_that_started_when_it_says() {
+        let me = std::process::id();
+        let started = start_boot_ns(me).unwrap();
+        let binding = |started_ns| ProcBinding { session: 1, _pad0: 0, started_ns };
+        assert!(started_as_bound(me, &binding(started)), "stamped from /proc, as userspace binds");
+        assert!(started_as_bound(me, &binding(started + 3_000_000)), "stamped at the fork, a moment later");
+        assert!(!started_as_bound(me, &binding(started + 5_000_000_000)), "a process that started before the pid's reuse");
+        assert!(!started_as_bound(me, &binding(started.saturating_sub(5_000_000_000))), "bound before this process started");
+        assert!(!started_as_bound(me, &binding(0)), "bound with no start known");
+        assert!(!started_as_bound(u32::MAX, &binding(started)), "no such process");
+    }
 
     #[test]
     fn descendants_from_children_files_match_a_scan_of_every_process() {
