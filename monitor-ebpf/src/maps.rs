@@ -85,6 +85,10 @@ pub static H2_TLS_CONNS: LruHashMap<TlsConnKey, u8> = LruHashMap::with_max_entri
 #[map]
 pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(DNS_SOCKETS_CAPACITY, 0);
 
+/// Per-CPU scope lookups by name (hooks/dns.rs), a slot per context (task, socket).
+#[map]
+pub static NAME_LOOKUP: PerCpuArray<crate::hooks::dns::NameLookup> = PerCpuArray::with_max_entries(2, 0);
+
 /// Per-CPU room for the DNS answer hook's parse (hooks/dns_answer.rs).
 #[map]
 pub static DNS_SCRATCH: PerCpuArray<crate::hooks::dns_answer::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -4,7 +4,8 @@
 //! so the connect that follows the lookup is not refused for lack of a userspace round trip.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes},
+    cty::c_void,
+    helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated::bpf_loop},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -14,7 +15,7 @@ use monitor_common::{
 };
 
 use crate::{
-    maps::{emit, Origin, Wakeup, GAI_ARGS, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
+    maps::{emit, Origin, Wakeup, GAI_ARGS, NAME_LOOKUP, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
     session,
 };
 
@@ -67,7 +68,7 @@ pub fn getaddrinfo_exit(ctx: RetProbeContext) -> u32 {
                 Err(_) => 0,
             };
             (*event).count = read_addresses(res, &mut (*event).addrs);
-            if let Some(ports) = granted_ports(key, &(*event).name.buf, (*event).name.len as usize) {
+            if let Some(ports) = granted_ports::<IN_TASK>(key, &(*event).name.buf, (*event).name.len as usize) {
                 allow_addresses(key, &ports, &(*event).addrs, (*event).count);
             }
         }
@@ -123,36 +124,78 @@ unsafe fn read_entry(ai: u64) -> Option<[u8; 16]> {
     }
 }
 
+/// The slots of [`NAME_LOOKUP`]: one per context a lookup runs in, since a socket hook can
+/// interrupt a uprobe on the same CPU.
+pub(crate) const IN_TASK: u32 = 0;
+pub(crate) const IN_SOCKET: u32 = 1;
+
+/// A scope lookup by name in progress on this CPU, shared with its `bpf_loop` callback. In a
+/// map rather than on the stack, as the environment scan's state (cred.rs `EnvScan`): map values
+/// are opaque to the verifier, which checks the callback once instead of each of the lookup's
+/// up to 128 steps (this walk made most of the DNS hooks' verification time).
+#[repr(C)]
+pub struct NameLookup {
+    len: u64,
+    hash: u64,
+    session: u32,
+    found: u32,
+    granted: PortRanges,
+    /// After the other fields: `name[i - 1]` is formed as an address before its index is
+    /// masked, which at offset 0 of a map value the verifier refuses.
+    name: [u8; NAME_CAP],
+}
+
 /// The ports an enforcing session's scope grants to `name`, exactly or through a `*.suffix`.
-pub(crate) fn granted_ports(key: u32, name: &[u8; NAME_CAP], len: usize) -> Option<PortRanges> {
+/// `SLOT` is the context's slot of [`NAME_LOOKUP`].
+#[inline(always)]
+pub(crate) fn granted_ports<const SLOT: u32>(key: u32, name: &[u8; NAME_CAP], len: usize) -> Option<PortRanges> {
     // SAFETY: valid map value pointer for this program run.
     let policy: SessionPolicy = unsafe { *SESSION_POLICY.get_ptr(key)? };
     if policy.flags & POLICY_ENFORCE == 0 {
         return None;
     }
-    // `len` excludes the NUL (bpf_probe_read_user_str_bytes drops it).
-    let mut hash = NAME_HASH_SEED;
-    let mut granted: Option<PortRanges> = None;
-    for step in 0..NAME_CAP {
+    let lookup = NAME_LOOKUP.get_ptr_mut(SLOT)?;
+    // SAFETY: this CPU's slot for this context, used by this program run only.
+    unsafe {
+        (*lookup).name = *name;
+        // `len` excludes the NUL (bpf_probe_read_user_str_bytes drops it).
+        (*lookup).len = len.min(NAME_CAP) as u64;
+        (*lookup).hash = NAME_HASH_SEED;
+        (*lookup).session = key;
+        (*lookup).found = 0;
+        bpf_loop((*lookup).len as u32, name_step::<SLOT> as *mut c_void, core::ptr::null_mut(), 0);
+        // Re-read: the callback wrote them.
+        (core::ptr::read_volatile(&(*lookup).found) != 0).then(|| (*lookup).granted)
+    }
+}
+
+/// One step of [`granted_ports`], from the name's end: the hash of `name[i..]` grows by a byte,
+/// and is looked up where `name[i..]` is a whole label sequence (the name, or after a dot).
+/// The last match (the longest) wins.
+extern "C" fn name_step<const SLOT: u32>(step: u64, _ctx: *mut c_void) -> i64 {
+    let Some(lookup) = NAME_LOOKUP.get_ptr_mut(SLOT) else { return 1 };
+    // SAFETY: the caller's live NameLookup.
+    unsafe {
+        let len = (*lookup).len;
         if step >= len {
-            break;
+            return 1;
         }
-        let i = (len - 1 - step) & (NAME_CAP - 1);
-        hash = name_hash_step(hash, name[i]);
-        // name[i..] is a whole label sequence when i starts the name or follows a dot.
+        let i = (len - 1 - step) as usize & (NAME_CAP - 1);
+        (*lookup).hash = name_hash_step((*lookup).hash, (*lookup).name[i]);
         let kind = if i == 0 {
             NAME_EXACT
-        } else if name[(i - 1) & (NAME_CAP - 1)] == b'.' {
+        } else if (*lookup).name[(i - 1) & (NAME_CAP - 1)] == b'.' {
             NAME_SUFFIX
         } else {
-            continue;
+            return 0;
         };
-        if let Some(ports) = SCOPE_NAMES.get_ptr(&NameKey { session: key, kind, hash }) {
-            // SAFETY: valid map value pointer for this program run.
-            granted = Some(unsafe { *ports });
+        let key = NameKey { session: (*lookup).session, kind, hash: (*lookup).hash };
+        if let Some(ports) = SCOPE_NAMES.get_ptr(&key) {
+            (*lookup).granted = *ports;
+            (*lookup).found = 1;
         }
     }
-    granted
+    0
 }
 
 pub(crate) fn allow_addresses(key: u32, ports: &PortRanges, addrs: &[[u8; 16]; RESOLVE_ADDRS], count: u32) {

@@ -9,10 +9,10 @@
 //! DNS answers it returns after reading two header fields. It never changes what the kernel does:
 //! it always returns 1.
 
-use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, macros::cgroup_skb, programs::SkBuffContext};
 use monitor_common::{DnsAnswerEvent, DnsSocket, DNS_CAP, DNS_TCP_PIECE, NAME_CAP, RESOLVE_ADDRS};
 
-use super::dns::{allow_addresses, granted_ports};
+use super::dns::{allow_addresses, granted_ports, IN_SOCKET};
 
 use crate::{
     kernel,
@@ -88,36 +88,38 @@ fn on_ingress(ctx: &SkBuffContext) {
     );
 }
 
-/// Per-CPU room for the question's name and the addresses found, and the walk's position: the
-/// verifier tracks stack values exactly and, with them, every path through the loops ("Argument
-/// list too long": over a million instructions processed); map values are opaque to it, so each
-/// loop body is verified about once (the same trick as the environment scan in cred.rs).
+/// Per-CPU room for the walk of an answer: a copy of the message, the question's name, the
+/// addresses found and the walk's position. In a map, and walked by `bpf_loop` callbacks: the
+/// verifier tracks stack values exactly and, with them, every path through loops over them;
+/// map values are opaque to it, so each callback is verified once (as the environment scan in
+/// cred.rs).
 #[repr(C)]
 pub struct Scratch {
-    /// Room before `name`: granted_ports reads `name[i - 1]` only for i > 0, but the compiler
-    /// forms the address `&name[i] - 1` first, which at offset 0 of a map value the verifier
-    /// refuses ("invalid access to map value, value_size=312 off=-1 size=1").
-    _before_name: u64,
-    pub name: [u8; NAME_CAP],
-    pub addrs: [[u8; 16]; RESOLVE_ADDRS],
     pos: u64,
+    len: u64,
     name_len: u64,
     label_left: u64,
     count: u64,
     /// Offsets of the names followed besides the question's (CNAME targets), 0 when unused.
     alias1: u64,
     alias2: u64,
+    /// 1 once the question's name is read whole, 2 when the walk is to stop.
     done: u64,
+    pub name: [u8; NAME_CAP],
+    pub addrs: [[u8; 16]; RESOLVE_ADDRS],
+    msg: [u8; DNS_CAP],
 }
 
 /// Answer records looked at.
-const MAX_ANSWERS: usize = 8;
+const MAX_ANSWERS: u32 = 8;
 const DNS_MASK: usize = DNS_CAP - 1;
 const TYPE_A: u16 = 1;
 const TYPE_CNAME: u16 = 5;
 const TYPE_AAAA: u16 = 28;
 /// The question's name starts right after the 12-byte header; answers point back to it there.
 const QUESTION_AT: u64 = 12;
+const NAME_READ: u64 = 1;
+const STOP: u64 = 2;
 
 /// For an enforcing session, allows the addresses a DNS answer gives for a name its scope
 /// grants. Only records owned by the question's name, or by a name a CNAME of it points to
@@ -128,98 +130,122 @@ fn allow_answered(session: u32, msg: &[u8; DNS_CAP], len: usize) {
         return;
     }
     let Some(scratch) = DNS_SCRATCH.get_ptr_mut(0) else { return };
-    let len = len as u64;
-    // SAFETY: this CPU's entry, used by this program run only; every access goes through the
-    // pointer, so the verifier sees map memory, not tracked stack values.
+    // SAFETY: this CPU's entry, used by this program run only.
     unsafe {
+        (*scratch).msg = *msg;
+        (*scratch).len = len.min(DNS_CAP) as u64;
         (*scratch).pos = QUESTION_AT;
         (*scratch).name_len = 0;
         (*scratch).label_left = 0;
         (*scratch).done = 0;
-        for _ in 0..NAME_CAP + 2 {
-            if (*scratch).done != 0 || (*scratch).pos >= len {
-                break;
-            }
-            let b = msg[dns_index((*scratch).pos as usize)];
-            (*scratch).pos += 1;
-            let n = (*scratch).name_len as usize;
-            if (*scratch).label_left > 0 {
-                if n >= NAME_CAP {
-                    return;
-                }
-                (*scratch).name[n & (NAME_CAP - 1)] = b.to_ascii_lowercase();
-                (*scratch).name_len += 1;
-                (*scratch).label_left -= 1;
-            } else if b == 0 {
-                (*scratch).done = 1;
-            } else if b & 0xc0 != 0 || n >= NAME_CAP {
-                return;
-            } else {
-                if n > 0 {
-                    (*scratch).name[n & (NAME_CAP - 1)] = b'.';
-                    (*scratch).name_len += 1;
-                }
-                (*scratch).label_left = b as u64;
-            }
-        }
-        if (*scratch).done == 0 {
+        bpf_loop(NAME_CAP as u32 + 2, name_byte as *mut c_void, core::ptr::null_mut(), 0);
+        // Re-read: the callback wrote it.
+        if core::ptr::read_volatile(&(*scratch).done) != NAME_READ {
             return;
         }
         // granted_ports returns None unless the session enforces.
         let name_len = ((*scratch).name_len as usize).min(NAME_CAP);
-        let Some(ports) = granted_ports(session, &(*scratch).name, name_len) else { return };
+        let Some(ports) = granted_ports::<IN_SOCKET>(session, &(*scratch).name, name_len) else { return };
         (*scratch).pos += 4; // QTYPE, QCLASS
         (*scratch).count = 0;
         (*scratch).alias1 = 0;
         (*scratch).alias2 = 0;
-        for _ in 0..MAX_ANSWERS {
-            let pos = (*scratch).pos;
-            if pos + 12 > len || (*scratch).count >= RESOLVE_ADDRS as u64 {
-                break;
-            }
-            // The owner: resolvers write it as a pointer; a record that does not ends the walk.
-            let first = msg[dns_index(pos as usize)];
-            if first & 0xc0 != 0xc0 {
-                break;
-            }
-            let owner = (((first & 0x3f) as u64) << 8) | msg[dns_index(pos as usize + 1)] as u64;
-            let kind = be16(msg, pos as usize + 2);
-            let rdlen = be16(msg, pos as usize + 10) as u64;
-            let data = pos + 12;
-            (*scratch).pos = data + rdlen;
-            let (a1, a2) = ((*scratch).alias1, (*scratch).alias2);
-            if owner != QUESTION_AT && (a1 == 0 || owner != a1) && (a2 == 0 || owner != a2) {
-                continue;
-            }
-            if kind == TYPE_A && rdlen == 4 && data + 4 <= len {
-                let addr = &mut (*scratch).addrs[next_slot(scratch)];
-                *addr = [0; 16];
-                addr[10] = 0xff;
-                addr[11] = 0xff;
-                for i in 0..4 {
-                    addr[12 + i] = msg[dns_index(data as usize + i)];
-                }
-                (*scratch).count += 1;
-            } else if kind == TYPE_AAAA && rdlen == 16 && data + 16 <= len {
-                let addr = &mut (*scratch).addrs[next_slot(scratch)];
-                for i in 0..16 {
-                    addr[i] = msg[dns_index(data as usize + i)];
-                }
-                (*scratch).count += 1;
-            } else if kind == TYPE_CNAME {
-                // The alias's name is this record's data: later records point there.
-                if a1 == 0 {
-                    (*scratch).alias1 = data;
-                } else if a2 == 0 {
-                    (*scratch).alias2 = data;
-                }
-            }
-        }
-        let count = (*scratch).count as u32;
+        (*scratch).done = 0;
+        bpf_loop(MAX_ANSWERS, answer_record as *mut c_void, core::ptr::null_mut(), 0);
+        let count = core::ptr::read_volatile(&(*scratch).count) as u32;
         if count > 0 {
             allow_addresses(session, &ports, &(*scratch).addrs, count);
         }
     }
+}
+
+/// One byte of the question's name, into `name` (dotted, lower-cased). Stops at its end, or at
+/// anything but a plain label (a pointer, an overlong name).
+extern "C" fn name_byte(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = DNS_SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: the caller's live scratch.
+    unsafe {
+        if (*scratch).done != 0 || (*scratch).pos >= (*scratch).len {
+            return 1;
+        }
+        let b = (*scratch).msg[dns_index((*scratch).pos as usize)];
+        (*scratch).pos += 1;
+        let n = (*scratch).name_len as usize;
+        if (*scratch).label_left > 0 {
+            if n >= NAME_CAP {
+                (*scratch).done = STOP;
+                return 1;
+            }
+            (*scratch).name[n & (NAME_CAP - 1)] = b.to_ascii_lowercase();
+            (*scratch).name_len += 1;
+            (*scratch).label_left -= 1;
+        } else if b == 0 {
+            (*scratch).done = NAME_READ;
+            return 1;
+        } else if b & 0xc0 != 0 || n >= NAME_CAP {
+            (*scratch).done = STOP;
+            return 1;
+        } else {
+            if n > 0 {
+                (*scratch).name[n & (NAME_CAP - 1)] = b'.';
+                (*scratch).name_len += 1;
+            }
+            (*scratch).label_left = b as u64;
+        }
+    }
+    0
+}
+
+/// One answer record: its address kept if the record is owned by the question's name or an
+/// alias of it, its alias followed if it is a CNAME. Stops at a record whose owner is not a
+/// pointer (resolvers always write one), at the message's end, or with every slot taken.
+extern "C" fn answer_record(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = DNS_SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: the caller's live scratch.
+    unsafe {
+        let (pos, len) = ((*scratch).pos, (*scratch).len);
+        if pos + 12 > len || (*scratch).count >= RESOLVE_ADDRS as u64 {
+            return 1;
+        }
+        let msg = &(*scratch).msg;
+        let first = msg[dns_index(pos as usize)];
+        if first & 0xc0 != 0xc0 {
+            return 1;
+        }
+        let owner = (((first & 0x3f) as u64) << 8) | msg[dns_index(pos as usize + 1)] as u64;
+        let kind = be16(msg, pos as usize + 2);
+        let rdlen = be16(msg, pos as usize + 10) as u64;
+        let data = pos + 12;
+        (*scratch).pos = data + rdlen;
+        let (a1, a2) = ((*scratch).alias1, (*scratch).alias2);
+        if owner != QUESTION_AT && (a1 == 0 || owner != a1) && (a2 == 0 || owner != a2) {
+            return 0;
+        }
+        if kind == TYPE_A && rdlen == 4 && data + 4 <= len {
+            let addr = &mut (*scratch).addrs[next_slot(scratch)];
+            *addr = [0; 16];
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            for i in 0..4 {
+                addr[12 + i] = (*scratch).msg[dns_index(data as usize + i)];
+            }
+            (*scratch).count += 1;
+        } else if kind == TYPE_AAAA && rdlen == 16 && data + 16 <= len {
+            let addr = &mut (*scratch).addrs[next_slot(scratch)];
+            for i in 0..16 {
+                addr[i] = (*scratch).msg[dns_index(data as usize + i)];
+            }
+            (*scratch).count += 1;
+        } else if kind == TYPE_CNAME {
+            // The alias's name is this record's data: later records point there.
+            if a1 == 0 {
+                (*scratch).alias1 = data;
+            } else if a2 == 0 {
+                (*scratch).alias2 = data;
+            }
+        }
+    }
+    0
 }
 
 /// The next free address slot, read from the scratch value where it is used and masked there:
