@@ -85,6 +85,10 @@ pub static H2_TLS_CONNS: LruHashMap<TlsConnKey, u8> = LruHashMap::with_max_entri
 #[map]
 pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(DNS_SOCKETS_CAPACITY, 0);
 
+/// Per-CPU walk of an HTTP/2 write for its request's method (hooks/payload.rs).
+#[map]
+pub static H2_WALK: PerCpuArray<crate::hooks::payload::H2Walk> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scope lookups by name (hooks/dns.rs), a slot per context (task, socket).
 #[map]
 pub static NAME_LOOKUP: PerCpuArray<crate::hooks::dns::NameLookup> = PerCpuArray::with_max_entries(2, 0);

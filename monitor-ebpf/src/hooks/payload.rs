@@ -13,7 +13,8 @@
 //! kernel or the process does: the uprobes return 0 and the skb hook always returns 1 (pass).
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
+    cty::c_void,
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop},
     macros::{cgroup_skb, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, SkBuffContext},
 };
@@ -27,7 +28,7 @@ use super::cred::comm;
 use crate::{
     kernel,
     maps::{
-        config, emit, Origin, Wakeup, GO_READS, H2_TLS_CONNS, TCP_OWNERS, TLS_PEER_SOCKETS, TLS_PENDING_PEER,
+        config, emit, Origin, Wakeup, GO_READS, H2_TLS_CONNS, H2_WALK, TCP_OWNERS, TLS_PEER_SOCKETS, TLS_PENDING_PEER,
         TLS_POSTS, TLS_READS,
     },
     session,
@@ -61,99 +62,146 @@ const HPACK_METHOD_GET: u8 = 0x82;
 
 /// Frames looked through for a HEADERS frame in one write (the client preface's write holds
 /// SETTINGS and WINDOW_UPDATE before the first request).
-const H2_FRAMES_WALKED: usize = 4;
+const H2_FRAMES_WALKED: u64 = 4;
 /// The client connection preface's length (RFC 9113 §3.4).
 const H2_PREFACE_LEN: usize = 24;
-
-/// For an HTTP/2 write (`at` past the preface if it has one): whether the first HEADERS frame in
-/// it opens a POST (Some(true)), another request (Some(false)), or cannot be told (None: no
-/// HEADERS frame among its first frames, or see [`hpack_method_is_post`]).
-#[inline(always)]
-fn h2_request_is_post(buf: u64, mut at: usize, len: usize) -> Option<bool> {
-    for _ in 0..H2_FRAMES_WALKED {
-        if at + H2_FRAME_HEADER > len {
-            return None;
-        }
-        // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
-        let frame = unsafe { bpf_probe_read_user((buf + at as u64) as *const [u8; H2_FRAME_HEADER]) }.ok()?;
-        let payload = ((frame[0] as usize) << 16) | ((frame[1] as usize) << 8) | frame[2] as usize;
-        if frame[3] != H2_HEADERS {
-            at += H2_FRAME_HEADER + payload;
-            continue;
-        }
-        let mut block = at + H2_FRAME_HEADER;
-        if frame[4] & H2_FLAG_PADDED != 0 {
-            block += 1;
-        }
-        if frame[4] & H2_FLAG_PRIORITY != 0 {
-            block += 5;
-        }
-        return hpack_method_is_post(buf, block, len);
-    }
-    None
-}
-
 /// Header fields looked through for `:method` at the start of a header block. Pseudo-header
 /// fields come first (RFC 9113 §8.3) but in any order: Go sends `:authority` before `:method`.
-const HPACK_FIELDS_WALKED: usize = 4;
+const HPACK_FIELDS_WALKED: u64 = 4;
 /// The static table's two `:method` entries (RFC 7541 App. A), as a literal field's name index.
 const HPACK_NAME_METHOD: [u8; 2] = [2, 3];
 
-/// Whether the header block at `at` is a POST's (Some(true)), another method's (Some(false)), or
-/// cannot be told cheaply (None). Indexed fields (one byte) and literal fields with an indexed
-/// name and a short value are stepped over; `:method` as a literal is read as such. A new name, a
-/// multi-byte index or length, or a Huffman-coded method ends the walk (no encoder sends POST or
-/// GET that way: both are in the static table).
+/// What [`H2Walk`] found.
+const METHOD_UNKNOWN: u64 = 0;
+const METHOD_POST: u64 = 1;
+const METHOD_OTHER: u64 = 2;
+
+/// The walk of one HTTP/2 write for its request's method, shared with its `bpf_loop` callback.
+/// In a per-CPU map rather than on the stack, as the environment scan's state (cred.rs
+/// `EnvScan`): the verifier checks the callback once, instead of every path through the frames
+/// and fields walked (written as loops, this walk made each TLS write program ~60,000
+/// instructions to verify, three times over).
+#[repr(C)]
+pub struct H2Walk {
+    buf: u64,
+    at: u64,
+    len: u64,
+    frames: u64,
+    fields: u64,
+    /// 0 while looking for the HEADERS frame, 1 in its header block.
+    in_block: u64,
+    method: u64,
+}
+
+/// For an HTTP/2 write (`at` past the preface if it has one): whether the first HEADERS frame in
+/// it opens a POST (Some(true)), another request (Some(false)), or cannot be told (None: no
+/// HEADERS frame among its first frames, or see [`h2_walk_step`]).
 #[inline(always)]
-fn hpack_method_is_post(buf: u64, mut at: usize, len: usize) -> Option<bool> {
-    for _ in 0..HPACK_FIELDS_WALKED {
-        if at >= len {
-            return None;
+fn h2_request_is_post(buf: u64, at: usize, len: usize) -> Option<bool> {
+    let walk = H2_WALK.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry, used by this program run only (uprobes do not nest).
+    unsafe {
+        (*walk).buf = buf;
+        (*walk).at = at as u64;
+        (*walk).len = len as u64;
+        (*walk).frames = 0;
+        (*walk).fields = 0;
+        (*walk).in_block = 0;
+        (*walk).method = METHOD_UNKNOWN;
+        bpf_loop((H2_FRAMES_WALKED + HPACK_FIELDS_WALKED) as u32, h2_walk_step as *mut c_void, core::ptr::null_mut(), 0);
+        // Re-read: the callback wrote it.
+        match core::ptr::read_volatile(&(*walk).method) {
+            METHOD_POST => Some(true),
+            METHOD_OTHER => Some(false),
+            _ => None,
         }
-        // SAFETY: bpf_probe_read_user tolerates any address and reports faults as errors.
-        let first = unsafe { bpf_probe_read_user((buf + at as u64) as *const u8) }.ok()?;
-        let name = match first {
-            HPACK_METHOD_POST => return Some(true),
-            HPACK_METHOD_GET => return Some(false),
-            // Another indexed field (`:scheme`, `:path`, an entry of the dynamic table).
-            0x80..=0xfe => {
-                at += 1;
-                continue;
+    }
+}
+
+/// One step of [`h2_request_is_post`]: a frame header (frames other than HEADERS are stepped
+/// over), then one header field of the block. Indexed fields (one byte) and literal fields with
+/// an indexed name and a short value are stepped over; `:method` as a literal is read as such.
+/// A new name, a multi-byte index or length, or a Huffman-coded method ends the walk (no encoder
+/// sends POST or GET that way: both are in the static table).
+extern "C" fn h2_walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(walk) = H2_WALK.get_ptr_mut(0) else { return 1 };
+    // SAFETY: the caller's live walk; bpf_probe_read_user tolerates any address and reports
+    // faults as errors.
+    unsafe {
+        let (buf, at, len) = ((*walk).buf, (*walk).at, (*walk).len);
+        if (*walk).in_block == 0 {
+            if (*walk).frames >= H2_FRAMES_WALKED || at + H2_FRAME_HEADER as u64 > len {
+                return 1;
             }
-            // A dynamic table size update (001xxxxx), one byte below 31.
-            0x20..=0x3e => {
-                at += 1;
-                continue;
+            (*walk).frames += 1;
+            let Ok(frame) = bpf_probe_read_user((buf + at) as *const [u8; H2_FRAME_HEADER]) else { return 1 };
+            let payload = ((frame[0] as u64) << 16) | ((frame[1] as u64) << 8) | frame[2] as u64;
+            if frame[3] != H2_HEADERS {
+                (*walk).at = at + H2_FRAME_HEADER as u64 + payload;
+                return 0;
+            }
+            let mut block = at + H2_FRAME_HEADER as u64;
+            if frame[4] & H2_FLAG_PADDED != 0 {
+                block += 1;
+            }
+            if frame[4] & H2_FLAG_PRIORITY != 0 {
+                block += 5;
+            }
+            (*walk).at = block;
+            (*walk).in_block = 1;
+            return 0;
+        }
+        if (*walk).fields >= HPACK_FIELDS_WALKED || at >= len {
+            return 1;
+        }
+        (*walk).fields += 1;
+        let Ok(first) = bpf_probe_read_user((buf + at) as *const u8) else { return 1 };
+        let name = match first {
+            HPACK_METHOD_POST => {
+                (*walk).method = METHOD_POST;
+                return 1;
+            }
+            HPACK_METHOD_GET => {
+                (*walk).method = METHOD_OTHER;
+                return 1;
+            }
+            // Another indexed field (`:scheme`, `:path`, an entry of the dynamic table), or a
+            // dynamic table size update (001xxxxx) below 31: one byte.
+            0x80..=0xfe | 0x20..=0x3e => {
+                (*walk).at = at + 1;
+                return 0;
             }
             // Literal with incremental indexing (01xxxxxx), 6-bit name index.
             0x41..=0x7e => first & 0x3f,
             // Literal without indexing (0000xxxx) or never indexed (0001xxxx), 4-bit name index.
             0x01..=0x0e | 0x11..=0x1e => first & 0x0f,
-            _ => return None,
+            _ => return 1,
         };
         if at + 1 >= len {
-            return None;
+            return 1;
         }
-        // SAFETY: as above.
-        let length = unsafe { bpf_probe_read_user((buf + at as u64 + 1) as *const u8) }.ok()?;
+        let Ok(length) = bpf_probe_read_user((buf + at + 1) as *const u8) else { return 1 };
         if length & 0x7f == 0x7f {
-            return None;
+            return 1;
         }
-        let value_len = (length & 0x7f) as usize;
+        let value_len = (length & 0x7f) as u64;
         if name == HPACK_NAME_METHOD[0] || name == HPACK_NAME_METHOD[1] {
-            if length & 0x80 != 0 {
-                return None;
+            if length & 0x80 == 0 {
+                (*walk).method = if value_len != 4 {
+                    METHOD_OTHER
+                } else {
+                    match bpf_probe_read_user((buf + at + 2) as *const [u8; 4]) {
+                        Ok(method) if method == *b"POST" => METHOD_POST,
+                        Ok(_) => METHOD_OTHER,
+                        Err(_) => METHOD_UNKNOWN,
+                    }
+                };
             }
-            if value_len != 4 {
-                return Some(false);
-            }
-            // SAFETY: as above.
-            let method = unsafe { bpf_probe_read_user((buf + at as u64 + 2) as *const [u8; 4]) }.ok()?;
-            return Some(method == *b"POST");
+            return 1;
         }
-        at += 2 + value_len;
+        (*walk).at = at + 2 + value_len;
     }
-    None
+    0
 }
 
 /// Marks (or unmarks) an HTTP/2 connection whose response the reads capture: see
