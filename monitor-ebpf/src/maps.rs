@@ -89,6 +89,10 @@ pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entrie
 #[map]
 pub static H2_WALK: PerCpuArray<crate::hooks::payload::H2Walk> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU walk of getaddrinfo's result list (hooks/dns.rs).
+#[map]
+pub static ADDRINFO_WALK: PerCpuArray<crate::hooks::dns::AddrinfoWalk> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scope lookups by name (hooks/dns.rs), a slot per context (task, socket).
 #[map]
 pub static NAME_LOOKUP: PerCpuArray<crate::hooks::dns::NameLookup> = PerCpuArray::with_max_entries(2, 0);

@@ -15,7 +15,7 @@ use monitor_common::{
 };
 
 use crate::{
-    maps::{emit, Origin, Wakeup, GAI_ARGS, NAME_LOOKUP, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
+    maps::{emit, Origin, Wakeup, ADDRINFO_WALK, GAI_ARGS, NAME_LOOKUP, RESOLVED, SCOPE_NAMES, SESSION_POLICY},
     session,
 };
 
@@ -29,7 +29,7 @@ const SIN6_ADDR: u64 = 8;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// getaddrinfo returns one entry per socket type for each address: walk this many at most.
-const MAX_ENTRIES: usize = 24;
+const MAX_ENTRIES: u32 = 24;
 
 #[uprobe]
 pub fn getaddrinfo_enter(ctx: ProbeContext) -> u32 {
@@ -76,32 +76,55 @@ pub fn getaddrinfo_exit(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// Walks the `struct addrinfo` list at `*res`; returns how many distinct addresses it stored.
+/// The walk of a `struct addrinfo` list in progress on this CPU, shared with its `bpf_loop`
+/// callback: in a map, so the verifier checks one step once rather than all 24 (see
+/// [`NameLookup`]).
+#[repr(C)]
+pub struct AddrinfoWalk {
+    next: u64,
+    count: u64,
+    addrs: [[u8; 16]; RESOLVE_ADDRS],
+}
+
+/// Walks the `struct addrinfo` list at `*res` into `out`; returns how many distinct addresses
+/// it stored.
+#[inline(always)]
 fn read_addresses(res: u64, out: &mut [[u8; 16]; RESOLVE_ADDRS]) -> u32 {
-    // SAFETY: bpf_probe_read_user reports faults as errors.
-    let Ok(mut ai) = (unsafe { bpf_probe_read_user(res as *const u64) }) else {
-        return 0;
-    };
-    let mut n = 0usize;
-    for _ in 0..MAX_ENTRIES {
+    let Some(walk) = ADDRINFO_WALK.get_ptr_mut(0) else { return 0 };
+    // SAFETY: bpf_probe_read_user reports faults as errors; `walk` is this CPU's entry, used by
+    // this program run only (uprobes do not nest).
+    unsafe {
+        let Ok(first) = bpf_probe_read_user(res as *const u64) else { return 0 };
+        (*walk).next = first;
+        (*walk).count = 0;
+        bpf_loop(MAX_ENTRIES, addrinfo_step as *mut c_void, core::ptr::null_mut(), 0);
+        *out = (*walk).addrs;
+        core::ptr::read_volatile(&(*walk).count) as u32
+    }
+}
+
+/// One entry of the list. Entries come grouped by address (one per socket type): a repeat of
+/// the last address is skipped.
+extern "C" fn addrinfo_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(walk) = ADDRINFO_WALK.get_ptr_mut(0) else { return 1 };
+    // SAFETY: the caller's live walk; bpf_probe_read_user reports faults as errors.
+    unsafe {
+        let (ai, n) = ((*walk).next, (*walk).count as usize);
         if ai == 0 || n >= RESOLVE_ADDRS {
-            break;
+            return 1;
         }
-        let addr = unsafe { read_entry(ai) };
-        if let Some(addr) = addr {
-            // Entries come grouped by address (one per socket type): skip repeats of the last.
-            if n == 0 || out[(n - 1) & (RESOLVE_ADDRS - 1)] != addr {
-                out[n & (RESOLVE_ADDRS - 1)] = addr;
-                n += 1;
+        if let Some(addr) = read_entry(ai) {
+            if n == 0 || (*walk).addrs[(n - 1) & (RESOLVE_ADDRS - 1)] != addr {
+                (*walk).addrs[n & (RESOLVE_ADDRS - 1)] = addr;
+                (*walk).count += 1;
             }
         }
-        // SAFETY: as above.
-        ai = match unsafe { bpf_probe_read_user((ai + AI_NEXT) as *const u64) } {
-            Ok(next) => next,
-            Err(_) => break,
-        };
+        match bpf_probe_read_user((ai + AI_NEXT) as *const u64) {
+            Ok(next) => (*walk).next = next,
+            Err(_) => return 1,
+        }
     }
-    n as u32
+    0
 }
 
 /// One entry's address, IPv4 as IPv4-mapped IPv6.
