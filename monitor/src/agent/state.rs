@@ -297,17 +297,19 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
     for batch in state.sessions.chunks(ADOPT_BATCH) {
         let mut names = Vec::new();
         let mut seen = Vec::new();
-        let mut bound: Vec<Vec<u32>> = Vec::new();
+        // Per session: its processes, and those of them the pinned map binds already.
+        let mut bound: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
         for saved in batch {
             let key = saved.session.key;
             names.extend(hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }));
-            let pids = adopted_processes(saved, in_pinned_map.remove(&key).unwrap_or_default());
+            let pinned_here = in_pinned_map.remove(&key).unwrap_or_default();
+            let pids = adopted_processes(saved, pinned_here.clone());
             seen.extend(super::control::snapshots(plane, &pids, key, now));
-            bound.push(pids);
+            bound.push((pids, pinned_here));
         }
         plane.core.names(names).await;
         plane.core.seen(seen).await;
-        for (saved, pids) in batch.iter().zip(bound) {
+        for (saved, (pids, pinned_here)) in batch.iter().zip(bound) {
             let (a, key) = (&saved.session, saved.session.key);
             let expires_at = plane.clock.boot(a.started.saturating_add(a.session.ttl_ns));
             let session_names: Vec<_> =
@@ -316,7 +318,9 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
             if a.ended.is_some() {
                 maps.mark_ended(key);
             }
-            maps.bind_pids(&pids, key).map_err(|e| e.to_string())?;
+            // Entries the pinned map holds (checked above) stay as the kernel stamped them.
+            let unbound: Vec<u32> = pids.iter().copied().filter(|p| !pinned_here.contains(p)).collect();
+            maps.bind_pids(&unbound, key).map_err(|e| e.to_string())?;
             if let Some(cgroup) = &a.session.binding.cgroup {
                 super::control::bind_cgroup(plane, &mut maps, key, cgroup, now).await?;
             }
