@@ -86,13 +86,14 @@ pub async fn run(
         let work: Box<dyn FnOnce(&mut State) + Send> = tokio::select! {
             look = new.recv() => match look {
                 Some(look) => {
-                    let pid = match &look {
-                        Look::Executable { pid, .. } | Look::Libraries { pid } | Look::Process { pid } => *pid,
-                    };
-                    let now = tokio::time::Instant::now();
-                    for after in LOOK_AGAIN {
-                        if later.len() < LATER {
-                            later.push(Reverse((now + after, pid)));
+                    // After an exec, the loader and the program's start-up map more: looked at
+                    // again. A process a session took in has long been running.
+                    if let Look::Executable { pid, .. } | Look::Libraries { pid } = &look {
+                        let now = tokio::time::Instant::now();
+                        for after in LOOK_AGAIN {
+                            if later.len() < LATER {
+                                later.push(Reverse((now + after, *pid)));
+                            }
                         }
                     }
                     Box::new(move |state: &mut State| state.look(look))
