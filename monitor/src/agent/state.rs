@@ -251,6 +251,18 @@ fn adopted_processes(saved: &SavedSession, pinned_roots: Vec<u32>) -> Vec<u32> {
     pids
 }
 
+/// `f` of each item, in order, the items shared out over the machine's cores (scoped threads:
+/// this runs once, at start, before anything else needs them).
+fn on_all_cores<T: Sync, R: Send>(items: Vec<T>, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = items.len().div_ceil(cores).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            items.chunks(share).map(|chunk| scope.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
+}
+
 pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: bool) -> Result<usize, String> {
     let now = crate::host::now_ns();
     let down_since = last_alive(dir, &state);
@@ -298,13 +310,19 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
         let mut names = Vec::new();
         let mut seen = Vec::new();
         // Per session: its processes, and those of them the pinned map binds already.
+        let pinned_in_batch: Vec<Vec<u32>> =
+            batch.iter().map(|saved| in_pinned_map.remove(&saved.session.key).unwrap_or_default()).collect();
+        // The /proc reads (a dozen per process) on every core.
+        let read = on_all_cores(batch.iter().zip(&pinned_in_batch).collect(), |(saved, pinned_here)| {
+            let pids = adopted_processes(saved, pinned_here.to_vec());
+            let snapshots = super::control::snapshots(plane, &pids, saved.session.key, now);
+            (pids, snapshots)
+        });
         let mut bound: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
-        for saved in batch {
+        for ((saved, pinned_here), (pids, snapshots)) in batch.iter().zip(pinned_in_batch).zip(read) {
             let key = saved.session.key;
             names.extend(hosts.iter().cloned().map(|n| crate::event::Resolve { session: key, ..n }));
-            let pinned_here = in_pinned_map.remove(&key).unwrap_or_default();
-            let pids = adopted_processes(saved, pinned_here.clone());
-            seen.extend(super::control::snapshots(plane, &pids, key, now));
+            seen.extend(snapshots);
             bound.push((pids, pinned_here));
         }
         plane.core.names(names).await;
