@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    DnsSocket, EventHeader, NameKey, PortRanges, ProcBinding, Record, Resolved, ResolvedKey, ScopeNet, SessionPolicy, Stat,
-    TcpOwner, TlsConnKey, WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_NAME_CAP,
+    DnsSocket, EventHeader, NameKey, PortRanges, ProcBinding, Record, Resolved, ResolvedKey, ScopeNet, SessionPolicy,
+    Stat, TcpOwner, TlsConnKey, WatchedDevs, CGROUP_SESSIONS_CAPACITY, CONFIG_LEN, DNS_SOCKETS_CAPACITY, ENV_NAME_CAP,
     ENV_SCAN_CAP, EVENTS_BYTES, EXECUTABLES_SEEN_CAPACITY, H2_TLS_CAPACITY, PROC_SESSIONS_CAPACITY, RESOLVED_CAPACITY,
     SCOPE_NAMES_CAPACITY, SCOPE_NETS_CAPACITY, SESSION_LOSSES_CAPACITY, SESSION_POLICY_CAPACITY, STAT_COUNT,
     TOKEN_HASHES_CAPACITY, WATCHED_INODES_CAPACITY,

@@ -108,7 +108,12 @@ fn h2_request_is_post(buf: u64, at: usize, len: usize) -> Option<bool> {
         (*walk).fields = 0;
         (*walk).in_block = 0;
         (*walk).method = METHOD_UNKNOWN;
-        bpf_loop((H2_FRAMES_WALKED + HPACK_FIELDS_WALKED) as u32, h2_walk_step as *mut c_void, core::ptr::null_mut(), 0);
+        bpf_loop(
+            (H2_FRAMES_WALKED + HPACK_FIELDS_WALKED) as u32,
+            h2_walk_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
         // Re-read: the callback wrote it.
         match core::ptr::read_volatile(&(*walk).method) {
             METHOD_POST => Some(true),

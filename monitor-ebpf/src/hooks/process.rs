@@ -12,7 +12,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use monitor_common::{
-    ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, ProcBinding, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY, SID_UNKNOWN,
+    ExecEvent, ExecutableEvent, ExitEvent, ForkEvent, ProcBinding, Stat, ARGV_CAP, EXECUTABLES_SEEN_CAPACITY,
+    SID_UNKNOWN,
 };
 
 use super::cred;

@@ -217,12 +217,8 @@ pub async fn run(settings: AgentSettings) -> anyhow::Result<()> {
     // Only now: its first look at every running process's executable and libraries (thousands
     // of /proc reads on a node) would compete with adoption for the CPU, and it covers what the
     // adopted sessions' processes ran while no agent was looking.
-    let executable_task = tokio::spawn(executables::run(
-        probes.clone(),
-        policy.subscribe(),
-        executable_rx,
-        tokens_now_known,
-    ));
+    let executable_task =
+        tokio::spawn(executables::run(probes.clone(), policy.subscribe(), executable_rx, tokens_now_known));
     tokio::spawn(memory::keep_lean());
     let keeper = tokio::spawn(state::keep(plane.clone(), settings.state_dir.clone()));
     let token_files = tokio::spawn(token_files::run(plane.clone()));

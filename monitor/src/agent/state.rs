@@ -304,8 +304,7 @@ pub async fn adopt(plane: &ControlPlane, dir: &Path, state: SavedState, pinned: 
     // engine small and short-lived, so the sessions' records are not left among the holes of
     // one large build (10,000 sessions adopted in one batch left 5 MB more resident).
     let hosts = crate::sessions::hosts::names(Path::new("/etc/hosts"), 0, now);
-    let mut in_pinned_map =
-        if pinned { pinned_processes(&mut maps, &state)? } else { HashMap::new() };
+    let mut in_pinned_map = if pinned { pinned_processes(&mut maps, &state)? } else { HashMap::new() };
     for batch in state.sessions.chunks(ADOPT_BATCH) {
         let mut names = Vec::new();
         let mut seen = Vec::new();

@@ -18,8 +18,10 @@ use monitor_common::{
 };
 
 /// The pinned maps: name, key and value sizes, capacity.
-const PINNED: [(&str, u32, u32, u32); 2] =
-    [(MAP_PROC_SESSIONS, 4, PROC_BINDING_SIZE, PROC_SESSIONS_CAPACITY), (MAP_CGROUP_SESSIONS, 8, 4, CGROUP_SESSIONS_CAPACITY)];
+const PINNED: [(&str, u32, u32, u32); 2] = [
+    (MAP_PROC_SESSIONS, 4, PROC_BINDING_SIZE, PROC_SESSIONS_CAPACITY),
+    (MAP_CGROUP_SESSIONS, 8, 4, CGROUP_SESSIONS_CAPACITY),
+];
 const PROC_BINDING_SIZE: u32 = std::mem::size_of::<ProcBinding>() as u32;
 /// `statfs` type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

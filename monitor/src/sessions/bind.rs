@@ -288,8 +288,14 @@ mod tests {
         let binding = |started_ns| ProcBinding { session: 1, _pad0: 0, started_ns };
         assert!(started_as_bound(me, &binding(started)), "stamped from /proc, as userspace binds");
         assert!(started_as_bound(me, &binding(started + 3_000_000)), "stamped at the fork, a moment later");
-        assert!(!started_as_bound(me, &binding(started + 5_000_000_000)), "a process that started before the pid's reuse");
-        assert!(!started_as_bound(me, &binding(started.saturating_sub(5_000_000_000))), "bound before this process started");
+        assert!(
+            !started_as_bound(me, &binding(started + 5_000_000_000)),
+            "a process that started before the pid's reuse"
+        );
+        assert!(
+            !started_as_bound(me, &binding(started.saturating_sub(5_000_000_000))),
+            "bound before this process started"
+        );
         assert!(!started_as_bound(me, &binding(0)), "bound with no start known");
         assert!(!started_as_bound(u32::MAX, &binding(started)), "no such process");
     }
